@@ -1,0 +1,310 @@
+"""The gateway config model: the single source of truth for the config file format.
+
+The data plane loads it, `gateway -validate-config` checks it, and the operator renders and validates
+routes with it. Every model forbids unknown keys so that a typo is an error, not a silent default.
+Cross-references (policy names, duplicate names, conflicting matches) are checked in `loader`, where
+each route's file is known. Settings the data plane cannot apply live are annotated `RESTART`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    BeforeValidator,
+    ByteSize,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> Any:
+    """`500ms`, `30s`, `1m`, `1h` or a bare number of seconds, to float seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 500ms, 30s or 1m")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    raise ValueError(f"expected a duration such as 500ms, 30s or 1m, got {value!r}")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+Name = Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9_.]{0,61}[a-z0-9])?$")]
+"""Route, policy and backend names: they become metric labels and Kubernetes object names."""
+
+
+@dataclass(frozen=True)
+class RestartRequired:
+    """Marks a setting the data plane cannot apply live; `view` picks what of it matters."""
+
+    view: Any = None
+
+    def of(self, value: Any) -> Any:
+        return self.view(value) if self.view else value
+
+
+RESTART = RestartRequired()
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HTTPMethod(StrEnum):
+    GET = "GET"
+    HEAD = "HEAD"
+    POST = "POST"
+    PUT = "PUT"
+    PATCH = "PATCH"
+    DELETE = "DELETE"
+    OPTIONS = "OPTIONS"
+
+
+class FailureMode(StrEnum):
+    fail_open = "fail_open"
+    fail_closed = "fail_closed"
+
+
+# --- global settings (config.yaml, owned by people) ---------------------------------------------
+
+
+class TLSFiles(Strict):
+    cert_file: Path
+    key_file: Path
+
+
+class ListenConfig(Strict):
+    address: Annotated[str, RESTART] = "0.0.0.0"
+    port: Annotated[int, RESTART, Field(ge=1, le=65535)] = 8080
+    tls_port: Annotated[int, RESTART, Field(ge=1, le=65535)] = 8443
+    metrics_port: Annotated[int, RESTART, Field(ge=1, le=65535)] = 9090
+    tls: Annotated[TLSFiles | None, RestartRequired(lambda tls: tls is not None)] = None
+    """TLS on `tls_port` when set. Turning it on or off needs a restart; new files do not."""
+    drain_delay: Duration = 0.0
+    """After SIGTERM, keep serving (while reporting not-ready) this long so load balancers notice."""
+    drain_timeout: Duration = 30.0
+    """After that, how long in-flight requests may take to finish."""
+
+
+class LimitsConfig(Strict):
+    max_body_size: ByteSize = ByteSize(10 * 1024 * 1024)
+    """Default request body limit; a route may set its own."""
+
+
+class LoggingConfig(Strict):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    access_log: bool = True
+
+
+class RedisConfig(Strict):
+    url: str = "redis://127.0.0.1:6379/0"
+    pool_size: PositiveInt = 50
+    timeout: PositiveDuration = 0.1
+    """Bound on every Redis call: a dead or paused Redis never holds a request longer."""
+    connect_timeout: PositiveDuration = 0.2
+
+    @field_validator("url")
+    @classmethod
+    def _redis_scheme(cls, url: str) -> str:
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return url
+
+
+class JWTKey(Strict):
+    file: Path
+    """A PEM public key (RSA, EC or Ed25519), reloaded when the file changes."""
+    kid: str | None = None
+    """Tokens whose header names this `kid` are checked with this key only."""
+
+
+class RevocationConfig(Strict):
+    enabled: bool = True
+    failure_mode: FailureMode = FailureMode.fail_open
+    """What a Redis error during the revocation check does to the request."""
+
+
+class AuthConfig(Strict):
+    keys: list[JWTKey] = []
+    jwks_file: Path | None = None
+    algorithms: list[Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"]] = [
+        "RS256",
+        "ES256",
+        "EdDSA",
+    ]
+    issuer: str | None = None
+    audience: str | None = None
+    clock_skew: Duration = 30.0
+    revocation: RevocationConfig = RevocationConfig()
+    forward_claims: dict[str, Annotated[str, Field(pattern=r"^[A-Za-z0-9-]+$")]] = {}
+    """Claim name -> request header carrying it to the backend (client-sent copies are stripped)."""
+    cache_size: Annotated[int, Field(ge=0)] = 10_000
+
+
+class RateLimitSettings(Strict):
+    enabled: bool = True
+    failure_mode: FailureMode = FailureMode.fail_open
+    """What a Redis error or timeout does: fail_open lets the request through, fail_closed answers 503."""
+
+
+class BreakerSettings(Strict):
+    consecutive_failures: PositiveInt = 5
+    error_ratio: Annotated[float, Field(gt=0, le=1)] = 0.5
+    window: PositiveDuration = 30.0
+    min_requests: PositiveInt = 20
+    open_duration: PositiveDuration = 30.0
+    half_open_probes: PositiveInt = 1
+
+
+# --- routes and policies (routes.yaml, owned by the operator) -----------------------------------
+
+
+class LimitKey(Strict):
+    type: Literal["client_ip", "header", "claim"] = "client_ip"
+    name: str | None = None
+    """The header or JWT claim name, for those types."""
+
+    @model_validator(mode="after")
+    def _name_matches_type(self) -> LimitKey:
+        if self.type == "client_ip" and self.name is not None:
+            raise ValueError("key type client_ip takes no name")
+        if self.type != "client_ip" and not self.name:
+            raise ValueError(f"key type {self.type} needs a name")
+        return self
+
+
+class Policy(Strict):
+    name: Name
+    requests: PositiveInt
+    period: PositiveDuration
+    burst: Annotated[int, Field(ge=0)] = 0
+    """Extra requests allowed at once on top of the steady rate."""
+    key: LimitKey = LimitKey()
+
+
+class RouteMatch(Strict):
+    host: str | None = None
+    """Exact host, or `*.example.com` for any subdomain. Absent: any host."""
+    path_prefix: str | None = None
+    path: str | None = None
+    """Exact path. Give either `path` or `path_prefix`; neither means prefix `/`."""
+    methods: list[HTTPMethod] = []
+    """Empty: any method."""
+
+    @field_validator("path_prefix", "path")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError("must start with /")
+        if value is not None and ("/../" in value + "/" or "//" in value):
+            raise ValueError("must not contain .. segments or //")
+        return value
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.fullmatch(r"(\*\.)?[a-z0-9]([-a-z0-9.]*[a-z0-9])?(:\d+)?", value.lower()):
+            raise ValueError(f"{value!r} is not a host name (exact, or *.example.com)")
+        return value.lower()
+
+    @model_validator(mode="after")
+    def _one_path_kind(self) -> RouteMatch:
+        if self.path is not None and self.path_prefix is not None:
+            raise ValueError("give either path or path_prefix, not both")
+        return self
+
+
+class Backend(Strict):
+    service: Name
+    """The backend's name in metrics and logs (`backend_service`), and its circuit breaker's key."""
+    url: AnyHttpUrl
+    timeout: PositiveDuration = 30.0
+    """Time to wait for the backend's response headers, and for each chunk of its body."""
+    connect_timeout: PositiveDuration = 5.0
+
+
+class RouteAuth(Strict):
+    required: bool = True
+    scopes: list[str] = []
+    """Every one of these must be in the token's `scope`/`scp` claim (else 403)."""
+
+
+class Route(Strict):
+    name: Name
+    enabled: bool = True
+    match: RouteMatch = RouteMatch()
+    backend: Backend
+    rewrite_prefix: str | None = None
+    """Replaces the matched path prefix before the request goes to the backend."""
+    auth: RouteAuth | None = None
+    ratelimit: Name | None = None
+    """The name of a policy under `policies`."""
+    max_body_size: ByteSize | None = None
+
+    @model_validator(mode="after")
+    def _rewrite_needs_prefix(self) -> Route:
+        if self.rewrite_prefix is not None and self.match.path_prefix is None and self.match.path is None:
+            raise ValueError("rewrite_prefix needs match.path_prefix or match.path")
+        if self.rewrite_prefix is not None and not self.rewrite_prefix.startswith("/"):
+            raise ValueError("rewrite_prefix must start with /")
+        return self
+
+
+class RoutesDocument(Strict):
+    """What `routes.yaml` may hold: the operator's part of the config."""
+
+    routes: list[Route] = []
+    policies: list[Policy] = []
+
+
+class Config(RoutesDocument):
+    """The whole config: global settings plus routes and policies."""
+
+    listen: ListenConfig = ListenConfig()
+    limits: LimitsConfig = LimitsConfig()
+    logging: LoggingConfig = LoggingConfig()
+    redis: RedisConfig | None = None
+    """Absent: limiter state is kept in-process (per replica; for `gateway demo` and development)."""
+    auth: AuthConfig = AuthConfig()
+    ratelimit: RateLimitSettings = RateLimitSettings()
+    circuit_breaker: BreakerSettings = BreakerSettings()
+
+
+def config_hash(config: Config) -> str:
+    """A stable digest of the config in force, reported by `/_health/ready` and read by the operator."""
+    canonical = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def restart_settings(config: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """The settings marked RESTART, by dotted path: what the operator hashes to decide on a rollout."""
+    found: dict[str, Any] = {}
+    for name, field in type(config).model_fields.items():
+        value = getattr(config, name)
+        path = f"{prefix}{name}"
+        marks = [m for m in field.metadata if isinstance(m, RestartRequired)]
+        if marks:
+            found[path] = marks[0].of(value)
+        elif isinstance(value, BaseModel):
+            found.update(restart_settings(value, prefix=f"{path}."))
+    return found

@@ -1,0 +1,69 @@
+"""Every Prometheus metric the gateway exports. Names and labels are fixed by DESIGN.md and the runbook.
+
+One `Metrics` object per process, on its own registry (no module globals), served on the metrics port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.process_collector import ProcessCollector
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        disable_created_metrics()  # the *_created series only double what operators must scroll through
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        ProcessCollector(registry=r)
+        self.http_requests = Counter(
+            "gateway_http_requests", "Requests answered, by route", ["route", "method", "status_code"], registry=r
+        )
+        self.http_duration = Histogram(
+            "gateway_http_request_duration_seconds", "Time from request to response, by route", ["route"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.backend_requests = Counter(
+            "gateway_backend_requests", "Requests sent to backends, by outcome", ["backend_service", "status_code"],
+            registry=r,
+        )
+        self.backend_duration = Histogram(
+            "gateway_backend_duration_seconds", "Time until a backend's response headers", ["backend_service"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.auth_attempts = Counter(
+            "gateway_auth_attempts", "Token checks, by result and error type", ["result", "error_type"], registry=r
+        )
+        self.ratelimit_requests = Counter(
+            "gateway_ratelimit_requests", "Rate limit decisions", ["policy", "decision"], registry=r
+        )
+        self.ratelimit_errors = Counter(
+            "gateway_ratelimit_errors", "Rate limit checks that failed (Redis error or timeout)", registry=r
+        )
+        self.ratelimit_duration = Histogram(
+            "gateway_ratelimit_duration_seconds", "Time of one rate limit decision", buckets=FAST_BUCKETS, registry=r
+        )
+        self.redis_errors = Counter("gateway_redis_errors", "Redis calls that failed", ["operation"], registry=r)
+        self.breaker_state = Gauge(
+            "gateway_circuit_breaker_state", "Circuit breaker state: 0 closed, 1 open, 2 half-open",
+            ["backend_service"], registry=r,
+        )
+        self.config_reloads = Counter("gateway_config_reloads", "Config reloads, by result", ["result"], registry=r)
+        self.inflight = Gauge("gateway_inflight_requests", "Requests being handled now", registry=r)
+        self.tls_expiry = Gauge(
+            "gateway_tls_certificate_expiry_timestamp_seconds", "Expiry (notAfter) of the served TLS certificate",
+            registry=r,
+        )
+        tasks = Gauge("gateway_asyncio_tasks", "asyncio tasks alive (the runbook's go_goroutines)", registry=r)
+        tasks.set_function(_task_count)
+
+
+def _task_count() -> float:
+    try:
+        return float(len(asyncio.all_tasks()))
+    except RuntimeError:  # scraped outside the loop's thread
+        return 0.0

@@ -1,9 +1,17 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
+import yaml
+from aiohttp.test_utils import TestClient
 
+from apigw.loader import parse_documents
+from apigw.metrics import Metrics
+from apigw.server import traffic_app
+from apigw.state import Gateway, build_state
+from apigw.testkit.backend import Backend
 from apigw.testkit.redis import RedisServer
 
 
@@ -12,3 +20,27 @@ def redis_server() -> Iterator[RedisServer]:
     """A fresh redis-server per test, on its own free port."""
     with RedisServer() as server:
         yield server
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[Backend]:
+    """A real echo backend on a loopback port."""
+    async with Backend() as server:
+        yield server
+
+
+@pytest.fixture
+def gateway_client(aiohttp_client):
+    """Factory: an in-process gateway (the real traffic app) for a config dict, and an HTTP client to it."""
+
+    async def make(config: dict[str, Any]) -> TestClient:
+        gateway = Gateway(build_state(parse_documents({"config.yaml": yaml.safe_dump(config)})), Metrics())
+        client = await aiohttp_client(traffic_app(gateway))
+        return client
+
+    return make
+
+
+def route(name: str, url: str, **extra: Any) -> dict[str, Any]:
+    """A route dict for configs in tests."""
+    return {"name": name, "backend": {"service": extra.pop("service", name), "url": url}, **extra}

@@ -1,0 +1,5 @@
+import sys
+
+from apigw.cli import main
+
+sys.exit(main())

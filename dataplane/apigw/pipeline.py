@@ -1,0 +1,100 @@
+"""The request pipeline, top to bottom: match a route, authenticate, rate limit, check the breaker,
+proxy, then count and log. Every gateway-made error is a `GatewayError` turned into JSON here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+
+from aiohttp import web
+
+from apigw import proxy
+from apigw.errors import GatewayError
+from apigw.routing import BadPath, normalize_path
+from apigw.state import GATEWAY
+
+access_log = logging.getLogger("apigw.access")
+log = logging.getLogger("apigw.pipeline")
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    gateway = request.app[GATEWAY]
+    state = gateway.state
+    metrics = gateway.metrics
+    started = time.perf_counter()
+    request_id = _request_id(request)
+    client_ip = request.remote or ""
+    raw_path = request.raw_path.partition("?")[0]
+    route = None
+    forwarded = proxy.Forwarded()
+    auth_status = "none"
+    error_type = None
+    metrics.inflight.inc()
+    try:
+        try:
+            path = normalize_path(raw_path)
+        except BadPath as exc:
+            raise GatewayError(400, "bad_path", str(exc)) from None
+        route = state.router.match(request.host, path, request.method)
+        if route is None:
+            raise GatewayError(404, "no_route", f"no route for {request.method} {path}")
+        headers = proxy.request_headers(request, route.upstream, request_id, client_ip, frozenset(), ())
+        response = await proxy.forward(
+            request, route.upstream, route.backend_path(path), headers, route.timeout, route.max_body, forwarded
+        )
+    except GatewayError as exc:
+        error_type = exc.error_type
+        response = error_response(exc, request_id)
+    except proxy.StreamAborted as exc:
+        error_type = "backend_stream_aborted"
+        response = exc.response
+        if request.transport is not None:
+            request.transport.abort()
+    finally:
+        metrics.inflight.dec()
+    if not response.prepared:
+        response.headers["X-Request-ID"] = request_id
+    duration = time.perf_counter() - started
+    route_name = route.name if route else "none"
+    status = response.status
+    metrics.http_requests.labels(route_name, request.method, str(status)).inc()
+    metrics.http_duration.labels(route_name).observe(duration)
+    if route is not None and forwarded.duration:
+        service = route.upstream.service
+        metrics.backend_requests.labels(service, str(forwarded.status) if forwarded.status else (error_type or "error")).inc()
+        metrics.backend_duration.labels(service).observe(forwarded.duration)
+    if gateway.state.config.logging.access_log:
+        fields = {
+            "method": request.method,
+            "path": raw_path,
+            "route": route_name,
+            "status_code": status,
+            "duration_ms": round(duration * 1000, 3),
+            "backend_service": route.upstream.service if route else None,
+            "backend_duration_ms": round(forwarded.duration * 1000, 3) if forwarded.duration else None,
+            "client_ip": client_ip,
+            "request_id": request_id,
+            "auth_status": auth_status,
+        }
+        if error_type:
+            fields["error_type"] = error_type
+        access_log.info(
+            "%s %s status_code=%d auth_status=%s", request.method, raw_path, status, auth_status,
+            extra={"fields": fields},
+        )
+    return response
+
+
+def error_response(error: GatewayError, request_id: str) -> web.Response:
+    body = json.dumps({"error": error.message, "request_id": request_id})
+    return web.Response(status=error.status, body=body, content_type="application/json", headers=error.headers)
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-ID")
+    if given and len(given) <= 128 and given.isprintable() and given.isascii():
+        return given
+    return uuid.uuid4().hex

@@ -1,0 +1,179 @@
+"""Forwarding one request to a backend and streaming the answer back.
+
+Bodies stream in both directions (a 100 MB upload or download is never held in memory), hop-by-hop
+headers are dropped, and the backend learns who called through X-Forwarded-* and X-Request-ID.
+Each backend service has one keep-alive connection pool (`Upstream`), kept across config reloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from apigw.config import Backend
+from apigw.errors import GatewayError
+
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
+     "trailer", "transfer-encoding", "upgrade"}
+)
+_NOT_FORWARDED = HOP_BY_HOP | {"host", "x-forwarded-proto", "x-forwarded-host"}
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
+SMALL_BODY = 64 * 1024
+"""Responses up to this size with a known length are read whole and sent in one write."""
+CHUNK = 64 * 1024
+
+
+class Upstream:
+    """One backend service: its base URL and its keep-alive connection pool (created on first use)."""
+
+    def __init__(self, backend: Backend):
+        self.service = backend.service
+        self.url = URL(str(backend.url))
+        self.base_path = self.url.path.rstrip("/")
+        self.host_header = self.url.raw_authority
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=30),
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+@dataclass(slots=True)
+class Forwarded:
+    """What the backend did, for metrics and the access log."""
+
+    status: int | None = None
+    """The backend's status, or None when it never answered."""
+    duration: float = 0.0
+
+
+class _BodyLimit:
+    """Streams the request body through, stopping once it passes `limit` bytes."""
+
+    def __init__(self, stream: web.StreamReader, limit: int):
+        self.stream, self.limit, self.seen, self.exceeded = stream, limit, 0, False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self.stream.iter_chunked(CHUNK):
+            self.seen += len(chunk)
+            if self.seen > self.limit:
+                self.exceeded = True
+                raise too_large(self.limit)
+            yield chunk
+
+
+def too_large(limit: int) -> GatewayError:
+    return GatewayError(413, "body_too_large", f"request body is larger than {limit} bytes")
+
+
+def request_headers(
+    request: web.Request, upstream: Upstream, request_id: str, client_ip: str,
+    strip: frozenset[str], extra: Iterable[tuple[str, str]],
+) -> CIMultiDict[str]:
+    """The headers the backend receives: the client's minus hop-by-hop and spoofable ones, plus ours."""
+    incoming = request.headers
+    drop = _NOT_FORWARDED | strip
+    connection = incoming.get("Connection")
+    if connection:
+        drop = drop | {token.strip().lower() for token in connection.split(",")}
+    headers = CIMultiDict((k, v) for k, v in incoming.items() if k.lower() not in drop)
+    headers["Host"] = upstream.host_header
+    prior = incoming.get("X-Forwarded-For")
+    headers["X-Forwarded-For"] = f"{prior}, {client_ip}" if prior else client_ip
+    headers["X-Forwarded-Proto"] = request.scheme
+    if "Host" in incoming:
+        headers["X-Forwarded-Host"] = incoming["Host"]
+    headers["X-Request-ID"] = request_id
+    headers.extend(extra)
+    return headers
+
+
+async def forward(
+    request: web.Request, upstream: Upstream, path: str, headers: CIMultiDict[str],
+    timeout: aiohttp.ClientTimeout, max_body: int, result: Forwarded,
+) -> web.StreamResponse:
+    """Send the request to `upstream` at `path` and relay the response; raise GatewayError on failure."""
+    body = None
+    if request.body_exists:
+        length = request.content_length
+        if length is not None and length > max_body:
+            raise too_large(max_body)
+        body = _BodyLimit(request.content, max_body)
+    url = upstream.url.with_path(upstream.base_path + path, encoded=False).with_query(request.rel_url.raw_query_string)
+    started = time.perf_counter()
+    try:
+        backend = await upstream.session.request(
+            request.method, url, headers=headers, data=body, allow_redirects=False, timeout=timeout,
+            compress=None, chunked=None,
+        )
+    except GatewayError:
+        raise
+    except Exception as exc:
+        result.duration = time.perf_counter() - started
+        if body is not None and body.exceeded:
+            raise too_large(max_body) from None
+        raise _backend_error(upstream.service, exc) from None
+    result.duration = time.perf_counter() - started
+    result.status = backend.status
+    try:
+        return await _relay(request, backend, headers["X-Request-ID"])
+    finally:
+        backend.release()
+
+
+async def _relay(request: web.Request, backend: aiohttp.ClientResponse, request_id: str) -> web.StreamResponse:
+    headers = CIMultiDict((k, v) for k, v in backend.headers.items() if k.lower() not in _RESPONSE_DROP)
+    headers["X-Request-ID"] = request_id
+    length = backend.content_length
+    if length is not None and length <= SMALL_BODY:
+        body = await backend.read()
+        return web.Response(status=backend.status, reason=backend.reason, headers=headers, body=body)
+    response = web.StreamResponse(status=backend.status, reason=backend.reason, headers=headers)
+    if length is not None:
+        response.content_length = length
+    await response.prepare(request)
+    try:
+        async for chunk in backend.content.iter_chunked(CHUNK):
+            await response.write(chunk)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        raise StreamAborted(response, exc) from None
+    await response.write_eof()
+    return response
+
+
+class StreamAborted(Exception):
+    """The backend failed after the response began: the client's connection must be cut, not completed."""
+
+    def __init__(self, response: web.StreamResponse, cause: Exception):
+        super().__init__(f"backend failed while streaming the response: {type(cause).__name__}")
+        self.response = response
+
+
+def _backend_error(service: str, exc: Exception) -> GatewayError:
+    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+        return GatewayError(504, "backend_timeout", f"backend {service} did not answer in time")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return GatewayError(502, "backend_unreachable", f"backend {service} refused the connection")
+    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError)):
+        return GatewayError(502, "backend_reset", f"backend {service} closed the connection")
+    return GatewayError(502, "backend_error", f"backend {service} failed: {type(exc).__name__}")

@@ -1,0 +1,119 @@
+"""Hot reload: rebuild the whole state from the config files and swap it in, or keep the old one.
+
+Triggers are SIGHUP and a change of any watched file: the config files, and the key and certificate
+files they name. Kubernetes updates a mounted ConfigMap or Secret by swapping the `..data` symlink, so
+files are fingerprinted through the symlink (inode, mtime, size), which catches that swap too.
+A failed reload is logged with every error, counted, reported by `/_health/ready`, and changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+from apigw.config import Config, restart_settings
+from apigw.loader import ConfigError, config_files, load_config
+from apigw.state import Gateway, build_state
+from apigw.tls import ServerTLS
+
+log = logging.getLogger("apigw.reload")
+
+Fingerprint = tuple[tuple[str, int, int, int], ...]
+
+
+class Reloader:
+    def __init__(self, gateway: Gateway, path: Path, tls: ServerTLS | None, interval: float = 1.0):
+        self.gateway, self.path, self.tls, self.interval = gateway, path, tls, interval
+        self._fingerprint = self._current_fingerprint()
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    def watched_files(self) -> list[Path]:
+        try:
+            files = config_files(self.path)
+        except ConfigError:
+            files = [self.path]
+        config = self.gateway.state.config
+        files += [key.file for key in config.auth.keys]
+        if config.auth.jwks_file:
+            files.append(config.auth.jwks_file)
+        if self.tls is not None:
+            files += self.tls.watched_files()
+        return files
+
+    def _current_fingerprint(self) -> Fingerprint:
+        prints = []
+        for file in self.watched_files():
+            try:
+                st = os.stat(file)
+                prints.append((str(file), st.st_ino, st.st_mtime_ns, st.st_size))
+            except OSError:
+                prints.append((str(file), 0, 0, 0))
+        return tuple(prints)
+
+    def request(self, reason: str) -> None:
+        """Reload now (from a signal handler or the watcher)."""
+        self.reload(reason)
+
+    def reload(self, reason: str) -> bool:
+        gateway = self.gateway
+        old = gateway.state
+        try:
+            config = load_config(self.path)
+            if self.tls is not None and config.listen.tls is not None:
+                self.tls.load(config.listen.tls)
+            state = build_state(config, previous=old)
+        except ConfigError as exc:
+            gateway.metrics.config_reloads.labels("failure").inc()
+            gateway.last_reload_error = "; ".join(exc.errors)
+            log.error(
+                "config reload (%s) rejected, keeping config %s: %s", reason, old.config_hash, exc.errors[0],
+                extra={"fields": {"errors": exc.errors, "config_hash": old.config_hash}},
+            )
+            self._fingerprint = self._current_fingerprint()
+            return False
+        gateway.state = state
+        gateway.last_reload_error = None
+        gateway.metrics.config_reloads.labels("success").inc()
+        self._fingerprint = self._current_fingerprint()
+        self._warn_restart_settings(old.config, config)
+        self._retire([u for key, u in old.upstreams.items() if key not in state.upstreams])
+        log.info(
+            "config reloaded (%s): %s -> %s, %d routes", reason, old.config_hash, state.config_hash, len(config.routes),
+            extra={"fields": {"config_hash": state.config_hash, "previous_config_hash": old.config_hash}},
+        )
+        return True
+
+    def _warn_restart_settings(self, old: Config, new: Config) -> None:
+        before, after = restart_settings(old), restart_settings(new)
+        changed = sorted(k for k in after if before.get(k) != after[k])
+        if changed:
+            log.warning(
+                "settings changed that apply only after a restart: %s", ", ".join(changed),
+                extra={"fields": {"restart_settings": changed}},
+            )
+
+    def _retire(self, upstreams: list) -> None:
+        """Close pools of removed backends once requests that began on the old config are done."""
+        if not upstreams:
+            return
+
+        async def close_later() -> None:
+            await asyncio.sleep(self.gateway.state.config.listen.drain_timeout)
+            for upstream in upstreams:
+                await upstream.close()
+
+        task = asyncio.get_running_loop().create_task(close_later())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            if self._current_fingerprint() != self._fingerprint:
+                self.reload("file change")
+
+    def close(self) -> None:
+        for task in self._retiring:
+            task.cancel()

@@ -1,0 +1,118 @@
+"""Listeners and lifecycle: traffic on 8080 (and 8443 with TLS), metrics on 9090, signals, drain.
+
+SIGTERM: report not-ready, keep serving for `drain_delay` so load balancers notice, stop accepting,
+let in-flight requests finish within `drain_timeout`, exit 0. SIGHUP: reload the config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from apigw.loader import ConfigError, load_config
+from apigw.metrics import Metrics
+from apigw.pipeline import handle
+from apigw.reload import Reloader
+from apigw.state import GATEWAY, Gateway, build_state
+from apigw.tls import ServerTLS
+
+log = logging.getLogger("apigw.server")
+
+
+async def live(request: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    body = {
+        "status": "draining" if gateway.draining else "ready",
+        "config_hash": gateway.state.config_hash,
+        "last_reload_error": gateway.last_reload_error,
+    }
+    return web.json_response(body, status=503 if gateway.draining else 200)
+
+
+async def _backend_pools(app: web.Application) -> AsyncIterator[None]:
+    """Backend connection pools live as long as the traffic app."""
+    yield
+    for upstream in app[GATEWAY].state.upstreams.values():
+        await upstream.close()
+
+
+def traffic_app(gateway: Gateway) -> web.Application:
+    app = web.Application(client_max_size=1024**2)
+    app[GATEWAY] = gateway
+    app.cleanup_ctx.append(_backend_pools)
+    app.router.add_get("/_health/live", live)
+    app.router.add_get("/_health/ready", ready)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
+
+
+def metrics_app(metrics: Metrics) -> web.Application:
+    async def serve_metrics(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/metrics", serve_metrics)
+    return app
+
+
+async def serve(config_path: Path) -> int:
+    """Run the gateway until SIGTERM/SIGINT; the exit status is the return value."""
+    try:
+        config = load_config(config_path)
+        metrics = Metrics()
+        gateway = Gateway(build_state(config), metrics)
+        tls = ServerTLS(config.listen.tls, metrics) if config.listen.tls else None
+    except ConfigError as exc:
+        log.error("config %s is invalid: %d error(s)", config_path, len(exc.errors), extra={"fields": {"errors": exc.errors}})
+        return 1
+    listen = config.listen
+    runner = web.AppRunner(traffic_app(gateway), access_log=None, shutdown_timeout=listen.drain_timeout)
+    metrics_runner = web.AppRunner(metrics_app(metrics), access_log=None, shutdown_timeout=1)
+    await runner.setup()
+    await metrics_runner.setup()
+    sites = [web.TCPSite(runner, listen.address, listen.port), web.TCPSite(metrics_runner, listen.address, listen.metrics_port)]
+    if tls is not None:
+        sites.append(web.TCPSite(runner, listen.address, listen.tls_port, ssl_context=tls.context))
+    try:
+        for site in sites:
+            await site.start()
+    except OSError as exc:
+        log.error("cannot listen: %s", exc)
+        await runner.cleanup()
+        await metrics_runner.cleanup()
+        return 1
+
+    reloader = Reloader(gateway, config_path, tls)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reloader.request, "SIGHUP")
+    watcher = asyncio.create_task(reloader.watch())
+    log.info(
+        "gateway serving %d routes on %s:%d (metrics :%d), config %s", len(config.routes), listen.address,
+        listen.port, listen.metrics_port, gateway.state.config_hash,
+        extra={"fields": {"config_hash": gateway.state.config_hash}},
+    )
+    await stop.wait()
+
+    gateway.draining = True
+    listen = gateway.state.config.listen
+    log.info("draining: not ready, finishing in-flight requests (up to %ss)", listen.drain_delay + listen.drain_timeout)
+    await asyncio.sleep(listen.drain_delay)
+    watcher.cancel()
+    await runner.cleanup()
+    await metrics_runner.cleanup()
+    reloader.close()
+    log.info("stopped")
+    return 0

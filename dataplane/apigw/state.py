@@ -1,0 +1,86 @@
+"""The config compiled into ready objects, and the one reference through which requests reach it.
+
+`build_state` turns a validated `Config` into everything the request pipeline needs, computed once:
+route table, per-route timeouts, limits and rewrites, backend connection pools. A reload builds a whole
+new `GatewayState` and swaps `Gateway.state`; requests already running keep the state they started with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from apigw.config import Config, Route, config_hash
+from apigw.metrics import Metrics
+from apigw.proxy import Upstream
+from apigw.routing import Router
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRoute:
+    """One route, ready for the hot path."""
+
+    name: str
+    upstream: Upstream
+    timeout: aiohttp.ClientTimeout
+    max_body: int
+    rewrite: tuple[str, str] | None
+    """(matched prefix, replacement) when the route rewrites the path."""
+
+    def backend_path(self, path: str) -> str:
+        if self.rewrite is None:
+            return path
+        prefix, replacement = self.rewrite
+        rest = path[len(prefix):]
+        if replacement.endswith("/") and rest.startswith("/"):
+            rest = rest[1:]
+        return (replacement + rest) or "/"
+
+
+@dataclass(frozen=True)
+class GatewayState:
+    config: Config
+    config_hash: str
+    router: Router[CompiledRoute]
+    upstreams: dict[tuple[str, str], Upstream]
+
+
+def build_state(config: Config, previous: GatewayState | None = None) -> GatewayState:
+    """Compile `config`; backend pools of `previous` whose service and URL are unchanged are kept."""
+    upstreams: dict[tuple[str, str], Upstream] = {}
+    kept = previous.upstreams if previous else {}
+    compiled: list[tuple[Route, CompiledRoute]] = []
+    for route in config.routes:
+        key = (route.backend.service, str(route.backend.url))
+        upstream = upstreams.get(key) or kept.get(key) or Upstream(route.backend)
+        upstreams[key] = upstream
+        compiled.append((route, _compile(route, upstream, config)))
+    return GatewayState(config, config_hash(config), Router(compiled), upstreams)
+
+
+def _compile(route: Route, upstream: Upstream, config: Config) -> CompiledRoute:
+    backend = route.backend
+    matched = route.match.path_prefix or route.match.path
+    return CompiledRoute(
+        name=route.name,
+        upstream=upstream,
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=backend.connect_timeout, sock_read=backend.timeout),
+        max_body=int(route.max_body_size if route.max_body_size is not None else config.limits.max_body_size),
+        rewrite=(matched.rstrip("/") if matched != "/" else "", route.rewrite_prefix) if route.rewrite_prefix else None,
+    )
+
+
+@dataclass
+class Gateway:
+    """The process-wide handle: the state in force, metrics, and the lifecycle flags health reports."""
+
+    state: GatewayState
+    metrics: Metrics
+    draining: bool = False
+    last_reload_error: str | None = None
+    retired: list[Upstream] = field(default_factory=list)
+
+
+GATEWAY = web.AppKey("gateway", Gateway)

@@ -1,0 +1,90 @@
+"""A real `gateway` process for CLI, signal and reload tests: started, waited for, stopped, logs read."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from apigw.testkit.redis import free_port
+
+
+class GatewayProcess:
+    def __init__(self, config: Path, port: int, metrics_port: int, env: dict[str, str] | None = None):
+        self.config, self.port, self.metrics_port = config, port, metrics_port
+        self.env = {**os.environ, **(env or {})}
+        self.log_path = config.parent / f"gateway-{port}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait: bool = True) -> None:
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "apigw", "--config", str(self.config)],
+            stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+        )
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 15) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.process.returncode}:\n{self.log_text()}")
+            try:
+                return self.ready()
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"gateway not ready after {timeout}s:\n{self.log_text()}")
+
+    def ready(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"{self.url}/_health/ready", timeout=2) as response:
+            return json.loads(response.read())
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as response:
+            return response.read().decode()
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.log_text().splitlines() if line.startswith("{")]
+
+    def __enter__(self) -> GatewayProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def ports() -> tuple[int, int]:
+    return free_port(), free_port()

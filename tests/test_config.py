@@ -1,0 +1,79 @@
+"""The config model and loader: every bad case names its file, line and setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from apigw.config import Config, config_hash, parse_duration, restart_settings
+from apigw.loader import ConfigError, load_config, parse_documents
+
+ROOT = Path(__file__).parent.parent
+INVALID = sorted((Path(__file__).parent / "configs" / "invalid").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("case", INVALID, ids=[p.stem for p in INVALID])
+def test_invalid_config_reports_located_error(case: Path) -> None:
+    text = case.read_text()
+    expected = text.splitlines()[0].removeprefix("# error: ")
+    with pytest.raises(ConfigError) as caught:
+        parse_documents({"config.yaml": text})
+    assert any(expected in error for error in caught.value.errors), caught.value.errors
+
+
+@pytest.mark.parametrize("path", [ROOT / "examples" / "gateway.yaml", ROOT / "examples" / "configmap"])
+def test_examples_are_valid(path: Path) -> None:
+    config = load_config(path)
+    assert config.routes
+
+
+def test_directory_merges_both_files_and_keeps_people_settings() -> None:
+    config = load_config(ROOT / "examples" / "configmap")
+    assert config.ratelimit.failure_mode == "fail_open"
+    assert [r.name for r in config.routes] == ["default.users", "default.orders"]
+    assert config.policies[0].period == 60.0
+
+
+def test_routes_file_may_not_hold_global_settings() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_documents({"config.yaml": "", "routes.yaml": "ratelimit: {enabled: false}\n"})
+    assert caught.value.errors == ["routes.yaml:1: ratelimit: unknown setting (check its spelling and indentation)"]
+
+
+def test_every_error_is_reported_not_just_the_first() -> None:
+    text = "listen: {port: 0}\nroutes:\n  - name: a\n  - name: b\n"
+    with pytest.raises(ConfigError) as caught:
+        parse_documents({"config.yaml": text})
+    errors = caught.value.errors
+    assert len(errors) == 3
+    assert any("routes[1].backend" in e for e in errors)
+
+
+def test_missing_file_and_empty_directory(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read: No such file"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="holds neither config.yaml nor routes.yaml"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "text, seconds", [("500ms", 0.5), ("30s", 30), ("1m", 60), ("1h", 3600), (2, 2.0), ("1.5s", 1.5)]
+)
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_hash_is_stable_and_sensitive() -> None:
+    base = "routes: [{name: a, backend: {service: a, url: 'http://a'}}]"
+    one, two = parse_documents({"config.yaml": base}), parse_documents({"config.yaml": base + "\n# comment"})
+    assert config_hash(one) == config_hash(two)
+    other = parse_documents({"config.yaml": base.replace("http://a", "http://b")})
+    assert config_hash(one) != config_hash(other)
+
+
+def test_restart_settings_marks_listeners_not_routes() -> None:
+    settings = restart_settings(Config())
+    assert settings["listen.port"] == 8080
+    assert settings["listen.tls"] is False
+    assert not any(key.startswith(("routes", "ratelimit", "auth")) for key in settings)

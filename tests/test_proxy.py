@@ -1,0 +1,184 @@
+"""The proxy path through the real traffic app to a real backend on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+
+import aiohttp
+
+from apigw.testkit.backend import Backend
+from tests.conftest import route
+
+
+async def test_forwards_method_path_query_and_forwarding_headers(gateway_client, backend: Backend) -> None:
+    client = await gateway_client({"routes": [route("users", backend.url, match={"path_prefix": "/api/users"})]})
+    resp = await client.post("/api/users/7?x=1&y=%20", data=b"hello", headers={"X-Request-ID": "req-1"})
+    assert resp.status == 200
+    assert resp.headers["X-Request-ID"] == "req-1"
+    echoed = await resp.json()
+    assert echoed["method"] == "POST"
+    assert echoed["path"] == "/api/users/7"
+    assert echoed["query"] == "x=1&y=%20"
+    assert echoed["body_size"] == 5
+    headers = echoed["headers"]
+    assert headers["X-Forwarded-For"] == "127.0.0.1"
+    assert headers["X-Forwarded-Proto"] == "http"
+    assert headers["X-Request-ID"] == "req-1"
+    assert headers["Host"] == f"127.0.0.1:{backend.port}"
+
+
+async def test_generates_request_id_and_appends_to_forwarded_for(gateway_client, backend: Backend) -> None:
+    client = await gateway_client({"routes": [route("all", backend.url)]})
+    resp = await client.get("/x", headers={"X-Forwarded-For": "203.0.113.9", "X-Request-ID": "r" * 200})
+    echoed = await resp.json()
+    assert echoed["headers"]["X-Forwarded-For"] == "203.0.113.9, 127.0.0.1"
+    generated = resp.headers["X-Request-ID"]
+    assert len(generated) == 32 and generated == echoed["headers"]["X-Request-ID"]
+
+
+async def test_hop_by_hop_headers_are_not_forwarded(gateway_client, backend: Backend) -> None:
+    client = await gateway_client({"routes": [route("all", backend.url)]})
+    resp = await client.get(
+        "/x", headers={"Connection": "keep-alive, X-Secret-Hop", "X-Secret-Hop": "1", "Keep-Alive": "timeout=5",
+                       "TE": "trailers", "Proxy-Authorization": "Basic abc", "X-Kept": "yes"},
+    )
+    sent = (await resp.json())["headers"]
+    for name in ("X-Secret-Hop", "Keep-Alive", "TE", "Proxy-Authorization"):
+        assert name not in sent
+    assert sent["X-Kept"] == "yes"
+
+
+async def test_prefix_rewrite(gateway_client, backend: Backend) -> None:
+    client = await gateway_client({"routes": [
+        route("v1", backend.url, match={"path_prefix": "/api/v1"}, rewrite_prefix="/internal"),
+        route("root", backend.url, service="v1", match={"path_prefix": "/strip"}, rewrite_prefix="/"),
+    ]})
+    assert (await (await client.get("/api/v1/users")).json())["path"] == "/internal/users"
+    assert (await (await client.get("/api/v1")).json())["path"] == "/internal"
+    assert (await (await client.get("/strip/a/b")).json())["path"] == "/a/b"
+
+
+async def test_most_specific_route_wins(gateway_client, backend: Backend) -> None:
+    async with Backend("other") as other:
+        client = await gateway_client({"routes": [
+            route("catchall", backend.url),
+            route("users", other.url, match={"path_prefix": "/api/users", "methods": ["GET"]}),
+        ]})
+        assert (await (await client.get("/api/users/1")).json())["server"] == "other"
+        assert (await (await client.post("/api/users/1")).json())["server"] == "echo"
+        assert (await (await client.get("/api/usersx")).json())["server"] == "echo"
+
+
+async def test_no_route_is_json_404(gateway_client, backend: Backend) -> None:
+    client = await gateway_client({"routes": [route("only", backend.url, match={"path": "/only"})]})
+    resp = await client.get("/other")
+    assert resp.status == 404
+    body = await resp.json()
+    assert body["request_id"] == resp.headers["X-Request-ID"]
+    assert "no route" in body["error"]
+
+
+async def test_disabled_route_is_not_served(gateway_client, backend: Backend) -> None:
+    client = await gateway_client({"routes": [route("off", backend.url, enabled=False)]})
+    assert (await client.get("/")).status == 404
+
+
+async def test_body_over_limit_is_413_before_reaching_backend(gateway_client, backend: Backend) -> None:
+    client = await gateway_client({"limits": {"max_body_size": 1000}, "routes": [route("all", backend.url)]})
+    resp = await client.post("/upload", data=b"x" * 1001)
+    assert resp.status == 413
+    assert (await resp.json())["error"].startswith("request body is larger than 1000 bytes")
+    assert backend.seen == []
+
+
+async def test_chunked_body_over_limit_is_413(gateway_client, backend: Backend) -> None:
+    client = await gateway_client({"routes": [route("all", backend.url, max_body_size="64KiB")]})
+
+    async def chunks():
+        for _ in range(10):
+            yield b"y" * 16384
+
+    resp = await client.post("/upload", data=chunks())
+    assert resp.status == 413
+
+
+async def test_large_upload_and_download_stream_intact(gateway_client, backend: Backend) -> None:
+    client = await gateway_client({"limits": {"max_body_size": "200MiB"}, "routes": [route("all", backend.url)]})
+    digest = hashlib.sha256()
+
+    async def chunks():
+        block = bytes(range(256)) * 256
+        for _ in range(160):  # 10 MiB
+            digest.update(block)
+            yield block
+
+    resp = await client.put("/big", data=chunks())
+    echoed = await resp.json()
+    assert echoed["body_size"] == 160 * 65536
+    assert echoed["body_sha256"] == digest.hexdigest()
+
+    resp = await client.get("/bytes/20000000")
+    assert resp.headers["Content-Length"] == "20000000"
+    received = 0
+    async for chunk in resp.content.iter_chunked(1 << 20):
+        received += len(chunk)
+    assert received == 20_000_000
+
+
+async def test_backend_timeout_is_504(gateway_client, backend: Backend) -> None:
+    client = await gateway_client({"routes": [
+        {"name": "slow", "backend": {"service": "slow", "url": backend.url, "timeout": "300ms"}},
+    ]})
+    resp = await client.get("/hang")
+    assert resp.status == 504
+    assert "did not answer in time" in (await resp.json())["error"]
+
+
+async def test_backend_refused_is_502(gateway_client) -> None:
+    from apigw.testkit.redis import free_port
+
+    client = await gateway_client({"routes": [route("gone", f"http://127.0.0.1:{free_port()}")]})
+    resp = await client.get("/")
+    assert resp.status == 502
+    assert "refused" in (await resp.json())["error"]
+
+
+async def test_backend_reset_is_502(gateway_client, backend: Backend) -> None:
+    client = await gateway_client({"routes": [route("reset", backend.url)]})
+    resp = await client.get("/reset")
+    assert resp.status == 502
+
+
+async def test_backend_dying_mid_body_cuts_the_client_connection(gateway_client, backend: Backend) -> None:
+    client = await gateway_client({"routes": [route("cut", backend.url)]})
+    resp = await client.get("/truncated")
+    assert resp.status == 200
+    try:
+        body = await resp.read()
+    except aiohttp.ClientPayloadError:
+        body = None
+    assert body is None or len(body) < 1_000_000  # never presented as complete
+
+
+async def test_backend_errors_pass_through_unchanged(gateway_client, backend: Backend) -> None:
+    client = await gateway_client({"routes": [route("s", backend.url)]})
+    resp = await client.get("/status/503")
+    assert resp.status == 503
+    assert (await resp.json()) == {"status": 503}
+
+
+async def test_metrics_and_health(gateway_client, backend: Backend) -> None:
+    client = await gateway_client({"routes": [route("users", backend.url)]})
+    await client.get("/a")
+    await client.get("/status/500")
+    ready = await client.get("/_health/ready")
+    assert ready.status == 200
+    gateway = client.app[__import__("apigw.state", fromlist=["GATEWAY"]).GATEWAY]
+    assert (await ready.json())["config_hash"] == gateway.state.config_hash
+    assert (await client.get("/_health/live")).status == 200
+    value = gateway.metrics.registry.get_sample_value
+    assert value("gateway_http_requests_total", {"route": "users", "method": "GET", "status_code": "200"}) == 1
+    assert value("gateway_http_requests_total", {"route": "users", "method": "GET", "status_code": "500"}) == 1
+    assert value("gateway_backend_requests_total", {"backend_service": "users", "status_code": "500"}) == 1
+    assert value("gateway_backend_duration_seconds_count", {"backend_service": "users"}) == 2
+    assert value("gateway_inflight_requests") == 0

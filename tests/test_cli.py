@@ -1,0 +1,189 @@
+"""The `gateway` command as users run it: real processes, real signals, real files."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from apigw.testkit.process import GatewayProcess, ports
+
+ROOT = Path(__file__).parent.parent
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "apigw", *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("flag", ["-validate-config", "--validate-config"])
+def test_validate_config_ok(flag: str) -> None:
+    result = run_cli(flag, "--config", str(ROOT / "examples" / "configmap"))
+    assert result.returncode == 0, result.stderr
+    assert "OK: 2 routes (2 enabled), 1 rate limit policies, config_hash " in result.stdout
+
+
+def test_validate_config_reports_every_error_with_location(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text("listen:\n  port: banana\n")
+    (tmp_path / "routes.yaml").write_text("routes:\n  - name: a\n    backend: {service: a, url: 'nope'}\n    ratelimit: x\n")
+    result = run_cli("-validate-config", "--config", str(tmp_path))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"{tmp_path}/config.yaml:2: listen.port: Input should be a valid integer" in result.stderr
+    assert f"{tmp_path}/routes.yaml:3: routes[0].backend.url: Input should be a valid URL" in result.stderr
+    assert "2 error(s)" in result.stderr
+
+
+def test_validate_config_uses_env_default(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text("routes: []\n")
+    env = {"GATEWAY_CONFIG": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "apigw", "-validate-config"], capture_output=True, text=True,
+                            env={**__import__("os").environ, **env}, timeout=60)
+    assert result.returncode == 0
+    assert str(tmp_path) in result.stdout
+
+
+def test_start_with_invalid_config_exits_1_with_json_error(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text("routes: [{name: a}]\n")
+    result = run_cli("--config", str(config))
+    assert result.returncode == 1
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert line["level"] == "error"
+    assert line["errors"] == [f"{config}:1: routes[0].backend: required setting is missing"]
+
+
+def _write(path: Path, port: int, metrics_port: int, backend_url: str, **listen: object) -> None:
+    path.write_text(yaml.safe_dump({
+        "listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port, **listen},
+        "routes": [{"name": "echo", "backend": {"service": "echo", "url": backend_url, "timeout": "10s"}}],
+    }))
+
+
+@pytest.fixture
+def backend_process() -> str:
+    from apigw.testkit.redis import free_port
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "apigw.testkit.backend", str(port)])
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/up", timeout=1) as response:
+                response.read()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    yield url
+    process.terminate()
+    process.wait(10)
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path: Path, backend_process: str) -> None:
+    port, metrics_port = ports()
+    _write(tmp_path / "gw.yaml", port, metrics_port, backend_process, drain_delay="1s", drain_timeout="10s")
+    gateway = GatewayProcess(tmp_path / "gw.yaml", port, metrics_port)
+    gateway.start()
+    results: dict[str, object] = {}
+
+    def slow_request() -> None:
+        with urllib.request.urlopen(f"{gateway.url}/slow?s=1.5", timeout=20) as response:
+            results["status"] = response.status
+            results["body"] = json.loads(response.read())
+
+    thread = threading.Thread(target=slow_request)
+    thread.start()
+    time.sleep(0.3)
+    gateway.signal(signal.SIGTERM)
+    time.sleep(0.3)
+    with pytest.raises(urllib.error.HTTPError) as not_ready:
+        gateway.ready()
+    assert not_ready.value.code == 503
+    assert json.loads(not_ready.value.read())["status"] == "draining"
+    not_ready.value.close()
+    thread.join(20)
+    assert results["status"] == 200 and results["body"]["slept"] == 1.5
+    assert gateway.process is not None
+    assert gateway.process.wait(20) == 0
+    gateway.stop()
+    assert "stopped" in gateway.log_text()
+
+
+def test_sighup_reloads_and_bad_config_keeps_the_old_one(tmp_path: Path, backend_process: str) -> None:
+    port, metrics_port = ports()
+    path = tmp_path / "gw.yaml"
+    _write(path, port, metrics_port, backend_process)
+    with GatewayProcess(path, port, metrics_port) as gateway:
+        first = gateway.ready()["config_hash"]
+        config = yaml.safe_load(path.read_text())
+        config["routes"][0]["match"] = {"path_prefix": "/only"}
+        path.write_text(yaml.safe_dump(config))
+        gateway.signal(signal.SIGHUP)
+        _wait(lambda: gateway.ready()["config_hash"] != first)
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(f"{gateway.url}/elsewhere", timeout=5)
+        assert missing.value.code == 404
+        missing.value.close()
+        second = gateway.ready()["config_hash"]
+
+        path.write_text("routes: [{name: broken}]\n")
+        gateway.signal(signal.SIGHUP)
+        _wait(lambda: gateway.ready()["last_reload_error"] is not None)
+        ready = gateway.ready()
+        assert ready["config_hash"] == second
+        assert "routes[0].backend: required setting is missing" in ready["last_reload_error"]
+        with urllib.request.urlopen(f"{gateway.url}/only/x", timeout=5) as response:
+            assert response.status == 200
+        metrics = gateway.metrics()
+        assert 'gateway_config_reloads_total{result="success"} 1.0' in metrics
+        assert 'gateway_config_reloads_total{result="failure"} 1.0' in metrics
+        errors = [line for line in gateway.log_lines() if line["msg"].startswith("config reload (SIGHUP) rejected")]
+        assert errors and errors[0]["level"] == "error"
+
+
+def test_configmap_symlink_swap_is_picked_up_without_signal(tmp_path: Path, backend_process: str) -> None:
+    """Kubernetes updates a ConfigMap volume by re-pointing the `..data` symlink; files are links into it."""
+    port, metrics_port = ports()
+    volume = tmp_path / "volume"
+    volume.mkdir()
+
+    def publish(version: str, prefix: str) -> None:
+        data = volume / f"..{version}"
+        data.mkdir()
+        config = {"listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port}}
+        (data / "config.yaml").write_text(yaml.safe_dump(config))
+        routes = {"routes": [{"name": "echo", "match": {"path_prefix": prefix},
+                              "backend": {"service": "echo", "url": backend_process}}]}
+        (data / "routes.yaml").write_text(yaml.safe_dump(routes))
+        tmp_link = volume / "..data_tmp"
+        tmp_link.symlink_to(data.name)
+        tmp_link.rename(volume / "..data")
+
+    publish("v1", "/one")
+    for name in ("config.yaml", "routes.yaml"):
+        (volume / name).symlink_to(f"..data/{name}")
+    with GatewayProcess(volume, port, metrics_port) as gateway:
+        first = gateway.ready()["config_hash"]
+        publish("v2", "/two")
+        _wait(lambda: gateway.ready()["config_hash"] != first)
+        with urllib.request.urlopen(f"{gateway.url}/two", timeout=5) as response:
+            assert response.status == 200
+
+
+def _wait(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.05)

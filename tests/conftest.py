@@ -40,7 +40,3 @@ def gateway_client(aiohttp_client):
 
     return make
 
-
-def route(name: str, url: str, **extra: Any) -> dict[str, Any]:
-    """A route dict for configs in tests."""
-    return {"name": name, "backend": {"service": extra.pop("service", name), "url": url}, **extra}

@@ -187,3 +187,30 @@ def _wait(predicate, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(0.05)
+
+
+def test_demo_serves_and_prints_what_to_try() -> None:
+    port, metrics_port = ports()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "apigw", "demo", "--port", str(port), "--metrics-port", str(metrics_port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        _wait(lambda: _get(f"http://127.0.0.1:{port}/_health/ready") is not None, timeout=20)
+        echoed = json.loads(_get(f"http://127.0.0.1:{port}/api/v1/hello"))
+        assert echoed["path"] == "/hello"
+        assert "gateway_http_requests_total" in _get(f"http://127.0.0.1:{metrics_port}/metrics")
+    finally:
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0
+    assert f"curl -i http://127.0.0.1:{port}/api/v1/hello" in output
+    assert "Traceback" not in output
+
+
+def _get(url: str) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.read().decode()
+    except OSError:
+        return None

@@ -7,7 +7,7 @@ import hashlib
 import aiohttp
 
 from apigw.testkit.backend import Backend
-from tests.conftest import route
+from apigw.testkit import route
 
 
 async def test_forwards_method_path_query_and_forwarding_headers(gateway_client, backend: Backend) -> None:

@@ -61,9 +61,9 @@ class Reloader:
         old = gateway.state
         try:
             config = load_config(self.path)
+            state = build_state(config, previous=old)
             if self.tls is not None and config.listen.tls is not None:
                 self.tls.load(config.listen.tls)
-            state = build_state(config, previous=old)
         except ConfigError as exc:
             gateway.metrics.config_reloads.labels("failure").inc()
             gateway.last_reload_error = "; ".join(exc.errors)

@@ -1,0 +1,70 @@
+"""TLS on the TLS port: served, renewed without restart, expiry exported."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from pathlib import Path
+
+import yaml
+from cryptography import x509
+
+from apigw.testkit.certs import write_self_signed
+from apigw.testkit.process import GatewayProcess, ports
+from apigw.testkit.redis import free_port
+
+
+def served_certificate(port: int) -> x509.Certificate:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            der = tls.getpeercert(binary_form=True)
+    return x509.load_der_x509_certificate(der)
+
+
+def test_tls_served_and_renewed_without_restart(tmp_path: Path) -> None:
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    first = write_self_signed(cert, key, days=30)
+    port, metrics_port = ports()
+    tls_port = free_port()
+    config = tmp_path / "gw.yaml"
+    config.write_text(yaml.safe_dump({
+        "listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port, "tls_port": tls_port,
+                   "tls": {"cert_file": str(cert), "key_file": str(key)}},
+        "routes": [],
+    }))
+    with GatewayProcess(config, port, metrics_port) as gateway:
+        assert served_certificate(tls_port).serial_number == first.serial_number
+        assert _metric(gateway.metrics()) == first.not_valid_after_utc.timestamp()
+
+        second = write_self_signed(cert, key, days=90)
+        deadline = time.monotonic() + 10
+        while served_certificate(tls_port).serial_number != second.serial_number:
+            assert time.monotonic() < deadline, "renewed certificate not served"
+            time.sleep(0.1)
+        assert _metric(gateway.metrics()) == second.not_valid_after_utc.timestamp()
+        assert gateway.process is not None and gateway.process.poll() is None
+
+
+def test_validate_config_checks_certificate_files(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "bad.crt").write_text("not a certificate")
+    config = tmp_path / "gw.yaml"
+    config.write_text(yaml.safe_dump({"listen": {"tls": {"cert_file": str(tmp_path / "bad.crt"),
+                                                         "key_file": str(tmp_path / "missing.key")}}}))
+    result = subprocess.run([sys.executable, "-m", "apigw", "-validate-config", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"listen.tls.cert_file: {tmp_path / 'bad.crt'} is not a PEM certificate" in result.stderr
+
+
+def _metric(text: str) -> float:
+    for line in text.splitlines():
+        if line.startswith("gateway_tls_certificate_expiry_timestamp_seconds "):
+            return float(line.split()[1])
+    raise AssertionError("expiry metric missing")

@@ -326,19 +326,14 @@ def test_each_backend_gets_its_own_or_the_global_settings() -> None:
 def test_routes_sharing_a_backend_must_agree_on_its_breaker() -> None:
     text = """
 routes:
-  - name: a
-    match: {path_prefix: /a}
-    backend: {service: users, url: "http://users:8080"}
+  - {name: a, match: {path_prefix: /a}, backend: {service: users, url: "http://users:8080"}}
   - name: b
     match: {path_prefix: /b}
-    backend:
-      service: users
-      url: "http://users:8080"
-      circuit_breaker: {consecutive_failures: 2}
+    backend: {service: users, url: "http://users:8080", circuit_breaker: {consecutive_failures: 2}}
 """
     with pytest.raises(ConfigError) as caught:
         parse_documents({"config.yaml": text})
     assert caught.value.errors == [
-        "config.yaml:11: routes[1].backend.circuit_breaker: backend service 'users' has other circuit_breaker "
+        "config.yaml:6: routes[1].backend.circuit_breaker: backend service 'users' has other circuit_breaker "
         "settings in config.yaml routes[0]; routes sharing a backend must give the same"
     ]

@@ -238,8 +238,8 @@ class RetrySettings(Strict):
     """Retries of idempotent requests (GET, HEAD, OPTIONS, PUT, DELETE), bounded by a retry budget."""
 
     max_retries: Annotated[int, Field(ge=0)] = 1
-    """Attempts after the first; 0 turns retries off. A connection that failed before anything was sent
-    is always retriable."""
+    """Attempts after the first; 0 turns retries off. A connection that failed before any byte of the
+    request was sent is retried; a backend status only if `on_statuses` lists it."""
     on_statuses: list[Annotated[int, Field(ge=400, le=599)]] = []
     """Backend statuses retried as well, e.g. [503]."""
     budget_ratio: Annotated[float, Field(ge=0, le=1)] = 0.2

@@ -234,6 +234,20 @@ class RouteMatch(Strict):
         return self
 
 
+class RetrySettings(Strict):
+    """Retries of idempotent requests (GET, HEAD, OPTIONS, PUT, DELETE), bounded by a retry budget."""
+
+    max_retries: Annotated[int, Field(ge=0)] = 1
+    """Attempts after the first; 0 turns retries off. A connection that failed before any byte of the
+    request was sent is retried; a backend status only if `on_statuses` lists it."""
+    on_statuses: list[Annotated[int, Field(ge=400, le=599)]] = []
+    """Backend statuses retried as well, e.g. [503]."""
+    budget_ratio: Annotated[float, Field(ge=0, le=1)] = 0.2
+    """Retries may add at most this share to the backend's requests of the last 10 seconds..."""
+    min_retries_per_second: Annotated[int, Field(ge=0)] = 3
+    """...plus this many per second, so that a backend with little traffic can still be retried."""
+
+
 class Backend(Strict):
     service: Name
     """The backend's name in metrics and logs (`backend_service`), and its circuit breaker's key."""
@@ -241,6 +255,11 @@ class Backend(Strict):
     timeout: PositiveDuration = 30.0
     """Time to wait for the backend's response headers, and for each chunk of its body."""
     connect_timeout: PositiveDuration = 5.0
+    circuit_breaker: BreakerSettings | None = None
+    """Replaces the global `circuit_breaker` settings for this backend (settings left out take their
+    defaults, not the global values). Routes sharing the service must agree on it."""
+    retries: RetrySettings = RetrySettings()
+    """Routes sharing the service must agree on it: the retry budget is the backend's."""
 
 
 class RouteAuth(Strict):

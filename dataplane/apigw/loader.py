@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from apigw.config import Config, Policy, Route, RoutesDocument
+from apigw.config import Backend, Config, Policy, Route, RoutesDocument
 
 GLOBAL_FILE = "config.yaml"
 ROUTES_FILE = "routes.yaml"
@@ -166,7 +166,7 @@ def _check_references(
         policy_names.setdefault(policy.name, f"{file} policies[{i}]")
 
     route_names: dict[str, str] = {}
-    backend_urls: dict[str, tuple[str, str]] = {}
+    backends: dict[str, tuple[Backend, str]] = {}
     matches: dict[tuple[Any, ...], str] = {}
     for file, i, route in routes:
         here = f"{file} routes[{i}]"
@@ -176,12 +176,18 @@ def _check_references(
         if route.ratelimit is not None and route.ratelimit not in policy_names:
             known = ", ".join(sorted(policy_names)) or "none"
             errors.append(f"{where(file, 'routes', i, 'ratelimit')}: policy {route.ratelimit!r} is not defined (defined: {known})")
-        service, url = route.backend.service, str(route.backend.url)
-        seen = backend_urls.setdefault(service, (url, here))
-        if seen[0] != url:
+        backend = route.backend
+        first, first_at = backends.setdefault(backend.service, (backend, here))
+        if first.url != backend.url:
             errors.append(
-                f"{where(file, 'routes', i, 'backend', 'url')}: backend service {service!r} already has url {seen[0]} in {seen[1]}"
+                f"{where(file, 'routes', i, 'backend', 'url')}: backend service {backend.service!r} already has url {first.url} in {first_at}"
             )
+        for setting in ("circuit_breaker", "retries"):
+            if getattr(first, setting) != getattr(backend, setting):
+                errors.append(
+                    f"{where(file, 'routes', i, 'backend', setting)}: backend service {backend.service!r} has other "
+                    f"{setting} settings in {first_at}; routes sharing a backend must give the same"
+                )
         if not route.enabled:
             continue
         m = route.match

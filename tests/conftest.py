@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestClient
 from apigw.loader import parse_documents
 from apigw.metrics import Metrics
 from apigw.server import traffic_app
-from apigw.state import Gateway, build_state
+from apigw.state import Gateway
 from apigw.testkit.backend import Backend
 from apigw.testkit.redis import RedisServer
 
@@ -34,7 +34,7 @@ def gateway_client(aiohttp_client):
     """Factory: an in-process gateway (the real traffic app) for a config dict, and an HTTP client to it."""
 
     async def make(config: dict[str, Any]) -> TestClient:
-        gateway = Gateway(build_state(parse_documents({"config.yaml": yaml.safe_dump(config)})), Metrics())
+        gateway = Gateway.create(parse_documents({"config.yaml": yaml.safe_dump(config)}), Metrics())
         client = await aiohttp_client(traffic_app(gateway))
         return client
 

@@ -10,7 +10,7 @@ import yaml
 from apigw.loader import parse_documents
 from apigw.metrics import Metrics
 from apigw.server import traffic_app
-from apigw.state import Gateway, build_state
+from apigw.state import Gateway
 from apigw.testkit.backend import Backend
 
 
@@ -21,7 +21,7 @@ async def gateway_port(aiohttp_server, backend: Backend) -> int:
         {"name": "admin", "match": {"path_prefix": "/admin"}, "backend": {"service": "echo", "url": backend.url},
          "rewrite_prefix": "/internal-admin"},
     ]}
-    gateway = Gateway(build_state(parse_documents({"config.yaml": yaml.safe_dump(config)})), Metrics())
+    gateway = Gateway.create(parse_documents({"config.yaml": yaml.safe_dump(config)}), Metrics())
     server = await aiohttp_server(traffic_app(gateway))
     return server.port
 

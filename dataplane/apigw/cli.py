@@ -15,7 +15,7 @@ from apigw.config import config_hash
 from apigw.loader import ConfigError, load_config
 from apigw.logs import setup_logging
 from apigw.metrics import Metrics
-from apigw.state import build_state
+from apigw.state import Gateway
 from apigw.tls import ServerTLS
 
 DEFAULT_CONFIG = "/etc/gateway/"
@@ -56,7 +56,7 @@ def validate(path: Path) -> int:
     """Print a one-line summary and return 0, or every located error and return 1."""
     try:
         config = load_config(path)
-        build_state(config)  # reads every file the config names, as the gateway would at start
+        Gateway.create(config, Metrics())  # reads every file the config names, as the gateway would at start
         if config.listen.tls is not None:
             ServerTLS(config.listen.tls, Metrics())
     except ConfigError as exc:

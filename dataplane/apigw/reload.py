@@ -61,7 +61,7 @@ class Reloader:
         old = gateway.state
         try:
             config = load_config(self.path)
-            state = build_state(config, previous=old)
+            state = build_state(config, gateway.shared)
             if self.tls is not None and config.listen.tls is not None:
                 self.tls.load(config.listen.tls)
         except ConfigError as exc:

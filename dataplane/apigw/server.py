@@ -19,7 +19,7 @@ from apigw.loader import ConfigError, load_config
 from apigw.metrics import Metrics
 from apigw.pipeline import handle
 from apigw.reload import Reloader
-from apigw.state import GATEWAY, Gateway, build_state
+from apigw.state import GATEWAY, Gateway
 from apigw.tls import ServerTLS
 
 log = logging.getLogger("apigw.server")
@@ -70,7 +70,7 @@ async def serve(config_path: Path) -> int:
     try:
         config = load_config(config_path)
         metrics = Metrics()
-        gateway = Gateway(build_state(config), metrics)
+        gateway = Gateway.create(config, metrics)
         tls = ServerTLS(config.listen.tls, metrics) if config.listen.tls else None
     except ConfigError as exc:
         log.error("config %s is invalid: %d error(s)", config_path, len(exc.errors), extra={"fields": {"errors": exc.errors}})

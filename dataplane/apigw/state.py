@@ -7,14 +7,19 @@ new `GatewayState` and swaps `Gateway.state`; requests already running keep the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
 
-from apigw.config import Config, Route, config_hash
+import time
+from collections.abc import Callable
+
+from apigw.breaker import Breakers, CircuitBreaker, breaker_settings
+from apigw.config import Config, RetrySettings, Route, config_hash
 from apigw.metrics import Metrics
 from apigw.proxy import Upstream
+from apigw.retry import RetryBudget, RetryBudgets
 from apigw.routing import Router
 
 
@@ -28,6 +33,9 @@ class CompiledRoute:
     max_body: int
     rewrite: tuple[str, str] | None
     """(matched prefix, replacement) when the route rewrites the path."""
+    breaker: CircuitBreaker
+    retries: RetrySettings
+    retry_budget: RetryBudget
 
     def backend_path(self, path: str) -> str:
         if self.rewrite is None:
@@ -47,20 +55,33 @@ class GatewayState:
     upstreams: dict[tuple[str, str], Upstream]
 
 
-def build_state(config: Config, previous: GatewayState | None = None) -> GatewayState:
-    """Compile `config`; backend pools of `previous` whose service and URL are unchanged are kept."""
+class Shared:
+    """What outlives a config: backend pools, breakers and retry budgets of unchanged backends."""
+
+    def __init__(self, metrics: Metrics, clock: Callable[[], float] = time.monotonic):
+        self.metrics = metrics
+        self.breakers = Breakers(metrics.breaker_state, clock)
+        self.budgets = RetryBudgets(clock)
+        self.upstreams: dict[tuple[str, str], Upstream] = {}
+
+
+def build_state(config: Config, shared: Shared) -> GatewayState:
+    """Compile `config` into ready objects, reusing what `shared` holds for unchanged backends."""
+    enabled = [route for route in config.routes if route.enabled]
+    shared.breakers.update(breaker_settings(config))
+    shared.budgets.update({route.backend.service: route.backend.retries for route in enabled})
     upstreams: dict[tuple[str, str], Upstream] = {}
-    kept = previous.upstreams if previous else {}
     compiled: list[tuple[Route, CompiledRoute]] = []
-    for route in config.routes:
+    for route in enabled:
         key = (route.backend.service, str(route.backend.url))
-        upstream = upstreams.get(key) or kept.get(key) or Upstream(route.backend)
+        upstream = upstreams.get(key) or shared.upstreams.get(key) or Upstream(route.backend)
         upstreams[key] = upstream
-        compiled.append((route, _compile(route, upstream, config)))
+        compiled.append((route, _compile(route, upstream, config, shared)))
+    shared.upstreams = upstreams
     return GatewayState(config, config_hash(config), Router(compiled), upstreams)
 
 
-def _compile(route: Route, upstream: Upstream, config: Config) -> CompiledRoute:
+def _compile(route: Route, upstream: Upstream, config: Config, shared: Shared) -> CompiledRoute:
     backend = route.backend
     matched = route.match.path_prefix or route.match.path
     return CompiledRoute(
@@ -69,6 +90,9 @@ def _compile(route: Route, upstream: Upstream, config: Config) -> CompiledRoute:
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=backend.connect_timeout, sock_read=backend.timeout),
         max_body=int(route.max_body_size if route.max_body_size is not None else config.limits.max_body_size),
         rewrite=(matched.rstrip("/") if matched != "/" else "", route.rewrite_prefix) if route.rewrite_prefix else None,
+        breaker=shared.breakers[backend.service],
+        retries=backend.retries,
+        retry_budget=shared.budgets[backend.service],
     )
 
 
@@ -77,10 +101,18 @@ class Gateway:
     """The process-wide handle: the state in force, metrics, and the lifecycle flags health reports."""
 
     state: GatewayState
-    metrics: Metrics
+    shared: Shared
     draining: bool = False
     last_reload_error: str | None = None
-    retired: list[Upstream] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, config: Config, metrics: Metrics) -> Gateway:
+        shared = Shared(metrics)
+        return cls(build_state(config, shared), shared)
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.shared.metrics
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

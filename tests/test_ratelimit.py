@@ -22,6 +22,7 @@ from apigw.errors import GatewayError
 from apigw.metrics import Metrics
 from apigw.ratelimit import (
     Decision,
+    Limiter,
     LimitRule,
     MemoryLimiter,
     RedisLimiter,
@@ -49,7 +50,7 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float:
 class Harness:
     """A limiter and a way to let time pass for it."""
 
-    def __init__(self, limiter: MemoryLimiter | RedisLimiter, metrics: Metrics, advance: Callable[[float], Awaitable[None]]):
+    def __init__(self, limiter: Limiter, metrics: Metrics, advance: Callable[[float], Awaitable[None]]):
         self.limiter = limiter
         self.metrics = metrics
         self.advance = advance
@@ -317,7 +318,8 @@ async def test_stopped_then_started_again(redis_server: RedisServer) -> None:
 
 def test_limit_key_by_client_ip_header_or_claim() -> None:
     headers = CIMultiDict({"X-Api-Key": "secret-key-1"})
-    by_ip, by_header, by_claim = LimitKey(), LimitKey(type="header", name="x-api-key"), LimitKey(type="claim", name="sub")
+    by_ip, by_claim = LimitKey(), LimitKey(type="claim", name="sub")
+    by_header = LimitKey(type="header", name="x-api-key")
     assert limit_key(by_ip, "10.0.0.1", headers, {"sub": "alice"}) == "ip:10.0.0.1"
     header_key = limit_key(by_header, "10.0.0.1", headers, None)
     assert header_key.startswith("header:") and "secret" not in header_key

@@ -1,0 +1,281 @@
+"""Rate limiting with GCRA, shared by all replicas through one Lua script in Redis, or kept in-process.
+
+GCRA (generic cell rate algorithm) keeps one number per bucket: its theoretical arrival time (TAT), the
+moment the bucket would be full again. A policy of `requests` per `period` plus `burst` lets
+`requests + burst` requests through at once, then one every `period / requests`. There are no windows,
+so no window edge where a second full allowance opens: within any span of w seconds at most
+`limit - 1 + ceil(w / interval)` requests pass (`limit` = requests + burst), and never more than `limit`
+within one interval.
+
+Times are integer microseconds: Redis `TIME` gives them, and they stay exact in Lua's doubles. The Redis
+limiter reads the Redis server's clock, so replicas with skewed clocks agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from apigw.config import Config, FailureMode, LimitKey, Policy, RedisConfig
+from apigw.errors import GatewayError
+from apigw.metrics import Metrics
+
+log = logging.getLogger("apigw.ratelimit")
+
+SLOW_DECISION = 0.05
+"""A decision slower than this (seconds) is logged with its duration."""
+
+_MICROS = 1_000_000
+_READABLE_KEY = re.compile(r"[A-Za-z0-9._:@-]{1,80}").fullmatch
+
+GCRA_LUA = """
+-- KEYS[1]: the bucket. ARGV[1]: interval between requests, ARGV[2]: limit * interval (microseconds).
+-- Returns {allowed 1|0, microseconds until the bucket is full, microseconds until a request may pass}.
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local interval = tonumber(ARGV[1])
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now then tat = now end
+local allow_at = tat + interval - tonumber(ARGV[2])
+if now < allow_at then
+  return {0, tat - now, allow_at - now}
+end
+tat = tat + interval
+redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000))
+return {1, tat - now, 0}
+"""
+# `string.format`: Redis would turn a number argument into text with 14 significant digits, too few.
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One rate limit decision, in the terms of the `RateLimit-*` headers."""
+
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_after: float
+    """Seconds until the full budget is back."""
+    retry_after: float = 0.0
+    """Seconds until a request would be allowed; 0 when allowed."""
+    degraded: bool = False
+    """The limiter failed and `fail_open` let the request through: nothing is known about the budget."""
+
+    def headers(self) -> dict[str, str]:
+        """`RateLimit-Limit/-Remaining/-Reset` (IETF draft, integer seconds), and `Retry-After` when denied."""
+        if self.degraded:
+            return {}
+        headers = {
+            "RateLimit-Limit": str(self.limit),
+            "RateLimit-Remaining": str(self.remaining),
+            "RateLimit-Reset": str(math.ceil(self.reset_after)),
+        }
+        if not self.allowed:
+            headers["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
+        return headers
+
+    def error(self) -> GatewayError:
+        """The 429 answer to a denied request."""
+        retry = max(1, math.ceil(self.retry_after))
+        return GatewayError(429, "rate_limited", f"rate limit exceeded, retry in {retry} s", self.headers())
+
+
+@dataclass(frozen=True, slots=True)
+class LimitRule:
+    """A policy's constants, computed once at config load: the hot path only reads them."""
+
+    policy: str
+    key: LimitKey
+    limit: int
+    """Requests allowed at once: `requests + burst`."""
+    interval: int
+    """Microseconds between requests at the steady rate, `period / requests`."""
+    capacity: int
+    """`limit * interval`: how far ahead of now a bucket's TAT may run."""
+    prefix: str
+
+    @classmethod
+    def from_policy(cls, policy: Policy) -> LimitRule:
+        limit = policy.requests + policy.burst
+        interval = max(1, round(policy.period * _MICROS / policy.requests))
+        return cls(policy.name, policy.key, limit, interval, limit * interval, f"ratelimit:{policy.name}:")
+
+    def bucket(self, key: str) -> str:
+        """The Redis key of a bucket. A long or odd key is hashed, so a hostile value cannot bloat Redis."""
+        if _READABLE_KEY(key):
+            return self.prefix + key
+        return self.prefix + "#" + _digest(key)
+
+    def decision(self, allowed: bool, full_in: int, retry_in: int) -> Decision:
+        remaining = max(0, (self.capacity - full_in) // self.interval)
+        return Decision(allowed, self.limit, remaining, full_in / _MICROS, retry_in / _MICROS)
+
+
+def gcra(rule: LimitRule, tat: int | None, now: int) -> tuple[bool, int, int]:
+    """One decision, as the Lua script makes it: (allowed, the bucket's new TAT, microseconds to wait)."""
+    if tat is None or tat < now:
+        tat = now
+    allow_at = tat + rule.interval - rule.capacity
+    if now < allow_at:
+        return False, tat, allow_at - now
+    return True, tat + rule.interval, 0
+
+
+def limit_key(key: LimitKey, client_ip: str, headers: Mapping[str, str], claims: Mapping[str, Any] | None) -> str:
+    """Whose budget a request spends: its client IP, a header's value, or a JWT claim.
+
+    Without the header or claim a request spends its client IP's budget: one shared bucket for all such
+    requests would let a single client starve the others. Header values are hashed because they may be
+    credentials (API keys) and Redis keys are read by people.
+    """
+    if key.type == "header":
+        value = headers.get(key.name)  # type: ignore[arg-type]
+        if value:
+            return "header:" + _digest(value)
+    elif key.type == "claim" and claims:
+        value = claims.get(key.name)  # type: ignore[arg-type]
+        if value is not None and value != "":
+            return f"claim:{value}"
+    return f"ip:{client_ip}"
+
+
+def _digest(value: str) -> str:
+    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+class Limiter(Protocol):
+    async def check(self, rule: LimitRule, key: str) -> Decision: ...
+
+
+class _Recorder:
+    """Counts and times decisions (`decision` label: allowed, limited or error) and logs slow ones."""
+
+    def __init__(self, metrics: Metrics, slow: float):
+        self._metrics = metrics
+        self._slow = slow
+        self._counters: dict[tuple[str, str], Any] = {}
+
+    def record(self, policy: str, outcome: str, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        self._metrics.ratelimit_duration.observe(elapsed)
+        counter = self._counters.get((policy, outcome))
+        if counter is None:
+            counter = self._counters[policy, outcome] = self._metrics.ratelimit_requests.labels(policy, outcome)
+        counter.inc()
+        if elapsed > self._slow and outcome != "error":
+            duration_ms = round(elapsed * 1000, 1)
+            log.warning(
+                "ratelimit slow decision: duration_ms=%s policy=%s", duration_ms, policy,
+                extra={"fields": {"policy": policy, "duration_ms": duration_ms}},
+            )
+
+
+class RedisLimiter:
+    """GCRA in Redis: one EVALSHA per decision (redis-py loads the script again after a NOSCRIPT)."""
+
+    def __init__(
+        self, redis: Redis, metrics: Metrics, failure_mode: FailureMode, timeout: float, slow: float = SLOW_DECISION
+    ):
+        self._script = redis.register_script(GCRA_LUA)
+        self._metrics = metrics
+        self._failure_mode = failure_mode
+        self._timeout = timeout
+        self._recorder = _Recorder(metrics, slow)
+
+    async def check(self, rule: LimitRule, key: str) -> Decision:
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self._timeout):
+                allowed, full_in, retry_in = await self._script(
+                    keys=[rule.bucket(key)], args=[rule.interval, rule.capacity]
+                )
+        except (RedisError, OSError, TimeoutError) as error:
+            self._recorder.record(rule.policy, "error", started)
+            return self._failed(rule, error)
+        decision = rule.decision(allowed == 1, full_in, retry_in)
+        self._recorder.record(rule.policy, "allowed" if allowed else "limited", started)
+        return decision
+
+    def _failed(self, rule: LimitRule, error: Exception) -> Decision:
+        """Count and log the error, then let the request through or answer 503, as `failure_mode` says."""
+        self._metrics.ratelimit_errors.inc()
+        self._metrics.redis_errors.labels(operation="ratelimit").inc()
+        if isinstance(error, TimeoutError):
+            reason = f"timeout after {self._timeout:g} s"
+        else:
+            reason = f"{type(error).__name__}: {error}"
+        log.error(
+            "ratelimit error: %s; %s", reason, self._failure_mode.value,
+            extra={"fields": {"policy": rule.policy, "error": reason, "failure_mode": self._failure_mode.value}},
+        )
+        if self._failure_mode is FailureMode.fail_closed:
+            raise GatewayError(503, "ratelimit_unavailable", "rate limiter unavailable") from error
+        return Decision(True, rule.limit, 0, 0.0, degraded=True)
+
+
+class MemoryLimiter:
+    """The same GCRA with in-process state: per replica, for `gateway demo` and configs without Redis."""
+
+    def __init__(self, clock: Callable[[], float], metrics: Metrics, slow: float = SLOW_DECISION):
+        self._clock = clock
+        self._tats: dict[str, int] = {}
+        self._sweep_at = 1024
+        self._recorder = _Recorder(metrics, slow)
+
+    async def check(self, rule: LimitRule, key: str) -> Decision:
+        started = time.perf_counter()
+        now = round(self._clock() * _MICROS)
+        bucket = rule.bucket(key)
+        allowed, tat, retry_in = gcra(rule, self._tats.get(bucket), now)
+        self._tats[bucket] = tat
+        if len(self._tats) >= self._sweep_at:
+            self._sweep(now)
+        decision = rule.decision(allowed, tat - now, retry_in)
+        self._recorder.record(rule.policy, "allowed" if allowed else "limited", started)
+        return decision
+
+    def _sweep(self, now: int) -> None:
+        """Forget full buckets (TAT passed), as Redis expires them; amortised over the inserts since the last sweep."""
+        self._tats = {bucket: tat for bucket, tat in self._tats.items() if tat > now}
+        self._sweep_at = max(1024, 2 * len(self._tats))
+
+
+def redis_client(settings: RedisConfig) -> Redis:
+    """A client as the limiter needs it: bounded socket timeouts; a pool of `pool_size` connections where a
+    request waits for a free one (an unbounded pool would only open connections until Redis refuses); one
+    retry on a dropped connection, so that the pooled connections a Redis restart killed are replaced
+    without failing a request each."""
+    pool = BlockingConnectionPool.from_url(
+        settings.url,
+        max_connections=settings.pool_size,
+        timeout=settings.timeout,
+        socket_timeout=settings.timeout,
+        socket_connect_timeout=settings.connect_timeout,
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+    )
+    return Redis.from_pool(pool)
+
+
+def build_limiter(config: Config, metrics: Metrics, redis: Redis | None) -> Limiter | None:
+    """The limiter a config asks for: none when `ratelimit.enabled` is false, Redis-backed when `redis` is
+    configured (pass the client built from `config.redis`), else in-process."""
+    if not config.ratelimit.enabled:
+        return None
+    if config.redis is None:
+        return MemoryLimiter(time.monotonic, metrics)
+    if redis is None:
+        raise ValueError("config.redis is set: pass the Redis client built from it")
+    return RedisLimiter(redis, metrics, config.ratelimit.failure_mode, config.redis.timeout)

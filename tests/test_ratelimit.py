@@ -1,0 +1,355 @@
+"""The rate limiter against a real redis-server, and its in-process twin against the same table.
+
+Time in the Redis tests: GCRA only compares a bucket's stored arrival time (TAT) with now, so moving every
+stored TAT back by d is what d seconds passing would do. That lets both limiters run the same timed
+scenarios without sleeps; the Redis clock still moves by the milliseconds the test takes, which the
+scenarios leave room for (their intervals are seconds long).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from multidict import CIMultiDict
+from redis.asyncio import Redis
+
+from apigw.config import Config, FailureMode, LimitKey, Policy, RedisConfig
+from apigw.errors import GatewayError
+from apigw.metrics import Metrics
+from apigw.ratelimit import (
+    Decision,
+    Limiter,
+    LimitRule,
+    MemoryLimiter,
+    RedisLimiter,
+    build_limiter,
+    limit_key,
+    redis_client,
+)
+from apigw.testkit.redis import RedisServer
+
+IP = "ip:10.0.0.1"
+
+
+def rule(requests: int, period: float, burst: int = 0, name: str = "p") -> LimitRule:
+    return LimitRule.from_policy(Policy(name=name, requests=requests, period=period, burst=burst))
+
+
+def client(server: RedisServer, timeout: float = 1.0) -> Redis:
+    return redis_client(RedisConfig(url=server.url, timeout=timeout, connect_timeout=timeout, pool_size=8))
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+class Harness:
+    """A limiter and a way to let time pass for it."""
+
+    def __init__(self, limiter: Limiter, metrics: Metrics, advance: Callable[[float], Awaitable[None]]):
+        self.limiter = limiter
+        self.metrics = metrics
+        self.advance = advance
+
+    async def burst(self, limit_rule: LimitRule, count: int, key: str = IP) -> list[Decision]:
+        return [await self.limiter.check(limit_rule, key) for _ in range(count)]
+
+
+@pytest.fixture
+async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    r = client(redis_server)
+    yield r
+    await r.aclose()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    if request.param == "memory":
+        now = [1_000.0]
+
+        async def tick(seconds: float) -> None:
+            now[0] += seconds
+
+        metrics = Metrics()
+        yield Harness(MemoryLimiter(lambda: now[0], metrics), metrics, tick)
+        return
+    with RedisServer() as server:
+        r = client(server)
+
+        async def shift(seconds: float) -> None:
+            async for bucket in r.scan_iter("ratelimit:*"):
+                tat = int(await r.get(bucket))
+                await r.set(bucket, tat - round(seconds * 1_000_000), keepttl=True)
+
+        metrics = Metrics()
+        yield Harness(RedisLimiter(r, metrics, FailureMode.fail_open, timeout=2.0), metrics, shift)
+        await r.aclose()
+
+
+# (policy: requests, period, burst), then steps: (seconds to let pass, checks, how many are allowed)
+SCENARIOS = {
+    "the limit at once, then denied": ((5, 3600, 0), [(0, 8, 5)]),
+    "burst on top, then the steady rate": ((3, 3600, 2), [(0, 7, 5), (1800, 3, 1), (1200, 3, 1), (6000, 9, 5)]),
+    "no second allowance at a fixed-window edge": ((10, 60, 0), [(59, 12, 10), (2, 10, 0), (5, 10, 1)]),
+    "one per interval once spent": ((4, 8, 0), [(0, 5, 4), (1, 1, 0), (1, 1, 1), (1, 1, 0), (1, 1, 1), (9, 5, 4)]),
+}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+async def test_allowance_over_time(harness: Harness, scenario: str) -> None:
+    (requests, period, burst), steps = SCENARIOS[scenario]
+    limit_rule = rule(requests, period, burst)
+    for seconds, checks, allowed in steps:
+        await harness.advance(seconds)
+        decisions = await harness.burst(limit_rule, checks)
+        assert [d.allowed for d in decisions] == [True] * allowed + [False] * (checks - allowed)
+
+
+async def test_no_window_holds_more_than_the_burst_plus_the_steady_rate(harness: Harness) -> None:
+    """Clients hammering for 3 periods: at most `limit` pass within one interval, and within any span w at
+    most limit - 1 + ceil(w / interval): no edge where a fixed window would let a second `limit` through."""
+    limit_rule = rule(requests=4, period=8, burst=1)  # limit 5, one every 2 s
+    passed: list[float] = []
+    for step in range(48):
+        t = step * 0.5
+        passed += [t for d in await harness.burst(limit_rule, 3) if d.allowed]
+        await harness.advance(0.5)
+    assert len(passed) == 5 + 11  # the burst, then one every 2 s from t=2 to t=22
+    for span in (0.5, 1.5, 2, 7.5, 8, 16):
+        most = max(sum(1 for p in passed if start <= p < start + span) for start in passed)
+        assert most <= 5 - 1 + math.ceil(span / 2)
+
+
+async def test_headers_of_allowed_and_denied_decisions(harness: Harness) -> None:
+    decisions = await harness.burst(rule(requests=5, period=3600), 6)  # one request every 720 s
+    assert decisions[0].headers() == {"RateLimit-Limit": "5", "RateLimit-Remaining": "4", "RateLimit-Reset": "720"}
+    assert decisions[1].headers()["RateLimit-Remaining"] == "3"
+    assert decisions[4].headers() == {"RateLimit-Limit": "5", "RateLimit-Remaining": "0", "RateLimit-Reset": "3600"}
+    denied = decisions[5]
+    assert not denied.allowed and denied.remaining == 0
+    assert 719 < denied.retry_after <= 720
+    assert denied.headers() == {
+        "RateLimit-Limit": "5", "RateLimit-Remaining": "0", "RateLimit-Reset": "3600", "Retry-After": "720",
+    }
+    error = denied.error()
+    assert (error.status, error.error_type, error.headers["Retry-After"]) == (429, "rate_limited", "720")
+
+
+async def test_retry_after_is_at_least_one_second(harness: Harness) -> None:
+    limit_rule = rule(requests=2, period=1)  # one every 500 ms
+    denied = (await harness.burst(limit_rule, 3))[-1]
+    assert not denied.allowed and 0 < denied.retry_after <= 0.5
+    assert denied.headers()["Retry-After"] == "1"
+
+
+async def test_keys_and_policies_have_their_own_budgets(harness: Harness) -> None:
+    first, second = rule(2, 3600, name="first"), rule(2, 3600, name="second")
+    assert [d.allowed for d in await harness.burst(first, 3)] == [True, True, False]
+    assert [d.allowed for d in await harness.burst(first, 3, key="ip:10.0.0.2")] == [True, True, False]
+    assert [d.allowed for d in await harness.burst(second, 3)] == [True, True, False]
+
+
+async def test_buckets_live_under_ratelimit_and_expire_when_full(redis: Redis) -> None:
+    limiter = RedisLimiter(redis, Metrics(), FailureMode.fail_open, timeout=2.0)
+    limit_rule = rule(requests=5, period=3600)
+    await limiter.check(limit_rule, IP)
+    assert [k async for k in redis.scan_iter("*")] == [b"ratelimit:p:ip:10.0.0.1"]
+    assert 719_000 < await redis.pttl("ratelimit:p:ip:10.0.0.1") <= 720_000
+    for _ in range(5):
+        await limiter.check(limit_rule, IP)
+    assert 3_599_000 < await redis.pttl("ratelimit:p:ip:10.0.0.1") <= 3_600_000
+
+
+async def test_a_hostile_key_cannot_bloat_redis(redis: Redis) -> None:
+    limiter = RedisLimiter(redis, Metrics(), FailureMode.fail_open, timeout=2.0)
+    limit_rule = rule(requests=1, period=3600)
+    hostile = "claim:" + "x" * 100_000
+    assert (await limiter.check(limit_rule, hostile)).allowed
+    assert not (await limiter.check(limit_rule, hostile)).allowed
+    assert (await limiter.check(limit_rule, "claim:\udcff \n*\r\n")).allowed
+    keys = [k async for k in redis.scan_iter("ratelimit:*")]
+    assert len(keys) == 2 and all(len(k) <= len("ratelimit:p:#") + 32 for k in keys)
+
+
+async def test_the_runbooks_scan_and_del_resets_the_limits(redis: Redis) -> None:
+    limiter = RedisLimiter(redis, Metrics(), FailureMode.fail_open, timeout=2.0)
+    limit_rule = rule(requests=3, period=3600)
+    for key in (IP, "ip:10.0.0.2"):
+        assert [d.allowed for d in [await limiter.check(limit_rule, key) for _ in range(4)]][-1] is False
+    await redis.set("other", "kept")
+    # redis-cli --scan --pattern "ratelimit:*" | xargs redis-cli DEL
+    await redis.delete(*[k async for k in redis.scan_iter(match="ratelimit:*")])
+    decision = await limiter.check(limit_rule, IP)
+    assert decision.allowed and decision.remaining == 2
+    assert await redis.get("other") == b"kept"
+
+
+async def test_two_replicas_together_allow_the_limit(redis_server: RedisServer) -> None:
+    """Two clients (as two gateway replicas would hold) race 800 checks on one bucket."""
+    replicas = [client(redis_server, timeout=5.0), client(redis_server, timeout=5.0)]
+    metrics = Metrics()
+    limiters = [RedisLimiter(r, metrics, FailureMode.fail_closed, timeout=5.0) for r in replicas]
+    limit_rule = rule(requests=300, period=3600)  # a refill every 12 s: none during the test
+    decisions = await asyncio.gather(*[limiters[i % 2].check(limit_rule, IP) for i in range(800)])
+    allowed = sum(d.allowed for d in decisions)
+    assert abs(allowed - 300) <= max(1, 300 // 100)
+    assert sample(metrics, "gateway_ratelimit_requests_total", policy="p", decision="allowed") == allowed
+    assert sample(metrics, "gateway_ratelimit_requests_total", policy="p", decision="limited") == 800 - allowed
+    for r in replicas:
+        await r.aclose()
+
+
+async def test_decisions_are_counted_and_timed(harness: Harness) -> None:
+    await harness.burst(rule(requests=2, period=3600), 3)
+    metrics = harness.metrics
+    assert sample(metrics, "gateway_ratelimit_requests_total", policy="p", decision="allowed") == 2
+    assert sample(metrics, "gateway_ratelimit_requests_total", policy="p", decision="limited") == 1
+    assert sample(metrics, "gateway_ratelimit_duration_seconds_count") == 3
+
+
+async def test_a_slow_decision_is_logged_with_its_duration(redis: Redis, caplog: pytest.LogCaptureFixture) -> None:
+    limiter = RedisLimiter(redis, Metrics(), FailureMode.fail_open, timeout=2.0, slow=0.0)
+    with caplog.at_level(logging.WARNING, logger="apigw.ratelimit"):
+        await limiter.check(rule(requests=2, period=3600), IP)
+    [record] = caplog.records
+    assert "ratelimit" in record.getMessage() and "duration" in record.getMessage()
+    assert record.fields["policy"] == "p" and record.fields["duration_ms"] >= 0  # type: ignore[attr-defined]
+
+
+# --- faults: a real redis-server stopped, paused (SIGSTOP) and restarted ------------------------
+
+
+async def checks_during(
+    server: RedisServer, fault: str, failure_mode: FailureMode, caplog: pytest.LogCaptureFixture
+) -> tuple[list[Decision | GatewayError], Metrics]:
+    """Three decisions while Redis suffers `fault`, each bounded by 5 s (a hang fails the test)."""
+    r = client(server, timeout=0.25)
+    metrics = Metrics()
+    limiter = RedisLimiter(r, metrics, failure_mode, timeout=0.25)
+    limit_rule = rule(requests=5, period=3600)
+    assert (await limiter.check(limit_rule, IP)).allowed
+    getattr(server, fault)()
+    outcomes: list[Decision | GatewayError] = []
+    with caplog.at_level(logging.ERROR, logger="apigw.ratelimit"):
+        for _ in range(3):
+            try:
+                outcomes.append(await asyncio.wait_for(limiter.check(limit_rule, IP), 5))
+            except GatewayError as error:
+                outcomes.append(error)
+    if fault == "pause":
+        server.resume()
+    await r.aclose()
+    return outcomes, metrics
+
+
+@pytest.mark.parametrize("fault", ["stop", "pause"])
+async def test_fail_open_lets_requests_through_and_counts_errors(
+    redis_server: RedisServer, fault: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    outcomes, metrics = await checks_during(redis_server, fault, FailureMode.fail_open, caplog)
+    for decision in outcomes:
+        assert isinstance(decision, Decision)
+        assert decision.allowed and decision.degraded and decision.headers() == {}
+    assert sample(metrics, "gateway_ratelimit_errors_total") == 3
+    assert sample(metrics, "gateway_redis_errors_total", operation="ratelimit") == 3
+    assert sample(metrics, "gateway_ratelimit_requests_total", policy="p", decision="error") == 3
+    records = [r for r in caplog.records if r.name == "apigw.ratelimit"]
+    assert len(records) == 3
+    for record in records:
+        assert "ratelimit" in record.getMessage() and "error" in record.getMessage()
+        assert record.fields["failure_mode"] == "fail_open"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("fault", ["stop", "pause"])
+async def test_fail_closed_answers_503(redis_server: RedisServer, fault: str, caplog: pytest.LogCaptureFixture) -> None:
+    outcomes, metrics = await checks_during(redis_server, fault, FailureMode.fail_closed, caplog)
+    for error in outcomes:
+        assert isinstance(error, GatewayError)
+        assert (error.status, error.error_type) == (503, "ratelimit_unavailable")
+    assert sample(metrics, "gateway_ratelimit_errors_total") == 3
+    assert len([r for r in caplog.records if r.name == "apigw.ratelimit"]) == 3
+
+
+async def test_recovers_after_a_pause_without_a_new_client(redis_server: RedisServer) -> None:
+    r = client(redis_server, timeout=0.25)
+    limiter = RedisLimiter(r, Metrics(), FailureMode.fail_closed, timeout=0.25)
+    limit_rule = rule(requests=5, period=3600)
+    assert (await limiter.check(limit_rule, IP)).allowed
+    redis_server.pause()
+    with pytest.raises(GatewayError):
+        await asyncio.wait_for(limiter.check(limit_rule, IP), 5)
+    redis_server.resume()
+    decision = await limiter.check(limit_rule, IP)
+    assert decision.allowed and not decision.degraded
+    await r.aclose()
+
+
+async def test_recovers_after_a_restart_and_reloads_the_script(redis_server: RedisServer) -> None:
+    """A restart drops every pooled connection and the script cache; no decision fails for it."""
+    r = client(redis_server, timeout=0.25)
+    limiter = RedisLimiter(r, Metrics(), FailureMode.fail_closed, timeout=0.25)
+    limit_rule = rule(requests=5, period=3600)
+    await asyncio.gather(*[limiter.check(limit_rule, IP) for _ in range(6)])  # several pooled connections
+    redis_server.restart()
+    decisions = await asyncio.gather(*[limiter.check(limit_rule, IP) for _ in range(6)])
+    assert sorted(d.allowed for d in decisions) == [False] + [True] * 5  # state went with the restart
+    assert await r.script_exists(limiter._script.sha) == [True]
+    await r.aclose()
+
+
+async def test_stopped_then_started_again(redis_server: RedisServer) -> None:
+    r = client(redis_server, timeout=0.25)
+    limiter = RedisLimiter(r, Metrics(), FailureMode.fail_open, timeout=0.25)
+    limit_rule = rule(requests=5, period=3600)
+    redis_server.stop()
+    assert (await asyncio.wait_for(limiter.check(limit_rule, IP), 5)).degraded
+    redis_server.start()
+    decision = await limiter.check(limit_rule, IP)
+    assert decision.allowed and not decision.degraded and decision.remaining == 4
+    await r.aclose()
+
+
+# --- keys, wiring, in-process state ---------------------------------------------------------------
+
+
+def test_limit_key_by_client_ip_header_or_claim() -> None:
+    headers = CIMultiDict({"X-Api-Key": "secret-key-1"})
+    by_ip, by_claim = LimitKey(), LimitKey(type="claim", name="sub")
+    by_header = LimitKey(type="header", name="x-api-key")
+    assert limit_key(by_ip, "10.0.0.1", headers, {"sub": "alice"}) == "ip:10.0.0.1"
+    header_key = limit_key(by_header, "10.0.0.1", headers, None)
+    assert header_key.startswith("header:") and "secret" not in header_key
+    assert header_key != limit_key(by_header, "10.0.0.1", CIMultiDict({"X-Api-Key": "secret-key-2"}), None)
+    assert limit_key(by_claim, "10.0.0.1", headers, {"sub": "alice"}) == "claim:alice"
+
+
+@pytest.mark.parametrize("claims", [None, {}, {"sub": ""}, {"sub": None}])
+def test_a_missing_header_or_claim_spends_the_client_ips_budget(claims: dict[str, object] | None) -> None:
+    assert limit_key(LimitKey(type="header", name="x-api-key"), "10.0.0.9", CIMultiDict(), None) == "ip:10.0.0.9"
+    assert limit_key(LimitKey(type="claim", name="sub"), "10.0.0.9", CIMultiDict(), claims) == "ip:10.0.0.9"
+
+
+async def test_build_limiter_follows_the_config(redis: Redis) -> None:
+    metrics = Metrics()
+    assert build_limiter(Config.model_validate({"ratelimit": {"enabled": False}}), metrics, redis) is None
+    assert isinstance(build_limiter(Config(), metrics, None), MemoryLimiter)
+    with_redis = Config.model_validate({"redis": {}, "ratelimit": {"failure_mode": "fail_closed"}})
+    assert isinstance(build_limiter(with_redis, metrics, redis), RedisLimiter)
+    with pytest.raises(ValueError, match="config.redis"):
+        build_limiter(with_redis, metrics, None)
+
+
+async def test_memory_limiter_forgets_full_buckets() -> None:
+    now = [0.0]
+    limiter = MemoryLimiter(lambda: now[0], Metrics())
+    limit_rule = rule(requests=1, period=1)
+    for i in range(5000):
+        await limiter.check(limit_rule, f"ip:10.0.{i // 256}.{i % 256}")
+    now[0] = 2.0
+    for i in range(5000):
+        await limiter.check(limit_rule, f"claim:user{i}")
+    assert len(limiter._tats) < 10_000  # the first 5000, full again, were swept

@@ -9,12 +9,19 @@ import logging
 import time
 import uuid
 
-from aiohttp import web
+from aiohttp import ClientResponse, web
+from multidict import CIMultiDict
 
 from apigw import proxy
 from apigw.errors import GatewayError
+from apigw.metrics import Metrics
+from apigw.ratelimit import limit_key
+from apigw.retry import CONNECT_FAILED, should_retry
 from apigw.routing import BadPath, normalize_path
-from apigw.state import GATEWAY
+from apigw.state import GATEWAY, CompiledRoute
+
+BACKEND_FAILURE_STATUSES = frozenset({502, 503, 504})
+"""Backend answers that count against its circuit breaker (with timeouts and refused connections)."""
 
 access_log = logging.getLogger("apigw.access")
 log = logging.getLogger("apigw.pipeline")
@@ -41,10 +48,18 @@ async def handle(request: web.Request) -> web.StreamResponse:
         route = state.router.match(request.host, path, request.method)
         if route is None:
             raise GatewayError(404, "no_route", f"no route for {request.method} {path}")
+        claims = None
+        response_headers = {"X-Request-ID": request_id}
+        if route.limit is not None and state.limiter is not None:
+            key = limit_key(route.limit.key, client_ip, request.headers, claims)
+            decision = await state.limiter.check(route.limit, key)
+            if not decision.allowed:
+                raise decision.error()
+            response_headers.update(decision.headers())
         headers = proxy.request_headers(request, route.upstream, request_id, client_ip, frozenset(), ())
-        response = await proxy.forward(
-            request, route.upstream, route.backend_path(path), headers, route.timeout, route.max_body, forwarded
-        )
+        body = proxy.request_body(request, route.max_body)
+        backend = await _call_backend(request, route, route.backend_path(path), headers, body, forwarded, metrics)
+        response = await proxy.relay(request, backend, response_headers)
     except GatewayError as exc:
         error_type = exc.error_type
         response = error_response(exc, request_id)
@@ -55,17 +70,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
             request.transport.abort()
     finally:
         metrics.inflight.dec()
-    if not response.prepared:
-        response.headers["X-Request-ID"] = request_id
     duration = time.perf_counter() - started
     route_name = route.name if route else "none"
     status = response.status
     metrics.http_requests.labels(route_name, request.method, str(status)).inc()
     metrics.http_duration.labels(route_name).observe(duration)
-    if route is not None and forwarded.duration:
-        service = route.upstream.service
-        metrics.backend_requests.labels(service, str(forwarded.status) if forwarded.status else (error_type or "error")).inc()
-        metrics.backend_duration.labels(service).observe(forwarded.duration)
     if gateway.state.config.logging.access_log:
         fields = {
             "method": request.method,
@@ -88,9 +97,47 @@ async def handle(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def _call_backend(
+    request: web.Request, route: CompiledRoute, path: str, headers: CIMultiDict[str],
+    body: object, forwarded: proxy.Forwarded, metrics: Metrics,
+) -> ClientResponse:
+    """Send through the backend's circuit breaker, retrying what is safe to retry within the budget."""
+    route.retry_budget.record_request()
+    service = route.upstream.service
+    retries = 0
+    while True:
+        with route.breaker.admit() as admission:
+            try:
+                backend = await proxy.send(request, route.upstream, path, headers, route.timeout, body, forwarded)
+            except GatewayError as exc:
+                metrics.backend_requests.labels(service, exc.error_type).inc()
+                metrics.backend_duration.labels(service).observe(forwarded.duration)
+                if exc.status == 413:
+                    raise
+                admission.record(False)
+                outcome = CONNECT_FAILED if exc.error_type == "backend_unreachable" else exc.error_type
+                if _may_retry(request, route, retries, outcome):
+                    retries += 1
+                    continue
+                raise
+            metrics.backend_requests.labels(service, str(backend.status)).inc()
+            metrics.backend_duration.labels(service).observe(forwarded.duration)
+            admission.record(backend.status not in BACKEND_FAILURE_STATUSES)
+        if body is None and _may_retry(request, route, retries, backend.status):
+            backend.release()
+            retries += 1
+            continue
+        return backend
+
+
+def _may_retry(request: web.Request, route: CompiledRoute, retries: int, outcome: int | str) -> bool:
+    return should_retry(request.method, retries, outcome, route.retries) and route.retry_budget.can_retry()
+
+
 def error_response(error: GatewayError, request_id: str) -> web.Response:
     body = json.dumps({"error": error.message, "request_id": request_id})
-    return web.Response(status=error.status, body=body, content_type="application/json", headers=error.headers)
+    headers = {**error.headers, "X-Request-ID": request_id}
+    return web.Response(status=error.status, body=body, content_type="application/json", headers=headers)
 
 
 def _request_id(request: web.Request) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -52,7 +52,7 @@ class Upstream:
             )
         return self._session
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -108,17 +108,24 @@ def request_headers(
     return headers
 
 
-async def forward(
+def request_body(request: web.Request, max_body: int) -> _BodyLimit | None:
+    """The body to stream to the backend, or None; 413 at once when the declared length is over the limit."""
+    if not request.body_exists:
+        return None
+    length = request.content_length
+    if length is not None and length > max_body:
+        raise too_large(max_body)
+    return _BodyLimit(request.content, max_body)
+
+
+async def send(
     request: web.Request, upstream: Upstream, path: str, headers: CIMultiDict[str],
-    timeout: aiohttp.ClientTimeout, max_body: int, result: Forwarded,
-) -> web.StreamResponse:
-    """Send the request to `upstream` at `path` and relay the response; raise GatewayError on failure."""
-    body = None
-    if request.body_exists:
-        length = request.content_length
-        if length is not None and length > max_body:
-            raise too_large(max_body)
-        body = _BodyLimit(request.content, max_body)
+    timeout: aiohttp.ClientTimeout, body: _BodyLimit | None, result: Forwarded,
+) -> aiohttp.ClientResponse:
+    """Send the request to `upstream` at `path`; return once the response headers are in.
+
+    Raises GatewayError (502/504/413) when no response comes; `result` records what happened either way.
+    """
     url = upstream.url.with_path(upstream.base_path + path, encoded=False).with_query(request.rel_url.raw_query_string)
     started = time.perf_counter()
     try:
@@ -126,24 +133,33 @@ async def forward(
             request.method, url, headers=headers, data=body, allow_redirects=False, timeout=timeout,
             compress=None, chunked=None,
         )
-    except GatewayError:
-        raise
     except Exception as exc:
         result.duration = time.perf_counter() - started
         if body is not None and body.exceeded:
-            raise too_large(max_body) from None
+            raise too_large(body.limit) from None
+        if isinstance(exc, GatewayError):
+            raise
         raise _backend_error(upstream.service, exc) from None
     result.duration = time.perf_counter() - started
     result.status = backend.status
+    return backend
+
+
+async def relay(
+    request: web.Request, backend: aiohttp.ClientResponse, extra_headers: Mapping[str, str]
+) -> web.StreamResponse:
+    """Stream the backend's response to the client, adding `extra_headers`."""
     try:
-        return await _relay(request, backend, headers["X-Request-ID"])
+        return await _relay(request, backend, extra_headers)
     finally:
         backend.release()
 
 
-async def _relay(request: web.Request, backend: aiohttp.ClientResponse, request_id: str) -> web.StreamResponse:
+async def _relay(
+    request: web.Request, backend: aiohttp.ClientResponse, extra_headers: Mapping[str, str]
+) -> web.StreamResponse:
     headers = CIMultiDict((k, v) for k, v in backend.headers.items() if k.lower() not in _RESPONSE_DROP)
-    headers["X-Request-ID"] = request_id
+    headers.update(extra_headers)
     length = backend.content_length
     if length is not None and length <= SMALL_BODY:
         body = await backend.read()

@@ -78,7 +78,7 @@ class Reloader:
         gateway.metrics.config_reloads.labels("success").inc()
         self._fingerprint = self._current_fingerprint()
         self._warn_restart_settings(old.config, config)
-        self._retire([u for key, u in old.upstreams.items() if key not in state.upstreams])
+        self._retire()
         log.info(
             "config reloaded (%s): %s -> %s, %d routes", reason, old.config_hash, state.config_hash, len(config.routes),
             extra={"fields": {"config_hash": state.config_hash, "previous_config_hash": old.config_hash}},
@@ -94,15 +94,17 @@ class Reloader:
                 extra={"fields": {"restart_settings": changed}},
             )
 
-    def _retire(self, upstreams: list) -> None:
-        """Close pools of removed backends once requests that began on the old config are done."""
-        if not upstreams:
+    def _retire(self) -> None:
+        """Close pools the new config no longer uses once requests begun on the old config are done."""
+        shared = self.gateway.shared
+        pools, shared.retired = shared.retired, []
+        if not pools:
             return
 
         async def close_later() -> None:
             await asyncio.sleep(self.gateway.state.config.listen.drain_timeout)
-            for upstream in upstreams:
-                await upstream.close()
+            for pool in pools:
+                await pool.aclose()
 
         task = asyncio.get_running_loop().create_task(close_later())
         self._retiring.add(task)

@@ -42,8 +42,7 @@ async def ready(request: web.Request) -> web.Response:
 async def _backend_pools(app: web.Application) -> AsyncIterator[None]:
     """Backend connection pools live as long as the traffic app."""
     yield
-    for upstream in app[GATEWAY].state.upstreams.values():
-        await upstream.close()
+    await app[GATEWAY].shared.close()
 
 
 def traffic_app(gateway: Gateway) -> web.Application:

@@ -15,10 +15,13 @@ from aiohttp import web
 import time
 from collections.abc import Callable
 
+from redis.asyncio import Redis
+
 from apigw.breaker import Breakers, CircuitBreaker, breaker_settings
-from apigw.config import Config, RetrySettings, Route, config_hash
+from apigw.config import Config, RedisConfig, RetrySettings, Route, config_hash
 from apigw.metrics import Metrics
 from apigw.proxy import Upstream
+from apigw.ratelimit import Limiter, LimitRule, build_limiter, redis_client
 from apigw.retry import RetryBudget, RetryBudgets
 from apigw.routing import Router
 
@@ -36,6 +39,8 @@ class CompiledRoute:
     breaker: CircuitBreaker
     retries: RetrySettings
     retry_budget: RetryBudget
+    limit: LimitRule | None
+    """The route's rate limit policy, when it has one and rate limiting is enabled."""
 
     def backend_path(self, path: str) -> str:
         if self.rewrite is None:
@@ -53,6 +58,7 @@ class GatewayState:
     config_hash: str
     router: Router[CompiledRoute]
     upstreams: dict[tuple[str, str], Upstream]
+    limiter: Limiter | None
 
 
 class Shared:
@@ -63,11 +69,42 @@ class Shared:
         self.breakers = Breakers(metrics.breaker_state, clock)
         self.budgets = RetryBudgets(clock)
         self.upstreams: dict[tuple[str, str], Upstream] = {}
+        self.redis: Redis | None = None
+        self._redis_settings: RedisConfig | None = None
+        self._limiter: tuple[tuple[object, ...], Limiter | None] | None = None
+        self.retired: list[Upstream | Redis] = []
+        """Pools replaced by a reload, to close once requests begun on the old config are done."""
+
+    def redis_for(self, settings: RedisConfig | None) -> Redis | None:
+        """The Redis client for `settings`; a new one only when they change."""
+        if settings != self._redis_settings:
+            if self.redis is not None:
+                self.retired.append(self.redis)
+            self.redis = redis_client(settings) if settings else None
+            self._redis_settings = settings
+        return self.redis
+
+    def limiter_for(self, config: Config) -> Limiter | None:
+        """The limiter for `config`, kept across reloads (in-process buckets live in it) while it fits."""
+        key = (config.ratelimit, config.redis, id(self.redis))
+        if self._limiter is None or self._limiter[0] != key:
+            self._limiter = (key, build_limiter(config, self.metrics, self.redis))
+        return self._limiter[1]
+
+    async def close(self) -> None:
+        """Close every pool, current and retired."""
+        pools, self.retired = [*self.retired, *self.upstreams.values(), self.redis], []
+        for pool in pools:
+            if pool is not None:
+                await pool.aclose()
 
 
 def build_state(config: Config, shared: Shared) -> GatewayState:
     """Compile `config` into ready objects, reusing what `shared` holds for unchanged backends."""
     enabled = [route for route in config.routes if route.enabled]
+    shared.redis_for(config.redis)
+    limiter = shared.limiter_for(config)
+    rules = {policy.name: LimitRule.from_policy(policy) for policy in config.policies} if limiter else {}
     shared.breakers.update(breaker_settings(config))
     shared.budgets.update({route.backend.service: route.backend.retries for route in enabled})
     upstreams: dict[tuple[str, str], Upstream] = {}
@@ -76,12 +113,16 @@ def build_state(config: Config, shared: Shared) -> GatewayState:
         key = (route.backend.service, str(route.backend.url))
         upstream = upstreams.get(key) or shared.upstreams.get(key) or Upstream(route.backend)
         upstreams[key] = upstream
-        compiled.append((route, _compile(route, upstream, config, shared)))
+        limit = rules.get(route.ratelimit) if route.ratelimit else None
+        compiled.append((route, _compile(route, upstream, config, shared, limit)))
+    shared.retired += [u for key, u in shared.upstreams.items() if key not in upstreams]
     shared.upstreams = upstreams
-    return GatewayState(config, config_hash(config), Router(compiled), upstreams)
+    return GatewayState(config, config_hash(config), Router(compiled), upstreams, limiter)
 
 
-def _compile(route: Route, upstream: Upstream, config: Config, shared: Shared) -> CompiledRoute:
+def _compile(
+    route: Route, upstream: Upstream, config: Config, shared: Shared, limit: LimitRule | None
+) -> CompiledRoute:
     backend = route.backend
     matched = route.match.path_prefix or route.match.path
     return CompiledRoute(
@@ -93,6 +134,7 @@ def _compile(route: Route, upstream: Upstream, config: Config, shared: Shared) -
         breaker=shared.breakers[backend.service],
         retries=backend.retries,
         retry_budget=shared.budgets[backend.service],
+        limit=limit,
     )
 
 

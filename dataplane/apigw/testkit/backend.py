@@ -2,7 +2,7 @@
 
 `echo_app()` answers every request with what it received (method, path, headers, body length and
 digest), and has a few misbehaving paths: `/slow?s=N`, `/hang`, `/reset`, `/status/NNN`,
-`/bytes/N` (streams N bytes), `/sse` (a never-ending stream) — enough to drive the gateway's error paths.
+`/bytes/N` (streams N bytes), `/flaky/KEY/N` (503 to the first N calls), `/truncated` (dies mid-body) — enough to drive the gateway's error paths.
 """
 
 from __future__ import annotations
@@ -57,6 +57,15 @@ async def _status(request: web.Request) -> web.Response:
     return web.json_response({"status": int(request.match_info["code"])}, status=int(request.match_info["code"]))
 
 
+async def _flaky(request: web.Request) -> web.Response:
+    """Answers 503 to the first `n` requests for `key`, then 200: a backend that recovers."""
+    key, failures = request.match_info["key"], int(request.match_info["n"])
+    calls = request.app[CALLS]
+    calls[key] = calls.get(key, 0) + 1
+    status = 503 if calls[key] <= failures else 200
+    return web.json_response({"call": calls[key]}, status=status)
+
+
 async def _bytes(request: web.Request) -> web.StreamResponse:
     total = int(request.match_info["n"])
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
@@ -84,18 +93,21 @@ async def _stream_then_reset(request: web.Request) -> web.StreamResponse:
 
 NAME = web.AppKey("name", str)
 SEEN = web.AppKey("seen", list)
+CALLS = web.AppKey("calls", dict)
 
 
 def echo_app(name: str = "echo") -> web.Application:
     app = web.Application(client_max_size=1024**3)
     app[NAME] = name
     app[SEEN] = []
+    app[CALLS] = {}
     app.router.add_get("/slow", _slow)
     app.router.add_get("/hang", _hang)
     app.router.add_route("*", "/reset", _reset)
     app.router.add_get("/status/{code:\\d+}", _status)
     app.router.add_get("/bytes/{n:\\d+}", _bytes)
     app.router.add_get("/truncated", _stream_then_reset)
+    app.router.add_route("*", "/flaky/{key}/{n:\\d+}", _flaky)
     app.router.add_route("*", "/{tail:.*}", _echo)
     return app
 

@@ -1,0 +1,139 @@
+"""Breakers and retries through the gateway, with real backends that fail, die and come back."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from apigw.state import GATEWAY
+from apigw.testkit.backend import Backend
+from apigw.testkit.process import GatewayProcess, ports
+from apigw.testkit.redis import free_port
+
+
+def breaker_config(url: str, **backend: object) -> dict:
+    return {
+        "circuit_breaker": {"consecutive_failures": 3, "open_duration": "500ms"},
+        "routes": [{"name": "users", "backend": {"service": "users", "url": url, "timeout": "300ms", **backend}}],
+    }
+
+
+def state_of(client, service: str = "users") -> float | None:
+    metrics = client.app[GATEWAY].metrics
+    return metrics.registry.get_sample_value("gateway_circuit_breaker_state", {"backend_service": service})
+
+
+async def test_breaker_opens_fails_fast_then_probes_and_closes(gateway_client, backend: Backend) -> None:
+    client = await gateway_client(breaker_config(backend.url, retries={"max_retries": 0}))
+    for _ in range(3):
+        assert (await client.get("/status/503")).status == 503
+    assert state_of(client) == 1
+    seen = len(backend.seen)
+    resp = await client.get("/anything")
+    assert resp.status == 503
+    assert (await resp.json())["error"] == "backend users is unavailable (circuit open)"
+    assert int(resp.headers["Retry-After"]) >= 1
+    assert len(backend.seen) == seen  # failed fast: the backend never saw it
+    await asyncio.sleep(0.6)
+    assert (await client.get("/fine")).status == 200  # the probe
+    assert state_of(client) == 0
+
+
+async def test_timeouts_count_as_failures(gateway_client, backend: Backend) -> None:
+    client = await gateway_client(breaker_config(backend.url, retries={"max_retries": 0}))
+    for _ in range(3):
+        assert (await client.get("/hang")).status == 504
+    assert state_of(client) == 1
+    assert (await client.get("/fine")).status == 503
+
+
+async def test_retry_on_configured_status_hides_one_failure(gateway_client, backend: Backend) -> None:
+    client = await gateway_client(breaker_config(backend.url, retries={"max_retries": 1, "on_statuses": [503]}))
+    resp = await client.get("/flaky/a/1")
+    assert resp.status == 200
+    assert (await resp.json())["call"] == 2
+    value = client.app[GATEWAY].metrics.registry.get_sample_value
+    assert value("gateway_backend_requests_total", {"backend_service": "users", "status_code": "503"}) == 1
+    assert value("gateway_backend_requests_total", {"backend_service": "users", "status_code": "200"}) == 1
+
+
+async def test_non_idempotent_requests_are_not_retried(gateway_client, backend: Backend) -> None:
+    client = await gateway_client(breaker_config(backend.url, retries={"max_retries": 1, "on_statuses": [503]}))
+    assert (await client.post("/flaky/b/1")).status == 503
+
+
+async def test_breaker_survives_reload_for_unchanged_backend(gateway_client, backend: Backend) -> None:
+    from apigw.loader import parse_documents
+    from apigw.state import build_state
+
+    config = breaker_config(backend.url, retries={"max_retries": 0})
+    client = await gateway_client(config)
+    for _ in range(3):
+        await client.get("/status/503")
+    assert state_of(client) == 1
+    gateway = client.app[GATEWAY]
+    config["routes"].append({"name": "other", "match": {"path_prefix": "/other"},
+                             "backend": {"service": "other", "url": backend.url}})
+    gateway.state = build_state(parse_documents({"config.yaml": yaml.safe_dump(config)}), gateway.shared)
+    assert (await client.get("/x")).status == 503  # still open after the reload
+    assert (await client.get("/other/x")).status == 200
+
+
+def test_backend_process_killed_then_back(tmp_path: Path) -> None:
+    """A real backend process dies (502s open the breaker, which then fails fast) and comes back."""
+    backend_port = free_port()
+    port, metrics_port = ports()
+    config = tmp_path / "gw.yaml"
+    config.write_text(yaml.safe_dump({
+        "listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port},
+        **breaker_config(f"http://127.0.0.1:{backend_port}", retries={"max_retries": 0}),
+    }))
+
+    def start_backend() -> subprocess.Popen[bytes]:
+        process = subprocess.Popen([sys.executable, "-m", "apigw.testkit.backend", str(backend_port)])
+        _wait_for(lambda: _status(f"http://127.0.0.1:{backend_port}/up") == 200)
+        return process
+
+    backend = start_backend()
+    with GatewayProcess(config, port, metrics_port) as gateway:
+        assert _status(f"{gateway.url}/x") == 200
+        backend.kill()
+        backend.wait()
+        assert [_status(f"{gateway.url}/x") for _ in range(3)] == [502, 502, 502]
+        assert 'gateway_circuit_breaker_state{backend_service="users"} 1.0' in gateway.metrics()
+        assert _status(f"{gateway.url}/x") == 503
+        backend = start_backend()
+        try:
+            _wait_for(lambda: _status(f"{gateway.url}/x") == 200)
+            assert 'gateway_circuit_breaker_state{backend_service="users"} 0.0' in gateway.metrics()
+        finally:
+            backend.terminate()
+            backend.wait()
+    transitions = [line for line in gateway.log_lines() if line["logger"] == "apigw.breaker"]
+    assert [line["state"] for line in transitions][:3] == ["open", "half-open", "closed"]
+
+
+def _status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        error.close()
+        return error.code
+    except OSError:
+        return 0
+
+
+def _wait_for(predicate, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail("condition not reached in time")
+        time.sleep(0.05)

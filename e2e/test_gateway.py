@@ -71,10 +71,10 @@ def test_cr_status_reports_programmed_pods(deployed: Deployment) -> None:
             found = conditions(deployed, kind, name)
             assert found["Accepted"]["status"] == "True", (kind, name, found)
             assert found["Programmed"]["status"] == "True", (kind, name, found)
+        pods = len(deployed.gateway_pods())
+        assert f"{pods}/{pods}" in conditions(deployed, "gatewayroute", "public")["Programmed"]["message"]
 
     eventually(programmed)
-    ready_pods = len(deployed.gateway_pods())
-    assert f"{ready_pods}/{ready_pods}" in conditions(deployed, "gatewayroute", "public")["Programmed"]["message"]
 
 
 def test_invalid_cr_is_reported_and_others_keep_serving(deployed: Deployment, gateway_port: int) -> None:

@@ -1,0 +1,381 @@
+"""The manifests, offline: Kubernetes schema validation and the names, ports and paths the runbook uses.
+
+Schemas: `kubernetes-validate` (bundled Kubernetes JSON schemas, strict: unknown fields are errors)
+for the built-in kinds. Kinds from other projects' CRDs (cert-manager, Prometheus operator) have no
+bundled schema and are listed in `FOREIGN_KINDS`; the PrometheusRule's content is checked by promtool
+in test_alert_rules.py. Our own CRs (crds/examples/, e2e/resources/) are validated against crds/.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+import subprocess
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from openapi_schema_validator import OAS30Validator
+
+from apigw.loader import GLOBAL_FILE, ROUTES_FILE, parse_documents
+
+ROOT = Path(__file__).resolve().parent.parent
+MANIFESTS = ROOT / "manifests"
+NAMESPACE = "api-gateway"
+# The oldest Kubernetes we support, and the newest the validator knows.
+KUBERNETES_VERSIONS = ["1.28", kubernetes_validate.latest_version()]
+FOREIGN_KINDS = {
+    ("cert-manager.io/v1", "Certificate"),
+    ("cert-manager.io/v1", "Issuer"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+}
+# What the alerts watch (APIGatewayHighCPU, APIGatewayHighMemory): limits must leave room above them.
+CPU_ALERT_CORES = 1.5
+MEMORY_ALERT_BYTES = 800 * 1024**2
+
+
+def load_kustomization(directory: Path) -> list[dict[str, Any]]:
+    """The objects `kubectl kustomize directory` builds, for layouts that only list resources."""
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    unsupported = set(kustomization) - {"apiVersion", "kind", "resources"}
+    assert not unsupported, f"{directory}: this loader (and the layout's simplicity) allows only resources, not {unsupported}"
+    objects = []
+    for entry in kustomization["resources"]:
+        path = directory / entry
+        if path.is_dir():
+            objects += load_kustomization(path)
+        else:
+            objects += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return objects
+
+
+OBJECTS = load_kustomization(MANIFESTS)
+
+
+def key(obj: dict[str, Any]) -> str:
+    return f"{obj['kind']}/{obj['metadata'].get('namespace', '')}/{obj['metadata']['name']}"
+
+
+def get(kind: str, name: str) -> dict[str, Any]:
+    found = [o for o in OBJECTS if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
+    return found[0]
+
+
+def container(workload: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(c for c in workload["spec"]["template"]["spec"]["containers"] if c["name"] == name)
+
+
+def gateway_config() -> dict[str, Any]:
+    return yaml.safe_load(get("ConfigMap", "api-gateway-config")["data"][GLOBAL_FILE])
+
+
+def quantity(value: str | int) -> float:
+    """A Kubernetes resource quantity (`500m`, `2`, `1Gi`, `800M`) as a number."""
+    number, suffix = re.fullmatch(r"([0-9.]+)(m|[KMGT]i?)?", str(value)).groups()
+    scale = {None: 1, "m": 1e-3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    return float(number) * scale[suffix]
+
+
+# --- schema validation -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("obj", OBJECTS, ids=key)
+def test_manifest_matches_the_kubernetes_schema(obj: dict[str, Any], version: str) -> None:
+    if (obj["apiVersion"], obj["kind"]) in FOREIGN_KINDS:
+        pytest.skip(f"{obj['kind']} comes from a CRD of another project; no bundled schema")
+    try:
+        kubernetes_validate.validate(obj, version, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        pytest.fail(f"{key(obj)}: {'.'.join(map(str, exc.path))}: {exc.message}")
+
+
+def test_only_crd_kinds_lack_a_bundled_schema() -> None:
+    """A typo in a built-in kind's apiVersion must fail, not be skipped as 'foreign'."""
+    missing = set()
+    for obj in OBJECTS:
+        try:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSIONS[-1], strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            missing.add((obj["apiVersion"], obj["kind"]))
+    assert missing == FOREIGN_KINDS
+
+
+def test_schema_validation_rejects_a_misspelt_field() -> None:
+    deployment = copy.deepcopy(get("Deployment", "api-gateway"))
+    container(deployment, "gateway")["readinesProbe"] = container(deployment, "gateway").pop("readinessProbe")
+    with pytest.raises(kubernetes_validate.ValidationError, match="readinesProbe"):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSIONS[-1], strict=True)
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with its built-in kustomize) is not installed")
+def test_kustomize_builds_the_same_objects() -> None:
+    built = subprocess.run(["kubectl", "kustomize", str(MANIFESTS)], capture_output=True, text=True, timeout=60)
+    assert built.returncode == 0, built.stderr
+    objects = [doc for doc in yaml.safe_load_all(built.stdout) if doc]
+    assert sorted(objects, key=key) == sorted(OBJECTS, key=key)
+
+
+def test_every_namespaced_object_is_in_the_gateway_namespace() -> None:
+    cluster_scoped = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
+    assert get("Namespace", NAMESPACE)
+    for obj in OBJECTS:
+        assert obj["metadata"].get("namespace") == (None if obj["kind"] in cluster_scoped else NAMESPACE), key(obj)
+
+
+# --- the gateway: names, ports and paths from the runbook ---------------------------------------
+
+
+def test_configmap_validates_with_the_gateways_own_loader() -> None:
+    data = get("ConfigMap", "api-gateway-config")["data"]
+    config = parse_documents(data)
+    assert config.redis is not None and config.listen.tls is not None
+    assert config.auth.keys
+
+
+def test_configmap_leaves_routes_yaml_to_the_operator() -> None:
+    """`kubectl apply` merges ConfigMap data by key: a key we never apply is one we never clobber."""
+    assert ROUTES_FILE not in get("ConfigMap", "api-gateway-config")["data"]
+
+
+def test_gateway_deployment_and_service_match_the_runbook() -> None:
+    deployment = get("Deployment", "api-gateway")
+    labels = {"app": "api-gateway"}
+    assert deployment["spec"]["selector"]["matchLabels"] == labels
+    assert deployment["spec"]["template"]["metadata"]["labels"] == labels
+    assert "replicas" not in deployment["spec"], "the HPA owns the replica count; apply would reset it"
+    gateway = container(deployment, "gateway")
+    ports = {p["name"]: p["containerPort"] for p in gateway["ports"]}
+    assert ports == {"http": 8080, "https": 8443, "metrics": 9090}
+
+    service = get("Service", "api-gateway")
+    assert service["spec"]["selector"] == labels
+    service_ports = {p["port"]: ports[p["targetPort"]] for p in service["spec"]["ports"]}
+    assert service_ports == {80: 8080, 443: 8443, 9090: 9090}
+
+
+def test_probes_use_the_health_paths() -> None:
+    gateway = container(get("Deployment", "api-gateway"), "gateway")
+    assert gateway["livenessProbe"]["httpGet"] == {"path": "/_health/live", "port": "http"}
+    assert gateway["readinessProbe"]["httpGet"] == {"path": "/_health/ready", "port": "http"}
+    assert gateway["startupProbe"]["httpGet"] == {"path": "/_health/ready", "port": "http"}
+
+
+def mounts(deployment: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Mount path -> the volume mounted there."""
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    return {m["mountPath"]: volumes[m["name"]] for m in container(deployment, "gateway")["volumeMounts"]}
+
+
+def source_of(path: str, deployment: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The volume a file path lies in, and the file's key in it."""
+    for mount, volume in mounts(deployment).items():
+        if PurePosixPath(path).parent == PurePosixPath(mount):
+            return volume, PurePosixPath(path).name
+    raise AssertionError(f"{path} is in no mounted volume")
+
+
+def test_config_files_come_from_the_named_configmap_and_secrets() -> None:
+    deployment = get("Deployment", "api-gateway")
+    env = {e["name"]: e["value"] for e in container(deployment, "gateway")["env"]}
+    assert env["GATEWAY_CONFIG"] == "/etc/gateway/"
+    config_dir = mounts(deployment)[env["GATEWAY_CONFIG"].rstrip("/")]
+    assert config_dir == {"name": "config", "configMap": {"name": "api-gateway-config"}}, "mounted whole, so updates arrive"
+
+    config = gateway_config()
+    for path, secret, item in [
+        (config["auth"]["keys"][0]["file"], "api-gateway-secrets", "jwt-public-key.pem"),
+        (config["listen"]["tls"]["cert_file"], "api-gateway-tls", "tls.crt"),
+        (config["listen"]["tls"]["key_file"], "api-gateway-tls", "tls.key"),
+    ]:
+        volume, name = source_of(path, deployment)
+        assert (volume["secret"]["secretName"], name) == (secret, item)
+        assert "items" not in volume["secret"], "mounted whole, so rotations arrive"
+    assert get("Certificate", "api-gateway-tls")["spec"]["secretName"] == "api-gateway-tls"
+
+
+def test_certificate_issuer_is_deployed() -> None:
+    issuer = get("Certificate", "api-gateway-tls")["spec"]["issuerRef"]
+    assert get(issuer["kind"], issuer["name"])
+
+
+def test_grace_period_covers_the_drain() -> None:
+    listen = parse_documents({GLOBAL_FILE: get("ConfigMap", "api-gateway-config")["data"][GLOBAL_FILE]}).listen
+    grace = get("Deployment", "api-gateway")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace > listen.drain_delay + listen.drain_timeout
+
+
+def test_resources_leave_room_above_the_alert_thresholds() -> None:
+    resources = container(get("Deployment", "api-gateway"), "gateway")["resources"]
+    assert quantity(resources["limits"]["cpu"]) > CPU_ALERT_CORES
+    assert quantity(resources["limits"]["memory"]) > MEMORY_ALERT_BYTES
+    for kind in ("cpu", "memory"):
+        assert quantity(resources["requests"][kind]) <= quantity(resources["limits"][kind])
+
+
+def test_disruption_budget_and_autoscaler_keep_pods_serving() -> None:
+    hpa = get("HorizontalPodAutoscaler", "api-gateway")["spec"]
+    pdb = get("PodDisruptionBudget", "api-gateway")["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "api-gateway"}
+    assert pdb["selector"]["matchLabels"] == {"app": "api-gateway"}
+    assert hpa["minReplicas"] >= 2 and pdb["maxUnavailable"] < hpa["minReplicas"]
+
+
+def test_redis_is_where_the_gateway_looks_for_it() -> None:
+    statefulset = get("StatefulSet", "redis")
+    pod_labels = statefulset["spec"]["template"]["metadata"]["labels"]
+    assert pod_labels["app"] == "redis"
+    assert get("Service", statefulset["spec"]["serviceName"])["spec"]["clusterIP"] == "None"
+    master = get("Service", "redis-master")["spec"]
+    assert master["selector"] == {"app": "redis", "statefulset.kubernetes.io/pod-name": "redis-0"}
+    assert [p["port"] for p in master["ports"]] == [6379]
+    assert container(statefulset, "redis")["ports"][0]["containerPort"] == 6379
+    assert gateway_config()["redis"]["url"].startswith(f"redis://redis-master.{NAMESPACE}.svc.cluster.local:6379/")
+
+
+def test_prometheus_scrapes_the_metrics_port() -> None:
+    monitor = get("ServiceMonitor", "api-gateway")["spec"]
+    service = get("Service", "api-gateway")
+    assert monitor["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert [e["port"] for e in monitor["endpoints"]] == ["metrics"]
+    assert any(p["name"] == "metrics" and p["port"] == 9090 for p in service["spec"]["ports"])
+
+
+# --- security ------------------------------------------------------------------------------------
+
+
+WORKLOADS = [o for o in OBJECTS if o["kind"] in ("Deployment", "StatefulSet")]
+
+
+@pytest.mark.parametrize("workload", WORKLOADS, ids=key)
+def test_pods_run_restricted(workload: dict[str, Any]) -> None:
+    pod = workload["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] > 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    for c in pod["containers"]:
+        assert c["securityContext"] == {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        }, c["name"]
+        assert c["resources"]["limits"] and c["resources"]["requests"], c["name"]
+
+
+def test_only_the_operator_gets_an_api_token() -> None:
+    for workload in WORKLOADS:
+        pod = workload["spec"]["template"]["spec"]
+        if workload["metadata"]["name"] != "api-gateway-operator":
+            assert pod["automountServiceAccountToken"] is False, key(workload)
+
+
+def rules_of(kind: str) -> list[dict[str, Any]]:
+    return get(kind, "api-gateway-operator")["rules"]
+
+
+def test_operator_rbac_is_least_privilege() -> None:
+    rules = rules_of("ClusterRole") + rules_of("Role")
+    for rule in rules:
+        for field in ("apiGroups", "resources", "verbs"):
+            assert "*" not in rule[field], rule
+        assert not {"delete", "deletecollection", "update", "escalate", "bind", "impersonate"} & set(rule["verbs"]), rule
+        assert "secrets" not in rule["resources"], rule
+    # Writes to core objects are pinned to the one ConfigMap and the one Deployment.
+    for rule in rules:
+        if "patch" in rule["verbs"] and {"configmaps", "deployments"} & set(rule["resources"]):
+            assert rule["resourceNames"] in (["api-gateway-config"], ["api-gateway"]), rule
+    allowed = {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    for needed in [
+        ("gateway.apigw.io", "gatewayroutes", "watch"),
+        ("gateway.apigw.io", "ratelimitpolicies", "list"),
+        ("gateway.apigw.io", "gatewayroutes/status", "patch"),
+        ("gateway.apigw.io", "ratelimitpolicies/status", "patch"),
+        ("", "configmaps", "patch"),
+        ("apps", "deployments", "patch"),
+        ("", "pods", "list"),
+        ("", "events", "create"),
+    ]:
+        assert needed in allowed, needed
+
+
+def test_operator_runs_under_its_bound_service_account() -> None:
+    deployment = get("Deployment", "api-gateway-operator")
+    account = deployment["spec"]["template"]["spec"]["serviceAccountName"]
+    assert get("ServiceAccount", account)
+    for kind in ("ClusterRoleBinding", "RoleBinding"):
+        binding = get(kind, "api-gateway-operator")
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]
+        assert get(binding["roleRef"]["kind"], binding["roleRef"]["name"])
+
+
+# --- our own CRDs and the CRs written against them -----------------------------------------------
+
+CRDS = {
+    doc["spec"]["names"]["kind"]: doc
+    for path in sorted((ROOT / "crds").glob("*.yaml"))
+    for doc in yaml.safe_load_all(path.read_text())
+    if doc and doc.get("kind") == "CustomResourceDefinition"
+}
+CUSTOM_RESOURCES = [
+    pytest.param(doc, id=f"{path.relative_to(ROOT)}:{doc['kind']}/{doc['metadata']['name']}")
+    for path in sorted([*(ROOT / "crds" / "examples").glob("*.yaml"), *(ROOT / "e2e" / "resources").glob("*.yaml")])
+    for doc in yaml.safe_load_all(path.read_text())
+    if doc and doc.get("apiVersion", "").startswith("gateway.apigw.io/")
+]
+needs_crds = pytest.mark.skipif(not CRDS, reason="no CustomResourceDefinitions in crds/ yet")
+
+
+def strict(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema with unknown fields made errors, as `kubectl apply`'s strict field validation does."""
+    schema = {k: strict(v) if isinstance(v, dict) else v for k, v in schema.items()}
+    if "properties" in schema:
+        schema["properties"] = {name: strict(sub) for name, sub in schema["properties"].items()}
+        if not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema.setdefault("additionalProperties", False)
+    if isinstance(schema.get("items"), dict):
+        schema["items"] = strict(schema["items"])
+    return schema
+
+
+def cr_schema(kind: str, api_version: str) -> dict[str, Any]:
+    crd = CRDS[kind]
+    group, version = api_version.split("/")
+    assert group == crd["spec"]["group"]
+    served = {v["name"]: v for v in crd["spec"]["versions"] if v["served"]}
+    assert version in served, f"{kind} {api_version} is not served"
+    schema = strict(served[version]["schema"]["openAPIV3Schema"])
+    schema["properties"].setdefault("apiVersion", {"type": "string"})
+    schema["properties"].setdefault("kind", {"type": "string"})
+    schema["properties"]["metadata"] = {"type": "object"}
+    return schema
+
+
+@needs_crds
+@pytest.mark.parametrize("crd", CRDS.values(), ids=lambda crd: crd["metadata"]["name"])
+def test_crd_matches_the_kubernetes_schema(crd: dict[str, Any]) -> None:
+    kubernetes_validate.validate(crd, KUBERNETES_VERSIONS[0], strict=True)
+
+
+@needs_crds
+@pytest.mark.parametrize("resource", CUSTOM_RESOURCES)
+def test_custom_resource_matches_its_crd(resource: dict[str, Any]) -> None:
+    assert resource["kind"] in CRDS, f"no CRD for {resource['kind']}"
+    errors = [
+        f"{'.'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}"
+        for e in OAS30Validator(cr_schema(resource["kind"], resource["apiVersion"])).iter_errors(resource)
+    ]
+    assert not errors, errors
+
+
+@needs_crds
+def test_crd_validation_rejects_a_misspelt_field() -> None:
+    route = next(p.values[0] for p in CUSTOM_RESOURCES if p.values[0]["kind"] == "GatewayRoute")
+    wrong = copy.deepcopy(route)
+    wrong["spec"]["bakend"] = wrong["spec"].pop("backend")
+    errors = list(OAS30Validator(cr_schema("GatewayRoute", wrong["apiVersion"])).iter_errors(wrong))
+    assert any("bakend" in e.message for e in errors)

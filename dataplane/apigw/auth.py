@@ -41,6 +41,7 @@ from typing import Any
 
 import jwt
 import redis.asyncio
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from redis.exceptions import RedisError
@@ -54,7 +55,7 @@ Claims = Mapping[str, Any]
 """The verified claims of a token (read-only: the same mapping may serve many requests)."""
 
 MAX_TOKEN_LENGTH = 8192
-"""Longer tokens are rejected as malformed before any decoding or crypto."""
+"""Longer Authorization headers are rejected as malformed before any decoding or crypto."""
 NO_EXP_CACHE_SECONDS = 60.0
 MIN_RSA_BITS = 2048
 REVOKED_PREFIX = "revoked:"
@@ -87,7 +88,7 @@ class KeyRing:
         for key in keys:
             if key.kid is not None:
                 self.by_kid.setdefault(key.kid, []).append(key)
-        for kid, keyed in self.by_kid.items():
+        for keyed in self.by_kid.values():
             keyed.extend(self.any_kid)
 
     def candidates(self, kid: str | None) -> list[VerifyKey]:
@@ -137,7 +138,7 @@ def _pem_keys(data: bytes, kid: str | None, allowed: frozenset[str], where: str,
             continue
         try:
             public = load_pem_public_key(block.group(0))
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, UnsupportedAlgorithm):
             errors.append(f"{here}: not a PEM public key" + (f" (found {label})" if "PUBLIC" not in label else ""))
             continue
         key = _verify_key(public, kid, allowed, None, here, errors)
@@ -176,7 +177,8 @@ def _jwks_keys(data: bytes, allowed: frozenset[str], errors: list[str]) -> list[
         try:
             public = jwt.PyJWK(entry).key
         except jwt.PyJWTError:  # its message repeats the key data: say what we know instead
-            errors.append(f"{here}: unusable key (kty {entry.get('kty')!r}, crv {entry.get('crv')!r}, alg {entry.get('alg')!r})")
+            kty, crv, alg = entry.get("kty"), entry.get("crv"), entry.get("alg")
+            errors.append(f"{here}: unusable key (kty {kty!r}, crv {crv!r}, alg {alg!r})")
             continue
         kid = entry.get("kid")
         restrict = entry.get("alg")
@@ -270,19 +272,19 @@ class Authenticator:
         clock: Callable[[], float],
     ):
         self.config = config
-        self.keys = keys
+        self._keys = keys
         self.cache = TokenCache(config.cache_size)
-        self.clock = clock
-        self.skew = config.clock_skew
-        self.algorithms = frozenset(config.algorithms)
-        self.redis = redis_client if config.revocation.enabled else None
-        self.fail_open = config.revocation.failure_mode == FailureMode.fail_open
-        self.redis_errors = metrics.redis_errors.labels(operation="revocation")
-        self.success = metrics.auth_attempts.labels("success", "none")
-        self.failures = {error_type: metrics.auth_attempts.labels("failure", error_type) for error_type in ERROR_TYPES}
-        self.forward = tuple(config.forward_claims.items())
+        self._clock = clock
+        self._skew = config.clock_skew
+        self._algorithms = frozenset(config.algorithms)
+        self._redis = redis_client if config.revocation.enabled else None
+        self._fail_open = config.revocation.failure_mode == FailureMode.fail_open
+        self._redis_errors = metrics.redis_errors.labels(operation="revocation")
+        self._success = metrics.auth_attempts.labels("success", "none")
+        self._failures = {error_type: metrics.auth_attempts.labels("failure", error_type) for error_type in ERROR_TYPES}
+        self._forward = tuple(config.forward_claims.items())
         self.stripped_headers = frozenset(header.lower() for header in config.forward_claims.values())
-        self.jwt = jwt.PyJWT(options={
+        self._jwt = jwt.PyJWT(options={
             "verify_exp": False, "verify_nbf": False, "verify_iat": False,  # checked with our clock
             "verify_aud": config.audience is not None,
             "enforce_minimum_key_length": True,
@@ -304,13 +306,13 @@ class Authenticator:
 
     def reload_keys(self) -> None:
         """Re-read the key files; on ConfigError the keys in force stay."""
-        self.keys = load_keys(self.config)
+        self._keys = load_keys(self.config)
         self.cache.clear()
 
     def forward_headers(self, claims: Claims) -> dict[str, str]:
         """The `auth.forward_claims` headers for the backend; non-string or non-ASCII values as JSON."""
         headers = {}
-        for claim, header in self.forward:
+        for claim, header in self._forward:
             value = claims.get(claim)
             if value is None:
                 continue
@@ -325,9 +327,9 @@ class Authenticator:
         try:
             claims = await self._authenticate(authorization, scopes)
         except GatewayError as exc:
-            self.failures[exc.error_type].inc()
+            self._failures[exc.error_type].inc()
             raise
-        self.success.inc()
+        self._success.inc()
         return claims
 
     async def _authenticate(self, authorization: str | None, scopes: tuple[str, ...]) -> Claims:
@@ -339,14 +341,14 @@ class Authenticator:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise _invalid("malformed", "the Authorization header must be: Bearer <token>")
-        now = self.clock()
+        now = self._clock()
         claims = self.cache.get(token, now)
         if claims is None:
             claims = self._verify(token, now)
             exp = claims.get("exp")
             self.cache.put(token, claims, exp if exp is not None else now + NO_EXP_CACHE_SECONDS)
         jti = claims.get("jti")
-        if self.redis is not None and jti is not None:
+        if self._redis is not None and jti is not None:
             await self._check_revocation(jti)
         if scopes:
             _check_scopes(claims, scopes)
@@ -360,9 +362,9 @@ class Authenticator:
         alg, kid = header.get("alg"), header.get("kid")
         if not isinstance(alg, str) or not isinstance(kid, (str, type(None))):
             raise _invalid("malformed", "the token is not a well-formed JWT")
-        if alg not in self.algorithms:
+        if alg not in self._algorithms:
             raise _invalid("disallowed_alg", "the token's algorithm is not accepted")
-        candidates = self.keys.candidates(kid)
+        candidates = self._keys.candidates(kid)
         if not candidates:
             raise _invalid("unknown_kid", "the token's key id (kid) is not known")
         fitting = [key for key in candidates if alg in key.algorithms]
@@ -370,24 +372,24 @@ class Authenticator:
             raise _invalid("disallowed_alg", "the token's algorithm does not fit its key")
         for key in fitting:
             try:
-                claims = self.jwt.decode(
+                claims = self._jwt.decode(
                     token, key.key, algorithms=key.algorithms, issuer=self.config.issuer, audience=self.config.audience
                 )
             except jwt.InvalidSignatureError:
                 continue
             except jwt.PyJWTError as exc:
                 raise _invalid(*_cause(exc)) from None
-            _check_times(claims, now, self.skew)
+            _check_times(claims, now, self._skew)
             return MappingProxyType(claims)
         raise _invalid("bad_signature", "the token's signature is invalid")
 
     async def _check_revocation(self, jti: str) -> None:
-        assert self.redis is not None
+        assert self._redis is not None
         try:
-            revoked = await self.redis.exists(REVOKED_PREFIX + jti)
+            revoked = await self._redis.exists(REVOKED_PREFIX + jti)
         except (RedisError, OSError):
-            self.redis_errors.inc()
-            if self.fail_open:
+            self._redis_errors.inc()
+            if self._fail_open:
                 return
             raise GatewayError(
                 503, "revocation_unavailable", "the token's revocation status cannot be checked right now"
@@ -399,12 +401,16 @@ class Authenticator:
 def _check_times(claims: Mapping[str, Any], now: float, skew: float) -> None:
     exp, nbf, iat = (claims.get(name) for name in ("exp", "nbf", "iat"))
     for value in (exp, nbf, iat):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+        if value is not None and not _is_time(value):
             raise _invalid("malformed", "the token's exp, nbf and iat must be numbers")
     if exp is not None and now >= exp + skew:
         raise _invalid("expired", "the token has expired")
     if (nbf is not None and nbf > now + skew) or (iat is not None and iat > now + skew):
         raise _invalid("not_yet_valid", "the token is not valid yet")
+
+
+def _is_time(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_scopes(claims: Claims, required: tuple[str, ...]) -> None:

@@ -1,0 +1,580 @@
+"""JWT authentication with real keys, real signed tokens and a real Redis for the revocation list."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import random
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+import redis.asyncio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from apigw.auth import MAX_TOKEN_LENGTH, NO_EXP_CACHE_SECONDS, Authenticator
+from apigw.config import AuthConfig
+from apigw.errors import GatewayError
+from apigw.loader import ConfigError
+from apigw.metrics import Metrics
+from apigw.testkit.redis import RedisServer
+from apigw.testkit.tokens import SigningKey, write_jwks
+
+NOW = 1_800_000_000.0
+
+
+class Clock:
+    def __init__(self, now: float = NOW):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def rsa_key() -> SigningKey:
+    return SigningKey("rsa", kid="rsa-1")
+
+
+@pytest.fixture(scope="module")
+def ec_key() -> SigningKey:
+    return SigningKey("ec", kid="ec-1")
+
+
+@pytest.fixture(scope="module")
+def ed_key() -> SigningKey:
+    return SigningKey("ed25519", kid="ed-1")
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest.fixture
+def make_auth(tmp_path: Path, clock: Clock, metrics: Metrics) -> Callable[..., Authenticator]:
+    """An authenticator over the public halves of `keys`, each in its own PEM file named by kid."""
+
+    def make(*keys: SigningKey, redis_client: redis.asyncio.Redis | None = None, **settings: Any) -> Authenticator:
+        entries = [{"file": key.write_public_pem(tmp_path / f"{key.kid}.pem"), "kid": key.kid} for key in keys]
+        config = AuthConfig.model_validate({"keys": entries, **settings})
+        return Authenticator.build(config, metrics, redis_client, clock=clock)
+
+    return make
+
+
+@pytest.fixture
+async def redis_client(redis_server: RedisServer) -> AsyncIterator[redis.asyncio.Redis]:
+    """A client bounded as the gateway's is: a dead or paused Redis fails fast."""
+    client = redis.asyncio.Redis.from_url(redis_server.url, socket_timeout=0.1, socket_connect_timeout=0.2)
+    yield client
+    await client.aclose()
+
+
+def attempts(metrics: Metrics, result: str, error_type: str) -> float:
+    labels = {"result": result, "error_type": error_type}
+    return metrics.registry.get_sample_value("gateway_auth_attempts_total", labels) or 0.0
+
+
+async def rejected(auth: Authenticator, authorization: str | None, scopes: tuple[str, ...] = ()) -> GatewayError:
+    with pytest.raises(GatewayError) as caught:
+        await auth.authenticate(authorization, scopes)
+    return caught.value
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def hand_made(header: dict[str, Any], payload: dict[str, Any], secret: bytes = b"") -> str:
+    """A token built without PyJWT's guards, HMAC-SHA256 signed with `secret`."""
+    signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(payload).encode())}"
+    signature = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{b64(signature)}"
+
+
+# --- valid tokens -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key_name", ["rsa_key", "ec_key", "ed_key"])
+async def test_a_valid_token_of_each_key_type_is_accepted(request, make_auth, clock, metrics, key_name):
+    key = request.getfixturevalue(key_name)
+    auth = make_auth(key)
+    claims = await auth.authenticate(f"Bearer {key.token(now=clock.now, sub='alice')}", ())
+    assert claims["sub"] == "alice"
+    assert attempts(metrics, "success", "none") == 1
+
+
+async def test_keys_of_all_types_side_by_side_each_verify_their_own_tokens(make_auth, clock, rsa_key, ec_key, ed_key):
+    auth = make_auth(rsa_key, ec_key, ed_key)
+    for key in (rsa_key, ec_key, ed_key):
+        claims = await auth.authenticate(f"Bearer {key.token(now=clock.now, sub=key.kid)}", ())
+        assert claims["sub"] == key.kid
+
+
+async def test_scheme_is_case_insensitive_and_claims_are_read_only(make_auth, clock, rsa_key):
+    auth = make_auth(rsa_key)
+    claims = await auth.authenticate(f"bearer {rsa_key.token(now=clock.now)}", ())
+    with pytest.raises(TypeError):
+        claims["sub"] = "mallory"  # type: ignore[index]
+
+
+# --- rejections ---------------------------------------------------------------------------------
+
+
+async def test_missing_token_is_401_with_a_bare_bearer_challenge(make_auth, metrics, rsa_key):
+    auth = make_auth(rsa_key)
+    for authorization in (None, ""):
+        error = await rejected(auth, authorization)
+        assert (error.status, error.error_type) == (401, "missing_token")
+        assert error.headers == {"WWW-Authenticate": "Bearer"}
+    assert attempts(metrics, "failure", "missing_token") == 2
+
+
+def _hostile_tokens(rsa_key: SigningKey, ec_key: SigningKey, now: float) -> dict[str, tuple[str, str]]:
+    """name -> (Authorization header, expected error_type), against an authenticator holding rsa_key."""
+    valid = rsa_key.token(now=now)
+    header, payload, signature = valid.split(".")
+    claims = {"sub": "mallory", "exp": int(now) + 300}
+    padded = rsa_key.token(now=now, padding="x" * MAX_TOKEN_LENGTH)
+    other_signature = rsa_key.token(now=now).split(".")[2]
+    return {
+        "alg none": (f"Bearer {jwt.encode(claims, None, algorithm='none')}", "disallowed_alg"),
+        "alg none, kid set": (f"Bearer {hand_made({'alg': 'none', 'kid': 'rsa-1'}, claims)}", "disallowed_alg"),
+        "HS256 signed with the public key PEM": (
+            f"Bearer {hand_made({'alg': 'HS256', 'kid': 'rsa-1', 'typ': 'JWT'}, claims, rsa_key.public_pem)}",
+            "disallowed_alg",
+        ),
+        "ES256 token naming the RSA key's kid": (f"Bearer {ec_key.token(now=now, kid='rsa-1')}", "disallowed_alg"),
+        "RS512, not in the allow-list": (f"Bearer {rsa_key.token(now=now, algorithm='RS512')}", "disallowed_alg"),
+        "alg not a string": (f"Bearer {hand_made({'alg': ['RS256']}, claims)}", "malformed"),
+        "truncated in the payload": (f"Bearer {header}.{payload[:10]}", "malformed"),
+        "signature cut to an impossible base64 length": (f"Bearer {header}.{payload}.{signature[:-1]}", "malformed"),
+        "signature cut short": (f"Bearer {header}.{payload}.{signature[:-2]}", "bad_signature"),
+        "signature of another token": (f"Bearer {header}.{payload}.{other_signature}", "bad_signature"),
+        "huge garbage": ("Bearer " + "A" * (MAX_TOKEN_LENGTH + 1), "malformed"),
+        "huge but validly signed": (f"Bearer {padded}", "malformed"),
+        "garbage base64": ("Bearer !!!.@@@.###", "malformed"),
+        "base64 of no JSON": (f"Bearer {b64(b'hello')}.{b64(b'world')}.{signature}", "malformed"),
+        "header a JSON array": (f"Bearer {b64(b'[1]')}.{payload}.{signature}", "malformed"),
+        "one segment": ("Bearer abcdef", "malformed"),
+        "not Bearer": (f"Basic {base64.b64encode(b'user:pass').decode()}", "malformed"),
+        "Token scheme": (f"Token {valid}", "malformed"),
+        "Bearer without token": ("Bearer ", "malformed"),
+        "wrong kid": (f"Bearer {rsa_key.token(now=now, kid='nobody')}", "unknown_kid"),
+        "kid not a string": (f"Bearer {hand_made({'alg': 'RS256', 'kid': 7}, claims)}", "malformed"),
+        "signed by another key with the same kid": (
+            f"Bearer {SigningKey('rsa', kid='rsa-1').token(now=now)}", "bad_signature"
+        ),
+    }
+
+
+HOSTILE = list(_hostile_tokens(SigningKey("rsa", kid="rsa-1"), SigningKey("ec"), 0.0))
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+async def test_hostile_tokens_are_rejected_with_their_cause_and_never_echoed(
+    make_auth, clock, metrics, rsa_key, ec_key, name
+):
+    auth = make_auth(rsa_key)
+    authorization, error_type = _hostile_tokens(rsa_key, ec_key, clock.now)[name]
+    error = await rejected(auth, authorization)
+    assert (error.status, error.error_type) == (401, error_type)
+    assert error.headers["WWW-Authenticate"].startswith('Bearer error="invalid_token", error_description="')
+    token = authorization.partition(" ")[2]
+    assert not token or token not in f"{error} {error.message} {error.headers}"
+    assert attempts(metrics, "failure", error_type) == 1
+    assert attempts(metrics, "success", "none") == 0
+
+
+async def test_a_huge_token_is_rejected_before_decoding(make_auth, clock, rsa_key):
+    auth = make_auth(rsa_key)
+    await rejected(auth, f"Bearer {rsa_key.token(now=clock.now, padding='x' * MAX_TOKEN_LENGTH)}")
+    assert auth.cache.misses == 0  # every decode follows a cache miss
+
+
+async def test_mangled_tokens_are_rejected_with_a_401_or_carry_the_signed_claims(make_auth, clock, rsa_key):
+    """A mangled token either fails cleanly or, when the change is one base64 leaves no trace of
+    (a character replaced by itself, the spare bits of a last character), verifies to the same claims."""
+    auth = make_auth(rsa_key, cache_size=0)
+    token = rsa_key.token(now=clock.now)
+    signed = dict(await auth.authenticate(f"Bearer {token}", ()))
+    rng = random.Random(3)
+    alphabet = "ABCxyz019-_.=+/ {}\"\\\x00é"
+    for _ in range(300):
+        chars = list(token)
+        for _ in range(rng.randint(1, 5)):
+            chars[rng.randrange(len(chars))] = rng.choice(alphabet)
+        try:
+            assert dict(await auth.authenticate("Bearer " + "".join(chars), ())) == signed
+        except GatewayError as exc:
+            assert exc.status == 401
+
+
+@pytest.mark.parametrize(
+    ("offset", "error_type"),
+    [(-29, None), (-31, "expired"), (-400, "expired")],
+    ids=["expired within the skew", "expired beyond the skew", "long expired"],
+)
+async def test_exp_honours_the_clock_skew(make_auth, clock, rsa_key, offset, error_type):
+    auth = make_auth(rsa_key, clock_skew="30s")
+    token = rsa_key.token(now=clock.now + offset - 300)  # exp = now + offset
+    if error_type is None:
+        assert await auth.authenticate(f"Bearer {token}", ())
+    else:
+        assert (await rejected(auth, f"Bearer {token}")).error_type == error_type
+
+
+@pytest.mark.parametrize("claim", ["nbf", "iat"])
+async def test_tokens_from_the_future_honour_the_clock_skew(make_auth, clock, rsa_key, claim):
+    auth = make_auth(rsa_key, clock_skew=30)
+    early = rsa_key.token(now=clock.now, **{claim: int(clock.now) + 20})
+    assert await auth.authenticate(f"Bearer {early}", ())
+    too_early = rsa_key.token(now=clock.now, **{claim: int(clock.now) + 40})
+    assert (await rejected(auth, f"Bearer {too_early}")).error_type == "not_yet_valid"
+
+
+@pytest.mark.parametrize("value", ["soon", True, [1]])
+async def test_time_claims_must_be_numbers(make_auth, clock, rsa_key, value):
+    auth = make_auth(rsa_key)
+    assert (await rejected(auth, f"Bearer {rsa_key.token(now=clock.now, exp=value)}")).error_type == "malformed"
+
+
+async def test_issuer_and_audience_are_checked_when_configured(make_auth, clock, metrics, rsa_key):
+    auth = make_auth(rsa_key, issuer="https://idp.example", audience="api")
+
+    def token(**claims: Any) -> str:
+        return f"Bearer {rsa_key.token(now=clock.now, **claims)}"
+
+    assert await auth.authenticate(token(iss="https://idp.example", aud="api"), ())
+    assert await auth.authenticate(token(iss="https://idp.example", aud=["other", "api"]), ())
+    for claims, error_type in [
+        ({"iss": "https://evil.example", "aud": "api"}, "bad_issuer"),
+        ({"aud": "api"}, "bad_issuer"),
+        ({"iss": "https://idp.example", "aud": "other"}, "bad_audience"),
+        ({"iss": "https://idp.example"}, "bad_audience"),
+    ]:
+        assert (await rejected(auth, token(**claims))).error_type == error_type
+    assert attempts(metrics, "failure", "bad_issuer") == 2
+    assert attempts(metrics, "failure", "bad_audience") == 2
+
+
+async def test_issuer_and_audience_are_not_checked_when_not_configured(make_auth, clock, rsa_key):
+    auth = make_auth(rsa_key)
+    assert await auth.authenticate(f"Bearer {rsa_key.token(now=clock.now, iss='anyone', aud='anything')}", ())
+
+
+async def test_scopes_from_scope_or_scp_and_403_when_one_is_missing(make_auth, clock, metrics, rsa_key):
+    auth = make_auth(rsa_key)
+    assert await auth.authenticate(f"Bearer {rsa_key.token(now=clock.now, scope='read write')}", ("read", "write"))
+    assert await auth.authenticate(f"Bearer {rsa_key.token(now=clock.now, scp=['read'])}", ("read",))
+    error = await rejected(auth, f"Bearer {rsa_key.token(now=clock.now, scope='read')}", ("read", "admin"))
+    assert (error.status, error.error_type) == (403, "insufficient_scope")
+    assert error.headers == {"WWW-Authenticate": 'Bearer error="insufficient_scope", scope="read admin"'}
+    assert attempts(metrics, "failure", "insufficient_scope") == 1
+    assert attempts(metrics, "success", "none") == 2
+
+
+# --- forwarded claims -------------------------------------------------------------------------
+
+
+async def test_forwarded_claims_become_headers_and_their_names_are_stripped(make_auth, clock, rsa_key):
+    forward = {"sub": "X-User", "roles": "X-Roles", "name": "X-Name", "tenant": "X-Tenant"}
+    auth = make_auth(rsa_key, forward_claims=forward)
+    assert auth.stripped_headers == frozenset({"x-user", "x-roles", "x-name", "x-tenant"})
+    token = rsa_key.token(now=clock.now, roles=["a", "b"], name="Zoë\r\nX: y")
+    claims = await auth.authenticate(f"Bearer {token}", ())
+    assert auth.forward_headers(claims) == {
+        "X-User": "test-user", "X-Roles": '["a","b"]', "X-Name": '"Zo\\u00eb\\r\\nX: y"'
+    }
+
+
+# --- keys: loading, rotation, reload -------------------------------------------------------------
+
+
+def test_an_unreadable_key_file_is_a_located_config_error(tmp_path, metrics, rsa_key):
+    good = rsa_key.write_public_pem(tmp_path / "good.pem")
+    missing = tmp_path / "missing.pem"
+    config = AuthConfig.model_validate({"keys": [{"file": good}, {"file": missing}]})
+    with pytest.raises(ConfigError) as caught:
+        Authenticator.build(config, metrics, None)
+    assert caught.value.errors == [f"auth.keys[1].file: cannot read {missing}: No such file or directory"]
+
+
+def _pem(private_key: Any, private: bool = False) -> bytes:
+    if private:
+        return private_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    public = private_key.public_key()
+    return public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"hello", "not a PEM public key"),
+        (b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n", "not a PEM public key"),
+        (
+            _pem(rsa.generate_private_key(65537, 2048), private=True),
+            "holds a private key (PRIVATE KEY); give the gateway only the public key",
+        ),
+        (_pem(rsa.generate_private_key(65537, 1024)), "RSA key of 1024 bits is too short (at least 2048)"),
+        (
+            _pem(ec.generate_private_key(ec.SECP384R1())),
+            "EC secp384r1 key verifies ES384, none of which is in auth.algorithms",
+        ),
+        (_pem(ec.generate_private_key(ec.SECP256K1())), "EC secp256k1 key cannot verify any supported algorithm"),
+    ],
+    ids=["not PEM", "bad PEM body", "private key", "short RSA key", "algorithm not allowed", "unsupported curve"],
+)
+def test_an_unusable_key_file_is_a_located_config_error(tmp_path, metrics, content, message):
+    (tmp_path / "key.pem").write_bytes(content)
+    config = AuthConfig.model_validate({"keys": [{"file": tmp_path / "key.pem"}]})
+    with pytest.raises(ConfigError) as caught:
+        Authenticator.build(config, metrics, None)
+    assert caught.value.errors == [f"auth.keys[0].file: {message}"]
+
+
+async def test_a_key_file_with_two_keys_accepts_tokens_of_both(tmp_path, make_auth, clock, metrics):
+    """The runbook rotates by replacing the single jwt-public-key.pem: old and new may sit in it together."""
+    old, new = SigningKey("rsa"), SigningKey("ec")
+    (tmp_path / "jwt-public-key.pem").write_bytes(old.public_pem + new.public_pem)
+    config = AuthConfig.model_validate({"keys": [{"file": tmp_path / "jwt-public-key.pem"}]})
+    auth = Authenticator.build(config, metrics, None, clock=clock)
+    for key in (old, new):
+        assert await auth.authenticate(f"Bearer {key.token(now=clock.now)}", ())
+
+
+async def test_rotation_by_kid_and_reload_after_the_file_is_replaced(tmp_path, make_auth, clock, rsa_key, ec_key):
+    auth = make_auth(rsa_key, ec_key)
+    assert auth.watched_files() == [tmp_path / "rsa-1.pem", tmp_path / "ec-1.pem"]
+    old_token = f"Bearer {rsa_key.token(now=clock.now)}"
+    assert await auth.authenticate(old_token, ())
+    assert await auth.authenticate(f"Bearer {ec_key.token(now=clock.now)}", ())
+
+    successor = SigningKey("rsa", kid="rsa-1")
+    successor.write_public_pem(tmp_path / "rsa-1.pem")
+    assert await auth.authenticate(old_token, ())  # until reloaded, the keys in force stay
+    auth.reload_keys()
+    assert (await rejected(auth, old_token)).error_type == "bad_signature"  # the cached verdict went with the key
+    assert await auth.authenticate(f"Bearer {successor.token(now=clock.now)}", ())
+    assert await auth.authenticate(f"Bearer {ec_key.token(now=clock.now)}", ())
+
+
+async def test_a_bad_key_file_on_reload_keeps_the_keys_in_force(tmp_path, make_auth, clock, rsa_key):
+    auth = make_auth(rsa_key)
+    (tmp_path / "rsa-1.pem").write_text("half-written")
+    with pytest.raises(ConfigError) as caught:
+        auth.reload_keys()
+    assert caught.value.errors == ["auth.keys[0].file: not a PEM public key"]
+    assert await auth.authenticate(f"Bearer {rsa_key.token(now=clock.now)}", ())
+
+
+async def test_a_key_without_kid_checks_tokens_with_any_kid(tmp_path, clock, metrics, rsa_key, ec_key):
+    rsa_key.write_public_pem(tmp_path / "any.pem")
+    ec_key.write_public_pem(tmp_path / "ec.pem")
+    keys = [{"file": tmp_path / "any.pem"}, {"file": tmp_path / "ec.pem", "kid": "ec-1"}]
+    config = AuthConfig.model_validate({"keys": keys})
+    auth = Authenticator.build(config, metrics, None, clock=clock)
+    for kid in ("rsa-1", "whatever", None):
+        assert await auth.authenticate(f"Bearer {rsa_key.token(now=clock.now, kid=kid)}", ())
+    assert await auth.authenticate(f"Bearer {ec_key.token(now=clock.now)}", ())
+
+
+async def test_a_jwks_file_provides_keys_by_kid(tmp_path, clock, metrics, rsa_key, ec_key, ed_key):
+    jwks = write_jwks(tmp_path / "jwks.json", [rsa_key, ec_key, ed_key])
+    auth = Authenticator.build(AuthConfig(jwks_file=jwks), metrics, None, clock=clock)
+    assert auth.watched_files() == [jwks]
+    for key in (rsa_key, ec_key, ed_key):
+        assert await auth.authenticate(f"Bearer {key.token(now=clock.now)}", ())
+    assert (await rejected(auth, f"Bearer {rsa_key.token(now=clock.now, kid='gone')}")).error_type == "unknown_kid"
+
+
+async def test_a_jwks_key_is_held_to_its_alg(tmp_path, clock, metrics, rsa_key):
+    jwk = rsa_key.public_jwk() | {"alg": "PS256"}
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
+    config = AuthConfig(jwks_file=tmp_path / "jwks.json", algorithms=["RS256", "PS256"])
+    auth = Authenticator.build(config, metrics, None, clock=clock)
+    assert await auth.authenticate(f"Bearer {rsa_key.token(now=clock.now, algorithm='PS256')}", ())
+    assert (await rejected(auth, f"Bearer {rsa_key.token(now=clock.now)}")).error_type == "disallowed_alg"
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ("{not json", "auth.jwks_file: not JSON: "),
+        ('{"keys": 1}', 'auth.jwks_file: not a JWKS document (expected {"keys": [...]})'),
+        ('{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}', "auth.jwks_file: keys[0]: symmetric (oct) keys are not accepted"),
+        ('{"keys": [{"kty": "RSA", "n": "AQAB"}]}', "auth.jwks_file: keys[0]: unusable key (kty 'RSA', crv None, alg None)"),
+        ('{"keys": []}', "auth.jwks_file: no signing key for the allowed algorithms (ES256, EdDSA, RS256)"),
+    ],
+    ids=["not JSON", "not JWKS", "symmetric key", "broken key", "no keys"],
+)
+def test_an_unusable_jwks_file_is_a_located_config_error(tmp_path, metrics, document, message):
+    (tmp_path / "jwks.json").write_text(document)
+    with pytest.raises(ConfigError) as caught:
+        Authenticator.build(AuthConfig(jwks_file=tmp_path / "jwks.json"), metrics, None)
+    [error] = caught.value.errors
+    assert error.startswith(message)
+
+
+def test_a_private_jwk_is_refused_without_echoing_it(tmp_path, metrics):
+    private = json.loads(jwt.get_algorithm_by_name("RS256").to_jwk(rsa.generate_private_key(65537, 2048)))
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [private]}))
+    with pytest.raises(ConfigError) as caught:
+        Authenticator.build(AuthConfig(jwks_file=tmp_path / "jwks.json"), metrics, None)
+    [error] = caught.value.errors
+    assert error == "auth.jwks_file: keys[0]: holds private key material; give the gateway only public keys"
+
+
+# --- the verified-token cache ---------------------------------------------------------------------
+
+
+async def test_a_repeated_token_is_served_from_the_cache(make_auth, clock, rsa_key):
+    auth = make_auth(rsa_key)
+    token = f"Bearer {rsa_key.token(now=clock.now)}"
+    first = await auth.authenticate(token, ())
+    second = await auth.authenticate(token, ())
+    assert second is first
+    assert (auth.cache.hits, auth.cache.misses) == (1, 1)
+
+
+async def test_the_cache_never_serves_a_token_past_exp(make_auth, clock, metrics, rsa_key):
+    auth = make_auth(rsa_key, clock_skew=30)
+    token = f"Bearer {rsa_key.token(now=clock.now, ttl=60)}"
+    await auth.authenticate(token, ())
+    clock.now += 59
+    await auth.authenticate(token, ())
+    assert (auth.cache.hits, auth.cache.misses) == (1, 1)
+    clock.now += 2  # past exp, within the skew: verified afresh, still valid
+    await auth.authenticate(token, ())
+    assert (auth.cache.hits, auth.cache.misses) == (1, 2)
+    clock.now += 30
+    assert (await rejected(auth, token)).error_type == "expired"
+    assert attempts(metrics, "failure", "expired") == 1
+
+
+async def test_a_token_without_exp_is_reverified_after_a_short_while(make_auth, clock, rsa_key):
+    auth = make_auth(rsa_key)
+    token = f"Bearer {rsa_key.token(now=clock.now, ttl=None)}"
+    await auth.authenticate(token, ())
+    clock.now += NO_EXP_CACHE_SECONDS - 1
+    await auth.authenticate(token, ())
+    clock.now += 2
+    await auth.authenticate(token, ())
+    assert (auth.cache.hits, auth.cache.misses) == (1, 2)
+
+
+async def test_the_cache_is_bounded_least_recently_used_first(make_auth, clock, rsa_key):
+    auth = make_auth(rsa_key, cache_size=2)
+    a, b, c = (f"Bearer {rsa_key.token(now=clock.now)}" for _ in range(3))
+    for token in (a, b, a, c):  # a was used after b: b goes
+        await auth.authenticate(token, ())
+    assert len(auth.cache.entries) == 2
+    hits = auth.cache.hits
+    await auth.authenticate(a, ())
+    assert auth.cache.hits == hits + 1
+    await auth.authenticate(b, ())
+    assert auth.cache.hits == hits + 1
+
+
+async def test_cache_size_zero_verifies_every_time(make_auth, clock, rsa_key):
+    auth = make_auth(rsa_key, cache_size=0)
+    token = f"Bearer {rsa_key.token(now=clock.now)}"
+    for _ in range(3):
+        await auth.authenticate(token, ())
+    assert (auth.cache.hits, auth.cache.misses) == (0, 3)
+
+
+async def test_failed_tokens_are_not_cached(make_auth, clock, rsa_key):
+    auth = make_auth(rsa_key)
+    token = f"Bearer {rsa_key.token(now=clock.now, nbf=int(clock.now) + 100)}"
+    assert (await rejected(auth, token)).error_type == "not_yet_valid"
+    clock.now += 100
+    assert await auth.authenticate(token, ())
+    assert len(auth.cache.entries) == 1
+
+
+# --- revocation against a real Redis ----------------------------------------------------------------
+
+
+async def test_a_revoked_token_is_rejected_even_when_cached(make_auth, clock, metrics, rsa_key, redis_client):
+    auth = make_auth(rsa_key, redis_client=redis_client)
+    token = rsa_key.token(now=clock.now, jti="t-1")
+    assert await auth.authenticate(f"Bearer {token}", ())
+    await redis_client.set("revoked:t-1", "1", ex=300)
+    error = await rejected(auth, f"Bearer {token}")
+    assert (error.status, error.error_type) == (401, "revoked")
+    assert auth.cache.hits == 1
+    assert attempts(metrics, "failure", "revoked") == 1
+    other = rsa_key.token(now=clock.now, jti="t-2")
+    assert await auth.authenticate(f"Bearer {other}", ())
+
+
+async def test_a_revoked_token_is_401_before_its_scopes_are_judged(make_auth, clock, rsa_key, redis_client):
+    auth = make_auth(rsa_key, redis_client=redis_client)
+    await redis_client.set("revoked:t-1", "1")
+    error = await rejected(auth, f"Bearer {rsa_key.token(now=clock.now, jti='t-1')}", ("admin",))
+    assert error.error_type == "revoked"
+
+
+async def test_revocation_disabled_skips_redis(make_auth, clock, rsa_key, redis_client):
+    auth = make_auth(rsa_key, redis_client=redis_client, revocation={"enabled": False})
+    await redis_client.set("revoked:t-1", "1")
+    assert await auth.authenticate(f"Bearer {rsa_key.token(now=clock.now, jti='t-1')}", ())
+
+
+@pytest.mark.parametrize("how", ["stopped", "paused"])
+@pytest.mark.parametrize(
+    ("mode", "status", "result", "error_type"),
+    [("fail_open", 200, "success", "none"), ("fail_closed", 503, "failure", "revocation_unavailable")],
+)
+async def test_redis_down_follows_the_failure_mode_and_is_counted(
+    make_auth, clock, metrics, rsa_key, redis_server, redis_client, how, mode, status, result, error_type
+):
+    auth = make_auth(rsa_key, redis_client=redis_client, revocation={"failure_mode": mode})
+    token = f"Bearer {rsa_key.token(now=clock.now)}"
+    if how == "stopped":
+        redis_server.stop()
+    else:
+        redis_server.pause()
+    async with asyncio.timeout(10):  # a hang guard, not a timing assertion
+        try:
+            await auth.authenticate(token, ())
+            outcome = (200, "none")
+        except GatewayError as exc:
+            outcome = (exc.status, exc.error_type)
+    assert outcome == (status, error_type)
+    assert metrics.registry.get_sample_value("gateway_redis_errors_total", {"operation": "revocation"}) == 1
+    assert attempts(metrics, result, error_type) == 1
+
+
+async def test_revocation_works_again_after_redis_restarts(make_auth, clock, rsa_key, redis_server, redis_client):
+    auth = make_auth(rsa_key, redis_client=redis_client, revocation={"failure_mode": "fail_closed"})
+    token = f"Bearer {rsa_key.token(now=clock.now, jti='t-1')}"
+    assert await auth.authenticate(token, ())
+    redis_server.stop()
+    assert (await rejected(auth, token)).error_type == "revocation_unavailable"
+    redis_server.start()
+    assert await auth.authenticate(token, ())
+    await redis_client.set("revoked:t-1", "1")
+    assert (await rejected(auth, token)).error_type == "revoked"
+
+
+async def test_tokens_without_jti_need_no_redis(make_auth, clock, metrics, rsa_key, redis_server, redis_client):
+    auth = make_auth(rsa_key, redis_client=redis_client, revocation={"failure_mode": "fail_closed"})
+    redis_server.stop()
+    assert await auth.authenticate(f"Bearer {rsa_key.token(now=clock.now, jti=None)}", ())
+    assert metrics.registry.get_sample_value("gateway_redis_errors_total", {"operation": "revocation"}) == 0

@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 import yaml
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from apigw.loader import parse_documents
 from apigw.metrics import Metrics
@@ -35,7 +35,9 @@ def gateway_client(aiohttp_client):
 
     async def make(config: dict[str, Any]) -> TestClient:
         gateway = Gateway.create(parse_documents({"config.yaml": yaml.safe_dump(config)}), Metrics())
-        client = await aiohttp_client(traffic_app(gateway))
+        server = TestServer(traffic_app(gateway), host="127.0.0.1")
+        await server.start_server(access_log=None)  # as `serve` runs it: the pipeline logs, aiohttp does not
+        client = await aiohttp_client(server)
         return client
 
     return make

@@ -16,7 +16,7 @@ from apigw.loader import ConfigError, load_config
 from apigw.logs import setup_logging
 from apigw.metrics import Metrics
 from apigw.state import Gateway
-from apigw.tls import ServerTLS
+from apigw.tls import check_tls
 
 DEFAULT_CONFIG = "/etc/gateway/"
 
@@ -58,7 +58,7 @@ def validate(path: Path) -> int:
         config = load_config(path)
         Gateway.create(config, Metrics())  # reads every file the config names, as the gateway would at start
         if config.listen.tls is not None:
-            ServerTLS(config.listen.tls, Metrics())
+            check_tls(config.listen.tls)
     except ConfigError as exc:
         print(f"{path}: {len(exc.errors)} error(s)", file=sys.stderr)
         for error in exc.errors:

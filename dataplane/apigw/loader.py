@@ -78,6 +78,11 @@ def parse_documents(documents: Mapping[str, str]) -> Config:
     routes = [(name, i, route) for name, doc in parsed for i, route in enumerate(doc.routes)]
     policies = [(name, i, policy) for name, doc in parsed for i, policy in enumerate(doc.policies)]
     _check_references(routes, policies, where, errors)
+    if not (base.auth.keys or base.auth.jwks_file):
+        for file, i, route in routes:
+            if route.enabled and route.auth is not None:
+                errors.append(f"{where(file, 'routes', i, 'auth')}: the route checks tokens, but no key is "
+                              "configured (auth.keys or auth.jwks_file in config.yaml)")
     if errors:
         raise ConfigError(errors)
     return base.model_copy(update={"routes": [r for _, _, r in routes], "policies": [p for _, _, p in policies]})

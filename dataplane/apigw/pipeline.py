@@ -49,6 +49,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if route is None:
             raise GatewayError(404, "no_route", f"no route for {request.method} {path}")
         claims = None
+        if route.auth is not None and (route.auth.required or "Authorization" in request.headers):
+            auth_status = "failure"
+            claims = await state.auth.authenticate(request.headers.get("Authorization"), route.auth.scopes)
+            auth_status = "success"
         response_headers = {"X-Request-ID": request_id}
         if route.limit is not None and state.limiter is not None:
             key = limit_key(route.limit.key, client_ip, request.headers, claims)
@@ -56,7 +60,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
             if not decision.allowed:
                 raise decision.error()
             response_headers.update(decision.headers())
-        headers = proxy.request_headers(request, route.upstream, request_id, client_ip, frozenset(), ())
+        forwarded_claims = state.auth.forward_headers(claims).items() if claims else ()
+        headers = proxy.request_headers(
+            request, route.upstream, request_id, client_ip, state.auth.stripped_headers, forwarded_claims
+        )
         body = proxy.request_body(request, route.max_body)
         backend = await _call_backend(request, route, route.backend_path(path), headers, body, forwarded, metrics)
         response = await proxy.relay(request, backend, response_headers)

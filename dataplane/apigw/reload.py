@@ -16,7 +16,7 @@ from pathlib import Path
 from apigw.config import Config, restart_settings
 from apigw.loader import ConfigError, config_files, load_config
 from apigw.state import Gateway, build_state
-from apigw.tls import ServerTLS
+from apigw.tls import ServerTLS, check_tls
 
 log = logging.getLogger("apigw.reload")
 
@@ -61,6 +61,8 @@ class Reloader:
         old = gateway.state
         try:
             config = load_config(self.path)
+            if self.tls is not None and config.listen.tls is not None:
+                check_tls(config.listen.tls)
             state = build_state(config, gateway.shared)
             if self.tls is not None and config.listen.tls is not None:
                 self.tls.load(config.listen.tls)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from redis.asyncio import Redis
 
+from apigw.auth import Authenticator, load_keys
 from apigw.breaker import Breakers, CircuitBreaker, breaker_settings
 from apigw.config import Config, RedisConfig, RetrySettings, Route, config_hash
 from apigw.metrics import Metrics
@@ -24,6 +25,13 @@ from apigw.proxy import Upstream
 from apigw.ratelimit import Limiter, LimitRule, build_limiter, redis_client
 from apigw.retry import RetryBudget, RetryBudgets
 from apigw.routing import Router
+
+
+@dataclass(frozen=True, slots=True)
+class AuthRule:
+    required: bool
+    """False: a token is checked when sent (its claims may key limits), but none is needed."""
+    scopes: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +49,7 @@ class CompiledRoute:
     retry_budget: RetryBudget
     limit: LimitRule | None
     """The route's rate limit policy, when it has one and rate limiting is enabled."""
+    auth: AuthRule | None
 
     def backend_path(self, path: str) -> str:
         if self.rewrite is None:
@@ -59,6 +68,7 @@ class GatewayState:
     router: Router[CompiledRoute]
     upstreams: dict[tuple[str, str], Upstream]
     limiter: Limiter | None
+    auth: Authenticator
 
 
 class Shared:
@@ -100,9 +110,13 @@ class Shared:
 
 
 def build_state(config: Config, shared: Shared) -> GatewayState:
-    """Compile `config` into ready objects, reusing what `shared` holds for unchanged backends."""
+    """Compile `config` into ready objects, reusing what `shared` holds for unchanged backends.
+
+    Reading files (the only step that can fail) comes first, so a failure leaves `shared` untouched.
+    """
+    keys = load_keys(config.auth)
     enabled = [route for route in config.routes if route.enabled]
-    shared.redis_for(config.redis)
+    auth = Authenticator(config.auth, shared.metrics, shared.redis_for(config.redis), keys, time.time)
     limiter = shared.limiter_for(config)
     rules = {policy.name: LimitRule.from_policy(policy) for policy in config.policies} if limiter else {}
     shared.breakers.update(breaker_settings(config))
@@ -117,7 +131,7 @@ def build_state(config: Config, shared: Shared) -> GatewayState:
         compiled.append((route, _compile(route, upstream, config, shared, limit)))
     shared.retired += [u for key, u in shared.upstreams.items() if key not in upstreams]
     shared.upstreams = upstreams
-    return GatewayState(config, config_hash(config), Router(compiled), upstreams, limiter)
+    return GatewayState(config, config_hash(config), Router(compiled), upstreams, limiter, auth)
 
 
 def _compile(
@@ -135,6 +149,7 @@ def _compile(
         retries=backend.retries,
         retry_budget=shared.budgets[backend.service],
         limit=limit,
+        auth=AuthRule(route.auth.required, tuple(route.auth.scopes)) if route.auth else None,
     )
 
 

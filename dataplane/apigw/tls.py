@@ -25,16 +25,23 @@ class ServerTLS:
 
     def load(self, files: TLSFiles) -> None:
         """Load `files` into the live context; on error the old certificate stays and ConfigError says why."""
+        expiry = check_tls(files)
+        self.context.load_cert_chain(files.cert_file, files.key_file)
         self.files = files
-        expiry = certificate_expiry(files.cert_file)
-        try:
-            self.context.load_cert_chain(files.cert_file, files.key_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError([f"listen.tls: cannot load {files.cert_file} with {files.key_file}: {exc}"]) from None
         self.metrics.tls_expiry.set(expiry)
 
     def watched_files(self) -> list[Path]:
         return [self.files.cert_file, self.files.key_file]
+
+
+def check_tls(files: TLSFiles) -> float:
+    """Load `files` into a scratch context (ConfigError if unusable); return the certificate's expiry."""
+    expiry = certificate_expiry(files.cert_file)
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(files.cert_file, files.key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError([f"listen.tls: cannot load {files.cert_file} with {files.key_file}: {exc}"]) from None
+    return expiry
 
 
 def certificate_expiry(path: Path) -> float:

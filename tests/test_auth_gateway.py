@@ -1,0 +1,143 @@
+"""JWT auth through the gateway: status codes, headers, forwarded claims, logs, rotation."""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.request
+from pathlib import Path
+
+import pytest
+import redis as redis_sync
+import yaml
+
+from apigw.state import GATEWAY
+from apigw.testkit.backend import Backend
+from apigw.testkit.process import GatewayProcess, ports
+from apigw.testkit.redis import RedisServer
+from apigw.testkit.tokens import SigningKey
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> SigningKey:
+    signing = SigningKey("rsa")
+    signing.write_public_pem(tmp_path / "jwt-public-key.pem")
+    return signing
+
+
+def auth_config(tmp_path: Path, url: str, **extra: object) -> dict:
+    return {
+        "auth": {"keys": [{"file": str(tmp_path / "jwt-public-key.pem")}],
+                 "forward_claims": {"sub": "X-User-Id"}, **extra},
+        "routes": [
+            {"name": "users", "match": {"path_prefix": "/users"}, "backend": {"service": "users", "url": url},
+             "auth": {"scopes": ["users:read"]}},
+            {"name": "public", "backend": {"service": "users", "url": url}},
+        ],
+    }
+
+
+async def test_valid_token_is_forwarded_with_claims_and_no_spoofing(gateway_client, backend, key, tmp_path) -> None:
+    client = await gateway_client(auth_config(tmp_path, backend.url))
+    token = key.token(sub="alice", scope="users:read other")
+    resp = await client.get("/users/1", headers={"Authorization": f"Bearer {token}", "X-User-Id": "mallory"})
+    assert resp.status == 200
+    sent = (await resp.json())["headers"]
+    assert sent["X-User-Id"] == "alice"
+    assert sent["Authorization"] == f"Bearer {token}"
+    public = await client.get("/other", headers={"X-User-Id": "mallory"})
+    assert "X-User-Id" not in (await public.json())["headers"]
+
+
+@pytest.mark.parametrize("header, error_type", [
+    (None, "missing_token"),
+    ("Basic dXNlcjpwYXNz", "malformed"),
+    ("Bearer not.a.jwt", "malformed"),
+])
+async def test_bad_credentials_are_401(gateway_client, backend, key, tmp_path, header, error_type, caplog) -> None:
+    client = await gateway_client(auth_config(tmp_path, backend.url))
+    caplog.set_level(logging.INFO, "apigw.access")
+    resp = await client.get("/users/1", headers={"Authorization": header} if header else {})
+    assert resp.status == 401
+    assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+    assert set(await resp.json()) == {"error", "request_id"}
+    assert backend.seen == []
+    line = caplog.records[-1]
+    assert "auth_status=failure" in line.getMessage()
+    assert line.fields["error_type"] == error_type
+    value = client.app[GATEWAY].metrics.registry.get_sample_value
+    assert value("gateway_auth_attempts_total", {"result": "failure", "error_type": error_type}) == 1
+
+
+async def test_expired_token_and_missing_scope(gateway_client, backend, key, tmp_path) -> None:
+    client = await gateway_client(auth_config(tmp_path, backend.url))
+    expired = await client.get("/users/1", headers={"Authorization": f"Bearer {key.token(ttl=-120, scope='users:read')}"})
+    assert expired.status == 401
+    assert 'error="invalid_token"' in expired.headers["WWW-Authenticate"]
+    no_scope = await client.get("/users/1", headers={"Authorization": f"Bearer {key.token(scope='other')}"})
+    assert no_scope.status == 403
+    assert "insufficient_scope" in no_scope.headers["WWW-Authenticate"]
+
+
+async def test_token_never_reaches_the_logs(gateway_client, backend, key, tmp_path, caplog) -> None:
+    client = await gateway_client(auth_config(tmp_path, backend.url))
+    caplog.set_level(logging.DEBUG)
+    good = key.token(scope="users:read")
+    bad = key.token(ttl=-100)
+    await client.get("/users/1", headers={"Authorization": f"Bearer {good}"})
+    await client.get("/users/1?access_token=secret123", headers={"Authorization": f"Bearer {bad}"})
+    text = "\n".join(r.getMessage() + json.dumps(getattr(r, "fields", {}), default=str) for r in caplog.records)
+    for secret in (good, bad, good.split(".")[2], "secret123"):
+        assert secret not in text
+
+
+async def test_revoked_token_is_rejected(gateway_client, backend, key, tmp_path, redis_server: RedisServer) -> None:
+    config = auth_config(tmp_path, backend.url)
+    config["redis"] = {"url": redis_server.url}
+    client = await gateway_client(config)
+    token = key.token(jti="t-1", scope="users:read")
+    headers = {"Authorization": f"Bearer {token}"}
+    assert (await client.get("/users/1", headers=headers)).status == 200
+    redis_sync.Redis.from_url(redis_server.url).set("revoked:t-1", 1, ex=300)
+    resp = await client.get("/users/1", headers=headers)
+    assert resp.status == 401
+    assert "revoked" in resp.headers["WWW-Authenticate"]
+
+
+def test_key_rotation_by_replacing_the_secret_file(tmp_path: Path) -> None:
+    """The runbook's `kubectl create secret ... jwt-public-key.pem` rotation: no restart needed."""
+    import asyncio
+
+    old, new = SigningKey("rsa"), SigningKey("ec")
+    key_file = tmp_path / "jwt-public-key.pem"
+    old.write_public_pem(key_file)
+    port, metrics_port = ports()
+
+    async def scenario() -> None:
+        async with Backend() as backend:
+            config = auth_config(tmp_path, backend.url)
+            config["listen"] = {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port}
+            (tmp_path / "gw.yaml").write_text(yaml.safe_dump(config))
+            with GatewayProcess(tmp_path / "gw.yaml", port, metrics_port) as gateway:
+                assert await asyncio.to_thread(_status, gateway.url, new.token(scope="users:read")) == 401
+                staged = tmp_path / "new.pem"
+                staged.write_bytes(new.public_pem)
+                staged.rename(key_file)
+                for _ in range(100):
+                    if await asyncio.to_thread(_status, gateway.url, new.token(scope="users:read")) == 200:
+                        break
+                    await asyncio.sleep(0.1)
+                assert await asyncio.to_thread(_status, gateway.url, new.token(scope="users:read")) == 200
+                assert await asyncio.to_thread(_status, gateway.url, old.token(scope="users:read")) == 401
+
+    asyncio.run(scenario())
+
+
+def _status(base: str, token: str) -> int:
+    request = urllib.request.Request(f"{base}/users/1", headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        error.close()
+        return error.code

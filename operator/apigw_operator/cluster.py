@@ -5,6 +5,7 @@ Keeping them here makes the RBAC rules in README-operator.md checkable against o
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +71,24 @@ class Cluster:
         await self._custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, namespace, plural, name, {"status": status}, _content_type=MERGE
         )
+
+    async def post_event(self, body: dict[str, Any], event_type: str, reason: str, message: str, now: str) -> None:
+        meta = body["metadata"]
+        event = {
+            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+                "name": meta["name"], "namespace": meta["namespace"], "uid": meta.get("uid"),
+            },
+            "type": event_type,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": "apigw-operator"},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        await self._core.create_namespaced_event(meta["namespace"], event)
 
     async def ready_pods(self) -> dict[str, str]:
         """Ready gateway pods: name -> pod IP."""

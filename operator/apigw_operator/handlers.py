@@ -35,10 +35,6 @@ class Options:
     pod_url: PodUrl = field(default=pod_url)
 
 
-def _announce(body: dict[str, Any], event_type: str, reason: str, message: str) -> None:
-    kopf.event(body, type=event_type, reason=reason, message=message)
-
-
 async def _api_client() -> client.ApiClient:
     try:
         config.load_incluster_config()
@@ -51,13 +47,16 @@ def build_registry(options: Options) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     running: dict[str, Any] = {}
 
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
     @kopf.on.startup(registry=registry)
-    async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
-        settings.watching.server_timeout = 300
+    async def start(**_: Any) -> None:
         api = await _api_client()
         session = aiohttp.ClientSession()
         reconciler = Reconciler(
-            Cluster(api, options.target, options.namespaces), session, _announce, lambda: datetime.now(UTC), options.pod_url
+            Cluster(api, options.target, options.namespaces), session, lambda: datetime.now(UTC), options.pod_url
         )
         leadership = None
         if options.leader_election:

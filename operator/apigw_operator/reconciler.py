@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 import aiohttp
+from kubernetes_asyncio.client.rest import ApiException
 
 from apigw.loader import GLOBAL_FILE, ROUTES_FILE
 from apigw_operator.cluster import Cluster
@@ -28,8 +29,6 @@ logger = logging.getLogger(__name__)
 
 PodUrl = Callable[[str, str], str]
 """(pod name, pod IP) -> the base URL of its traffic listener."""
-Announce = Callable[[dict[str, Any], str, str, str], None]
-"""(CR body, event type, reason, message): a Kubernetes Event on that CR."""
 
 
 def pod_url(pod: str, ip: str) -> str:
@@ -41,13 +40,11 @@ class Reconciler:
         self,
         cluster: Cluster,
         session: aiohttp.ClientSession,
-        announce: Announce,
         clock: Callable[[], datetime],
         pod_url: PodUrl = pod_url,
     ):
         self.cluster = cluster
         self.session = session
-        self.announce = announce
         self.clock = clock
         self.pod_url = pod_url
         self._reported: list[str] = []
@@ -110,7 +107,10 @@ class Reconciler:
             meta = body["metadata"]
             await self.cluster.patch_status(plural, meta["namespace"], meta["name"], {"conditions": new})
             for event_type, reason, message in announcements(new, previous):
-                self.announce(body, event_type, reason, message)
+                try:
+                    await self.cluster.post_event(body, event_type, reason, message, now)
+                except ApiException as exc:  # an Event is a courtesy: the status above already says it
+                    logger.warning("could not post an Event on %s/%s: %s", meta["namespace"], meta["name"], exc.reason)
 
 
 class Worker:

@@ -37,8 +37,11 @@ def main(argv: list[str] | None = None) -> None:
     options, args = parse_args(argv)
     kopf.configure(verbose=args.verbose)
     logging.getLogger("apigw_operator").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    settings = kopf.OperatorSettings()
+    settings.scanning.disabled = True  # the CRDs are installed first; no cluster-wide CRD watch (and RBAC) needed
     kopf.run(
         registry=build_registry(options),
+        settings=settings,
         standalone=True,  # two replicas are coordinated by the Lease, not by kopf peering
         clusterwide=not options.namespaces,
         namespaces=options.namespaces,

@@ -1,0 +1,1 @@
+"""apigw-operator: GatewayRoute and RateLimitPolicy CRs to the gateway's validated `routes.yaml`."""

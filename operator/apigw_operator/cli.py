@@ -1,0 +1,49 @@
+"""`apigw-operator`: run the operator with kopf."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import kopf
+
+from apigw_operator.cluster import Target
+from apigw_operator.handlers import Options, build_registry
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespace]:
+    parser = argparse.ArgumentParser(prog="apigw-operator", description=__doc__)
+    parser.add_argument("-n", "--namespace", action="append", default=[], help="watch CRs in this namespace (repeatable); default: all")
+    parser.add_argument("--gateway-namespace", default=Target.namespace, help="namespace of the gateway's ConfigMap, Deployment, pods and the Lease")
+    parser.add_argument("--configmap", default=Target.configmap)
+    parser.add_argument("--deployment", default=Target.deployment)
+    parser.add_argument("--pod-selector", default=Target.pod_selector)
+    parser.add_argument("--resync-interval", type=float, default=Options.resync_interval, help="seconds between full passes")
+    parser.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", help="kopf's liveness endpoint URL")
+    parser.add_argument("--no-leader-election", action="store_true", help="write without holding the Lease (one replica only)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    target = Target(args.gateway_namespace, args.configmap, args.deployment, args.pod_selector)
+    options = Options(
+        target=target,
+        namespaces=tuple(args.namespace),
+        resync_interval=args.resync_interval,
+        leader_election=not args.no_leader_election,
+    )
+    return options, args
+
+
+def main(argv: list[str] | None = None) -> None:
+    options, args = parse_args(argv)
+    kopf.configure(verbose=args.verbose)
+    logging.getLogger("apigw_operator").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    settings = kopf.OperatorSettings()
+    settings.scanning.disabled = True  # the CRDs are installed first; no cluster-wide CRD watch (and RBAC) needed
+    kopf.run(
+        registry=build_registry(options),
+        settings=settings,
+        standalone=True,  # two replicas are coordinated by the Lease, not by kopf peering
+        clusterwide=not options.namespaces,
+        namespaces=options.namespaces,
+        liveness_endpoint=args.liveness,
+    )

@@ -1,0 +1,102 @@
+"""Every Kubernetes API call the operator makes (kopf's watches aside), with merge PATCHes only.
+
+Keeping them here makes the RBAC rules in README-operator.md checkable against one file.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.rest import ApiException
+
+from apigw_operator.crds import GROUP, VERSION
+
+MERGE = "application/merge-patch+json"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the gateway lives: the ConfigMap the operator writes and the Deployment it rolls."""
+
+    namespace: str = "api-gateway"
+    configmap: str = "api-gateway-config"
+    deployment: str = "api-gateway"
+    pod_selector: str = "app=api-gateway"
+
+
+class Cluster:
+    def __init__(self, api: client.ApiClient, target: Target, namespaces: Sequence[str] = ()):
+        self.target = target
+        self.namespaces = namespaces
+        """Where to list CRs; empty means all namespaces."""
+        self._core = client.CoreV1Api(api)
+        self._apps = client.AppsV1Api(api)
+        self._custom = client.CustomObjectsApi(api)
+        self._api = api
+
+    async def list_crs(self, plural: str) -> list[dict[str, Any]]:
+        if not self.namespaces:
+            found = await self._custom.list_cluster_custom_object(GROUP, VERSION, plural)
+            return found["items"]
+        items = []
+        for namespace in self.namespaces:
+            found = await self._custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural)
+            items += found["items"]
+        return items
+
+    async def read_configmap(self) -> dict[str, Any] | None:
+        t = self.target
+        try:
+            found = await self._core.read_namespaced_config_map(t.configmap, t.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return self._api.sanitize_for_serialization(found)
+
+    async def patch_configmap(self, patch: dict[str, Any]) -> None:
+        t = self.target
+        await self._core.patch_namespaced_config_map(t.configmap, t.namespace, patch, _content_type=MERGE)
+
+    async def annotate_pod_template(self, key: str, value: str) -> None:
+        t = self.target
+        patch = {"spec": {"template": {"metadata": {"annotations": {key: value}}}}}
+        await self._apps.patch_namespaced_deployment(t.deployment, t.namespace, patch, _content_type=MERGE)
+
+    async def patch_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
+        await self._custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, plural, name, {"status": status}, _content_type=MERGE
+        )
+
+    async def post_event(self, body: dict[str, Any], event_type: str, reason: str, message: str, now: str) -> None:
+        meta = body["metadata"]
+        event = {
+            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+                "name": meta["name"], "namespace": meta["namespace"], "uid": meta.get("uid"),
+            },
+            "type": event_type,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": "apigw-operator"},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        await self._core.create_namespaced_event(meta["namespace"], event)
+
+    async def ready_pods(self) -> dict[str, str]:
+        """Ready gateway pods: name -> pod IP."""
+        t = self.target
+        pods = await self._core.list_namespaced_pod(t.namespace, label_selector=t.pod_selector)
+        return {
+            pod.metadata.name: pod.status.pod_ip
+            for pod in pods.items
+            if pod.status and pod.status.pod_ip and not pod.metadata.deletion_timestamp
+            if any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+        }

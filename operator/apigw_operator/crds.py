@@ -1,0 +1,208 @@
+"""The GatewayRoute and RateLimitPolicy CRDs, generated from the data plane's config model.
+
+`crds/*.yaml` are the output of `python -m apigw_operator.crds crds/`; a test regenerates them and
+compares, so the API server's validation can never drift from what the data plane accepts. The
+model stays the authority: the operator validates every CR with it, the CRD schema is a first filter
+that makes `kubectl apply` fail early.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+from pydantic.json_schema import GenerateJsonSchema
+
+from apigw import config
+from apigw.config import Policy, Route
+
+GROUP = "gateway.apigw.io"
+VERSION = "v1alpha1"
+ROUTES = "gatewayroutes"
+POLICIES = "ratelimitpolicies"
+CONDITION_TYPES = ("Accepted", "ResolvedRefs", "Programmed")
+
+_KEPT = {
+    "type", "properties", "required", "items", "enum", "pattern", "format", "description",
+    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength",
+    "minItems", "maxItems", "anyOf", "x-kubernetes-int-or-string",
+}
+_DROPPED = {"$defs", "title", "default", "additionalProperties"}  # k8s prunes unknown fields itself
+
+
+class _DurationsAsStrings(GenerateJsonSchema):
+    """Durations are float seconds in the model but written `30s` or `500ms` by people."""
+
+    def function_before_schema(self, schema: Any) -> dict[str, Any]:
+        if schema["function"].get("function") is config.parse_duration:
+            # The model's own duration syntax (config._DURATION), so both sides accept the same text.
+            return {"anyOf": [{"type": "integer"}, {"type": "string", "pattern": config._DURATION.pattern}]}
+        return super().function_before_schema(schema)
+
+
+def structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema node as a Kubernetes structural schema: refs inlined, nulls dropped."""
+    node = dict(node)
+    if "$ref" in node:
+        node = {**defs[node.pop("$ref").rsplit("/", 1)[1]], **node}
+    if node.get("additionalProperties") not in (None, False):
+        raise ValueError(f"free-form maps are not supported here: {node}")
+    branches = [b for b in node.pop("anyOf", []) if b != {"type": "null"}]
+    if len(branches) == 1:
+        node = {**structural(branches[0], defs), **node}
+    elif branches:
+        types = sorted(b.get("type") for b in branches)
+        if types != ["integer", "string"]:
+            raise ValueError(f"Kubernetes allows no union of {types}")
+        node["x-kubernetes-int-or-string"] = True
+        node["anyOf"] = sorted((structural(b, defs) for b in branches), key=lambda b: b["type"])
+    for raw, exclusive in (("gt", True), ("ge", False)):  # constraints on a duration: its integer form
+        if raw in node:
+            node["anyOf"][0].update(_minimum(node.pop(raw), exclusive))
+    if isinstance(node.get("exclusiveMinimum"), (int, float)) and not isinstance(node["exclusiveMinimum"], bool):
+        node.update(_minimum(node.pop("exclusiveMinimum"), True))
+    if "properties" in node:
+        node["properties"] = {k: structural(v, defs) for k, v in node["properties"].items()}
+    if "items" in node:
+        node["items"] = structural(node["items"], defs)
+    node = {k: v for k, v in node.items() if k not in _DROPPED}
+    unknown = set(node) - _KEPT
+    if unknown:
+        raise ValueError(f"no structural-schema translation for {sorted(unknown)} in {node}")
+    return node
+
+
+def _minimum(value: float, exclusive: bool) -> dict[str, Any]:
+    return {"minimum": value, "exclusiveMinimum": True} if exclusive else {"minimum": value}
+
+
+def spec_schema(model: type[BaseModel], descriptions: dict[str, str]) -> dict[str, Any]:
+    """The model's schema minus `name` (the CR's own name stands for it)."""
+    raw = model.model_json_schema(schema_generator=_DurationsAsStrings)
+    schema = structural(raw, raw.get("$defs", {}))
+    schema.pop("description", None)
+    del schema["properties"]["name"]
+    schema["required"] = [r for r in schema["required"] if r != "name"]
+    for field, text in descriptions.items():
+        schema["properties"][field]["description"] = text
+    return schema
+
+
+def _status_schema() -> dict[str, Any]:
+    condition = {
+        "type": "object",
+        "required": ["type", "status", "reason", "message", "lastTransitionTime"],
+        "properties": {
+            "type": {"type": "string", "enum": list(CONDITION_TYPES)},
+            "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+            "reason": {"type": "string"},
+            "message": {"type": "string"},
+            "observedGeneration": {"type": "integer", "format": "int64", "minimum": 0},
+            "lastTransitionTime": {"type": "string", "format": "date-time"},
+        },
+    }
+    return {
+        "type": "object",
+        "properties": {
+            "conditions": {
+                "type": "array",
+                "items": condition,
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["type"],
+            },
+        },
+    }
+
+
+def _condition_column(kind: str) -> dict[str, Any]:
+    return {"name": kind, "type": "string", "jsonPath": f'.status.conditions[?(@.type=="{kind}")].status'}
+
+
+def _crd(kind: str, plural: str, short: str, spec: dict[str, Any], columns: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": kind.lower(),
+                "shortNames": [short],
+                "categories": ["apigw"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": [
+                        *columns,
+                        _condition_column("Accepted"),
+                        _condition_column("Programmed"),
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    ],
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "required": ["spec"],
+                            "properties": {"spec": spec, "status": _status_schema()},
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def gatewayroute_crd() -> dict[str, Any]:
+    spec = spec_schema(
+        Route,
+        {
+            "ratelimit": "The name of a RateLimitPolicy in the same namespace.",
+            "enabled": "false keeps the route in the config but serving no traffic.",
+        },
+    )
+    columns = [
+        {"name": "Host", "type": "string", "jsonPath": ".spec.match.host"},
+        {"name": "Prefix", "type": "string", "jsonPath": ".spec.match.path_prefix"},
+        {"name": "Path", "type": "string", "jsonPath": ".spec.match.path", "priority": 1},
+        {"name": "Backend", "type": "string", "jsonPath": ".spec.backend.url"},
+    ]
+    return _crd("GatewayRoute", ROUTES, "gwr", spec, columns)
+
+
+def ratelimitpolicy_crd() -> dict[str, Any]:
+    columns = [
+        {"name": "Requests", "type": "integer", "jsonPath": ".spec.requests"},
+        {"name": "Period", "type": "string", "jsonPath": ".spec.period"},
+        {"name": "Key", "type": "string", "jsonPath": ".spec.key.type"},
+    ]
+    return _crd("RateLimitPolicy", POLICIES, "rlp", spec_schema(Policy, {}), columns)
+
+
+def manifests() -> dict[str, str]:
+    """File name -> YAML text, as committed under `crds/`."""
+    header = "# Generated from dataplane/apigw/config.py by `python -m apigw_operator.crds crds/`: do not edit.\n"
+    return {
+        "gatewayroute.yaml": header + yaml.safe_dump(gatewayroute_crd(), sort_keys=False),
+        "ratelimitpolicy.yaml": header + yaml.safe_dump(ratelimitpolicy_crd(), sort_keys=False),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    target = Path((argv or sys.argv[1:] or ["crds"])[0])
+    for name, text in manifests().items():
+        (target / name).write_text(text, encoding="utf-8")
+        print(f"wrote {target / name}")
+
+
+if __name__ == "__main__":
+    main()

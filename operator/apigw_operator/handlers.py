@@ -1,0 +1,85 @@
+"""The kopf side: watches that nudge the worker, and the worker's start and stop. Nothing else.
+
+kopf watches both CR kinds; every event (create, update, delete, resume) only wakes the worker,
+which re-reads everything and writes what differs. kopf itself writes nothing to the CRs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import kopf
+from kubernetes_asyncio import client, config
+
+from apigw_operator.cluster import Cluster, Target
+from apigw_operator.crds import GROUP, POLICIES, ROUTES, VERSION
+from apigw_operator.leadership import Leadership
+from apigw_operator.reconciler import PodUrl, Reconciler, Worker, pod_url
+
+
+@dataclass(frozen=True)
+class Options:
+    target: Target = Target()
+    namespaces: tuple[str, ...] = ()
+    """Namespaces whose CRs are rendered; empty means all."""
+    resync_interval: float = 10.0
+    leader_election: bool = True
+    lease_name: str = "apigw-operator"
+    pod_url: PodUrl = field(default=pod_url)
+
+
+async def _api_client() -> client.ApiClient:
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        await config.load_kube_config()
+    return client.ApiClient()
+
+
+def build_registry(options: Options) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+    running: dict[str, Any] = {}
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+    @kopf.on.startup(registry=registry)
+    async def start(**_: Any) -> None:
+        api = await _api_client()
+        session = aiohttp.ClientSession()
+        reconciler = Reconciler(
+            Cluster(api, options.target, options.namespaces), session, lambda: datetime.now(UTC), options.pod_url
+        )
+        leadership = None
+        if options.leader_election:
+            identity = f"{os.environ.get('POD_NAME') or socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+            leadership = Leadership(api, options.target.namespace, options.lease_name, identity, lambda: worker.nudge())
+        worker = Worker(reconciler, options.resync_interval, lambda: leadership is None or leadership.leading)
+        tasks = [asyncio.create_task(worker.run(), name="apigw-worker")]
+        if leadership is not None:
+            tasks.append(asyncio.create_task(leadership.campaign(), name="apigw-leadership"))
+        running.update(api=api, session=session, worker=worker, tasks=tasks)
+
+    @kopf.on.cleanup(registry=registry)
+    async def stop(**_: Any) -> None:
+        for task in running.get("tasks", []):
+            task.cancel()
+        await asyncio.gather(*running.get("tasks", []), return_exceptions=True)
+        if running:
+            await running["session"].close()
+            await running["api"].close()
+
+    @kopf.on.event(GROUP, VERSION, ROUTES, registry=registry)
+    @kopf.on.event(GROUP, VERSION, POLICIES, registry=registry)
+    async def changed(**_: Any) -> None:
+        running["worker"].nudge()
+
+    return registry

@@ -1,0 +1,140 @@
+"""The pure core: CR bodies and config.yaml in, routes.yaml and verdicts out."""
+
+from __future__ import annotations
+
+import yaml
+
+from apigw.config import config_hash
+from apigw.loader import parse_documents
+from apigw_operator.render import POLICY, ROUTE, Ref, render
+from tests.operator.kube import CONFIG_YAML, cr, route
+
+POLICY_CR = cr("RateLimitPolicy", "per-client", {"requests": 10, "period": "1m"})
+
+
+def rendered(text: str) -> dict:
+    return yaml.safe_load(text)
+
+
+def verdict(result, name: str, kind: str = ROUTE):
+    return result.verdicts[Ref(kind, "shop", name)]
+
+
+def test_valid_route_and_policy_render_with_namespaced_names() -> None:
+    result = render([route("orders", "/orders", ratelimit="per-client")], [POLICY_CR], CONFIG_YAML)
+    assert result.errors == []
+    doc = rendered(result.routes_yaml)
+    assert doc["routes"][0]["name"] == "shop.orders" and doc["routes"][0]["ratelimit"] == "shop.per-client"
+    assert doc["policies"] == [{"name": "shop.per-client", "requests": 10, "period": "1m"}]
+    assert result.config_hash == config_hash(parse_documents({"config.yaml": CONFIG_YAML, "routes.yaml": result.routes_yaml}))
+    assert verdict(result, "orders").included and verdict(result, "per-client", POLICY).included
+
+
+def test_same_input_renders_the_same_text_and_hashes() -> None:
+    a = render([route("b", "/b"), route("a", "/a")], [POLICY_CR], CONFIG_YAML)
+    b = render([route("a", "/a"), route("b", "/b")], [POLICY_CR], CONFIG_YAML)
+    assert (a.routes_yaml, a.config_hash, a.restart_hash) == (b.routes_yaml, b.config_hash, b.restart_hash)
+
+
+def test_invalid_spec_is_excluded_with_located_messages() -> None:
+    typo = route("typo", "/typo", bogus=1)
+    rewrite = route("rewrite", "/rewrite", rewrite_prefix="x", created="2025-01-02T00:00:00Z")
+    result = render([route("good", "/good"), typo, rewrite], [], CONFIG_YAML)
+    assert [r["name"] for r in rendered(result.routes_yaml)["routes"]] == ["shop.good"]
+    accepted = verdict(result, "typo").accepted
+    assert (accepted.status, accepted.reason) == (False, "Invalid")
+    assert accepted.message == "spec.bogus: unknown setting (check its spelling and indentation)"
+    assert verdict(result, "rewrite").accepted.message == "spec: rewrite_prefix must start with /"
+
+
+def test_name_too_long_for_the_config_is_invalid() -> None:
+    long = route("x" * 60, "/long")
+    result = render([long], [], CONFIG_YAML)
+    assert verdict(result, "x" * 60).accepted.message.startswith("metadata.name: the config name 'shop.xxx")
+
+
+def test_dangling_policy_reference() -> None:
+    result = render([route("orders", "/orders", ratelimit="missing")], [], CONFIG_YAML)
+    refs = verdict(result, "orders").resolved_refs
+    assert (refs.status, refs.reason) == (False, "PolicyNotFound")
+    assert rendered(result.routes_yaml)["routes"] == []
+
+
+def test_reference_to_an_invalid_policy() -> None:
+    broken = cr("RateLimitPolicy", "per-client", {"requests": -1, "period": "1m"})
+    result = render([route("orders", "/orders", ratelimit="per-client")], [broken], CONFIG_YAML)
+    refs = verdict(result, "orders").resolved_refs
+    assert (refs.status, refs.reason) == (False, "PolicyNotAccepted")
+    assert "spec.requests" in refs.message
+
+
+def test_policy_deletion_is_reported_on_the_routes_using_it() -> None:
+    routes = [route("orders", "/orders", ratelimit="per-client"), route("cart", "/cart")]
+    before = render(routes, [POLICY_CR], CONFIG_YAML)
+    after = render(routes, [], CONFIG_YAML)
+    assert verdict(before, "orders").included
+    assert verdict(after, "orders").resolved_refs.reason == "PolicyNotFound"
+    assert verdict(after, "cart").included
+    assert rendered(after.routes_yaml)["policies"] == []
+
+
+def test_conflict_older_wins_by_timestamp_then_name() -> None:
+    newer = route("aaa", "/orders", created="2025-02-01T00:00:00Z")
+    older = route("zzz", "/orders", created="2025-01-01T00:00:00Z")
+    result = render([newer, older], [], CONFIG_YAML)
+    assert verdict(result, "zzz").included
+    conflict = verdict(result, "aaa").accepted
+    assert (conflict.status, conflict.reason) == (False, "Conflicted")
+    assert "same host, path and method as route 'shop.zzz'" in conflict.message
+    tie = render([route("b", "/x"), route("a", "/x")], [], CONFIG_YAML)
+    assert verdict(tie, "a").included and verdict(tie, "b").accepted.reason == "Conflicted"
+
+
+def test_conflicts_resolve_in_age_order() -> None:
+    """b loses to a; c (same as b only) then stands, since b is out."""
+    a = route("a", "/x", created="2025-01-01T00:00:00Z", match={"path_prefix": "/x", "methods": ["GET"]})
+    b = route("b", "/x", created="2025-01-02T00:00:00Z", match={"path_prefix": "/x", "methods": ["POST", "GET"]})
+    c = route("c", "/x", created="2025-01-03T00:00:00Z", match={"path_prefix": "/x", "methods": ["POST"]})
+    result = render([a, b, c], [], CONFIG_YAML)
+    assert {n: verdict(result, n).included for n in "abc"} == {"a": True, "b": False, "c": True}
+
+
+def test_backend_service_with_two_urls_is_a_conflict() -> None:
+    one = route("one", "/one", created="2025-01-01T00:00:00Z")
+    two = route("two", "/two", created="2025-01-02T00:00:00Z")
+    two["spec"]["backend"] = {"service": "one", "url": "http://elsewhere:80"}
+    result = render([one, two], [], CONFIG_YAML)
+    assert verdict(result, "two").accepted.reason == "Conflicted"
+    assert "spec.backend.url: backend service 'one' already has url" in verdict(result, "two").accepted.message
+
+
+def test_route_conflicting_with_a_hand_written_route_in_config_yaml_loses() -> None:
+    hand = CONFIG_YAML + "routes:\n- name: legacy\n  match: {path_prefix: /orders}\n  backend: {service: legacy, url: 'http://legacy'}\n"
+    result = render([route("orders", "/orders")], [], hand)
+    assert verdict(result, "orders").accepted.reason == "Conflicted"
+    assert result.errors == [] and result.config_hash is not None
+
+
+def test_disabled_route_is_rendered_disabled_and_does_not_conflict() -> None:
+    live = route("live", "/x")
+    off = route("off", "/x", enabled=False, created="2025-03-01T00:00:00Z")
+    result = render([live, off], [], CONFIG_YAML)
+    assert [(r["name"], r.get("enabled", True)) for r in rendered(result.routes_yaml)["routes"]] == [
+        ("shop.live", True), ("shop.off", False),
+    ]
+    assert verdict(result, "off").included
+    assert "disabled by spec.enabled: false" in verdict(result, "off").accepted.message
+
+
+def test_broken_config_yaml_fails_the_whole_config_but_still_judges_crs() -> None:
+    result = render([route("orders", "/orders"), route("bad", "nope")], [], "listen: [")
+    assert result.config_hash is None and result.restart_hash is None
+    assert result.errors and result.errors[0].startswith("config.yaml")
+    assert verdict(result, "orders").included and verdict(result, "bad").accepted.reason == "Invalid"
+
+
+def test_restart_hash_moves_only_with_restart_settings() -> None:
+    base = render([], [], CONFIG_YAML).restart_hash
+    assert render([route("a", "/a")], [], CONFIG_YAML).restart_hash == base
+    assert render([], [], CONFIG_YAML.replace("fail_closed", "fail_open")).restart_hash == base
+    assert render([], [], CONFIG_YAML.replace("8080", "8081")).restart_hash != base

@@ -88,12 +88,14 @@ def render(routes: Iterable[Mapping[str, Any]], policies: Iterable[Mapping[str, 
     except ConfigError as exc:
         base_errors = exc.errors
         config_yaml = ""  # still judge the CRs among themselves
+    settings = yaml.safe_load(config_yaml) if config_yaml else None
+    settings_yaml = yaml.safe_dump({k: v for k, v in (settings or {}).items() if k not in ("routes", "policies")})
     bodies = [(POLICY, b) for b in policies] + [(ROUTE, b) for b in routes]
     items = {ref_of(kind, b): b for kind, b in sorted(bodies, key=lambda kb: _age(kb[1]))}
     verdicts: dict[Ref, Verdict] = {}
     entries: dict[Ref, dict[str, Any]] = {}
     for ref, body in items.items():
-        entry, problem = _entry(ref, body)
+        entry, problem = _entry(ref, body, settings_yaml)
         verdicts[ref] = Verdict(
             accepted=_accepted(problem, body, ref),
             resolved_refs=Condition("ResolvedRefs", True, "ResolvedRefs", "all references resolved"),
@@ -124,8 +126,9 @@ def _age(body: Mapping[str, Any]) -> tuple[str, str, str]:
     return meta.get("creationTimestamp") or "", meta["namespace"], meta["name"]
 
 
-def _entry(ref: Ref, body: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
-    """The CR as a routes.yaml entry, or the reason it is invalid on its own."""
+def _entry(ref: Ref, body: Mapping[str, Any], settings_yaml: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The CR as a routes.yaml entry, or the reason it is invalid on its own: with config.yaml's global
+    settings (a route that checks tokens needs auth keys), without its routes (those are conflicts)."""
     spec = body.get("spec")
     if not isinstance(spec, Mapping):
         return None, "spec: required, and must be a mapping"
@@ -137,7 +140,7 @@ def _entry(ref: Ref, body: Mapping[str, Any]) -> tuple[dict[str, Any] | None, st
     alone = {k: v for k, v in entry.items() if k != "ratelimit"}  # references are checked next, by CR name
     section = "routes" if ref.kind == ROUTE else "policies"
     try:
-        parse_documents({ROUTES_FILE: yaml.safe_dump({section: [alone]})})
+        parse_documents({GLOBAL_FILE: settings_yaml, ROUTES_FILE: yaml.safe_dump({section: [alone]})})
     except ConfigError as exc:
         return None, "; ".join(_spec_message(e) for e in exc.errors)
     return entry, None

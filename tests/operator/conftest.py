@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections.abc import AsyncIterator
 from typing import Any
@@ -10,23 +9,6 @@ import yaml
 from kubernetes_asyncio.config import kube_config
 
 from tests.operator.kube import CM, CONFIG_YAML, NS, GatewayPod
-
-
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Any:
-    """looptime 0.9 gives a sync test an event loop that nobody closes; its GC warning then fails a
-    later test (filterwarnings=error). Close only a loop that appeared during the sync test.
-    (Lead: this belongs in tests/conftest.py, as every sync test is affected.)"""
-    policy = pyfuncitem.funcargs.get("event_loop_policy")
-    local = getattr(policy, "_local", None)
-    before = getattr(local, "_loop", None)
-    try:
-        return (yield)
-    finally:
-        after = getattr(local, "_loop", None)
-        if after is not None and after is not before and not inspect.iscoroutinefunction(pyfuncitem.obj):
-            after.close()
-            local._loop = before
 
 
 @pytest.fixture

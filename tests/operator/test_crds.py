@@ -64,8 +64,9 @@ def test_example_validates_against_its_crd(path: Path) -> None:
 
 def test_examples_are_accepted_by_the_data_plane_model() -> None:
     bodies = [yaml.safe_load(p.read_text(encoding="utf-8")) for p in EXAMPLES]
+    config_yaml = "auth: {keys: [{file: /etc/gateway-secrets/jwt-public-key.pem}]}"  # routes check tokens
     rendering = render(
-        [b for b in bodies if b["kind"] == ROUTE], [b for b in bodies if b["kind"] == POLICY], "{}"
+        [b for b in bodies if b["kind"] == ROUTE], [b for b in bodies if b["kind"] == POLICY], config_yaml
     )
     assert rendering.errors == []
     assert {ref.name: v.included for ref, v in rendering.verdicts.items()} == {

@@ -17,14 +17,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "dataplane"))
 
+from apigw.testkit.process import http_status, wait_until  # noqa: E402
 from apigw.testkit.redis import free_port  # noqa: E402
 
 NGINX_CONF = """
@@ -46,17 +45,8 @@ http {{
 """
 
 
-def wait_http(url: str, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                response.read()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+def wait_http(url: str) -> None:
+    wait_until(lambda: http_status(url) == 200, what=url)
 
 
 def start_backend(tmp: Path) -> tuple[subprocess.Popen[bytes], str, str]:

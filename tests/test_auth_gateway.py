@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import yaml
 
 from apigw.state import GATEWAY
 from apigw.testkit.backend import Backend
-from apigw.testkit.process import GatewayProcess, ports
+from apigw.testkit.process import GatewayProcess, http_status, ports
 from apigw.testkit.redis import RedisServer
 from apigw.testkit.tokens import SigningKey
 
@@ -119,25 +118,19 @@ def test_key_rotation_by_replacing_the_secret_file(tmp_path: Path) -> None:
             config["listen"] = {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port}
             (tmp_path / "gw.yaml").write_text(yaml.safe_dump(config))
             with GatewayProcess(tmp_path / "gw.yaml", port, metrics_port) as gateway:
-                assert await asyncio.to_thread(_status, gateway.url, new.token(scope="users:read")) == 401
+                assert await asyncio.to_thread(_status_with, gateway.url, new.token(scope="users:read")) == 401
                 staged = tmp_path / "new.pem"
                 staged.write_bytes(new.public_pem)
                 staged.rename(key_file)
                 for _ in range(100):
-                    if await asyncio.to_thread(_status, gateway.url, new.token(scope="users:read")) == 200:
+                    if await asyncio.to_thread(_status_with, gateway.url, new.token(scope="users:read")) == 200:
                         break
                     await asyncio.sleep(0.1)
-                assert await asyncio.to_thread(_status, gateway.url, new.token(scope="users:read")) == 200
-                assert await asyncio.to_thread(_status, gateway.url, old.token(scope="users:read")) == 401
+                assert await asyncio.to_thread(_status_with, gateway.url, new.token(scope="users:read")) == 200
+                assert await asyncio.to_thread(_status_with, gateway.url, old.token(scope="users:read")) == 401
 
     asyncio.run(scenario())
 
 
-def _status(base: str, token: str) -> int:
-    request = urllib.request.Request(f"{base}/users/1", headers={"Authorization": f"Bearer {token}"})
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status
-    except urllib.error.HTTPError as error:
-        error.close()
-        return error.code
+def _status_with(base: str, token: str) -> int:
+    return http_status(f"{base}/users/1", {"Authorization": f"Bearer {token}"})

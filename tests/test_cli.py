@@ -10,12 +10,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from apigw.testkit.process import GatewayProcess, ports
+from apigw.testkit.process import BackendProcess, GatewayProcess, http_status, ports, wait_until
 
 ROOT = Path(__file__).parent.parent
 
@@ -69,25 +70,9 @@ def _write(path: Path, port: int, metrics_port: int, backend_url: str, **listen:
 
 
 @pytest.fixture
-def backend_process() -> str:
-    from apigw.testkit.redis import free_port
-
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "apigw.testkit.backend", str(port)])
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/up", timeout=1) as response:
-                response.read()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-    yield url
-    process.terminate()
-    process.wait(10)
+def backend_process() -> Iterator[str]:
+    with BackendProcess() as backend:
+        yield backend.url
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path: Path, backend_process: str) -> None:
@@ -130,7 +115,7 @@ def test_sighup_reloads_and_bad_config_keeps_the_old_one(tmp_path: Path, backend
         config["routes"][0]["match"] = {"path_prefix": "/only"}
         path.write_text(yaml.safe_dump(config))
         gateway.signal(signal.SIGHUP)
-        _wait(lambda: gateway.ready()["config_hash"] != first)
+        wait_until(lambda: gateway.ready()["config_hash"] != first)
         with pytest.raises(urllib.error.HTTPError) as missing:
             urllib.request.urlopen(f"{gateway.url}/elsewhere", timeout=5)
         assert missing.value.code == 404
@@ -139,7 +124,7 @@ def test_sighup_reloads_and_bad_config_keeps_the_old_one(tmp_path: Path, backend
 
         path.write_text("routes: [{name: broken}]\n")
         gateway.signal(signal.SIGHUP)
-        _wait(lambda: gateway.ready()["last_reload_error"] is not None)
+        wait_until(lambda: gateway.ready()["last_reload_error"] is not None)
         ready = gateway.ready()
         assert ready["config_hash"] == second
         assert "routes[0].backend: required setting is missing" in ready["last_reload_error"]
@@ -176,17 +161,9 @@ def test_configmap_symlink_swap_is_picked_up_without_signal(tmp_path: Path, back
     with GatewayProcess(volume, port, metrics_port) as gateway:
         first = gateway.ready()["config_hash"]
         publish("v2", "/two")
-        _wait(lambda: gateway.ready()["config_hash"] != first)
+        wait_until(lambda: gateway.ready()["config_hash"] != first)
         with urllib.request.urlopen(f"{gateway.url}/two", timeout=5) as response:
             assert response.status == 200
-
-
-def _wait(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.05)
 
 
 def test_demo_serves_and_prints_what_to_try() -> None:
@@ -196,21 +173,14 @@ def test_demo_serves_and_prints_what_to_try() -> None:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        _wait(lambda: _get(f"http://127.0.0.1:{port}/_health/ready") is not None, timeout=20)
-        echoed = json.loads(_get(f"http://127.0.0.1:{port}/api/v1/hello"))
-        assert echoed["path"] == "/hello"
-        assert "gateway_http_requests_total" in _get(f"http://127.0.0.1:{metrics_port}/metrics")
+        wait_until(lambda: http_status(f"http://127.0.0.1:{port}/_health/ready") == 200, timeout=20)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/hello", timeout=5) as response:
+            assert json.loads(response.read())["path"] == "/hello"
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+            assert b"gateway_http_requests_total" in response.read()
     finally:
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=30)
     assert process.returncode == 0
     assert f"curl -i http://127.0.0.1:{port}/api/v1/hello" in output
     assert "Traceback" not in output
-
-
-def _get(url: str) -> str | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.read().decode()
-    except OSError:
-        return None

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
-import pytest
 import yaml
 
 from apigw.state import GATEWAY
 from apigw.testkit.backend import Backend
-from apigw.testkit.process import GatewayProcess, ports
-from apigw.testkit.redis import free_port
+from apigw.testkit.process import BackendProcess, GatewayProcess, http_status, ports, wait_until
 
 
 def breaker_config(url: str, **backend: object) -> dict:
@@ -88,52 +82,22 @@ async def test_breaker_survives_reload_for_unchanged_backend(gateway_client, bac
 
 def test_backend_process_killed_then_back(tmp_path: Path) -> None:
     """A real backend process dies (502s open the breaker, which then fails fast) and comes back."""
-    backend_port = free_port()
+    backend = BackendProcess()
     port, metrics_port = ports()
     config = tmp_path / "gw.yaml"
     config.write_text(yaml.safe_dump({
         "listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port},
-        **breaker_config(f"http://127.0.0.1:{backend_port}", retries={"max_retries": 0}),
+        **breaker_config(backend.url, retries={"max_retries": 0}),
     }))
-
-    def start_backend() -> subprocess.Popen[bytes]:
-        process = subprocess.Popen([sys.executable, "-m", "apigw.testkit.backend", str(backend_port)])
-        _wait_for(lambda: _status(f"http://127.0.0.1:{backend_port}/up") == 200)
-        return process
-
-    backend = start_backend()
+    backend.start()
     with GatewayProcess(config, port, metrics_port) as gateway:
-        assert _status(f"{gateway.url}/x") == 200
+        assert http_status(f"{gateway.url}/x") == 200
         backend.kill()
-        backend.wait()
-        assert [_status(f"{gateway.url}/x") for _ in range(3)] == [502, 502, 502]
+        assert [http_status(f"{gateway.url}/x") for _ in range(3)] == [502, 502, 502]
         assert 'gateway_circuit_breaker_state{backend_service="users"} 1.0' in gateway.metrics()
-        assert _status(f"{gateway.url}/x") == 503
-        backend = start_backend()
-        try:
-            _wait_for(lambda: _status(f"{gateway.url}/x") == 200)
+        assert http_status(f"{gateway.url}/x") == 503
+        with backend:
+            wait_until(lambda: http_status(f"{gateway.url}/x") == 200)
             assert 'gateway_circuit_breaker_state{backend_service="users"} 0.0' in gateway.metrics()
-        finally:
-            backend.terminate()
-            backend.wait()
     transitions = [line for line in gateway.log_lines() if line["logger"] == "apigw.breaker"]
     assert [line["state"] for line in transitions][:3] == ["open", "half-open", "closed"]
-
-
-def _status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status
-    except urllib.error.HTTPError as error:
-        error.close()
-        return error.code
-    except OSError:
-        return 0
-
-
-def _wait_for(predicate, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail("condition not reached in time")
-        time.sleep(0.05)

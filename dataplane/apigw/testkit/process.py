@@ -8,7 +8,9 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,3 +90,60 @@ class GatewayProcess:
 
 def ports() -> tuple[int, int]:
     return free_port(), free_port()
+
+
+def http_status(url: str, headers: dict[str, str] | None = None) -> int:
+    """The status of a GET, 0 when nothing answers."""
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            response.read()
+            return response.status
+    except urllib.error.HTTPError as error:
+        error.close()
+        return error.code
+    except OSError:
+        return 0
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 15, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached in {timeout}s")
+        time.sleep(0.05)
+
+
+class BackendProcess:
+    """The test kit's echo backend in a process of its own, to kill and restart in fault tests."""
+
+    def __init__(self, port: int | None = None, command: list[str] | None = None):
+        self.port = port or free_port()
+        self.command = command
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        command = self.command or [sys.executable, "-m", "apigw.testkit.backend", str(self.port)]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: http_status(self.url + "/up") == 200, what=f"backend on {self.url}")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+    def __enter__(self) -> BackendProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

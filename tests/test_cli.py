@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -166,21 +167,30 @@ def test_configmap_symlink_swap_is_picked_up_without_signal(tmp_path: Path, back
             assert response.status == 200
 
 
-def test_demo_serves_and_prints_what_to_try() -> None:
+def test_demo_serves_and_prints_what_to_try(tmp_path: Path) -> None:
     port, metrics_port = ports()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "apigw", "demo", "--port", str(port), "--metrics-port", str(metrics_port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    base = f"http://127.0.0.1:{port}"
+    with open(tmp_path / "demo.out", "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "apigw", "demo", "--port", str(port), "--metrics-port", str(metrics_port)],
+            stdout=out, stderr=subprocess.STDOUT, text=True,
+        )
     try:
-        wait_until(lambda: http_status(f"http://127.0.0.1:{port}/_health/ready") == 200, timeout=20)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/hello", timeout=5) as response:
+        wait_until(lambda: http_status(f"{base}/_health/ready") == 200, timeout=20)
+        output = (tmp_path / "demo.out").read_text()
+        assert f"curl -i {base}/api/v1/hello" in output
+        token = re.search(r"TOKEN=(\S+)", output).group(1)
+        with urllib.request.urlopen(f"{base}/api/v1/hello", timeout=5) as response:
             assert json.loads(response.read())["path"] == "/hello"
+        assert [http_status(f"{base}/api/v1/hello") for _ in range(5)].count(429) >= 1
+        assert http_status(f"{base}/secure/data") == 401
+        request = urllib.request.Request(f"{base}/secure/data", headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert json.loads(response.read())["headers"]["X-User-Id"] == "demo-user"
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
             assert b"gateway_http_requests_total" in response.read()
     finally:
         process.send_signal(signal.SIGINT)
-        output, _ = process.communicate(timeout=30)
+        process.wait(30)
     assert process.returncode == 0
-    assert f"curl -i http://127.0.0.1:{port}/api/v1/hello" in output
-    assert "Traceback" not in output
+    assert "Traceback" not in (tmp_path / "demo.out").read_text()

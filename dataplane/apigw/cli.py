@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
         help="config file, or ConfigMap directory with config.yaml and routes.yaml (default: $GATEWAY_CONFIG or %(default)s)",
     )
     parser.add_argument(
+        "--workers", type=int, metavar="N", help="worker processes sharing the port (default: listen.workers, 1)",
+    )
+    parser.add_argument(
         "-validate-config", "--validate-config", dest="validate", action="store_true",
         help="check the config and the files it names, print a summary or every error, and exit",
     )
@@ -49,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     from apigw.server import serve
 
     setup_logging()
-    return run(serve(args.config))
+    if args.workers is not None and args.workers < 1:
+        _parser().error("--workers must be at least 1")
+    return run(serve(args.config, args.workers))
 
 
 def validate(path: Path) -> int:

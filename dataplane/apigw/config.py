@@ -96,6 +96,8 @@ class ListenConfig(Strict):
     port: Annotated[int, RESTART, Field(ge=1, le=65535)] = 8080
     tls_port: Annotated[int, RESTART, Field(ge=1, le=65535)] = 8443
     metrics_port: Annotated[int, RESTART, Field(ge=1, le=65535)] = 9090
+    workers: Annotated[int, RESTART, Field(ge=1, le=64)] = 1
+    """Processes serving the traffic port together (`gateway --workers N` overrides): one per core."""
     tls: Annotated[TLSFiles | None, RestartRequired(lambda tls: tls is not None)] = None
     """TLS on `tls_port` when set. Turning it on or off needs a restart; new files do not."""
     drain_delay: Duration = 0.0

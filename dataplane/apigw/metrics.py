@@ -1,6 +1,8 @@
 """Every Prometheus metric the gateway exports. Names and labels are fixed by DESIGN.md and the runbook.
 
-One `Metrics` object per process, on its own registry (no module globals), served on the metrics port.
+One `Metrics` object per process, on its own registry (no module globals). With `--workers N`,
+prometheus-client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by the supervisor) shares the
+values through files, and each gauge says how the workers' values combine.
 """
 
 from __future__ import annotations
@@ -50,20 +52,23 @@ class Metrics:
         self.redis_errors = Counter("gateway_redis_errors", "Redis calls that failed", ["operation"], registry=r)
         self.breaker_state = Gauge(
             "gateway_circuit_breaker_state", "Circuit breaker state: 0 closed, 1 open, 2 half-open",
-            ["backend_service"], registry=r,
+            ["backend_service"], registry=r, multiprocess_mode="livemax",  # the worst worker's view
         )
         self.config_reloads = Counter("gateway_config_reloads", "Config reloads, by result", ["result"], registry=r)
-        self.inflight = Gauge("gateway_inflight_requests", "Requests being handled now", registry=r)
+        self.inflight = Gauge(
+            "gateway_inflight_requests", "Requests being handled now", registry=r, multiprocess_mode="livesum"
+        )
         self.tls_expiry = Gauge(
             "gateway_tls_certificate_expiry_timestamp_seconds", "Expiry (notAfter) of the served TLS certificate",
-            registry=r,
+            registry=r, multiprocess_mode="livemin",
         )
-        tasks = Gauge("gateway_asyncio_tasks", "asyncio tasks alive (the runbook's go_goroutines)", registry=r)
-        tasks.set_function(_task_count)
+        self.asyncio_tasks = Gauge(
+            "gateway_asyncio_tasks", "asyncio tasks alive (the runbook's go_goroutines)", registry=r,
+            multiprocess_mode="livesum",
+        )
 
-
-def _task_count() -> float:
-    try:
-        return float(len(asyncio.all_tasks()))
-    except RuntimeError:  # scraped outside the loop's thread
-        return 0.0
+    async def sample_tasks(self, every: float = 1.0) -> None:
+        """Keep `gateway_asyncio_tasks` current (a plain value, so it also works across workers)."""
+        while True:
+            self.asyncio_tasks.set(len(asyncio.all_tasks()))
+            await asyncio.sleep(every)

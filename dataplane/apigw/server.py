@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from apigw.pipeline import handle
 from apigw.reload import Reloader
 from apigw.state import GATEWAY, Gateway
 from apigw.tls import ServerTLS
+from apigw.workers import WORKER_ENV, supervise
 
 log = logging.getLogger("apigw.server")
 
@@ -35,6 +37,7 @@ async def ready(request: web.Request) -> web.Response:
         "status": "draining" if gateway.draining else "ready",
         "config_hash": gateway.state.config_hash,
         "last_reload_error": gateway.last_reload_error,
+        "pid": os.getpid(),
     }
     return web.json_response(body, status=503 if gateway.draining else 200)
 
@@ -64,10 +67,17 @@ def metrics_app(metrics: Metrics) -> web.Application:
     return app
 
 
-async def serve(config_path: Path) -> int:
-    """Run the gateway until SIGTERM/SIGINT; the exit status is the return value."""
+async def serve(config_path: Path, workers: int | None = None) -> int:
+    """Run the gateway until SIGTERM/SIGINT; the exit status is the return value.
+
+    `workers` (else `listen.workers`) above 1 runs a supervisor of that many worker processes instead.
+    """
+    worker = os.environ.get(WORKER_ENV) == "1"
     try:
         config = load_config(config_path)
+        count = workers or config.listen.workers
+        if count > 1 and not worker:
+            return await supervise(config_path, config, count)
         metrics = Metrics()
         gateway = Gateway.create(config, metrics)
         tls = ServerTLS(config.listen.tls, metrics) if config.listen.tls else None
@@ -79,9 +89,11 @@ async def serve(config_path: Path) -> int:
     metrics_runner = web.AppRunner(metrics_app(metrics), access_log=None, shutdown_timeout=1)
     await runner.setup()
     await metrics_runner.setup()
-    sites = [web.TCPSite(runner, listen.address, listen.port), web.TCPSite(metrics_runner, listen.address, listen.metrics_port)]
+    sites = [web.TCPSite(runner, listen.address, listen.port, reuse_port=worker)]
+    if not worker:  # workers share the supervisor's metrics listener
+        sites.append(web.TCPSite(metrics_runner, listen.address, listen.metrics_port))
     if tls is not None:
-        sites.append(web.TCPSite(runner, listen.address, listen.tls_port, ssl_context=tls.context))
+        sites.append(web.TCPSite(runner, listen.address, listen.tls_port, ssl_context=tls.context, reuse_port=worker))
     try:
         for site in sites:
             await site.start()
@@ -98,6 +110,7 @@ async def serve(config_path: Path) -> int:
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reloader.request, "SIGHUP")
     watcher = asyncio.create_task(reloader.watch())
+    sampler = asyncio.create_task(metrics.sample_tasks())
     log.info(
         "gateway serving %d routes on %s:%d (metrics :%d), config %s", len(config.routes), listen.address,
         listen.port, listen.metrics_port, gateway.state.config_hash,
@@ -110,6 +123,7 @@ async def serve(config_path: Path) -> int:
     log.info("draining: not ready, finishing in-flight requests (up to %ss)", listen.drain_delay + listen.drain_timeout)
     await asyncio.sleep(listen.drain_delay)
     watcher.cancel()
+    sampler.cancel()
     await runner.cleanup()
     await metrics_runner.cleanup()
     reloader.close()

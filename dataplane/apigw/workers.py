@@ -1,0 +1,118 @@
+"""`gateway --workers N`: N gateway processes sharing the traffic port (SO_REUSEPORT), one supervisor.
+
+Python serves one core per process; workers use the others. The supervisor starts the workers with
+prometheus-client's multiprocess mode on, serves the merged `/metrics` (with `process_*` summed over
+itself and its workers, so CPU and memory alerts see the whole pod), forwards SIGHUP, restarts a worker
+that dies, and on SIGTERM lets every worker drain and exits 0 once they all did.
+Each worker keeps its own breakers and in-process state; Redis-backed limits are shared as always.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from apigw.config import Config
+
+log = logging.getLogger("apigw.workers")
+
+WORKER_ENV = "APIGW_WORKER"
+"""Set in a worker's environment: serve traffic on a shared port, leave /metrics to the supervisor."""
+RESTART_DELAY = 1.0
+
+
+class _Workers(Collector):
+    """`process_*` for the pod: the supervisor and its workers added up."""
+
+    def __init__(self, pids: list[int]):
+        self.pids = pids
+        self._ticks = os.sysconf("SC_CLK_TCK")
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        cpu = rss = fds = 0.0
+        for pid in [os.getpid(), *self.pids]:
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                cpu += (int(stat[11]) + int(stat[12])) / self._ticks
+                rss += int(stat[21]) * self._page
+                fds += len(os.listdir(f"/proc/{pid}/fd"))
+            except (OSError, IndexError, ValueError):
+                continue
+        yield CounterMetricFamily("process_cpu_seconds", "CPU time of the supervisor and its workers", value=cpu)
+        yield GaugeMetricFamily("process_resident_memory_bytes", "Resident memory of all workers", value=rss)
+        yield GaugeMetricFamily("process_open_fds", "Open file descriptors of all workers", value=fds)
+
+
+async def supervise(config_path: Path, config: Config, count: int) -> int:
+    with tempfile.TemporaryDirectory(prefix="apigw-metrics-") as metrics_dir:
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir, WORKER_ENV: "1"}
+        command = [sys.executable, "-m", "apigw", "--config", str(config_path)]
+        pids: list[int] = []
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=metrics_dir)
+        registry.register(_Workers(pids))
+
+        async def serve_metrics(request: web.Request) -> web.Response:
+            return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app = web.Application()
+        app.router.add_get("/metrics", serve_metrics)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, config.listen.address, config.listen.metrics_port).start()
+        except OSError as exc:
+            log.error("cannot listen: %s", exc)
+            await runner.cleanup()
+            return 1
+
+        stopping = asyncio.Event()
+        processes: dict[int, asyncio.subprocess.Process] = {}
+
+        def broadcast(sig: signal.Signals) -> None:
+            for process in processes.values():
+                if process.returncode is None:
+                    process.send_signal(sig)
+
+        def stop() -> None:
+            stopping.set()
+            broadcast(signal.SIGTERM)
+
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop)
+        loop.add_signal_handler(signal.SIGINT, stop)
+        loop.add_signal_handler(signal.SIGHUP, broadcast, signal.SIGHUP)
+
+        async def keep_running(slot: int) -> int:
+            while True:
+                process = await asyncio.create_subprocess_exec(*command, env=env)
+                processes[slot] = process
+                pids[:] = [p.pid for p in processes.values()]
+                code = await process.wait()
+                multiprocess.mark_process_dead(process.pid, metrics_dir)
+                if stopping.is_set():
+                    return code
+                log.error("worker %d (pid %d) exited with %d; starting it again", slot, process.pid, code,
+                          extra={"fields": {"worker": slot, "pid": process.pid, "exit_code": code}})
+                await asyncio.sleep(RESTART_DELAY)
+                if stopping.is_set():
+                    return code
+
+        log.info("supervising %d workers on port %d (metrics :%d)", count, config.listen.port,
+                 config.listen.metrics_port)
+        codes = await asyncio.gather(*(keep_running(slot) for slot in range(count)))
+        await runner.cleanup()
+        log.info("all workers stopped", extra={"fields": {"exit_codes": codes}})
+        return 0 if all(code == 0 for code in codes) else 1

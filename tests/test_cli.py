@@ -194,3 +194,20 @@ def test_demo_serves_and_prints_what_to_try(tmp_path: Path) -> None:
         process.wait(30)
     assert process.returncode == 0
     assert "Traceback" not in (tmp_path / "demo.out").read_text()
+
+
+def test_debug_listener_serves_tasks_and_a_profile(tmp_path: Path, backend_process: str) -> None:
+    from apigw.testkit.redis import free_port
+
+    port, metrics_port = ports()
+    debug_port = free_port()
+    _write(tmp_path / "gw.yaml", port, metrics_port, backend_process)
+    gateway = GatewayProcess(tmp_path / "gw.yaml", port, metrics_port)
+    gateway.args = ["--debug-port", str(debug_port)]
+    with gateway:
+        with urllib.request.urlopen(f"http://127.0.0.1:{debug_port}/debug/tasks", timeout=5) as response:
+            text = response.read().decode()
+        assert "asyncio tasks" in text and "watch" in text  # the reload watcher is one of them
+        with urllib.request.urlopen(f"http://127.0.0.1:{debug_port}/debug/profile?seconds=0.5", timeout=10) as response:
+            assert "by own time" in response.read().decode()
+        assert http_status(f"http://127.0.0.1:{debug_port}/debug/profile?seconds=999") == 400

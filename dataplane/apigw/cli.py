@@ -34,6 +34,10 @@ def _parser() -> argparse.ArgumentParser:
         "--workers", type=int, metavar="N", help="worker processes sharing the port (default: listen.workers, 1)",
     )
     parser.add_argument(
+        "--debug-port", type=int, metavar="PORT",
+        help="serve /debug/tasks and /debug/profile on 127.0.0.1:PORT (off by default)",
+    )
+    parser.add_argument(
         "-validate-config", "--validate-config", dest="validate", action="store_true",
         help="check the config and the files it names, print a summary or every error, and exit",
     )
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     if args.workers is not None and args.workers < 1:
         _parser().error("--workers must be at least 1")
-    return run(serve(args.config, args.workers))
+    return run(serve(args.config, args.workers, args.debug_port))
 
 
 def validate(path: Path) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from apigw.debug import debug_app
 from apigw.loader import ConfigError, load_config
 from apigw.metrics import Metrics
 from apigw.pipeline import handle
@@ -67,10 +68,11 @@ def metrics_app(metrics: Metrics) -> web.Application:
     return app
 
 
-async def serve(config_path: Path, workers: int | None = None) -> int:
+async def serve(config_path: Path, workers: int | None = None, debug_port: int | None = None) -> int:
     """Run the gateway until SIGTERM/SIGINT; the exit status is the return value.
 
     `workers` (else `listen.workers`) above 1 runs a supervisor of that many worker processes instead.
+    `debug_port` serves the debug listener on 127.0.0.1 (single process only: with workers, use py-spy).
     """
     worker = os.environ.get(WORKER_ENV) == "1"
     try:
@@ -89,9 +91,15 @@ async def serve(config_path: Path, workers: int | None = None) -> int:
     metrics_runner = web.AppRunner(metrics_app(metrics), access_log=None, shutdown_timeout=1)
     await runner.setup()
     await metrics_runner.setup()
+    runners = [runner, metrics_runner]
     sites = [web.TCPSite(runner, listen.address, listen.port, reuse_port=worker)]
     if not worker:  # workers share the supervisor's metrics listener
         sites.append(web.TCPSite(metrics_runner, listen.address, listen.metrics_port))
+    if debug_port is not None and not worker:
+        debug_runner = web.AppRunner(debug_app(), access_log=None, shutdown_timeout=1)
+        await debug_runner.setup()
+        runners.append(debug_runner)
+        sites.append(web.TCPSite(debug_runner, "127.0.0.1", debug_port))
     if tls is not None:
         sites.append(web.TCPSite(runner, listen.address, listen.tls_port, ssl_context=tls.context, reuse_port=worker))
     try:
@@ -99,8 +107,8 @@ async def serve(config_path: Path, workers: int | None = None) -> int:
             await site.start()
     except OSError as exc:
         log.error("cannot listen: %s", exc)
-        await runner.cleanup()
-        await metrics_runner.cleanup()
+        for each in runners:
+            await each.cleanup()
         return 1
 
     reloader = Reloader(gateway, config_path, tls)
@@ -124,8 +132,8 @@ async def serve(config_path: Path, workers: int | None = None) -> int:
     await asyncio.sleep(listen.drain_delay)
     watcher.cancel()
     sampler.cancel()
-    await runner.cleanup()
-    await metrics_runner.cleanup()
+    for each in runners:
+        await each.cleanup()
     reloader.close()
     log.info("stopped")
     return 0

@@ -23,6 +23,8 @@ class GatewayProcess:
         self.env = {**os.environ, **(env or {})}
         self.log_path = config.parent / f"gateway-{port}.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.args: list[str] = []
+        """Extra command-line arguments."""
 
     @property
     def url(self) -> str:
@@ -31,7 +33,7 @@ class GatewayProcess:
     def start(self, wait: bool = True) -> None:
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "apigw", "--config", str(self.config)],
+            [sys.executable, "-m", "apigw", "--config", str(self.config), *self.args],
             stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
         )
         if wait:

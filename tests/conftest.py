@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import inspect
+import io
+import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -9,9 +11,10 @@ import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
 from apigw.loader import parse_documents
+from apigw.logs import AccessLog
 from apigw.metrics import Metrics
 from apigw.server import traffic_app
-from apigw.state import Gateway
+from apigw.state import GATEWAY, Gateway
 from apigw.testkit.backend import Backend
 from apigw.testkit.redis import RedisServer
 
@@ -52,6 +55,7 @@ def gateway_client(aiohttp_client):
 
     async def make(config: dict[str, Any]) -> TestClient:
         gateway = Gateway.create(parse_documents({"config.yaml": yaml.safe_dump(config)}), Metrics())
+        gateway.access_log = AccessLog(io.StringIO())  # read by `access_lines`
         server = TestServer(traffic_app(gateway), host="127.0.0.1")
         await server.start_server(access_log=None)  # as `serve` runs it: the pipeline logs, aiohttp does not
         client = await aiohttp_client(server)
@@ -59,3 +63,8 @@ def gateway_client(aiohttp_client):
 
     return make
 
+
+
+def access_lines(client: TestClient) -> list[dict[str, Any]]:
+    """The access log lines an in-process gateway (`gateway_client`) wrote, parsed."""
+    return [json.loads(line) for line in client.app[GATEWAY].access_log.stream.getvalue().splitlines()]

@@ -12,6 +12,7 @@ import yaml
 
 from apigw.state import GATEWAY
 from apigw.testkit.backend import Backend
+from tests.conftest import access_lines
 from apigw.testkit.process import GatewayProcess, http_status, ports
 from apigw.testkit.redis import RedisServer
 from apigw.testkit.tokens import SigningKey
@@ -53,17 +54,17 @@ async def test_valid_token_is_forwarded_with_claims_and_no_spoofing(gateway_clie
     ("Basic dXNlcjpwYXNz", "malformed"),
     ("Bearer not.a.jwt", "malformed"),
 ])
-async def test_bad_credentials_are_401(gateway_client, backend, key, tmp_path, header, error_type, caplog) -> None:
+async def test_bad_credentials_are_401(gateway_client, backend, key, tmp_path, header, error_type) -> None:
     client = await gateway_client(auth_config(tmp_path, backend.url))
-    caplog.set_level(logging.INFO, "apigw.access")
     resp = await client.get("/users/1", headers={"Authorization": header} if header else {})
     assert resp.status == 401
     assert resp.headers["WWW-Authenticate"].startswith("Bearer")
     assert set(await resp.json()) == {"error", "request_id"}
     assert backend.seen == []
-    line = caplog.records[-1]
-    assert "auth_status=failure" in line.getMessage()
-    assert line.fields["error_type"] == error_type
+    line = access_lines(client)[-1]
+    assert "auth_status=failure" in line["msg"]
+    assert line["auth_status"] == "failure"
+    assert line["error_type"] == error_type
     value = client.app[GATEWAY].metrics.registry.get_sample_value
     assert value("gateway_auth_attempts_total", {"result": "failure", "error_type": error_type}) == 1
 
@@ -86,6 +87,8 @@ async def test_token_never_reaches_the_logs(gateway_client, backend, key, tmp_pa
     await client.get("/users/1", headers={"Authorization": f"Bearer {good}"})
     await client.get("/users/1?access_token=secret123", headers={"Authorization": f"Bearer {bad}"})
     text = "\n".join(r.getMessage() + json.dumps(getattr(r, "fields", {}), default=str) for r in caplog.records)
+    text += json.dumps(access_lines(client))
+    assert "/users/1" in text
     for secret in (good, bad, good.split(".")[2], "secret123"):
         assert secret not in text
 

@@ -5,7 +5,6 @@ proxy, then count and log. Every gateway-made error is a `GatewayError` turned i
 from __future__ import annotations
 
 import json
-import logging
 import time
 import uuid
 
@@ -23,8 +22,6 @@ from apigw.state import GATEWAY, CompiledRoute
 BACKEND_FAILURE_STATUSES = frozenset({502, 503, 504})
 """Backend answers that count against its circuit breaker (with timeouts and refused connections)."""
 
-access_log = logging.getLogger("apigw.access")
-log = logging.getLogger("apigw.pipeline")
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
@@ -97,10 +94,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         }
         if error_type:
             fields["error_type"] = error_type
-        access_log.info(
-            "%s %s status_code=%d auth_status=%s", request.method, raw_path, status, auth_status,
-            extra={"fields": fields},
-        )
+        gateway.access_log.write(f"{request.method} {raw_path} status_code={status} auth_status={auth_status}", fields)
     return response
 
 

@@ -7,7 +7,7 @@ new `GatewayState` and swaps `Gateway.state`; requests already running keep the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from apigw.auth import Authenticator, load_keys
 from apigw.breaker import Breakers, CircuitBreaker, breaker_settings
 from apigw.config import Config, RedisConfig, RetrySettings, Route, config_hash
+from apigw.logs import AccessLog
 from apigw.metrics import Metrics
 from apigw.proxy import Upstream
 from apigw.ratelimit import Limiter, LimitRule, build_limiter, redis_client
@@ -159,6 +160,7 @@ class Gateway:
 
     state: GatewayState
     shared: Shared
+    access_log: AccessLog = field(default_factory=AccessLog)
     draining: bool = False
     last_reload_error: str | None = None
 

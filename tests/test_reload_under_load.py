@@ -52,8 +52,12 @@ async def test_twenty_reloads_under_load_lose_no_request(tmp_path: Path) -> None
                 for version in range(1, 21):
                     write_config(config, port, metrics_port, backend.url, version)
                     gateway.signal(signal.SIGHUP)
-                    await asyncio.sleep(0.15)
-                    hashes.add((await asyncio.to_thread(gateway.ready))["config_hash"])
+                    for _ in range(200):  # until this version is in force (a loaded machine may take a while)
+                        current = (await asyncio.to_thread(gateway.ready))["config_hash"]
+                        if current not in hashes:
+                            break
+                        await asyncio.sleep(0.05)
+                    hashes.add(current)
                 stop.set()
                 await asyncio.gather(*clients)
             metrics = await asyncio.to_thread(gateway.metrics)

@@ -1,0 +1,446 @@
+"""The gateway side by side with its peers, in one run and one table (issue 8).
+
+    python bench/compare.py [--duration 10] [--connections 50] [--rows direct,nginx,bare,off,cold,warm,latency]
+                            [--tokens 20000] [--profile /tmp/gateway-warm.txt]
+
+Rows: `direct` (wrk to the backend), `nginx` (nginx reverse proxy, keepalive upstream), `bare` (the
+~60-line aiohttp proxy below: the baseline Python cannot beat), `off` (the gateway, a route with no
+auth, no rate limit, no access log), `cold` and `warm` (the gateway with RS256 JWT auth, a Redis rate
+limit that never denies, metrics and access log; `cold`: every request a different token, so the
+verified-token cache misses; `warm`: one token, so it hits). `latency` adds a second table: latency over
+direct at light load. `--profile FILE` samples the gateway with py-spy during an extra warm run and
+prints the functions with the most own time. See bench/README.md for how to read the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import redis
+import yaml
+
+from harness import (
+    LOAD_CORE, NGINX_BACKEND, NGINX_PROXY, PROXY_CORE, Processes, WrkResult, cpu_seconds, env, pin,
+    require, rss_mb, wait_http, wrk,
+)
+
+from apigw.config import AuthConfig
+from apigw.testkit.process import GatewayProcess
+from apigw.testkit.redis import RedisServer, free_port
+from apigw.testkit.tokens import SigningKey
+
+ROWS = ("direct", "nginx", "bare", "off", "cold", "warm", "latency")
+LABELS = {
+    "direct": "direct", "nginx": "nginx", "bare": "bare aiohttp", "off": "gateway off",
+    "cold": "gateway on, cold", "warm": "gateway on, warm",
+}
+WARMUP_SECONDS = 2
+MONITOR_SECONDS = 2
+PACE_MS = 10
+"""Latency table: each connection waits this long after every response (wrk's `delay()`), so that the
+offered load is set by the connection count rather than by how fast the proxy answers."""
+HANDSHAKE = ("HELLO", "CLIENT SETINFO")
+"""What a new pooled Redis connection sends once: not part of any request."""
+
+PACE_LUA = f"function delay() return {PACE_MS} end\n"
+
+CYCLE_TOKENS_LUA = """
+local tokens = {}
+for line in io.lines("%s") do tokens[#tokens + 1] = "Bearer " .. line end
+local i = 0
+request = function()
+  i = i %% #tokens + 1
+  return wrk.format(nil, nil, {["Authorization"] = tokens[i]})
+end
+"""
+
+
+# --- the baseline: a bare aiohttp reverse proxy, run in its own process by `--serve-bare` -------
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "transfer-encoding", "upgrade", "host",
+})
+
+
+def serve_bare(port: int, backend: str) -> None:
+    """Stream method, path, headers and body to `backend` and the answer back; nothing else."""
+    import aiohttp
+    import uvloop
+    from aiohttp import web
+    from yarl import URL
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
+        body = request.content if request.body_exists else None
+        url = URL(backend + request.raw_path, encoded=True)
+        async with session.request(request.method, url, headers=headers, data=body, allow_redirects=False) as up:
+            response = web.StreamResponse(
+                status=up.status, reason=up.reason,
+                headers=[(k, v) for k, v in up.headers.items() if k.lower() not in HOP_BY_HOP],
+            )
+            await response.prepare(request)
+            async for chunk in up.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+    async def main() -> None:
+        nonlocal session
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        await asyncio.Event().wait()
+
+    session: aiohttp.ClientSession
+    uvloop.run(main())
+
+
+# --- measuring -------------------------------------------------------------------------------------
+
+
+@dataclass
+class LightLoad:
+    """The latency table: direct and gateway-on-warm, both driven by `connections` paced connections."""
+
+    direct: WrkResult
+    gateway: WrkResult
+    connections: int
+    gateway_max_rps: float
+
+
+@dataclass
+class Row:
+    label: str
+    load: WrkResult
+    cpu_us: float | None = None
+    rss: float | None = None
+
+
+def warm_up(url: str, args: argparse.Namespace, headers: tuple[str, ...] = ()) -> None:
+    """Fill connection pools and caches before a measured run."""
+    wrk(url, WARMUP_SECONDS, args.connections, headers=headers)
+
+
+def measure(label: str, url: str, args: argparse.Namespace, proxy_pid: int | None = None, **load: object) -> Row:
+    """One measured wrk run, charging the proxy's CPU to the requests it served."""
+    before = cpu_seconds(proxy_pid) if proxy_pid else 0.0
+    result = wrk(url, args.duration, args.connections, **load)
+    if proxy_pid is None:
+        return Row(label, result)
+    cpu_us = (cpu_seconds(proxy_pid) - before) / max(result.requests, 1) * 1e6
+    return Row(label, result, cpu_us, rss_mb(proxy_pid))
+
+
+def redis_reads(redis_client: redis.Redis) -> tuple[int, int]:
+    """Reads Redis made from client sockets (one per round trip, however many commands it carried), and
+    connections it accepted."""
+    stats = redis_client.info("stats")
+    return stats["total_reads_processed"], stats["total_connections_received"]
+
+
+def redis_commands(redis_client: redis.Redis, run: Callable[[], WrkResult]) -> tuple[Counter[str], int]:
+    """The top-level commands clients sent while `run` ran (MONITOR; not those a script ran inside
+    Redis), by name, and the requests wrk completed. MONITOR slows Redis, hence a separate short run."""
+    marker = "bench-end"
+    names: Counter[str] = Counter()
+    with redis_client.monitor() as monitor:
+        def read() -> None:
+            while (command := monitor.next_command())["command"] != f"ECHO {marker}":
+                text = command["command"]
+                if command["client_type"] != "lua" and not text.startswith(HANDSHAKE):
+                    names[text.split(" ", 1)[0].upper()] += 1
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        requests = run().requests
+        redis_client.echo(marker)
+        reader.join(60)
+    return names, requests
+
+
+def gateway_config(backend_url: str, redis_url: str | None, key_file: Path | None) -> dict[str, object]:
+    port, metrics_port = free_port(), free_port()
+    route: dict[str, object] = {"name": "bench", "backend": {"service": "bench", "url": backend_url}}
+    config: dict[str, object] = {
+        "listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port, "drain_timeout": 1},
+        "logging": {"access_log": redis_url is not None},
+        "routes": [route],
+    }
+    if redis_url is not None:
+        route.update(auth={"required": True}, ratelimit="bench")
+        config.update(
+            redis={"url": redis_url},
+            auth={"keys": [{"file": str(key_file)}], "algorithms": ["RS256"]},
+            policies=[{"name": "bench", "requests": 1_000_000, "period": 1, "burst": 1_000_000}],
+        )
+    return config
+
+
+def start_gateway(tmp: Path, name: str, config: dict[str, object]) -> GatewayProcess:
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    listen = config["listen"]
+    gateway = GatewayProcess(path, listen["port"], listen["metrics_port"], env=env())  # type: ignore[index]
+    gateway.start(wait=False)
+    try:
+        pin(gateway.process.pid, PROXY_CORE)  # type: ignore[union-attr]
+        gateway.wait_ready()
+    except BaseException:
+        gateway.stop()
+        raise
+    return gateway
+
+
+def redis_errors(gateway: GatewayProcess) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in gateway.metrics().splitlines()
+        if line.startswith("gateway_redis_errors_total")
+    )
+
+
+def profile(pid: int, out: Path, seconds: int, run: Callable[[], object]) -> dict[str, list[str]]:
+    """Sample `pid` with py-spy while `run` loads it. The functions with the most own (leaf) time, the
+    gateway (`apigw/`) functions and the libraries with the most inclusive time, as `share%  name`."""
+    spy = subprocess.Popen(
+        ["taskset", "-c", str(LOAD_CORE), "py-spy", "record", "--format", "raw", "-r", "200", "-d", str(seconds),
+         "-o", str(out), "--pid", str(pid)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    run()
+    _, error = spy.communicate(timeout=seconds + 60)
+    if spy.returncode != 0:
+        raise RuntimeError(f"py-spy failed: {error.decode(errors='replace').strip()}")
+    own: Counter[str] = Counter()
+    gateway: Counter[str] = Counter()
+    libraries: Counter[str] = Counter()
+    for line in out.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = [_function(frame) for frame in stack.split(";")]
+        own[frames[-1]] += int(count)
+        ours = [i for i, frame in enumerate(frames) if "(apigw/" in frame and "(apigw/cli.py" not in frame
+                and "(apigw/__main__" not in frame]
+        for frame in {frames[i] for i in ours}:
+            gateway[frame] += int(count)
+        called = [frame for frame in frames[ours[0] + 1:] if "(apigw/" not in frame] if ours else []
+        for library in {frame.rpartition("(")[2].split("/")[0] for frame in called}:
+            libraries[library.removesuffix(")").removesuffix(".py")] += int(count)
+    total = sum(own.values())
+
+    def top(counts: Counter[str], n: int) -> list[str]:
+        return [f"{100 * count / total:5.1f}%  {name}" for name, count in counts.most_common(n)]
+
+    return {"own time": top(own, 15), "gateway functions, inclusive time (callees included)": top(gateway, 15),
+            "what the gateway's code calls, by library, inclusive time": top(libraries, 10)}
+
+
+def _function(frame: str) -> str:
+    """`handle (apigw/pipeline.py:68)` -> `handle (apigw/pipeline.py)`: one entry per function."""
+    name, _, where = frame.partition(" (")
+    if name == "Runner.run":
+        return "(event loop: uvloop's C code, I/O and callbacks)"
+    return f"{name} ({where.rsplit(':', 1)[0]})"
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace, tmp: Path, procs: Processes) -> None:
+    rows: dict[str, Row] = {}
+    notes: list[str] = []
+    backend_port = free_port()
+    procs.nginx(tmp / "backend", NGINX_BACKEND.format(port=backend_port), LOAD_CORE)
+    backend_url = f"http://127.0.0.1:{backend_port}"
+    wait_http(backend_url + "/")
+
+    def peer(name: str, start: Callable[[int], subprocess.Popen[bytes]]) -> None:
+        port = free_port()
+        process, url = start(port), f"http://127.0.0.1:{port}/"
+        wait_http(url, process)
+        warm_up(url, args)
+        rows[name] = measure(LABELS[name], url, args, process.pid)
+        procs.stop(process)
+
+    if "direct" in args.rows:
+        warm_up(backend_url + "/", args)
+        rows["direct"] = measure(LABELS["direct"], backend_url + "/", args)
+    if "nginx" in args.rows:
+        peer("nginx", lambda port: procs.nginx(
+            tmp / "proxy", NGINX_PROXY.format(port=port, backend_port=backend_port), PROXY_CORE))
+    if "bare" in args.rows:
+        peer("bare", lambda port: procs.start([sys.executable, __file__, "--serve-bare", str(port), backend_url], PROXY_CORE))
+    if "off" in args.rows:
+        gateway = start_gateway(tmp, "gateway-off", gateway_config(backend_url, None, None))
+        try:
+            warm_up(gateway.url + "/", args)
+            rows["off"] = measure(LABELS["off"], gateway.url + "/", args, gateway.process.pid)
+        finally:
+            gateway.stop()
+    light = None
+    if {"cold", "warm", "latency"} & set(args.rows):
+        light = gateway_on(args, tmp, backend_url, rows, notes)
+
+    print_table(args, rows, light)
+    for note in notes:
+        print(note)
+
+
+def gateway_on(
+    args: argparse.Namespace, tmp: Path, backend_url: str, rows: dict[str, Row], notes: list[str],
+) -> LightLoad | None:
+    """The cold and warm rows, Redis round trips, the latency table and the profile: one gateway, one Redis."""
+    light = None
+    key = SigningKey("rsa")
+    key.write_public_pem(tmp / "jwt.pem")
+    warm = (f"Authorization: Bearer {key.token(ttl=3600, sub='warm')}",)
+    loads: dict[str, dict[str, object]] = {"warm": {"headers": warm}}
+    if "cold" in args.rows:
+        loads["cold"] = {"script": cycling_tokens(key, args.tokens, tmp, notes)}
+    with RedisServer() as server:
+        pin(server.process.pid, LOAD_CORE)
+        client = redis.Redis(port=server.port)
+        gateway = start_gateway(tmp, "gateway-on", gateway_config(backend_url, server.url, tmp / "jwt.pem"))
+        try:
+            pid, url = gateway.process.pid, gateway.url + "/"
+            for name in ("cold", "warm"):
+                if name in args.rows:
+                    # the cold row warms up with the warm token too: a warm-up through the token file would
+                    # fill the cache with the tokens the measured run starts with
+                    warm_up(url, args, warm)
+                    rows[name] = measure_with_redis(name, gateway, client, args, notes, **loads[name])
+            if "latency" in args.rows:
+                light = light_load(args, tmp, backend_url + "/", url, warm, rows)
+            if args.profile:
+                lists = profile(pid, args.profile, 5, lambda: wrk(url, 5, args.connections, headers=warm))
+                notes.append(f"py-spy, gateway on warm, 5 s at 200 Hz (raw stacks in {args.profile}):")
+                for title, lines in lists.items():
+                    notes.append(f"{title}:")
+                    notes.extend(f"  {line}" for line in lines)
+        finally:
+            gateway.stop()
+    return light
+
+
+def cycling_tokens(key: SigningKey, count: int, tmp: Path, notes: list[str]) -> Path:
+    """A wrk script giving each request the next of `count` distinct tokens."""
+    started = time.monotonic()
+    tokens = tmp / "tokens.txt"
+    tokens.write_text("".join(key.token(ttl=3600, sub=f"user-{i}") + "\n" for i in range(count)))
+    (tmp / "cycle.lua").write_text(CYCLE_TOKENS_LUA % tokens)
+    cache = AuthConfig().cache_size
+    misses = "every request misses" if count > cache else "NOT cold: tokens repeat within the cache"
+    notes.append(f"cold: {count} distinct tokens cycled (minted in {time.monotonic() - started:.0f} s); "
+                 f"the LRU cache holds {cache} (auth.cache_size default), so {misses}")
+    return tmp / "cycle.lua"
+
+
+def measure_with_redis(
+    name: str, gateway: GatewayProcess, client: redis.Redis, args: argparse.Namespace, notes: list[str], **load: object,
+) -> Row:
+    """A gateway row, with what it cost Redis: round trips over the measured run, commands in a MONITOR run."""
+    url = gateway.url + "/"
+    errors, (reads, connections) = redis_errors(gateway), redis_reads(client)
+    row = measure(LABELS[name], url, args, gateway.process.pid, **load)
+    after_reads, after_connections = redis_reads(client)
+    trips = (after_reads - reads - 1) / row.load.requests  # -1: the INFO itself
+    commands, sampled = redis_commands(client, partial(wrk, url, MONITOR_SECONDS, args.connections, **load))
+    per_request = ", ".join(f"{n} {c / sampled:.2f}" for n, c in commands.most_common()) or "none"
+    notes.append(f"{name}: Redis round trips per request {trips:.2f} (INFO total_reads_processed); "
+                 f"commands per request: {per_request} (MONITOR, {sampled} requests); "
+                 f"gateway_redis_errors_total +{redis_errors(gateway) - errors:.0f}; "
+                 f"new Redis connections +{after_connections - connections}")
+    return row
+
+
+def light_load(
+    args: argparse.Namespace, tmp: Path, direct_url: str, gateway_url: str, warm: tuple[str, ...], rows: dict[str, Row],
+) -> LightLoad:
+    """Direct and gateway-on-warm at about half the gateway's maximum rate, with paced connections
+    (wrk has no fixed-rate mode): enough connections that each, pausing PACE_MS between requests,
+    offers that rate together."""
+    top = rows["warm"].load.rps if "warm" in rows else wrk(gateway_url, WARMUP_SECONDS, args.connections, headers=warm).rps
+    connections = max(1, round(top / 2 * PACE_MS / 1000))
+    (tmp / "pace.lua").write_text(PACE_LUA)
+    direct = wrk(direct_url, args.duration, connections, script=tmp / "pace.lua")
+    through = wrk(gateway_url, args.duration, connections, script=tmp / "pace.lua", headers=warm)
+    return LightLoad(direct, through, connections, top)
+
+
+def print_table(args: argparse.Namespace, rows: dict[str, Row], light: LightLoad | None) -> None:
+    print(f"\nwrk -t1 -c{args.connections} -d{args.duration}s after {WARMUP_SECONDS} s warm-up; backend: nginx "
+          f"(fixed JSON); wrk, backend, Redis on core {LOAD_CORE}; proxy alone on core {PROXY_CORE}")
+    print(f"{'':<18} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'CPU us/req':>10} {'RSS MB':>7} {'non-2xx':>8} "
+          f"{'sock err':>8}")
+    for name in ("direct", "nginx", "bare", "off", "cold", "warm"):
+        if name in rows:
+            row = rows[name]
+            cpu = f"{row.cpu_us:.0f}" if row.cpu_us is not None else "-"
+            rss = f"{row.rss:.0f}" if row.rss is not None else "-"
+            print(f"{row.label:<18} {row.load.rps:>8.0f} {row.load.p50:>7.2f} {row.load.p99:>7.2f} {cpu:>10} "
+                  f"{rss:>7} {row.load.non2xx:>8} {row.load.socket_errors:>8}")
+    if "bare" in rows:
+        bare = rows["bare"].cpu_us
+        for name, target in (("warm", 1.3), ("cold", None), ("off", 1.1)):
+            if name in rows:
+                goal = f"  (target <= {target}x)" if target else ""
+                print(f"{rows[name].label} / bare aiohttp CPU per request: {rows[name].cpu_us / bare:.2f}x{goal}")
+    if light is not None:
+        direct, through = light.direct, light.gateway
+        print(f"\nlatency at about half load: wrk -c{light.connections} -d{args.duration}s, each connection pausing "
+              f"{PACE_MS} ms after every response (wrk has no fixed-rate mode); gateway at "
+              f"{through.rps / light.gateway_max_rps:.0%} of its -c{args.connections} maximum")
+        print(f"{'':<18} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'+p50 ms':>8} {'+p99 ms':>8}")
+        print(f"{'direct':<18} {direct.rps:>8.0f} {direct.p50:>7.2f} {direct.p99:>7.2f} {'-':>8} {'-':>8}")
+        print(f"{'gateway on, warm':<18} {through.rps:>8.0f} {through.p50:>7.2f} {through.p99:>7.2f} "
+              f"{through.p50 - direct.p50:>8.2f} {through.p99 - direct.p99:>8.2f}  (targets +p50 < 1, +p99 < 5)")
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--serve-bare":
+        serve_bare(int(sys.argv[2]), sys.argv[3])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measured run")
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {','.join(ROWS)}")
+    parser.add_argument("--tokens", type=int, default=20_000, help="distinct tokens for the cold row")
+    parser.add_argument("--profile", type=Path, help="py-spy the warm gateway 5 s; raw samples to this file")
+    args = parser.parse_args()
+    args.rows = args.rows.split(",")
+    unknown = set(args.rows) - set(ROWS)
+    if unknown:
+        parser.error(f"unknown rows {sorted(unknown)}; choose from {','.join(ROWS)}")
+    require("wrk", "nginx", "redis-server", *(["py-spy"] if args.profile else []))
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop everything on the way out, as on Ctrl-C
+    os.sched_setaffinity(0, {LOAD_CORE})  # this script (the MONITOR reader) stays off the proxy's core
+    started = time.monotonic()
+    procs = Processes()
+    try:
+        with tempfile.TemporaryDirectory(prefix="apigw-bench-") as tmp:
+            run(args, Path(tmp), procs)
+    except KeyboardInterrupt:
+        sys.exit("interrupted: everything started is stopped")
+    finally:
+        procs.stop_all()
+    print(f"total time {time.monotonic() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 
 from apigw.config import FailureMode, Policy, RedisConfig
 from apigw.metrics import Metrics
+from apigw.redisbatch import RedisBatch
 from apigw.ratelimit import Limiter, LimitRule, MemoryLimiter, RedisLimiter, redis_client
 from apigw.testkit.redis import RedisServer
 
@@ -64,7 +65,7 @@ async def main(decisions: int, concurrency: int) -> None:
     decisions -= decisions % concurrency
     with RedisServer() as server:
         redis = redis_client(RedisConfig(url=server.url, pool_size=concurrency + 1, timeout=1.0))  # +1: MONITOR
-        limiter = RedisLimiter(redis, Metrics(), FailureMode.fail_closed, timeout=1.0)
+        limiter = RedisLimiter(RedisBatch(redis, 1.0), Metrics(), FailureMode.fail_closed)
         await limiter.check(rule, "warm-up")  # loads the script once, as the first request after a restart does
         before = await evalsha_calls(redis)
         rate, allowed = await run(limiter, rule, decisions, concurrency)

@@ -18,6 +18,7 @@ import redis.asyncio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from apigw.redisbatch import RedisBatch
 from apigw.auth import MAX_TOKEN_LENGTH, NO_EXP_CACHE_SECONDS, Authenticator
 from apigw.config import AuthConfig
 from apigw.errors import GatewayError
@@ -69,7 +70,7 @@ def make_auth(tmp_path: Path, clock: Clock, metrics: Metrics) -> Callable[..., A
     def make(*keys: SigningKey, redis_client: redis.asyncio.Redis | None = None, **settings: Any) -> Authenticator:
         entries = [{"file": key.write_public_pem(tmp_path / f"{key.kid}.pem"), "kid": key.kid} for key in keys]
         config = AuthConfig.model_validate({"keys": entries, **settings})
-        return Authenticator.build(config, metrics, redis_client, clock=clock)
+        return Authenticator.build(config, metrics, redis_client and RedisBatch(redis_client, 0.1), clock=clock)
 
     return make
 

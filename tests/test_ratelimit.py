@@ -9,6 +9,7 @@ scenarios leave room for (their intervals are seconds long).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,6 +21,7 @@ from redis.asyncio import Redis
 from apigw.config import Config, FailureMode, LimitKey, Policy, RedisConfig
 from apigw.errors import GatewayError
 from apigw.metrics import Metrics
+from apigw.redisbatch import BATCH_LUA, RedisBatch
 from apigw.ratelimit import (
     Decision,
     Limiter,
@@ -86,7 +88,7 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
                 await r.set(bucket, tat - round(seconds * 1_000_000), keepttl=True)
 
         metrics = Metrics()
-        yield Harness(RedisLimiter(r, metrics, FailureMode.fail_open, timeout=2.0), metrics, shift)
+        yield Harness(RedisLimiter(RedisBatch(r, 2.0), metrics, FailureMode.fail_open), metrics, shift)
         await r.aclose()
 
 
@@ -154,7 +156,7 @@ async def test_keys_and_policies_have_their_own_budgets(harness: Harness) -> Non
 
 
 async def test_buckets_live_under_ratelimit_and_expire_when_full(redis: Redis) -> None:
-    limiter = RedisLimiter(redis, Metrics(), FailureMode.fail_open, timeout=2.0)
+    limiter = RedisLimiter(RedisBatch(redis, 2.0), Metrics(), FailureMode.fail_open)
     limit_rule = rule(requests=5, period=3600)
     await limiter.check(limit_rule, IP)
     assert [k async for k in redis.scan_iter("*")] == [b"ratelimit:p:ip:10.0.0.1"]
@@ -165,7 +167,7 @@ async def test_buckets_live_under_ratelimit_and_expire_when_full(redis: Redis) -
 
 
 async def test_a_hostile_key_cannot_bloat_redis(redis: Redis) -> None:
-    limiter = RedisLimiter(redis, Metrics(), FailureMode.fail_open, timeout=2.0)
+    limiter = RedisLimiter(RedisBatch(redis, 2.0), Metrics(), FailureMode.fail_open)
     limit_rule = rule(requests=1, period=3600)
     hostile = "claim:" + "x" * 100_000
     assert (await limiter.check(limit_rule, hostile)).allowed
@@ -176,7 +178,7 @@ async def test_a_hostile_key_cannot_bloat_redis(redis: Redis) -> None:
 
 
 async def test_the_runbooks_scan_and_del_resets_the_limits(redis: Redis) -> None:
-    limiter = RedisLimiter(redis, Metrics(), FailureMode.fail_open, timeout=2.0)
+    limiter = RedisLimiter(RedisBatch(redis, 2.0), Metrics(), FailureMode.fail_open)
     limit_rule = rule(requests=3, period=3600)
     for key in (IP, "ip:10.0.0.2"):
         assert [d.allowed for d in [await limiter.check(limit_rule, key) for _ in range(4)]][-1] is False
@@ -192,7 +194,7 @@ async def test_two_replicas_together_allow_the_limit(redis_server: RedisServer) 
     """Two clients (as two gateway replicas would hold) race 800 checks on one bucket."""
     replicas = [client(redis_server, timeout=5.0), client(redis_server, timeout=5.0)]
     metrics = Metrics()
-    limiters = [RedisLimiter(r, metrics, FailureMode.fail_closed, timeout=5.0) for r in replicas]
+    limiters = [RedisLimiter(RedisBatch(r, 5.0), metrics, FailureMode.fail_closed) for r in replicas]
     limit_rule = rule(requests=300, period=3600)  # a refill every 12 s: none during the test
     decisions = await asyncio.gather(*[limiters[i % 2].check(limit_rule, IP) for i in range(800)])
     allowed = sum(d.allowed for d in decisions)
@@ -212,7 +214,7 @@ async def test_decisions_are_counted_and_timed(harness: Harness) -> None:
 
 
 async def test_a_slow_decision_is_logged_with_its_duration(redis: Redis, caplog: pytest.LogCaptureFixture) -> None:
-    limiter = RedisLimiter(redis, Metrics(), FailureMode.fail_open, timeout=2.0, slow=0.0)
+    limiter = RedisLimiter(RedisBatch(redis, 2.0), Metrics(), FailureMode.fail_open, slow=0.0)
     with caplog.at_level(logging.WARNING, logger="apigw.ratelimit"):
         await limiter.check(rule(requests=2, period=3600), IP)
     [record] = caplog.records
@@ -229,7 +231,7 @@ async def checks_during(
     """Three decisions while Redis suffers `fault`, each bounded by 5 s (a hang fails the test)."""
     r = client(server, timeout=0.25)
     metrics = Metrics()
-    limiter = RedisLimiter(r, metrics, failure_mode, timeout=0.25)
+    limiter = RedisLimiter(RedisBatch(r, 0.25), metrics, failure_mode)
     limit_rule = rule(requests=5, period=3600)
     assert (await limiter.check(limit_rule, IP)).allowed
     getattr(server, fault)()
@@ -276,7 +278,7 @@ async def test_fail_closed_answers_503(redis_server: RedisServer, fault: str, ca
 
 async def test_recovers_after_a_pause_without_a_new_client(redis_server: RedisServer) -> None:
     r = client(redis_server, timeout=0.25)
-    limiter = RedisLimiter(r, Metrics(), FailureMode.fail_closed, timeout=0.25)
+    limiter = RedisLimiter(RedisBatch(r, 0.25), Metrics(), FailureMode.fail_closed)
     limit_rule = rule(requests=5, period=3600)
     assert (await limiter.check(limit_rule, IP)).allowed
     redis_server.pause()
@@ -291,19 +293,19 @@ async def test_recovers_after_a_pause_without_a_new_client(redis_server: RedisSe
 async def test_recovers_after_a_restart_and_reloads_the_script(redis_server: RedisServer) -> None:
     """A restart drops every pooled connection and the script cache; no decision fails for it."""
     r = client(redis_server, timeout=0.25)
-    limiter = RedisLimiter(r, Metrics(), FailureMode.fail_closed, timeout=0.25)
+    limiter = RedisLimiter(RedisBatch(r, 0.25), Metrics(), FailureMode.fail_closed)
     limit_rule = rule(requests=5, period=3600)
     await asyncio.gather(*[limiter.check(limit_rule, IP) for _ in range(6)])  # several pooled connections
     redis_server.restart()
     decisions = await asyncio.gather(*[limiter.check(limit_rule, IP) for _ in range(6)])
     assert sorted(d.allowed for d in decisions) == [False] + [True] * 5  # state went with the restart
-    assert await r.script_exists(limiter._script.sha) == [True]
+    assert await r.script_exists(hashlib.sha1(BATCH_LUA.encode()).hexdigest()) == [True]
     await r.aclose()
 
 
 async def test_stopped_then_started_again(redis_server: RedisServer) -> None:
     r = client(redis_server, timeout=0.25)
-    limiter = RedisLimiter(r, Metrics(), FailureMode.fail_open, timeout=0.25)
+    limiter = RedisLimiter(RedisBatch(r, 0.25), Metrics(), FailureMode.fail_open)
     limit_rule = rule(requests=5, period=3600)
     redis_server.stop()
     assert (await asyncio.wait_for(limiter.check(limit_rule, IP), 5)).degraded
@@ -335,10 +337,10 @@ def test_a_missing_header_or_claim_spends_the_client_ips_budget(claims: dict[str
 
 async def test_build_limiter_follows_the_config(redis: Redis) -> None:
     metrics = Metrics()
-    assert build_limiter(Config.model_validate({"ratelimit": {"enabled": False}}), metrics, redis) is None
+    assert build_limiter(Config.model_validate({"ratelimit": {"enabled": False}}), metrics, RedisBatch(redis, 1.0)) is None
     assert isinstance(build_limiter(Config(), metrics, None), MemoryLimiter)
     with_redis = Config.model_validate({"redis": {}, "ratelimit": {"failure_mode": "fail_closed"}})
-    assert isinstance(build_limiter(with_redis, metrics, redis), RedisLimiter)
+    assert isinstance(build_limiter(with_redis, metrics, RedisBatch(redis, 1.0)), RedisLimiter)
     with pytest.raises(ValueError, match="config.redis"):
         build_limiter(with_redis, metrics, None)
 

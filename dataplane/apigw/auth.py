@@ -16,7 +16,8 @@ is re-verified at least every `NO_EXP_CACHE_SECONDS`. Reloading the keys empties
 Revocation list: a token is revoked while Redis holds the key `revoked:<jti>` (any value). Whoever
 revokes sets its TTL to outlive the token, e.g. `SET revoked:<jti> 1 EXAT <exp>`, so the list
 cleans itself. Tokens without `jti` cannot be revoked. The check is one EXISTS per request, cached
-token or not, bounded by the Redis client's own socket timeout. Without a Redis client there is no
+token or not, sent with the other checks of its event-loop tick (`redisbatch`) and bounded by
+`redis.timeout`. Without Redis there is no
 list and no check. When Redis fails, `auth.revocation.failure_mode` decides: `fail_open` accepts the
 token, `fail_closed` answers 503 `revocation_unavailable`: the token is not known to be bad, so a 401
 would make clients discard valid credentials and re-login in a storm, while a 503 says "retry" and
@@ -40,7 +41,6 @@ from types import MappingProxyType
 from typing import Any
 
 import jwt
-import redis.asyncio
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -50,6 +50,7 @@ from apigw.config import AuthConfig, FailureMode
 from apigw.errors import GatewayError
 from apigw.loader import ConfigError
 from apigw.metrics import Metrics
+from apigw.redisbatch import RedisBatch
 
 Claims = Mapping[str, Any]
 """The verified claims of a token (read-only: the same mapping may serve many requests)."""
@@ -268,7 +269,7 @@ class Authenticator:
     """Checks bearer tokens for the request pipeline; built once per config."""
 
     def __init__(
-        self, config: AuthConfig, metrics: Metrics, redis_client: redis.asyncio.Redis | None, keys: KeyRing,
+        self, config: AuthConfig, metrics: Metrics, revocations: RedisBatch | None, keys: KeyRing,
         clock: Callable[[], float],
     ):
         self.config = config
@@ -277,7 +278,7 @@ class Authenticator:
         self._clock = clock
         self._skew = config.clock_skew
         self._algorithms = frozenset(config.algorithms)
-        self._redis = redis_client if config.revocation.enabled else None
+        self._redis = revocations if config.revocation.enabled else None
         self._fail_open = config.revocation.failure_mode == FailureMode.fail_open
         self._redis_errors = metrics.redis_errors.labels(operation="revocation")
         self._success = metrics.auth_attempts.labels("success", "none")
@@ -292,11 +293,11 @@ class Authenticator:
 
     @classmethod
     def build(
-        cls, config: AuthConfig, metrics: Metrics, redis_client: redis.asyncio.Redis | None,
+        cls, config: AuthConfig, metrics: Metrics, revocations: RedisBatch | None,
         clock: Callable[[], float] = time.time,
     ) -> Authenticator:
         """Load the keys (ConfigError if any file is unusable) and make the ready authenticator."""
-        return cls(config, metrics, redis_client, load_keys(config), clock)
+        return cls(config, metrics, revocations, load_keys(config), clock)
 
     def watched_files(self) -> list[Path]:
         files = [entry.file for entry in self.config.keys]
@@ -386,8 +387,8 @@ class Authenticator:
     async def _check_revocation(self, jti: str) -> None:
         assert self._redis is not None
         try:
-            revoked = await self._redis.exists(REVOKED_PREFIX + jti)
-        except (RedisError, OSError):
+            revoked = await self._redis.revoked(REVOKED_PREFIX + jti)
+        except (RedisError, OSError, TimeoutError):
             self._redis_errors.inc()
             if self._fail_open:
                 return

@@ -32,6 +32,7 @@ from redis.exceptions import RedisError
 from apigw.config import Config, FailureMode, LimitKey, Policy, RedisConfig
 from apigw.errors import GatewayError
 from apigw.metrics import Metrics
+from apigw.redisbatch import RedisBatch
 
 log = logging.getLogger("apigw.ratelimit")
 
@@ -40,25 +41,6 @@ SLOW_DECISION = 0.05
 
 _MICROS = 1_000_000
 _READABLE_KEY = re.compile(r"[A-Za-z0-9._:@-]{1,80}").fullmatch
-
-GCRA_LUA = """
--- KEYS[1]: the bucket. ARGV[1]: interval between requests, ARGV[2]: limit * interval (microseconds).
--- Returns {allowed 1|0, microseconds until the bucket is full, microseconds until a request may pass}.
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-local interval = tonumber(ARGV[1])
-local tat = tonumber(redis.call('GET', KEYS[1])) or now
-if tat < now then tat = now end
-local allow_at = tat + interval - tonumber(ARGV[2])
-if now < allow_at then
-  return {0, tat - now, allow_at - now}
-end
-tat = tat + interval
-redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000))
-return {1, tat - now, 0}
-"""
-# `string.format`: Redis would turn a number argument into text with 14 significant digits, too few.
-
 
 @dataclass(frozen=True, slots=True)
 class Decision:
@@ -184,24 +166,19 @@ class _Recorder:
 
 
 class RedisLimiter:
-    """GCRA in Redis: one EVALSHA per decision (redis-py loads the script again after a NOSCRIPT)."""
+    """GCRA in Redis, as one step of the tick's batch script (`redisbatch`): decisions of concurrent
+    requests share a round trip."""
 
-    def __init__(
-        self, redis: Redis, metrics: Metrics, failure_mode: FailureMode, timeout: float, slow: float = SLOW_DECISION
-    ):
-        self._script = redis.register_script(GCRA_LUA)
+    def __init__(self, batch: RedisBatch, metrics: Metrics, failure_mode: FailureMode, slow: float = SLOW_DECISION):
+        self._batch = batch
         self._metrics = metrics
         self._failure_mode = failure_mode
-        self._timeout = timeout
         self._recorder = _Recorder(metrics, slow)
 
     async def check(self, rule: LimitRule, key: str) -> Decision:
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self._timeout):
-                allowed, full_in, retry_in = await self._script(
-                    keys=[rule.bucket(key)], args=[rule.interval, rule.capacity]
-                )
+            allowed, full_in, retry_in = await self._batch.limit(rule.bucket(key), rule.interval, rule.capacity)
         except (RedisError, OSError, TimeoutError) as error:
             self._recorder.record(rule.policy, "error", started)
             return self._failed(rule, error)
@@ -214,7 +191,7 @@ class RedisLimiter:
         self._metrics.ratelimit_errors.inc()
         self._metrics.redis_errors.labels(operation="ratelimit").inc()
         if isinstance(error, TimeoutError):
-            reason = f"timeout after {self._timeout:g} s"
+            reason = f"timeout after {self._batch.timeout:g} s"
         else:
             reason = f"{type(error).__name__}: {error}"
         log.error(
@@ -269,13 +246,13 @@ def redis_client(settings: RedisConfig) -> Redis:
     return Redis.from_pool(pool)
 
 
-def build_limiter(config: Config, metrics: Metrics, redis: Redis | None) -> Limiter | None:
+def build_limiter(config: Config, metrics: Metrics, batch: RedisBatch | None) -> Limiter | None:
     """The limiter a config asks for: none when `ratelimit.enabled` is false, Redis-backed when `redis` is
-    configured (pass the client built from `config.redis`), else in-process."""
+    configured (pass the batch built on its client), else in-process."""
     if not config.ratelimit.enabled:
         return None
     if config.redis is None:
         return MemoryLimiter(time.monotonic, metrics)
-    if redis is None:
-        raise ValueError("config.redis is set: pass the Redis client built from it")
-    return RedisLimiter(redis, metrics, config.ratelimit.failure_mode, config.redis.timeout)
+    if batch is None:
+        raise ValueError("config.redis is set: pass the RedisBatch built on its client")
+    return RedisLimiter(batch, metrics, config.ratelimit.failure_mode)

@@ -24,6 +24,7 @@ from apigw.logs import AccessLog
 from apigw.metrics import Metrics
 from apigw.proxy import Upstream
 from apigw.ratelimit import Limiter, LimitRule, build_limiter, redis_client
+from apigw.redisbatch import RedisBatch
 from apigw.retry import RetryBudget, RetryBudgets
 from apigw.routing import Router
 
@@ -80,18 +81,18 @@ class Shared:
         self.breakers = Breakers(metrics.breaker_state, clock)
         self.budgets = RetryBudgets(clock)
         self.upstreams: dict[tuple[str, str], Upstream] = {}
-        self.redis: Redis | None = None
+        self.redis: RedisBatch | None = None
         self._redis_settings: RedisConfig | None = None
         self._limiter: tuple[tuple[object, ...], Limiter | None] | None = None
         self.retired: list[Upstream | Redis] = []
         """Pools replaced by a reload, to close once requests begun on the old config are done."""
 
-    def redis_for(self, settings: RedisConfig | None) -> Redis | None:
-        """The Redis client for `settings`; a new one only when they change."""
+    def redis_for(self, settings: RedisConfig | None) -> RedisBatch | None:
+        """Redis (behind the per-tick batch) for `settings`; a new client only when they change."""
         if settings != self._redis_settings:
             if self.redis is not None:
-                self.retired.append(self.redis)
-            self.redis = redis_client(settings) if settings else None
+                self.retired.append(self.redis.redis)
+            self.redis = RedisBatch(redis_client(settings), settings.timeout) if settings else None
             self._redis_settings = settings
         return self.redis
 
@@ -104,7 +105,7 @@ class Shared:
 
     async def close(self) -> None:
         """Close every pool, current and retired."""
-        pools, self.retired = [*self.retired, *self.upstreams.values(), self.redis], []
+        pools, self.retired = [*self.retired, *self.upstreams.values(), self.redis and self.redis.redis], []
         for pool in pools:
             if pool is not None:
                 await pool.aclose()

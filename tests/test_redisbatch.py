@@ -1,0 +1,50 @@
+"""The per-tick batch: concurrent checks share one round trip, each gets its own answer or the error."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio
+
+from apigw.redisbatch import RedisBatch
+from apigw.testkit.redis import RedisServer
+
+
+@pytest.fixture
+async def client(redis_server: RedisServer):
+    r = redis.asyncio.Redis.from_url(redis_server.url, socket_timeout=0.2, socket_connect_timeout=0.2)
+    yield r
+    await r.aclose()
+
+
+async def test_checks_of_one_tick_share_one_round_trip(client) -> None:
+    await client.set("revoked:a", 1)
+    batch = RedisBatch(client, timeout=2.0)
+    interval, capacity = 1_000_000, 2_000_000  # 1 per second, 2 at once
+    answers = await asyncio.gather(
+        batch.limit("ratelimit:p:x", interval, capacity),
+        batch.revoked("revoked:a"),
+        batch.limit("ratelimit:p:x", interval, capacity),
+        batch.revoked("revoked:b"),
+        batch.limit("ratelimit:p:x", interval, capacity),
+    )
+    assert batch.round_trips == 1
+    assert [answers[0][0], answers[2][0], answers[4][0]] == [1, 1, 0]  # in order: the third is over
+    assert answers[1] == 1 and answers[3] == 0
+    assert answers[4][2] > 0  # how long until the next one may pass
+    assert 0 < await client.pttl("ratelimit:p:x") <= 2000
+
+    await batch.revoked("revoked:a")
+    assert batch.round_trips == 2  # a later tick is another round trip
+
+
+async def test_a_failed_batch_fails_every_check_in_it(client, redis_server: RedisServer) -> None:
+    batch = RedisBatch(client, timeout=0.5)
+    redis_server.stop()
+    results = await asyncio.wait_for(
+        asyncio.gather(batch.revoked("revoked:a"), batch.limit("k", 1, 1), return_exceptions=True), 5
+    )
+    assert all(isinstance(r, Exception) for r in results)
+    redis_server.start()
+    assert await batch.revoked("revoked:a") == 0

@@ -250,6 +250,14 @@ def profile(pid: int, out: Path, seconds: int, run: Callable[[], object]) -> dic
             "what the gateway's code calls, by library, inclusive time": top(libraries, 10)}
 
 
+def profile_notes(label: str, pid: int, args: argparse.Namespace, notes: list[str], run: Callable[[], object]) -> None:
+    out = args.profile.with_name(f"{args.profile.stem}-{label.replace(' ', '-')}{args.profile.suffix}")
+    notes.append(f"py-spy, {label}, 5 s at 200 Hz (raw stacks in {out}):")
+    for title, lines in profile(pid, out, 5, run).items():
+        notes.append(f"{title}:")
+        notes.extend(f"  {line}" for line in lines)
+
+
 def _function(frame: str) -> str:
     """`handle (apigw/pipeline.py:68)` -> `handle (apigw/pipeline.py)`: one entry per function."""
     name, _, where = frame.partition(" (")
@@ -290,6 +298,9 @@ def run(args: argparse.Namespace, tmp: Path, procs: Processes) -> None:
         try:
             warm_up(gateway.url + "/", args)
             rows["off"] = measure(LABELS["off"], gateway.url + "/", args, gateway.process.pid)
+            if args.profile:
+                profile_notes("gateway off", gateway.process.pid, args, notes,
+                              lambda: wrk(gateway.url + "/", 5, args.connections))
         finally:
             gateway.stop()
     light = None
@@ -327,11 +338,7 @@ def gateway_on(
             if "latency" in args.rows:
                 light = light_load(args, tmp, backend_url + "/", url, warm, rows)
             if args.profile:
-                lists = profile(pid, args.profile, 5, lambda: wrk(url, 5, args.connections, headers=warm))
-                notes.append(f"py-spy, gateway on warm, 5 s at 200 Hz (raw stacks in {args.profile}):")
-                for title, lines in lists.items():
-                    notes.append(f"{title}:")
-                    notes.extend(f"  {line}" for line in lines)
+                profile_notes("gateway on warm", pid, args, notes, lambda: wrk(url, 5, args.connections, headers=warm))
         finally:
             gateway.stop()
     return light

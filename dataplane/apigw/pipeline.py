@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
+import itertools
+import os
 
 from aiohttp import ClientResponse, web
-from multidict import CIMultiDict
 
 from apigw import proxy
 from apigw.errors import GatewayError
@@ -19,6 +19,8 @@ from apigw.retry import CONNECT_FAILED, should_retry
 from apigw.routing import BadPath, normalize_path
 from apigw.state import GATEWAY, CompiledRoute
 
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+"""The `method` label's values; any other method counts as OTHER, so clients cannot mint series."""
 BACKEND_FAILURE_STATUSES = frozenset({502, 503, 504})
 """Backend answers that count against its circuit breaker (with timeouts and refused connections)."""
 
@@ -59,7 +61,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             response_headers.update(decision.headers())
         forwarded_claims = state.auth.forward_headers(claims).items() if claims else ()
         headers = proxy.request_headers(
-            request, route.upstream, request_id, client_ip, state.auth.stripped_headers, forwarded_claims
+            request, route.upstream, request_id, client_ip, state.not_forwarded, forwarded_claims
         )
         body = proxy.request_body(request, route.max_body)
         backend = await _call_backend(request, route, route.backend_path(path), headers, body, forwarded, metrics)
@@ -77,8 +79,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
     duration = time.perf_counter() - started
     route_name = route.name if route else "none"
     status = response.status
-    metrics.http_requests.labels(route_name, request.method, str(status)).inc()
-    metrics.http_duration.labels(route_name).observe(duration)
+    method = request.method if request.method in KNOWN_METHODS else "OTHER"
+    metrics.requests_by(route_name, method, str(status)).inc()
+    metrics.duration_by(route_name).observe(duration)
     if gateway.state.config.logging.access_log:
         fields = {
             "method": request.method,
@@ -99,7 +102,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
 
 async def _call_backend(
-    request: web.Request, route: CompiledRoute, path: str, headers: CIMultiDict[str],
+    request: web.Request, route: CompiledRoute, path: str, headers: list[tuple[str, str]],
     body: object, forwarded: proxy.Forwarded, metrics: Metrics,
 ) -> ClientResponse:
     """Send through the backend's circuit breaker, retrying what is safe to retry within the budget."""
@@ -111,8 +114,8 @@ async def _call_backend(
             try:
                 backend = await proxy.send(request, route.upstream, path, headers, route.timeout, body, forwarded)
             except GatewayError as exc:
-                metrics.backend_requests.labels(service, exc.error_type).inc()
-                metrics.backend_duration.labels(service).observe(forwarded.duration)
+                metrics.backend_requests_by(service, exc.error_type).inc()
+                metrics.backend_duration_by(service).observe(forwarded.duration)
                 if exc.status == 413:
                     raise
                 admission.record(False)
@@ -121,8 +124,8 @@ async def _call_backend(
                     retries += 1
                     continue
                 raise
-            metrics.backend_requests.labels(service, str(backend.status)).inc()
-            metrics.backend_duration.labels(service).observe(forwarded.duration)
+            metrics.backend_requests_by(service, str(backend.status)).inc()
+            metrics.backend_duration_by(service).observe(forwarded.duration)
             admission.record(backend.status not in BACKEND_FAILURE_STATUSES)
         if body is None and _may_retry(request, route, retries, backend.status):
             backend.release()
@@ -142,7 +145,12 @@ def error_response(error: GatewayError, request_id: str) -> web.Response:
 
 
 def _request_id(request: web.Request) -> str:
+    """The client's X-Request-ID if it is sane, else a new one: unique per process start and count."""
     given = request.headers.get("X-Request-ID")
     if given and len(given) <= 128 and given.isprintable() and given.isascii():
         return given
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
+
+
+_ID_PREFIX = os.urandom(10).hex()
+_ID_COUNTER = itertools.count()

@@ -24,7 +24,7 @@ HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
      "trailer", "transfer-encoding", "upgrade"}
 )
-_NOT_FORWARDED = HOP_BY_HOP | {"host", "x-forwarded-proto", "x-forwarded-host"}
+NOT_FORWARDED = HOP_BY_HOP | {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id"}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 SMALL_BODY = 64 * 1024
 """Responses up to this size with a known length are read whole and sent in one write."""
@@ -86,24 +86,32 @@ def too_large(limit: int) -> GatewayError:
     return GatewayError(413, "body_too_large", f"request body is larger than {limit} bytes")
 
 
+def not_forwarded(strip: Iterable[str]) -> frozenset[str]:
+    """Client headers never passed on (lower-case): hop-by-hop ones, those the gateway sets itself, and
+    `strip` (headers the gateway fills from verified claims). Computed once per config."""
+    return NOT_FORWARDED | {name.lower() for name in strip}
+
+
 def request_headers(
     request: web.Request, upstream: Upstream, request_id: str, client_ip: str,
-    strip: frozenset[str], extra: Iterable[tuple[str, str]],
-) -> CIMultiDict[str]:
-    """The headers the backend receives: the client's minus hop-by-hop and spoofable ones, plus ours."""
+    drop: frozenset[str], extra: Iterable[tuple[str, str]],
+) -> list[tuple[str, str]]:
+    """The headers the backend receives: the client's minus `drop` (see `not_forwarded`), plus ours."""
     incoming = request.headers
-    drop = _NOT_FORWARDED | strip
     connection = incoming.get("Connection")
     if connection:
         drop = drop | {token.strip().lower() for token in connection.split(",")}
-    headers = CIMultiDict((k, v) for k, v in incoming.items() if k.lower() not in drop)
-    headers["Host"] = upstream.host_header
+    headers = [(k, v) for k, v in incoming.items() if k.lower() not in drop]
     prior = incoming.get("X-Forwarded-For")
-    headers["X-Forwarded-For"] = f"{prior}, {client_ip}" if prior else client_ip
-    headers["X-Forwarded-Proto"] = request.scheme
-    if "Host" in incoming:
-        headers["X-Forwarded-Host"] = incoming["Host"]
-    headers["X-Request-ID"] = request_id
+    headers += (
+        ("Host", upstream.host_header),
+        ("X-Forwarded-For", f"{prior}, {client_ip}" if prior else client_ip),
+        ("X-Forwarded-Proto", request.scheme),
+        ("X-Request-ID", request_id),
+    )
+    host = incoming.get("Host")
+    if host:
+        headers.append(("X-Forwarded-Host", host))
     headers.extend(extra)
     return headers
 
@@ -119,7 +127,7 @@ def request_body(request: web.Request, max_body: int) -> _BodyLimit | None:
 
 
 async def send(
-    request: web.Request, upstream: Upstream, path: str, headers: CIMultiDict[str],
+    request: web.Request, upstream: Upstream, path: str, headers: list[tuple[str, str]],
     timeout: aiohttp.ClientTimeout, body: _BodyLimit | None, result: Forwarded,
 ) -> aiohttp.ClientResponse:
     """Send the request to `upstream` at `path`; return once the response headers are in.

@@ -22,7 +22,7 @@ from apigw.breaker import Breakers, CircuitBreaker, breaker_settings
 from apigw.config import Config, RedisConfig, RetrySettings, Route, config_hash
 from apigw.logs import AccessLog
 from apigw.metrics import Metrics
-from apigw.proxy import Upstream
+from apigw.proxy import Upstream, not_forwarded
 from apigw.ratelimit import Limiter, LimitRule, build_limiter, redis_client
 from apigw.redisbatch import RedisBatch
 from apigw.retry import RetryBudget, RetryBudgets
@@ -71,6 +71,8 @@ class GatewayState:
     upstreams: dict[tuple[str, str], Upstream]
     limiter: Limiter | None
     auth: Authenticator
+    not_forwarded: frozenset[str]
+    """Client headers the backend never receives (see `proxy.not_forwarded`)."""
 
 
 class Shared:
@@ -133,7 +135,9 @@ def build_state(config: Config, shared: Shared) -> GatewayState:
         compiled.append((route, _compile(route, upstream, config, shared, limit)))
     shared.retired += [u for key, u in shared.upstreams.items() if key not in upstreams]
     shared.upstreams = upstreams
-    return GatewayState(config, config_hash(config), Router(compiled), upstreams, limiter, auth)
+    return GatewayState(
+        config, config_hash(config), Router(compiled), upstreams, limiter, auth, not_forwarded(auth.stripped_headers)
+    )
 
 
 def _compile(

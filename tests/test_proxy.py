@@ -182,3 +182,12 @@ async def test_metrics_and_health(gateway_client, backend: Backend) -> None:
     assert value("gateway_backend_requests_total", {"backend_service": "users", "status_code": "500"}) == 1
     assert value("gateway_backend_duration_seconds_count", {"backend_service": "users"}) == 2
     assert value("gateway_inflight_requests") == 0
+
+
+async def test_only_the_clients_headers_and_ours_reach_the_backend(gateway_client, backend: Backend) -> None:
+    """No User-Agent, Accept or Accept-Encoding of the HTTP client's own; no guessed Content-Type."""
+    client = await gateway_client({"routes": [route("all", backend.url)]})
+    resp = await client.post("/x", data=b"raw", skip_auto_headers=("User-Agent", "Content-Type", "Accept",
+                                                                    "Accept-Encoding"))
+    sent = {k.lower() for k in (await resp.json())["headers"]}
+    assert sent == {"host", "content-length", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id"}

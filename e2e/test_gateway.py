@@ -7,6 +7,7 @@ minute per X-E2E-Client header), both to the `echo` backend in namespace e2e.
 from __future__ import annotations
 
 import json
+import re
 import urllib.error
 import urllib.request
 import uuid
@@ -72,7 +73,9 @@ def test_cr_status_reports_programmed_pods(deployed: Deployment) -> None:
             assert found["Accepted"]["status"] == "True", (kind, name, found)
             assert found["Programmed"]["status"] == "True", (kind, name, found)
         pods = len(deployed.gateway_pods())
-        assert f"{pods}/{pods}" in conditions(deployed, "gatewayroute", "public")["Programmed"]["message"]
+        programmed = conditions(deployed, "gatewayroute", "public")["Programmed"]
+        assert programmed["reason"] == "Programmed"
+        assert re.fullmatch(rf"{pods}/{pods} pods serve config [0-9a-f]+", programmed["message"]), programmed
 
     eventually(programmed)
 
@@ -87,6 +90,10 @@ def test_invalid_cr_is_reported_and_others_keep_serving(deployed: Deployment, ga
     deployed.kubectl("apply", "-f", "-", input=json.dumps(broken))
     try:
         eventually(lambda: _assert_condition(deployed, "broken", "ResolvedRefs", "False"))
+        found = conditions(deployed, "gatewayroute", "broken")
+        assert found["ResolvedRefs"]["reason"] == "PolicyNotFound"
+        assert "'no-such-policy'" in found["ResolvedRefs"]["message"]
+        assert (found["Programmed"]["status"], found["Programmed"]["reason"]) == ("False", "NotAccepted")
         assert get(gateway_port, "/public/")[0] == 200
     finally:
         deployed.kubectl("delete", "gatewayroute", "broken", "-n", "e2e")
@@ -99,6 +106,8 @@ def test_disabling_a_route_reaches_every_pod(deployed: Deployment, gateway_port:
     try:
         eventually(lambda: _assert_status(get(gateway_port, "/public/"), 404))
         eventually(lambda: _assert_every_pod_serves_one_config(deployed))
+        accepted = conditions(deployed, "gatewayroute", "public")["Accepted"]
+        assert accepted["status"] == "True" and "disabled by spec.enabled: false" in accepted["message"], accepted
     finally:
         deployed.kubectl(*patch, '{"spec": {"enabled": true}}')
     eventually(lambda: _assert_status(get(gateway_port, "/public/"), 200))

@@ -1,0 +1,116 @@
+"""The operator's RBAC in `manifests/operator/rbac.yaml` against the requests the operator really sends.
+
+The operator runs for real against KMock (leader election on, so the Lease calls are seen too) through
+create, update, status, event, restart-setting and delete; every API request it sends is turned into
+the (apiGroup, resource, verb, name) RBAC would check, and must be allowed by the manifests' rules.
+Conversely, every rule must be used by some request: nothing granted that is never called.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from apigw_operator.handlers import Options
+
+from tests.operator.kube import CM, NS, GatewayPod, cr, eventually, operator, route
+
+ROOT = Path(__file__).resolve().parents[2]
+ROUTES = "gateway.apigw.io/v1alpha1/gatewayroutes"
+POLICIES = "gateway.apigw.io/v1alpha1/ratelimitpolicies"
+VERBS = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+# /api/v1/... or /apis/<group>/<version>/..., then [namespaces/<ns>/]<resource>[/<name>[/<subresource>]]
+RESOURCE_PATH = re.compile(
+    r"^/(?:api/v1|apis/(?P<group>[^/]+)/[^/]+)(?:/namespaces/(?P<namespace>[^/]+))?"
+    r"/(?P<resource>[^/]+)(?:/(?P<name>[^/]+)(?:/(?P<sub>[^/]+))?)?$"
+)
+
+
+def rbac_rules() -> dict[str, list[dict[str, Any]]]:
+    """`cluster` (ClusterRole) and `namespace` (Role in api-gateway) rules of the operator's manifests."""
+    docs = list(yaml.safe_load_all((ROOT / "manifests/operator/rbac.yaml").read_text()))
+    return {
+        "cluster": next(d for d in docs if d["kind"] == "ClusterRole")["rules"],
+        "namespace": next(d for d in docs if d["kind"] == "Role" and d["metadata"]["namespace"] == NS)["rules"],
+    }
+
+
+def attributes(method: str, path: str, query: str) -> tuple[str, str, str, str | None, str | None] | None:
+    """(group, resource[/sub], verb, name, namespace) as the API server authorizes the request; None for
+    discovery (non-resource URLs every authenticated user may read)."""
+    found = RESOURCE_PATH.match(path)
+    if not found:
+        return None
+    name, sub = found["name"], found["sub"]
+    if method == "GET":
+        verb = "get" if name else ("watch" if "watch=true" in query or "watch=1" in query else "list")
+    else:
+        verb = VERBS[method]
+    resource = found["resource"] + (f"/{sub}" if sub else "")
+    return found["group"] or "", resource, verb, name, found["namespace"]
+
+
+def grants(rules: list[dict[str, Any]]) -> set[tuple[str, str, str, str | None]]:
+    """Each rule spelled out as (group, resource, verb, name or None for any name)."""
+    return {
+        (group, resource, verb, name)
+        for rule in rules for group in rule["apiGroups"] for resource in rule["resources"] for verb in rule["verbs"]
+        for name in rule.get("resourceNames", [None])
+    }
+
+
+def allowed(granted: set[tuple[str, str, str, str | None]], group: str, resource: str, verb: str,
+            name: str | None) -> tuple[str, str, str, str | None] | None:
+    """The grant that lets this request through, if any."""
+    for grant in ((group, resource, verb, None), (group, resource, verb, name)):
+        if grant in granted:
+            return grant
+    return None
+
+
+async def test_every_request_is_allowed_and_every_rule_is_used(cluster: Any, pods: dict[str, GatewayPod]) -> None:
+    options = Options(resync_interval=0.2, leader_election=True, pod_url=lambda pod, ip: pods[pod].url)
+    cluster.objects[POLICIES, "shop", "per-client"] = cr("RateLimitPolicy", "per-client", {"requests": 5, "period": "1m"})
+    cluster.objects[ROUTES, "shop", "orders"] = route("orders", "/orders", ratelimit="per-client")
+    async with operator(options):
+        def written() -> bool:
+            return "orders" in (cluster.objects["v1/configmaps", NS, CM].get("data") or {}).get("routes.yaml", "")
+        await eventually(written)
+        for pod in pods.values():  # the pods reload: Programmed turns True (another status patch and Event)
+            pod.load(cluster.objects["v1/configmaps", NS, CM]["data"])
+        config = cluster.objects["v1/configmaps", NS, CM]
+        config["data"] = {**config["data"], "config.yaml": config["data"]["config.yaml"].replace("8080", "8081")}
+
+        def rolled() -> bool:
+            annotations = cluster.objects["apps/v1/deployments", NS, "api-gateway"]["spec"]["template"]["metadata"]
+            return "gateway.apigw.io/restart-hash" in (annotations.get("annotations") or {})
+        await eventually(rolled)
+        del cluster.objects[ROUTES, "shop", "orders"]
+
+        def emptied() -> bool:
+            return "orders" not in cluster.objects["v1/configmaps", NS, CM]["data"].get("routes.yaml", "")
+        await eventually(emptied)
+
+        def renewed() -> bool:  # the Lease renewal (KMock has no PUT for it: the request is what counts here)
+            return any(r.method.value == "PUT" and "/leases/" in r.url.path for r in cluster)
+        await eventually(renewed)
+
+    rules = rbac_rules()
+    cluster_wide, in_gateway_namespace = grants(rules["cluster"]), grants(rules["namespace"])
+    used = set()
+    denied = []
+    for request in cluster:
+        found = attributes(request.method.value, request.url.path, request.url.query_string)
+        if found is None:
+            continue
+        group, resource, verb, name, namespace = found
+        grant = allowed(cluster_wide, group, resource, verb, name)
+        if grant is None and namespace == NS:
+            grant = allowed(in_gateway_namespace, group, resource, verb, name)
+        if grant is None:
+            denied.append(f"{request.method.value} {request.url.path}?{request.url.query_string} -> {found}")
+        used.add(grant)
+    assert not denied, "requests the RBAC would refuse:\n" + "\n".join(denied)
+    assert (cluster_wide | in_gateway_namespace) - used == set(), "granted, never needed"

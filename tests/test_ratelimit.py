@@ -138,7 +138,7 @@ async def test_headers_of_allowed_and_denied_decisions(harness: Harness) -> None
         "RateLimit-Limit": "5", "RateLimit-Remaining": "0", "RateLimit-Reset": "3600", "Retry-After": "720",
     }
     error = denied.error()
-    assert (error.status, error.error_type, error.headers["Retry-After"]) == (429, "rate_limited", "720")
+    assert (error.status, error.error_type, error.headers["Retry-After"]) == (429, "limit_exceeded", "720")
 
 
 async def test_retry_after_is_at_least_one_second(harness: Harness) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 class GatewayError(Exception):
     """Raised anywhere in the request pipeline; the pipeline turns it into the JSON error response.
 
-    `error_type` is a short stable token (e.g. `expired`, `rate_limited`) for logs and metrics;
+    `error_type` is a short stable token (e.g. `expired`, `limit_exceeded`) for logs and metrics;
     `message` is what the client reads.
     """
 

@@ -47,12 +47,17 @@ class AccessLog:
 
     Written straight to the stream rather than through `logging`, whose per-record machinery costs
     more than building the line itself; flushed per line, so nothing waits in a buffer.
+    `error_type` comes before `msg`, so that text after `auth` holds `error` only on an auth failure
+    (whose `msg` ends `auth_error=<type>`): the runbook's `grep -i "auth.*error"` selects those alone.
     """
 
     def __init__(self, stream: TextIO | None = None):
         self.stream = stream or sys.stdout
 
-    def write(self, msg: str, fields: dict[str, Any]) -> None:
-        line = json.dumps({"ts": timestamp(time.time()), "level": "info", "logger": "apigw.access", "msg": msg, **fields})
+    def write(self, msg: str, fields: dict[str, Any], error_type: str | None = None) -> None:
+        head = {"ts": timestamp(time.time()), "level": "info", "logger": "apigw.access"}
+        if error_type:
+            head["error_type"] = error_type
+        line = json.dumps({**head, "msg": msg, **fields})
         self.stream.write(line + "\n")
         self.stream.flush()

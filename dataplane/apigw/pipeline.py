@@ -83,21 +83,22 @@ async def handle(request: web.Request) -> web.StreamResponse:
     metrics.requests_by(route_name, method, str(status)).inc()
     metrics.duration_by(route_name).observe(duration)
     if gateway.state.config.logging.access_log:
-        fields = {
+        msg = f"{request.method} {raw_path} status_code={status} auth_status={auth_status}"
+        if auth_status == "failure":
+            msg += f" auth_error={error_type}"
+        fields: dict[str, object] = {
             "method": request.method,
             "path": raw_path,
             "route": route_name,
             "status_code": status,
             "duration_ms": round(duration * 1000, 3),
-            "backend_service": route.upstream.service if route else None,
-            "backend_duration_ms": round(forwarded.duration * 1000, 3) if forwarded.duration else None,
-            "client_ip": client_ip,
-            "request_id": request_id,
-            "auth_status": auth_status,
         }
-        if error_type:
-            fields["error_type"] = error_type
-        gateway.access_log.write(f"{request.method} {raw_path} status_code={status} auth_status={auth_status}", fields)
+        if route is not None:
+            fields["backend_service"] = route.upstream.service
+        if forwarded.duration:
+            fields["backend_duration_ms"] = round(forwarded.duration * 1000, 3)
+        fields.update(client_ip=client_ip, request_id=request_id, auth_status=auth_status)
+        gateway.access_log.write(msg, fields, error_type)
     return response
 
 

@@ -72,7 +72,7 @@ class Decision:
     def error(self) -> GatewayError:
         """The 429 answer to a denied request."""
         retry = max(1, math.ceil(self.retry_after))
-        return GatewayError(429, "rate_limited", f"rate limit exceeded, retry in {retry} s", self.headers())
+        return GatewayError(429, "limit_exceeded", f"rate limit exceeded, retry in {retry} s", self.headers())
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ from typing import Any, TextIO
 
 
 def timestamp(created: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(created))}.{int(created % 1 * 1000):03d}Z"
 
 
 class JSONFormatter(logging.Formatter):
@@ -53,9 +53,18 @@ class AccessLog:
 
     def __init__(self, stream: TextIO | None = None):
         self.stream = stream or sys.stdout
+        self._second = -1
+        self._second_text = ""
+
+    def _timestamp(self, now: float) -> str:
+        """`timestamp(now)`, formatting the date and time (the costly part) once a second."""
+        second = int(now)
+        if second != self._second:
+            self._second, self._second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._second_text}.{int(now % 1 * 1000):03d}Z"
 
     def write(self, msg: str, fields: dict[str, Any], error_type: str | None = None) -> None:
-        head = {"ts": timestamp(time.time()), "level": "info", "logger": "apigw.access"}
+        head = {"ts": self._timestamp(time.time()), "level": "info", "logger": "apigw.access"}
         if error_type:
             head["error_type"] = error_type
         line = json.dumps({**head, "msg": msg, **fields})

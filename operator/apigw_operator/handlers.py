@@ -53,8 +53,8 @@ def build_registry(options: Options) -> kopf.OperatorRegistry:
 
     @kopf.on.startup(registry=registry)
     async def start(**_: Any) -> None:
-        api = await _api_client()
-        session = aiohttp.ClientSession()
+        api = running["api"] = await _api_client()
+        session = running["session"] = aiohttp.ClientSession()  # registered at once: cleanup closes it
         reconciler = Reconciler(
             Cluster(api, options.target, options.namespaces), session, lambda: datetime.now(UTC), options.pod_url
         )
@@ -66,15 +66,16 @@ def build_registry(options: Options) -> kopf.OperatorRegistry:
         tasks = [asyncio.create_task(worker.run(), name="apigw-worker")]
         if leadership is not None:
             tasks.append(asyncio.create_task(leadership.campaign(), name="apigw-leadership"))
-        running.update(api=api, session=session, worker=worker, tasks=tasks)
+        running.update(worker=worker, tasks=tasks)
 
     @kopf.on.cleanup(registry=registry)
     async def stop(**_: Any) -> None:
         for task in running.get("tasks", []):
             task.cancel()
         await asyncio.gather(*running.get("tasks", []), return_exceptions=True)
-        if running:
+        if "session" in running:
             await running["session"].close()
+        if "api" in running:
             await running["api"].close()
 
     @kopf.on.event(GROUP, VERSION, ROUTES, registry=registry)

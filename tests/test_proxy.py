@@ -191,3 +191,34 @@ async def test_only_the_clients_headers_and_ours_reach_the_backend(gateway_clien
                                                                     "Accept-Encoding"))
     sent = {k.lower() for k in (await resp.json())["headers"]}
     assert sent == {"host", "content-length", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id"}
+
+
+async def test_backend_dying_inside_a_small_body_is_json_502(gateway_client, backend: Backend) -> None:
+    client = await gateway_client({"routes": [route("short", backend.url)]})
+    resp = await client.get("/short")
+    assert resp.status == 502
+    assert (await resp.json())["error"] == "backend short closed the connection"
+
+
+async def test_head_keeps_the_backends_content_length(gateway_client, backend: Backend) -> None:
+    client = await gateway_client({"routes": [route("h", backend.url)]})
+    resp = await client.head("/bytes/5000")
+    assert resp.status == 200
+    assert resp.headers["Content-Length"] == "5000"
+    assert await resp.read() == b""
+
+
+async def test_client_leaving_mid_download_is_logged_as_such(gateway_client, backend: Backend) -> None:
+    import asyncio
+
+    from tests.conftest import access_lines
+
+    client = await gateway_client({"routes": [route("big", backend.url)]})
+    resp = await client.get("/bytes/50000000")
+    await resp.content.read(65536)
+    resp.close()  # the client goes away
+    for _ in range(100):
+        if access_lines(client):
+            break
+        await asyncio.sleep(0.05)
+    assert access_lines(client)[-1]["error_type"] == "client_disconnected"

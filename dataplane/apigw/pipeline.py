@@ -4,10 +4,11 @@ proxy, then count and log. Every gateway-made error is a `GatewayError` turned i
 
 from __future__ import annotations
 
-import json
-import time
 import itertools
+import json
+import logging
 import os
+import time
 
 from aiohttp import ClientResponse, web
 
@@ -18,6 +19,8 @@ from apigw.ratelimit import limit_key
 from apigw.retry import CONNECT_FAILED, should_retry
 from apigw.routing import BadPath, normalize_path
 from apigw.state import GATEWAY, CompiledRoute
+
+log = logging.getLogger("apigw.pipeline")
 
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 """The `method` label's values; any other method counts as OTHER, so clients cannot mint series."""
@@ -65,15 +68,20 @@ async def handle(request: web.Request) -> web.StreamResponse:
         )
         body = proxy.request_body(request, route.max_body)
         backend = await _call_backend(request, route, route.backend_path(path), headers, body, forwarded, metrics)
-        response = await proxy.relay(request, backend, response_headers)
+        response = await proxy.relay(request, backend, response_headers, route.upstream.service)
     except GatewayError as exc:
         error_type = exc.error_type
         response = error_response(exc, request_id)
     except proxy.StreamAborted as exc:
-        error_type = "backend_stream_aborted"
+        error_type = exc.error_type
         response = exc.response
         if request.transport is not None:
             request.transport.abort()
+    except Exception as exc:  # a bug of ours: still a JSON answer, a log line and a count, never a traceback
+        error_type = "internal_error"
+        log.error("request %s failed: %s: %s", request_id, type(exc).__name__, exc,
+                  extra={"fields": {"request_id": request_id, "error_type": error_type}})
+        response = error_response(GatewayError(500, error_type, "internal gateway error"), request_id)
     finally:
         metrics.inflight.dec()
     duration = time.perf_counter() - started

@@ -165,43 +165,59 @@ async def send(
 
 
 async def relay(
-    request: web.Request, backend: aiohttp.ClientResponse, extra_headers: Mapping[str, str]
+    request: web.Request, backend: aiohttp.ClientResponse, extra_headers: Mapping[str, str], service: str
 ) -> web.StreamResponse:
-    """Stream the backend's response to the client, adding `extra_headers`."""
+    """Stream the backend's response to the client, adding `extra_headers`.
+
+    Before the response begins, a backend failure is a GatewayError (502/504); after, StreamAborted.
+    """
     try:
-        return await _relay(request, backend, extra_headers)
+        return await _relay(request, backend, extra_headers, service)
     finally:
         backend.release()
 
 
 async def _relay(
-    request: web.Request, backend: aiohttp.ClientResponse, extra_headers: Mapping[str, str]
+    request: web.Request, backend: aiohttp.ClientResponse, extra_headers: Mapping[str, str], service: str
 ) -> web.StreamResponse:
-    headers = CIMultiDict((k, v) for k, v in backend.headers.items() if k.lower() not in _RESPONSE_DROP)
+    bodiless = request.method == "HEAD" or backend.status in (204, 304)
+    drop = HOP_BY_HOP if bodiless else _RESPONSE_DROP  # a HEAD answer keeps the length of the body it omits
+    headers = CIMultiDict((k, v) for k, v in backend.headers.items() if k.lower() not in drop)
     headers.update(extra_headers)
     length = backend.content_length
-    if length is not None and length <= SMALL_BODY:
-        body = await backend.read()
+    if not bodiless and length is not None and length <= SMALL_BODY:
+        try:
+            body = await backend.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise _backend_error(service, exc) from None
         return web.Response(status=backend.status, reason=backend.reason, headers=headers, body=body)
     response = web.StreamResponse(status=backend.status, reason=backend.reason, headers=headers)
-    if length is not None:
+    if length is not None and not bodiless:
         response.content_length = length
-    await response.prepare(request)
     try:
-        async for chunk in backend.content.iter_chunked(CHUNK):
+        await response.prepare(request)
+        while not bodiless:
+            try:
+                chunk = await backend.content.read(CHUNK)
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                raise StreamAborted(response, "backend_stream_aborted") from None
+            if not chunk:
+                break
             await response.write(chunk)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        raise StreamAborted(response, exc) from None
-    await response.write_eof()
+        await response.write_eof()
+    except ConnectionResetError:  # the client went away (aiohttp's ClientConnectionResetError is one)
+        raise StreamAborted(response, "client_disconnected") from None
     return response
 
 
 class StreamAborted(Exception):
-    """The backend failed after the response began: the client's connection must be cut, not completed."""
+    """The response had begun when the backend or the client failed: the client's connection must be
+    cut, never a truncated body presented as complete. `error_type` says which side failed."""
 
-    def __init__(self, response: web.StreamResponse, cause: Exception):
-        super().__init__(f"backend failed while streaming the response: {type(cause).__name__}")
+    def __init__(self, response: web.StreamResponse, error_type: str):
+        super().__init__(error_type)
         self.response = response
+        self.error_type = error_type
 
 
 def _backend_error(service: str, exc: Exception) -> GatewayError:

@@ -2,7 +2,7 @@
 
 `echo_app()` answers every request with what it received (method, path, headers, body length and
 digest), and has a few misbehaving paths: `/slow?s=N`, `/hang`, `/reset`, `/status/NNN`,
-`/bytes/N` (streams N bytes), `/flaky/KEY/N` (503 to the first N calls), `/truncated` (dies mid-body) — enough to drive the gateway's error paths.
+`/bytes/N` (streams N bytes), `/flaky/KEY/N` (503 to the first N calls), `/truncated` and `/short` (die mid-body) — enough to drive the gateway's error paths.
 """
 
 from __future__ import annotations
@@ -71,6 +71,9 @@ async def _bytes(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
     response.content_length = total
     await response.prepare(request)
+    if request.method == "HEAD":
+        await response.write_eof()
+        return response
     block = b"x" * 65536
     sent = 0
     while sent < total:
@@ -78,6 +81,17 @@ async def _bytes(request: web.Request) -> web.StreamResponse:
         await response.write(part)
         sent += len(part)
     await response.write_eof()
+    return response
+
+
+async def _short(request: web.Request) -> web.StreamResponse:
+    """Promises 100 bytes, sends 10, and closes: a backend dying inside a small body."""
+    response = web.StreamResponse()
+    response.content_length = 100
+    await response.prepare(request)
+    await response.write(b"0123456789")
+    assert request.transport is not None
+    request.transport.close()
     return response
 
 
@@ -107,6 +121,7 @@ def echo_app(name: str = "echo") -> web.Application:
     app.router.add_get("/status/{code:\\d+}", _status)
     app.router.add_get("/bytes/{n:\\d+}", _bytes)
     app.router.add_get("/truncated", _stream_then_reset)
+    app.router.add_get("/short", _short)
     app.router.add_route("*", "/flaky/{key}/{n:\\d+}", _flaky)
     app.router.add_route("*", "/{tail:.*}", _echo)
     return app

@@ -92,7 +92,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path: Path, backend_p
     thread.start()
     time.sleep(0.3)
     gateway.signal(signal.SIGTERM)
-    time.sleep(0.3)
+    wait_until(lambda: http_status(f"{gateway.url}/_health/ready") == 503, what="not-ready while draining")
     with pytest.raises(urllib.error.HTTPError) as not_ready:
         gateway.ready()
     assert not_ready.value.code == 503
@@ -211,3 +211,39 @@ def test_debug_listener_serves_tasks_and_a_profile(tmp_path: Path, backend_proce
         with urllib.request.urlopen(f"http://127.0.0.1:{debug_port}/debug/profile?seconds=0.5", timeout=10) as response:
             assert "by own time" in response.read().decode()
         assert http_status(f"http://127.0.0.1:{debug_port}/debug/profile?seconds=999") == 400
+
+
+def test_stream_begun_before_a_reload_that_removes_its_backend_completes(tmp_path: Path, backend_process: str) -> None:
+    """Its pool is retired only when no request that began on the old config is left, not after a fixed time."""
+    port, metrics_port = ports()
+    path = tmp_path / "gw.yaml"
+    _write(path, port, metrics_port, backend_process, drain_timeout="200ms")
+    with GatewayProcess(path, port, metrics_port) as gateway:
+        first = gateway.ready()["config_hash"]
+        total = 0
+        with urllib.request.urlopen(f"{gateway.url}/bytes/30000000", timeout=30) as response:
+            total += len(response.read(1 << 20))
+            config = yaml.safe_load(path.read_text())
+            config["routes"][0]["backend"]["service"] = "renamed"  # a new pool; the old one is retired
+            path.write_text(yaml.safe_dump(config))
+            gateway.signal(signal.SIGHUP)
+            wait_until(lambda: gateway.ready()["config_hash"] != first)
+            time.sleep(0.5)  # well past drain_timeout: a fixed-delay close would have cut the stream by now
+            while chunk := response.read(1 << 20):
+                total += len(chunk)
+        assert total == 30_000_000
+
+
+def test_logging_level_applies(tmp_path: Path, backend_process: str) -> None:
+    port, metrics_port = ports()
+    path = tmp_path / "gw.yaml"
+    _write(path, port, metrics_port, backend_process)
+    config = yaml.safe_load(path.read_text())
+    config["logging"] = {"level": "WARNING"}
+    path.write_text(yaml.safe_dump(config))
+    with GatewayProcess(path, port, metrics_port) as gateway:
+        assert http_status(f"{gateway.url}/x") == 200
+        assert http_status(f"{gateway.url}/status/502") == 502
+    lines = gateway.log_lines()
+    assert not [line for line in lines if line["logger"] != "apigw.access" and line["level"] == "info"]
+    assert [line["status_code"] for line in lines if line["logger"] == "apigw.access"] == [200, 502]

@@ -16,6 +16,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from redis.connection import parse_url
 from pydantic import (
     AnyHttpUrl,
     BaseModel,
@@ -125,9 +126,14 @@ class RedisConfig(Strict):
 
     @field_validator("url")
     @classmethod
-    def _redis_scheme(cls, url: str) -> str:
+    def _redis_url(cls, url: str) -> str:
+        """Parsed as the client will parse it, so a bad port or host is an error here, not at start."""
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        try:
+            parse_url(url)
+        except ValueError as exc:
+            raise ValueError(f"not a valid Redis URL: {exc}") from None
         return url
 
 

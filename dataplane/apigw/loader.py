@@ -137,8 +137,17 @@ def _message(error: dict[str, Any]) -> str:
         return "required setting is missing"
     value = error.get("input")
     if not isinstance(value, (dict, list)) and value is not None and repr(value) not in msg:
-        msg += f" (got {value!r})"
+        msg += f" (got {_redacted(value)!r})"
     return msg
+
+
+def _redacted(value: Any) -> Any:
+    """A URL's password never reaches a message (messages are printed and logged)."""
+    if isinstance(value, str) and "://" in value and "@" in value:
+        scheme, _, rest = value.partition("://")
+        userinfo, _, host = rest.rpartition("@")
+        return f"{scheme}://{userinfo.partition(':')[0]}:***@{host}" if userinfo else value
+    return value
 
 
 def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:

@@ -42,6 +42,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     auth_status = "none"
     error_type = None
     metrics.inflight.inc()
+    state.usage.inflight += 1
     try:
         try:
             path = normalize_path(raw_path)
@@ -84,6 +85,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         response = error_response(GatewayError(500, error_type, "internal gateway error"), request_id)
     finally:
         metrics.inflight.dec()
+        state.usage.inflight -= 1
     duration = time.perf_counter() - started
     route_name = route.name if route else "none"
     status = response.status

@@ -11,14 +11,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from pathlib import Path
+from typing import Any
 
 from apigw.config import Config, restart_settings
 from apigw.loader import ConfigError, config_files, load_config
-from apigw.state import Gateway, build_state
+from apigw.state import Gateway, GatewayState, build_state
 from apigw.tls import ServerTLS, check_tls
 
 log = logging.getLogger("apigw.reload")
+
+RETIRE_POLL = 0.5
+RETIRE_LIMIT = 3600.0
+"""Pools of a removed backend close when the last request begun before the reload is done, or after
+this long (a stream that outlives it is cut)."""
 
 Fingerprint = tuple[tuple[str, int, int, int], ...]
 
@@ -28,6 +35,8 @@ class Reloader:
         self.gateway, self.path, self.tls, self.interval = gateway, path, tls, interval
         self._fingerprint = self._current_fingerprint()
         self._retiring: set[asyncio.Task[None]] = set()
+        self._pending: list[Any] = []
+        """Retired pools not closed yet."""
 
     def watched_files(self) -> list[Path]:
         try:
@@ -52,11 +61,8 @@ class Reloader:
                 prints.append((str(file), 0, 0, 0))
         return tuple(prints)
 
-    def request(self, reason: str) -> None:
-        """Reload now (from a signal handler or the watcher)."""
-        self.reload(reason)
-
     def reload(self, reason: str) -> bool:
+        """Build the new state from the files and swap it in; on any error keep the old one and say why."""
         gateway = self.gateway
         old = gateway.state
         try:
@@ -66,21 +72,23 @@ class Reloader:
             state = build_state(config, gateway.shared)
             if self.tls is not None and config.listen.tls is not None:
                 self.tls.load(config.listen.tls)
-        except ConfigError as exc:
+        except Exception as exc:  # ConfigError, or anything else: a reload never takes the gateway down
+            errors = exc.errors if isinstance(exc, ConfigError) else [f"{type(exc).__name__}: {exc}"]
             gateway.metrics.config_reloads.labels("failure").inc()
-            gateway.last_reload_error = "; ".join(exc.errors)
+            gateway.last_reload_error = "; ".join(errors)
             log.error(
-                "config reload (%s) rejected, keeping config %s: %s", reason, old.config_hash, exc.errors[0],
-                extra={"fields": {"errors": exc.errors, "config_hash": old.config_hash}},
+                "config reload (%s) rejected, keeping config %s: %s", reason, old.config_hash, errors[0],
+                extra={"fields": {"errors": errors, "config_hash": old.config_hash}},
             )
             self._fingerprint = self._current_fingerprint()
             return False
         gateway.state = state
         gateway.last_reload_error = None
+        logging.getLogger().setLevel(config.logging.level)
         gateway.metrics.config_reloads.labels("success").inc()
         self._fingerprint = self._current_fingerprint()
         self._warn_restart_settings(old.config, config)
-        self._retire()
+        self._retire(old)
         log.info(
             "config reloaded (%s): %s -> %s, %d routes", reason, old.config_hash, state.config_hash, len(config.routes),
             extra={"fields": {"config_hash": state.config_hash, "previous_config_hash": old.config_hash}},
@@ -96,19 +104,23 @@ class Reloader:
                 extra={"fields": {"restart_settings": changed}},
             )
 
-    def _retire(self) -> None:
-        """Close pools the new config no longer uses once requests begun on the old config are done."""
+    def _retire(self, old: GatewayState) -> None:
+        """Close pools the new config no longer uses once no request that began on `old` is running."""
         shared = self.gateway.shared
         pools, shared.retired = shared.retired, []
         if not pools:
             return
+        self._pending += pools
 
-        async def close_later() -> None:
-            await asyncio.sleep(self.gateway.state.config.listen.drain_timeout)
+        async def close_when_unused() -> None:
+            deadline = time.monotonic() + RETIRE_LIMIT
+            while old.usage.inflight and time.monotonic() < deadline:
+                await asyncio.sleep(RETIRE_POLL)
             for pool in pools:
+                self._pending.remove(pool)
                 await pool.aclose()
 
-        task = asyncio.get_running_loop().create_task(close_later())
+        task = asyncio.get_running_loop().create_task(close_when_unused())
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
@@ -118,6 +130,10 @@ class Reloader:
             if self._current_fingerprint() != self._fingerprint:
                 self.reload("file change")
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """At shutdown (requests are done): close the pools still waiting to be retired."""
         for task in self._retiring:
             task.cancel()
+        pools, self._pending = self._pending, []
+        for pool in pools:
+            await pool.aclose()

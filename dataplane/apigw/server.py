@@ -80,6 +80,7 @@ async def serve(config_path: Path, workers: int | None = None, debug_port: int |
         count = workers or config.listen.workers
         if count > 1 and not worker:
             return await supervise(config_path, config, count)
+        logging.getLogger().setLevel(config.logging.level)
         metrics = Metrics()
         gateway = Gateway.create(config, metrics)
         tls = ServerTLS(config.listen.tls, metrics) if config.listen.tls else None
@@ -116,7 +117,7 @@ async def serve(config_path: Path, workers: int | None = None, debug_port: int |
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reloader.request, "SIGHUP")
+    loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
     watcher = asyncio.create_task(reloader.watch())
     sampler = asyncio.create_task(metrics.sample_tasks())
     log.info(
@@ -134,6 +135,6 @@ async def serve(config_path: Path, workers: int | None = None, debug_port: int |
     sampler.cancel()
     for each in runners:
         await each.cleanup()
-    reloader.close()
+    await reloader.close()
     log.info("stopped")
     return 0

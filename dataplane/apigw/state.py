@@ -63,16 +63,23 @@ class CompiledRoute:
         return (replacement + rest) or "/"
 
 
+@dataclass
+class Usage:
+    """Requests running on one state: its retired pools close only when this is back to 0."""
+
+    inflight: int = 0
+
+
 @dataclass(frozen=True)
 class GatewayState:
     config: Config
     config_hash: str
     router: Router[CompiledRoute]
-    upstreams: dict[tuple[str, str], Upstream]
     limiter: Limiter | None
     auth: Authenticator
     not_forwarded: frozenset[str]
     """Client headers the backend never receives (see `proxy.not_forwarded`)."""
+    usage: Usage = field(default_factory=Usage)
 
 
 class Shared:
@@ -92,10 +99,10 @@ class Shared:
     def redis_for(self, settings: RedisConfig | None) -> RedisBatch | None:
         """Redis (behind the per-tick batch) for `settings`; a new client only when they change."""
         if settings != self._redis_settings:
+            new = RedisBatch(redis_client(settings), settings.timeout) if settings else None
             if self.redis is not None:
                 self.retired.append(self.redis.redis)
-            self.redis = RedisBatch(redis_client(settings), settings.timeout) if settings else None
-            self._redis_settings = settings
+            self.redis, self._redis_settings = new, settings
         return self.redis
 
     def limiter_for(self, config: Config) -> Limiter | None:
@@ -136,7 +143,7 @@ def build_state(config: Config, shared: Shared) -> GatewayState:
     shared.retired += [u for key, u in shared.upstreams.items() if key not in upstreams]
     shared.upstreams = upstreams
     return GatewayState(
-        config, config_hash(config), Router(compiled), upstreams, limiter, auth, not_forwarded(auth.stripped_headers)
+        config, config_hash(config), Router(compiled), limiter, auth, not_forwarded(auth.stripped_headers)
     )
 
 

@@ -137,3 +137,20 @@ def test_key_rotation_by_replacing_the_secret_file(tmp_path: Path) -> None:
 
 def _status_with(base: str, token: str) -> int:
     return http_status(f"{base}/users/1", {"Authorization": f"Bearer {token}"})
+
+
+async def test_verified_tokens_stay_cached_across_a_reload_of_routes(gateway_client, backend, key, tmp_path) -> None:
+    """An operator routes.yaml update must not send every client back through signature checks."""
+    from apigw.loader import parse_documents
+    from apigw.state import build_state
+
+    config = auth_config(tmp_path, backend.url)
+    client = await gateway_client(config)
+    gateway = client.app[GATEWAY]
+    token = key.token(scope="users:read")
+    assert (await client.get("/users/1", headers={"Authorization": f"Bearer {token}"})).status == 200
+    misses = gateway.state.auth.cache.misses
+    config["routes"].append({"name": "more", "match": {"path": "/more"}, "backend": {"service": "users", "url": backend.url}})
+    gateway.state = build_state(parse_documents({"config.yaml": yaml.safe_dump(config)}), gateway.shared)
+    assert (await client.get("/users/1", headers={"Authorization": f"Bearer {token}"})).status == 200
+    assert gateway.state.auth.cache.misses == misses

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from redis.asyncio import Redis
 
-from apigw.auth import Authenticator, load_keys
+from apigw.auth import Authenticator, KeyRing, load_keys
 from apigw.breaker import Breakers, CircuitBreaker, breaker_settings
 from apigw.config import Config, RedisConfig, RetrySettings, Route, config_hash
 from apigw.logs import AccessLog
@@ -93,6 +93,7 @@ class Shared:
         self.redis: RedisBatch | None = None
         self._redis_settings: RedisConfig | None = None
         self._limiter: tuple[tuple[object, ...], Limiter | None] | None = None
+        self._auth: tuple[tuple[object, ...], Authenticator] | None = None
         self.retired: list[Upstream | Redis] = []
         """Pools replaced by a reload, to close once requests begun on the old config are done."""
 
@@ -104,6 +105,14 @@ class Shared:
                 self.retired.append(self.redis.redis)
             self.redis, self._redis_settings = new, settings
         return self.redis
+
+    def authenticator_for(self, config: Config, keys: KeyRing) -> Authenticator:
+        """The authenticator for `config`, kept across reloads (its verified-token cache lives in it)
+        while the auth settings, the keys and the Redis client stay the same."""
+        key = (config.auth, tuple(keys.keys), id(self.redis))
+        if self._auth is None or self._auth[0] != key:
+            self._auth = (key, Authenticator(config.auth, self.metrics, self.redis, keys, time.time))
+        return self._auth[1]
 
     def limiter_for(self, config: Config) -> Limiter | None:
         """The limiter for `config`, kept across reloads (in-process buckets live in it) while it fits."""
@@ -127,7 +136,8 @@ def build_state(config: Config, shared: Shared) -> GatewayState:
     """
     keys = load_keys(config.auth)
     enabled = [route for route in config.routes if route.enabled]
-    auth = Authenticator(config.auth, shared.metrics, shared.redis_for(config.redis), keys, time.time)
+    shared.redis_for(config.redis)
+    auth = shared.authenticator_for(config, keys)
     limiter = shared.limiter_for(config)
     rules = {policy.name: LimitRule.from_policy(policy) for policy in config.policies} if limiter else {}
     shared.breakers.update(breaker_settings(config))

@@ -14,7 +14,8 @@ from typing import Any
 import aiohttp
 from kubernetes_asyncio.client.rest import ApiException
 
-from apigw.loader import GLOBAL_FILE, ROUTES_FILE
+from apigw.config import ListenConfig
+from apigw.loader import GLOBAL_FILE, ROUTES_FILE, ConfigError, parse_documents
 from apigw_operator.cluster import Cluster
 from apigw_operator.crds import GROUP, POLICIES, ROUTES
 from apigw_operator.health import PodReport, probe_pods
@@ -27,12 +28,20 @@ RESTART_ANNOTATION = f"{GROUP}/restart-hash"
 
 logger = logging.getLogger(__name__)
 
-PodUrl = Callable[[str, str], str]
-"""(pod name, pod IP) -> the base URL of its traffic listener."""
+PodUrl = Callable[[str, str, int], str]
+"""(pod name, pod IP, traffic port) -> the base URL of its traffic listener."""
 
 
-def pod_url(pod: str, ip: str) -> str:
-    return f"http://{ip}:8080"
+def pod_url(pod: str, ip: str, port: int) -> str:
+    return f"http://{ip}:{port}"
+
+
+def traffic_port(config_yaml: str) -> int:
+    """`listen.port` of config.yaml, where the pods answer `/_health/ready`; the default if it is invalid."""
+    try:
+        return parse_documents({GLOBAL_FILE: config_yaml}).listen.port
+    except ConfigError:
+        return ListenConfig().port
 
 
 class Reconciler:
@@ -57,11 +66,13 @@ class Reconciler:
             t = self.cluster.target
             logger.error("ConfigMap %s/%s not found: nothing to render into", t.namespace, t.configmap)
             return
-        rendering = render(routes, policies, (configmap.get("data") or {}).get(GLOBAL_FILE, ""))
+        config_yaml = (configmap.get("data") or {}).get(GLOBAL_FILE, "")
+        rendering = render(routes, policies, config_yaml)
         await self._write_routes(configmap, rendering)
         await self._roll_out(configmap, rendering)
         pods = await self.cluster.ready_pods()
-        reports = await probe_pods(self.session, {pod: self.pod_url(pod, ip) for pod, ip in pods.items()})
+        port = traffic_port(config_yaml)
+        reports = await probe_pods(self.session, {pod: self.pod_url(pod, ip, port) for pod, ip in pods.items()})
         await self._write_statuses(ROUTE, ROUTES, routes, rendering, reports)
         await self._write_statuses(POLICY, POLICIES, policies, rendering, reports)
 

@@ -21,7 +21,7 @@ POLICY = cr("RateLimitPolicy", "per-client", {"requests": 100, "period": "1m"})
 
 
 def options(pods: dict[str, GatewayPod]) -> Options:
-    return Options(resync_interval=0.2, leader_election=False, pod_url=lambda pod, ip: pods[pod].url)
+    return Options(resync_interval=0.2, leader_election=False, pod_url=lambda pod, ip, port: pods[pod].url)
 
 
 def writes(kmock: Any, path: str | None = None) -> list[tuple[str, str, Any]]:

@@ -71,7 +71,7 @@ def allowed(granted: set[tuple[str, str, str, str | None]], group: str, resource
 
 
 async def test_every_request_is_allowed_and_every_rule_is_used(cluster: Any, pods: dict[str, GatewayPod]) -> None:
-    options = Options(resync_interval=0.2, leader_election=True, pod_url=lambda pod, ip: pods[pod].url)
+    options = Options(resync_interval=0.2, leader_election=True, pod_url=lambda pod, ip, port: pods[pod].url)
     cluster.objects[POLICIES, "shop", "per-client"] = cr("RateLimitPolicy", "per-client", {"requests": 5, "period": "1m"})
     cluster.objects[ROUTES, "shop", "orders"] = route("orders", "/orders", ratelimit="per-client")
     async with operator(options):

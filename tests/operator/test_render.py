@@ -138,3 +138,11 @@ def test_restart_hash_moves_only_with_restart_settings() -> None:
     assert render([route("a", "/a")], [], CONFIG_YAML).restart_hash == base
     assert render([], [], CONFIG_YAML.replace("fail_closed", "fail_open")).restart_hash == base
     assert render([], [], CONFIG_YAML.replace("8080", "8081")).restart_hash != base
+
+
+def test_pods_are_probed_on_the_configured_traffic_port() -> None:
+    from apigw_operator.reconciler import pod_url, traffic_port
+
+    assert pod_url("gw-0", "10.0.0.7", traffic_port("listen: {port: 8181}\n")) == "http://10.0.0.7:8181"
+    assert traffic_port("") == 8080
+    assert traffic_port("listen: [broken\n") == 8080

@@ -16,6 +16,7 @@ from apigw.metrics import Metrics
 from apigw.server import traffic_app
 from apigw.state import GATEWAY, Gateway
 from apigw.testkit.backend import Backend
+from apigw.testkit.clock import FakeClock
 from apigw.testkit.redis import RedisServer
 
 
@@ -33,6 +34,17 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Any:
         if after is not None and after is not before and not inspect.iscoroutinefunction(pyfuncitem.obj):
             after.close()
             local._loop = before
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    """A fresh metrics registry: values asserted in a test come from that test alone."""
+    return Metrics()
 
 
 @pytest.fixture

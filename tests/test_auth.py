@@ -18,24 +18,17 @@ import redis.asyncio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from apigw.redisbatch import RedisBatch
 from apigw.auth import MAX_TOKEN_LENGTH, NO_EXP_CACHE_SECONDS, Authenticator
 from apigw.config import AuthConfig
 from apigw.errors import GatewayError
 from apigw.loader import ConfigError
 from apigw.metrics import Metrics
+from apigw.redisbatch import RedisBatch
+from apigw.testkit.clock import FakeClock
 from apigw.testkit.redis import RedisServer
 from apigw.testkit.tokens import SigningKey, write_jwks
 
 NOW = 1_800_000_000.0
-
-
-class Clock:
-    def __init__(self, now: float = NOW):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture(scope="module")
@@ -54,17 +47,12 @@ def ed_key() -> SigningKey:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> FakeClock:
+    return FakeClock(NOW)
 
 
 @pytest.fixture
-def metrics() -> Metrics:
-    return Metrics()
-
-
-@pytest.fixture
-def make_auth(tmp_path: Path, clock: Clock, metrics: Metrics) -> Callable[..., Authenticator]:
+def make_auth(tmp_path: Path, clock: FakeClock, metrics: Metrics) -> Callable[..., Authenticator]:
     """An authenticator over the public halves of `keys`, each in its own PEM file named by kid."""
 
     def make(*keys: SigningKey, redis_client: redis.asyncio.Redis | None = None, **settings: Any) -> Authenticator:

@@ -12,10 +12,10 @@ import yaml
 
 from apigw.state import GATEWAY
 from apigw.testkit.backend import Backend
-from tests.conftest import access_lines
 from apigw.testkit.process import GatewayProcess, http_status, ports
 from apigw.testkit.redis import RedisServer
 from apigw.testkit.tokens import SigningKey
+from tests.conftest import access_lines
 
 
 @pytest.fixture

@@ -12,27 +12,7 @@ from apigw.config import BreakerSettings
 from apigw.errors import GatewayError
 from apigw.loader import ConfigError, parse_documents
 from apigw.metrics import Metrics
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def metrics() -> Metrics:
-    return Metrics()
+from apigw.testkit.clock import FakeClock
 
 
 def gauge(metrics: Metrics, service: str = "users") -> float | None:

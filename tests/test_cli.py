@@ -17,7 +17,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from apigw.testkit.process import BackendProcess, GatewayProcess, http_status, ports, wait_until
+from apigw.testkit.process import (
+    BackendProcess,
+    GatewayProcess,
+    http_status,
+    ports,
+    wait_until,
+)
 
 ROOT = Path(__file__).parent.parent
 

@@ -6,8 +6,8 @@ import hashlib
 
 import aiohttp
 
-from apigw.testkit.backend import Backend
 from apigw.testkit import route
+from apigw.testkit.backend import Backend
 
 
 async def test_forwards_method_path_query_and_forwarding_headers(gateway_client, backend: Backend) -> None:

@@ -21,7 +21,6 @@ from redis.asyncio import Redis
 from apigw.config import Config, FailureMode, LimitKey, Policy, RedisConfig
 from apigw.errors import GatewayError
 from apigw.metrics import Metrics
-from apigw.redisbatch import BATCH_LUA, RedisBatch
 from apigw.ratelimit import (
     Decision,
     Limiter,
@@ -32,6 +31,7 @@ from apigw.ratelimit import (
     limit_key,
     redis_client,
 )
+from apigw.redisbatch import BATCH_LUA, RedisBatch
 from apigw.testkit.redis import RedisServer
 
 IP = "ip:10.0.0.1"

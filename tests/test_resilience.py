@@ -9,7 +9,13 @@ import yaml
 
 from apigw.state import GATEWAY
 from apigw.testkit.backend import Backend
-from apigw.testkit.process import BackendProcess, GatewayProcess, http_status, ports, wait_until
+from apigw.testkit.process import (
+    BackendProcess,
+    GatewayProcess,
+    http_status,
+    ports,
+    wait_until,
+)
 
 
 def breaker_config(url: str, **backend: object) -> dict:

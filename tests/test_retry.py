@@ -6,15 +6,14 @@ import pytest
 
 from apigw.config import RetrySettings
 from apigw.loader import ConfigError, parse_documents
-from apigw.retry import BUDGET_WINDOW, CONNECT_FAILED, RetryBudget, RetryBudgets, should_retry
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from apigw.retry import (
+    BUDGET_WINDOW,
+    CONNECT_FAILED,
+    RetryBudget,
+    RetryBudgets,
+    should_retry,
+)
+from apigw.testkit.clock import FakeClock
 
 
 def granted(budget: RetryBudget, asked: int) -> int:

@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 import redis
 import yaml
+
 from apigw.testkit import route
 from apigw.testkit.process import (
     BackendProcess,

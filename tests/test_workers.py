@@ -11,7 +11,13 @@ from pathlib import Path
 
 import yaml
 
-from apigw.testkit.process import BackendProcess, GatewayProcess, http_status, ports, wait_until
+from apigw.testkit.process import (
+    BackendProcess,
+    GatewayProcess,
+    http_status,
+    ports,
+    wait_until,
+)
 
 
 def metric_value(text: str, line_start: str) -> float:

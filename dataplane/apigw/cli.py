@@ -6,9 +6,8 @@ import argparse
 import asyncio
 import os
 import sys
-from pathlib import Path
-
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 from apigw.config import config_hash

@@ -16,7 +16,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from redis.connection import parse_url
 from pydantic import (
     AnyHttpUrl,
     BaseModel,
@@ -28,6 +27,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from redis.connection import parse_url
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}

@@ -8,7 +8,6 @@ directory, runs the real gateway on it, and prints what to try with a valid toke
 from __future__ import annotations
 
 import argparse
-import asyncio
 import tempfile
 from pathlib import Path
 

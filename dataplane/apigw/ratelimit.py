@@ -13,7 +13,6 @@ limiter reads the Redis server's clock, so replicas with skewed clocks agree.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import math

@@ -7,14 +7,12 @@ new `GatewayState` and swaps `Gateway.state`; requests already running keep the 
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
-
-import time
-from collections.abc import Callable
-
 from redis.asyncio import Redis
 
 from apigw.auth import Authenticator, KeyRing, load_keys

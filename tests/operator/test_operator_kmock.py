@@ -10,7 +10,16 @@ from apigw.config import config_hash
 from apigw.loader import parse_documents
 from apigw_operator.handlers import Options
 from apigw_operator.render import render, text_hash
-from tests.operator.kube import CM, CONFIG_YAML, NS, GatewayPod, cr, eventually, operator, route
+from tests.operator.kube import (
+    CM,
+    CONFIG_YAML,
+    NS,
+    GatewayPod,
+    cr,
+    eventually,
+    operator,
+    route,
+)
 
 ROUTES = "gateway.apigw.io/v1alpha1/gatewayroutes"
 POLICIES = "gateway.apigw.io/v1alpha1/ratelimitpolicies"

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from apigw_operator.handlers import Options
 
+from apigw_operator.handlers import Options
 from tests.operator.kube import CM, NS, GatewayPod, cr, eventually, operator, route
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from aiohttp import web
 from prometheus_client import (
+    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     disable_created_metrics,
+    generate_latest,
 )
 from prometheus_client.process_collector import ProcessCollector
 
@@ -75,7 +78,7 @@ class Metrics:
         self.redis_errors = Counter("gateway_redis_errors", "Redis calls that failed", ["operation"], registry=r)
         self.breaker_state = Gauge(
             "gateway_circuit_breaker_state", "Circuit breaker state: 0 closed, 1 open, 2 half-open",
-            ["backend_service"], registry=r, multiprocess_mode="livemax",  # the worst worker's view
+            ["backend_service"], registry=r, multiprocess_mode="livemax",  # with workers: the highest value
         )
         self.config_reloads = Counter("gateway_config_reloads", "Config reloads, by result", ["result"], registry=r)
         self.inflight = Gauge(
@@ -100,3 +103,14 @@ class Metrics:
         while True:
             self.asyncio_tasks.set(len(asyncio.all_tasks()))
             await asyncio.sleep(every)
+
+
+def metrics_app(registry: CollectorRegistry) -> web.Application:
+    """`GET /metrics` in the Prometheus text format, on the metrics listener."""
+
+    async def serve_metrics(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/metrics", serve_metrics)
+    return app

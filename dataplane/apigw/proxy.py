@@ -71,11 +71,10 @@ class Upstream:
 
 @dataclass(slots=True)
 class Forwarded:
-    """What the backend did, for metrics and the access log."""
+    """How long the backend took, for metrics and the access log."""
 
-    status: int | None = None
-    """The backend's status, or None when it never answered."""
     duration: float = 0.0
+    """Seconds until the backend's response headers (or its failure), of the last attempt."""
 
 
 class _BodyLimit:
@@ -160,7 +159,6 @@ async def send(
             raise
         raise _backend_error(upstream.service, exc) from None
     result.duration = time.perf_counter() - started
-    result.status = backend.status
     return backend
 
 

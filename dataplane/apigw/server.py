@@ -14,11 +14,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from apigw.debug import debug_app
 from apigw.loader import ConfigError, load_config
-from apigw.metrics import Metrics
+from apigw.metrics import Metrics, metrics_app
 from apigw.pipeline import handle
 from apigw.reload import Reloader
 from apigw.state import GATEWAY, Gateway
@@ -59,15 +58,6 @@ def traffic_app(gateway: Gateway) -> web.Application:
     return app
 
 
-def metrics_app(metrics: Metrics) -> web.Application:
-    async def serve_metrics(request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    app = web.Application()
-    app.router.add_get("/metrics", serve_metrics)
-    return app
-
-
 async def serve(config_path: Path, workers: int | None = None, debug_port: int | None = None) -> int:
     """Run the gateway until SIGTERM/SIGINT; the exit status is the return value.
 
@@ -89,7 +79,7 @@ async def serve(config_path: Path, workers: int | None = None, debug_port: int |
         return 1
     listen = config.listen
     runner = web.AppRunner(traffic_app(gateway), access_log=None, shutdown_timeout=listen.drain_timeout)
-    metrics_runner = web.AppRunner(metrics_app(metrics), access_log=None, shutdown_timeout=1)
+    metrics_runner = web.AppRunner(metrics_app(metrics.registry), access_log=None, shutdown_timeout=1)
     await runner.setup()
     await metrics_runner.setup()
     runners = [runner, metrics_runner]

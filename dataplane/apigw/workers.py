@@ -19,16 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from aiohttp import web
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    generate_latest,
-    multiprocess,
-)
+from prometheus_client import CollectorRegistry, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from apigw.config import Config
+from apigw.metrics import metrics_app
 
 log = logging.getLogger("apigw.workers")
 
@@ -69,12 +65,7 @@ async def supervise(config_path: Path, config: Config, count: int) -> int:
         multiprocess.MultiProcessCollector(registry, path=metrics_dir)
         registry.register(_Workers(pids))
 
-        async def serve_metrics(request: web.Request) -> web.Response:
-            return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-        app = web.Application()
-        app.router.add_get("/metrics", serve_metrics)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
+        runner = web.AppRunner(metrics_app(registry), access_log=None, shutdown_timeout=1)
         await runner.setup()
         try:
             await web.TCPSite(runner, config.listen.address, config.listen.metrics_port).start()

@@ -28,8 +28,9 @@ BACKEND_FAILURE_STATUSES = frozenset({502, 503, 504})
 """Backend answers that count against its circuit breaker (with timeouts and refused connections)."""
 
 
-
 async def handle(request: web.Request) -> web.StreamResponse:
+    """Every proxied request, start to end. The state is read once: a reload during the request
+    changes nothing for it."""
     gateway = request.app[GATEWAY]
     state = gateway.state
     metrics = gateway.metrics
@@ -92,7 +93,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     method = request.method if request.method in KNOWN_METHODS else "OTHER"
     metrics.requests_by(route_name, method, str(status)).inc()
     metrics.duration_by(route_name).observe(duration)
-    if gateway.state.config.logging.access_log:
+    if state.config.logging.access_log:
         msg = f"{request.method} {raw_path} status_code={status} auth_status={auth_status}"
         if auth_status == "failure":
             msg += f" auth_error={error_type}"

@@ -48,6 +48,16 @@ def test_tls_served_and_renewed_without_restart(tmp_path: Path) -> None:
         assert _metric(gateway.metrics()) == second.not_valid_after_utc.timestamp()
         assert gateway.process is not None and gateway.process.poll() is None
 
+        # A renewal is served even while the config is broken (the config change itself is rejected).
+        good = config.read_text()
+        config.write_text(good + "routes: [{name: broken}]\n")
+        third = write_self_signed(cert, key, days=120)
+        deadline = time.monotonic() + 10
+        while served_certificate(tls_port).serial_number != third.serial_number:
+            assert time.monotonic() < deadline, "renewed certificate not served while the config is invalid"
+            time.sleep(0.1)
+        assert gateway.ready()["last_reload_error"] is not None
+
 
 def test_validate_config_checks_certificate_files(tmp_path: Path) -> None:
     import subprocess

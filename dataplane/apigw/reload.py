@@ -62,16 +62,22 @@ class Reloader:
         return tuple(prints)
 
     def reload(self, reason: str) -> bool:
-        """Build the new state from the files and swap it in; on any error keep the old one and say why."""
+        """Build the new state from the files and swap it in; on any error keep the old one and say why.
+
+        The certificate in force is reloaded first and on its own: a renewal is served even while the
+        config is broken. Only a config naming other certificate files waits for the config to be valid.
+        """
         gateway = self.gateway
         old = gateway.state
+        self._reload_certificate()
         try:
             config = load_config(self.path)
-            if self.tls is not None and config.listen.tls is not None:
-                check_tls(config.listen.tls)
-            state = build_state(config, gateway.shared)
-            if self.tls is not None and config.listen.tls is not None:
-                self.tls.load(config.listen.tls)
+            tls_files = config.listen.tls if self.tls is not None and config.listen.tls != self.tls.files else None
+            if tls_files is not None:
+                check_tls(tls_files)
+            state = build_state(config, gateway.shared)  # fails only before it changes anything shared
+            if tls_files is not None:
+                self.tls.load(tls_files)
         except Exception as exc:  # ConfigError, or anything else: a reload never takes the gateway down
             errors = exc.errors if isinstance(exc, ConfigError) else [f"{type(exc).__name__}: {exc}"]
             gateway.metrics.config_reloads.labels("failure").inc()
@@ -94,6 +100,16 @@ class Reloader:
             extra={"fields": {"config_hash": state.config_hash, "previous_config_hash": old.config_hash}},
         )
         return True
+
+    def _reload_certificate(self) -> None:
+        if self.tls is None:
+            return
+        try:
+            self.tls.load(self.tls.files)
+        except ConfigError as exc:
+            self.gateway.metrics.config_reloads.labels("failure").inc()
+            log.error("TLS certificate reload rejected, keeping the one in force: %s", exc.errors[0],
+                      extra={"fields": {"errors": exc.errors}})
 
     def _warn_restart_settings(self, old: Config, new: Config) -> None:
         before, after = restart_settings(old), restart_settings(new)

@@ -97,7 +97,8 @@ async def test_create_writes_routes_yaml_only_and_reports_programmed(cluster: An
         sync_pods(cluster, pods)
         await eventually(lambda: summary(cluster, "orders").get("Programmed") == ("True", "Programmed"))
         assert status(cluster, "orders")["Programmed"]["message"] == f"2/2 pods serve config {served}"
-        assert summary(cluster, "per-client", POLICIES)["Programmed"] == ("True", "Programmed")
+        # the policy's status is written just after the route's, in the same pass
+        await eventually(lambda: summary(cluster, "per-client", POLICIES).get("Programmed") == ("True", "Programmed"))
 
     crs = [w for w in writes(cluster) if w[1].startswith(API)]
     assert crs and all(path.endswith("/status") for _, path, _ in crs), "CRs are written through /status only"

@@ -60,7 +60,7 @@ async def run(limiter: Limiter, rule: LimitRule, decisions: int, concurrency: in
 
 
 async def main(decisions: int, concurrency: int) -> None:
-    logging.getLogger("apigw.ratelimit").setLevel(logging.ERROR)  # a loaded 2-core box logs slow decisions
+    logging.getLogger("apigw.ratelimit").setLevel(logging.ERROR)  # a loaded 2-core box logs slow round trips
     rule = LimitRule.from_policy(Policy(name="bench", requests=100, period=1))
     decisions -= decisions % concurrency
     with RedisServer() as server:

@@ -329,7 +329,7 @@ def test_auth_failure_commands(tmp_path: Path, bin_dir: Path, echo: BackendProce
 
 def test_rate_limiter_and_redis_commands(tmp_path: Path, bin_dir: Path, echo: BackendProcess, redis_server, sites) -> None:
     """Rate Limiter Issues and Redis Connectivity Issues: the 200/429 mix, clearing the keys, errors on
-    a stopped Redis in fail_open, slow decisions on a paused one."""
+    a stopped Redis in fail_open, slow round trips on a paused one."""
     site = start(tmp_path, {
         "redis": {"url": redis_server.url, "timeout": "3s"},
         "ratelimit": {"failure_mode": "fail_open"},
@@ -375,7 +375,7 @@ def test_rate_limiter_and_redis_commands(tmp_path: Path, bin_dir: Path, echo: Ba
     assert site.get("/api/v1/test") == 429
     out = site.run('kubectl logs -l app=api-gateway -n api-gateway | grep -i "rate.*duration"')
     slow = [json.loads(line) for line in out.splitlines()]
-    assert [line["msg"].split(":")[0] for line in slow] == ["ratelimit slow decision"]
+    assert [line["msg"].split(":")[0] for line in slow] == ["ratelimit slow Redis round trip"]
     assert isinstance(slow[0]["duration_ms"], float)
 
     # Redis down with fail_open: requests pass, "Check rate limiter errors" finds one line per request,

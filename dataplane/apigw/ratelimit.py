@@ -35,8 +35,6 @@ from apigw.redisbatch import RedisBatch
 
 log = logging.getLogger("apigw.ratelimit")
 
-SLOW_DECISION = 0.05
-"""A decision slower than this (seconds) is logged with its duration."""
 
 _MICROS = 1_000_000
 _READABLE_KEY = re.compile(r"[A-Za-z0-9._:@-]{1,80}").fullmatch
@@ -142,11 +140,11 @@ class Limiter(Protocol):
 
 
 class _Recorder:
-    """Counts and times decisions (`decision` label: allowed, limited or error) and logs slow ones."""
+    """Counts and times decisions (`decision` label: allowed, limited or error). A slow Redis is logged
+    by the batch that waited for it (`redisbatch`), once per round trip, not once per decision."""
 
-    def __init__(self, metrics: Metrics, slow: float):
+    def __init__(self, metrics: Metrics):
         self._metrics = metrics
-        self._slow = slow
         self._counters: dict[tuple[str, str], Any] = {}
 
     def record(self, policy: str, outcome: str, started: float) -> None:
@@ -156,23 +154,17 @@ class _Recorder:
         if counter is None:
             counter = self._counters[policy, outcome] = self._metrics.ratelimit_requests.labels(policy, outcome)
         counter.inc()
-        if elapsed > self._slow and outcome != "error":
-            duration_ms = round(elapsed * 1000, 1)
-            log.warning(
-                "ratelimit slow decision: duration_ms=%s policy=%s", duration_ms, policy,
-                extra={"fields": {"policy": policy, "duration_ms": duration_ms}},
-            )
 
 
 class RedisLimiter:
     """GCRA in Redis, as one step of the tick's batch script (`redisbatch`): decisions of concurrent
     requests share a round trip."""
 
-    def __init__(self, batch: RedisBatch, metrics: Metrics, failure_mode: FailureMode, slow: float = SLOW_DECISION):
+    def __init__(self, batch: RedisBatch, metrics: Metrics, failure_mode: FailureMode):
         self._batch = batch
         self._metrics = metrics
         self._failure_mode = failure_mode
-        self._recorder = _Recorder(metrics, slow)
+        self._recorder = _Recorder(metrics)
 
     async def check(self, rule: LimitRule, key: str) -> Decision:
         started = time.perf_counter()
@@ -205,11 +197,11 @@ class RedisLimiter:
 class MemoryLimiter:
     """The same GCRA with in-process state: per replica, for `gateway demo` and configs without Redis."""
 
-    def __init__(self, clock: Callable[[], float], metrics: Metrics, slow: float = SLOW_DECISION):
+    def __init__(self, clock: Callable[[], float], metrics: Metrics):
         self._clock = clock
         self._tats: dict[str, int] = {}
         self._sweep_at = 1024
-        self._recorder = _Recorder(metrics, slow)
+        self._recorder = _Recorder(metrics)
 
     async def check(self, rule: LimitRule, key: str) -> Decision:
         started = time.perf_counter()

@@ -11,6 +11,8 @@ each caller then applies its own failure mode.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from typing import Any
 
 from redis.asyncio import Redis
@@ -49,13 +51,20 @@ return out
 # `string.format`: Redis would turn a number argument into text with 14 significant digits, too few.
 
 
+SLOW_ROUND_TRIP = 0.05
+"""A round trip slower than this (seconds) is logged with its duration."""
+
+log = logging.getLogger("apigw.ratelimit")
+
+
 class RedisBatch:
     """Coalesces the checks of one event-loop tick into one script call on `redis`."""
 
-    def __init__(self, redis: Redis, timeout: float):
+    def __init__(self, redis: Redis, timeout: float, slow: float = SLOW_ROUND_TRIP):
         self.redis = redis
         self._script = redis.register_script(BATCH_LUA)
         self.timeout = timeout
+        self._slow = slow
         self._keys: list[str] = []
         self._args: list[Any] = []
         self._waiters: list[tuple[asyncio.Future[Any], int]] = []
@@ -89,6 +98,7 @@ class RedisBatch:
 
     async def _send(self, keys: list[str], args: list[Any], waiters: list[tuple[asyncio.Future[Any], int]]) -> None:
         self.round_trips += 1
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeout):
                 replies = await self._script(keys=keys, args=args)
@@ -99,6 +109,11 @@ class RedisBatch:
             if not isinstance(error, Exception):
                 raise
             return
+        elapsed = time.perf_counter() - started
+        if elapsed > self._slow:  # Redis itself, not the event loop's queue: timed from send to reply
+            duration_ms = round(elapsed * 1000, 1)
+            log.warning("ratelimit slow Redis round trip: duration_ms=%s checks=%d", duration_ms, len(waiters),
+                        extra={"fields": {"duration_ms": duration_ms, "checks": len(waiters)}})
         at = 0
         for future, width in waiters:
             if not future.done():

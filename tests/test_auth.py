@@ -53,10 +53,17 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def make_auth(tmp_path: Path, clock: FakeClock, metrics: Metrics) -> Callable[..., Authenticator]:
-    """An authenticator over the public halves of `keys`, each in its own PEM file named by kid."""
+    """An authenticator over the public halves of `keys`, each in its own PEM file named by kid
+    (`write=False`: over the files as they are now, as a reload reads them)."""
 
-    def make(*keys: SigningKey, redis_client: redis.asyncio.Redis | None = None, **settings: Any) -> Authenticator:
-        entries = [{"file": key.write_public_pem(tmp_path / f"{key.kid}.pem"), "kid": key.kid} for key in keys]
+    def make(
+        *keys: SigningKey, redis_client: redis.asyncio.Redis | None = None, write: bool = True, **settings: Any
+    ) -> Authenticator:
+        files = [tmp_path / f"{key.kid}.pem" for key in keys]
+        if write:
+            for key, file in zip(keys, files):
+                key.write_public_pem(file)
+        entries = [{"file": file, "kid": key.kid} for key, file in zip(keys, files)]
         config = AuthConfig.model_validate({"keys": entries, **settings})
         return Authenticator.build(config, metrics, redis_client and RedisBatch(redis_client, 0.1), clock=clock)
 
@@ -356,7 +363,7 @@ async def test_rotation_by_kid_and_reload_after_the_file_is_replaced(tmp_path, m
     successor = SigningKey("rsa", kid="rsa-1")
     successor.write_public_pem(tmp_path / "rsa-1.pem")
     assert await auth.authenticate(old_token, ())  # until reloaded, the keys in force stay
-    auth.reload_keys()
+    auth = make_auth(rsa_key, ec_key, write=False)  # what a reload does: keys read afresh, a new cache
     assert (await rejected(auth, old_token)).error_type == "bad_signature"  # the cached verdict went with the key
     assert await auth.authenticate(f"Bearer {successor.token(now=clock.now)}", ())
     assert await auth.authenticate(f"Bearer {ec_key.token(now=clock.now)}", ())
@@ -366,7 +373,7 @@ async def test_a_bad_key_file_on_reload_keeps_the_keys_in_force(tmp_path, make_a
     auth = make_auth(rsa_key)
     (tmp_path / "rsa-1.pem").write_text("half-written")
     with pytest.raises(ConfigError) as caught:
-        auth.reload_keys()
+        make_auth(rsa_key, write=False)  # a reload reads the keys afresh, and fails
     assert caught.value.errors == ["auth.keys[0].file: not a PEM public key"]
     assert await auth.authenticate(f"Bearer {rsa_key.token(now=clock.now)}", ())
 

@@ -11,7 +11,7 @@ the clock passed in, so that fresh verification and the cache follow one clock.
 
 Verified tokens are cached (LRU, `auth.cache_size` entries, keyed by the token) to skip signature
 verification for repeated tokens. An entry never outlives the token's `exp`; a token without `exp`
-is re-verified at least every `NO_EXP_CACHE_SECONDS`. Reloading the keys empties the cache.
+is re-verified at least every `NO_EXP_CACHE_SECONDS`. New keys come with a new authenticator and cache.
 
 Revocation list: a token is revoked while Redis holds the key `revoked:<jti>` (any value). Whoever
 revokes sets its TTL to outlive the token, e.g. `SET revoked:<jti> 1 EXAT <exp>`, so the list
@@ -261,9 +261,6 @@ class TokenCache:
         if len(self.entries) > self.size:
             self.entries.popitem(last=False)
 
-    def clear(self) -> None:
-        self.entries.clear()
-
 
 class Authenticator:
     """Checks bearer tokens for the request pipeline; built once per config."""
@@ -300,15 +297,11 @@ class Authenticator:
         return cls(config, metrics, revocations, load_keys(config), clock)
 
     def watched_files(self) -> list[Path]:
+        """The key files: a change to one reloads the config (with the keys read afresh)."""
         files = [entry.file for entry in self.config.keys]
         if self.config.jwks_file is not None:
             files.append(self.config.jwks_file)
         return files
-
-    def reload_keys(self) -> None:
-        """Re-read the key files; on ConfigError the keys in force stay."""
-        self._keys = load_keys(self.config)
-        self.cache.clear()
 
     def forward_headers(self, claims: Claims) -> dict[str, str]:
         """The `auth.forward_claims` headers for the backend; non-string or non-ASCII values as JSON."""

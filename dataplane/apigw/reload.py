@@ -43,10 +43,7 @@ class Reloader:
             files = config_files(self.path)
         except ConfigError:
             files = [self.path]
-        config = self.gateway.state.config
-        files += [key.file for key in config.auth.keys]
-        if config.auth.jwks_file:
-            files.append(config.auth.jwks_file)
+        files += self.gateway.state.auth.watched_files()
         if self.tls is not None:
             files += self.tls.watched_files()
         return files

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -90,8 +91,7 @@ class Shared:
         self.upstreams: dict[tuple[str, str], Upstream] = {}
         self.redis: RedisBatch | None = None
         self._redis_settings: RedisConfig | None = None
-        self._limiter: tuple[tuple[object, ...], Limiter | None] | None = None
-        self._auth: tuple[tuple[object, ...], Authenticator] | None = None
+        self._kept: dict[str, tuple[object, Any]] = {}
         self.retired: list[Upstream | Redis] = []
         """Pools replaced by a reload, to close once requests begun on the old config are done."""
 
@@ -105,19 +105,21 @@ class Shared:
         return self.redis
 
     def authenticator_for(self, config: Config, keys: KeyRing) -> Authenticator:
-        """The authenticator for `config`, kept across reloads (its verified-token cache lives in it)
-        while the auth settings, the keys and the Redis client stay the same."""
-        key = (config.auth, tuple(keys.keys), id(self.redis))
-        if self._auth is None or self._auth[0] != key:
-            self._auth = (key, Authenticator(config.auth, self.metrics, self.redis, keys, time.time))
-        return self._auth[1]
+        """Kept while the auth settings, the keys and the Redis client stay (its token cache lives in it)."""
+        return self._keep("auth", (config.auth, tuple(keys.keys), id(self.redis)),
+                          lambda: Authenticator(config.auth, self.metrics, self.redis, keys, time.time))
 
     def limiter_for(self, config: Config) -> Limiter | None:
-        """The limiter for `config`, kept across reloads (in-process buckets live in it) while it fits."""
-        key = (config.ratelimit, config.redis, id(self.redis))
-        if self._limiter is None or self._limiter[0] != key:
-            self._limiter = (key, build_limiter(config, self.metrics, self.redis))
-        return self._limiter[1]
+        """Kept while the limit settings and the Redis client stay (in-process buckets live in it)."""
+        return self._keep("limiter", (config.ratelimit, config.redis, id(self.redis)),
+                          lambda: build_limiter(config, self.metrics, self.redis))
+
+    def _keep(self, slot: str, key: object, make: Callable[[], Any]) -> Any:
+        """The object in `slot` if it was made for `key`, else a new one from `make`."""
+        kept = self._kept.get(slot)
+        if kept is None or kept[0] != key:
+            kept = self._kept[slot] = (key, make())
+        return kept[1]
 
     async def close(self) -> None:
         """Close every pool, current and retired."""

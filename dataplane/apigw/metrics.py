@@ -97,6 +97,7 @@ class Metrics:
         self.duration_by = Labelled(self.http_duration)
         self.backend_requests_by = Labelled(self.backend_requests)
         self.backend_duration_by = Labelled(self.backend_duration)
+        self.ratelimit_requests_by = Labelled(self.ratelimit_requests)
 
     async def sample_tasks(self, every: float = 1.0) -> None:
         """Keep `gateway_asyncio_tasks` current (a plain value, so it also works across workers)."""

@@ -145,15 +145,10 @@ class _Recorder:
 
     def __init__(self, metrics: Metrics):
         self._metrics = metrics
-        self._counters: dict[tuple[str, str], Any] = {}
 
     def record(self, policy: str, outcome: str, started: float) -> None:
-        elapsed = time.perf_counter() - started
-        self._metrics.ratelimit_duration.observe(elapsed)
-        counter = self._counters.get((policy, outcome))
-        if counter is None:
-            counter = self._counters[policy, outcome] = self._metrics.ratelimit_requests.labels(policy, outcome)
-        counter.inc()
+        self._metrics.ratelimit_duration.observe(time.perf_counter() - started)
+        self._metrics.ratelimit_requests_by(policy, outcome).inc()
 
 
 class RedisLimiter:

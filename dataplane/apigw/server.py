@@ -79,18 +79,17 @@ async def serve(config_path: Path, workers: int | None = None, debug_port: int |
         return 1
     listen = config.listen
     runner = web.AppRunner(traffic_app(gateway), access_log=None, shutdown_timeout=listen.drain_timeout)
-    metrics_runner = web.AppRunner(metrics_app(metrics.registry), access_log=None, shutdown_timeout=1)
     await runner.setup()
-    await metrics_runner.setup()
-    runners = [runner, metrics_runner]
+    runners = [runner]
     sites = [web.TCPSite(runner, listen.address, listen.port, reuse_port=worker)]
-    if not worker:  # workers share the supervisor's metrics listener
-        sites.append(web.TCPSite(metrics_runner, listen.address, listen.metrics_port))
-    if debug_port is not None and not worker:
-        debug_runner = web.AppRunner(debug_app(), access_log=None, shutdown_timeout=1)
-        await debug_runner.setup()
-        runners.append(debug_runner)
-        sites.append(web.TCPSite(debug_runner, "127.0.0.1", debug_port))
+    side_apps = [] if worker else [(metrics_app(metrics.registry), listen.address, listen.metrics_port)]
+    if debug_port is not None and not worker:  # workers: the supervisor serves metrics; py-spy for debugging
+        side_apps.append((debug_app(), "127.0.0.1", debug_port))
+    for app, address, port in side_apps:
+        side_runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
+        await side_runner.setup()
+        runners.append(side_runner)
+        sites.append(web.TCPSite(side_runner, address, port))
     if tls is not None:
         sites.append(web.TCPSite(runner, listen.address, listen.tls_port, ssl_context=tls.context, reuse_port=worker))
     try:

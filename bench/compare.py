@@ -31,10 +31,20 @@ from pathlib import Path
 
 import redis
 import yaml
-
 from harness import (
-    LOAD_CORE, NGINX_BACKEND, NGINX_PROXY, PROXY_CORE, Processes, WrkResult, cpu_seconds, env, pin,
-    require, rss_mb, wait_http, wrk,
+    LOAD_CORE,
+    NGINX_BACKEND,
+    NGINX_PROXY,
+    PROXY_CORE,
+    Processes,
+    WrkResult,
+    cpu_seconds,
+    env,
+    pin,
+    require,
+    rss_mb,
+    wait_http,
+    wrk,
 )
 
 from apigw.config import AuthConfig

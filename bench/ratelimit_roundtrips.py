@@ -19,8 +19,8 @@ from redis.asyncio import Redis
 
 from apigw.config import FailureMode, Policy, RedisConfig
 from apigw.metrics import Metrics
-from apigw.redisbatch import RedisBatch
 from apigw.ratelimit import Limiter, LimitRule, MemoryLimiter, RedisLimiter, redis_client
+from apigw.redisbatch import RedisBatch
 from apigw.testkit.redis import RedisServer
 
 

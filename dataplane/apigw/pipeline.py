@@ -4,21 +4,23 @@ proxy, then count and log. Every gateway-made error is a `GatewayError` turned i
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
 import os
 import time
 
-from aiohttp import ClientResponse, web
+from aiohttp import web
 
 from apigw import proxy
+from apigw.client import Response
 from apigw.errors import GatewayError
 from apigw.metrics import Metrics
 from apigw.ratelimit import limit_key
 from apigw.retry import CONNECT_FAILED, should_retry
 from apigw.routing import BadPath, normalize_path
-from apigw.state import GATEWAY, CompiledRoute
+from apigw.state import GATEWAY, CompiledRoute, Gateway
 
 log = logging.getLogger("apigw.pipeline")
 
@@ -37,11 +39,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     request_id = _request_id(request)
     client_ip = request.remote or ""
-    raw_path = request.raw_path.partition("?")[0]
+    raw_path, _, query = request.raw_path.partition("?")
     route = None
     forwarded = proxy.Forwarded()
     auth_status = "none"
     error_type = None
+    response = None
     metrics.inflight.inc()
     state.usage.inflight += 1
     try:
@@ -69,7 +72,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
             request, route.upstream, request_id, client_ip, state.not_forwarded, forwarded_claims
         )
         body = proxy.request_body(request, route.max_body)
-        backend = await _call_backend(request, route, route.backend_path(path), headers, body, forwarded, metrics)
+        target = proxy.target(route.upstream, route.backend_path(path), query)
+        backend = await _call_backend(request, route, target, headers, body, forwarded, metrics)
         response = await proxy.relay(request, backend, response_headers, route.upstream.service)
     except GatewayError as exc:
         error_type = exc.error_type
@@ -79,6 +83,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
         response = exc.response
         if request.transport is not None:
             request.transport.abort()
+    except asyncio.CancelledError:  # the client left (aiohttp's handler_cancellation) or shutdown gave up
+        error_type = "client_disconnected"
+        raise
     except Exception as exc:  # a bug of ours: still a JSON answer, a log line and a count, never a traceback
         error_type = "internal_error"
         log.error("request %s failed: %s: %s", request_id, type(exc).__name__, exc,
@@ -87,13 +94,25 @@ async def handle(request: web.Request) -> web.StreamResponse:
     finally:
         metrics.inflight.dec()
         state.usage.inflight -= 1
+        _record(request, gateway, route, response, error_type, auth_status, forwarded, started, raw_path, request_id)
+    return response
+
+
+def _record(
+    request: web.Request, gateway: Gateway, route: CompiledRoute | None, response: web.StreamResponse | None,
+    error_type: str | None, auth_status: str, forwarded: proxy.Forwarded, started: float, raw_path: str,
+    request_id: str,
+) -> None:
+    """Count the request and write its access log line; a request without a response (its handler was
+    cancelled) counts as 499, nginx's "client closed request"."""
+    metrics = gateway.metrics
     duration = time.perf_counter() - started
     route_name = route.name if route else "none"
-    status = response.status
+    status = response.status if response is not None else 499
     method = request.method if request.method in KNOWN_METHODS else "OTHER"
     metrics.requests_by(route_name, method, str(status)).inc()
     metrics.duration_by(route_name).observe(duration)
-    if state.config.logging.access_log:
+    if gateway.state.config.logging.access_log:
         msg = f"{request.method} {raw_path} status_code={status} auth_status={auth_status}"
         if auth_status == "failure":
             msg += f" auth_error={error_type}"
@@ -108,15 +127,14 @@ async def handle(request: web.Request) -> web.StreamResponse:
             fields["backend_service"] = route.upstream.service
         if forwarded.duration:
             fields["backend_duration_ms"] = round(forwarded.duration * 1000, 3)
-        fields.update(client_ip=client_ip, request_id=request_id, auth_status=auth_status)
+        fields.update(client_ip=request.remote or "", request_id=request_id, auth_status=auth_status)
         gateway.access_log.write(msg, fields, error_type)
-    return response
 
 
 async def _call_backend(
-    request: web.Request, route: CompiledRoute, path: str, headers: list[tuple[str, str]],
-    body: object, forwarded: proxy.Forwarded, metrics: Metrics,
-) -> ClientResponse:
+    request: web.Request, route: CompiledRoute, target: str, headers: list[tuple[str, str]],
+    body: proxy.BodyLimit | None, forwarded: proxy.Forwarded, metrics: Metrics,
+) -> Response:
     """Send through the backend's circuit breaker, retrying what is safe to retry within the budget."""
     route.retry_budget.record_request()
     service = route.upstream.service
@@ -124,7 +142,7 @@ async def _call_backend(
     while True:
         with route.breaker.admit() as admission:
             try:
-                backend = await proxy.send(request, route.upstream, path, headers, route.timeout, body, forwarded)
+                backend = await proxy.send(request, route.upstream, target, headers, route.timeouts, body, forwarded)
             except GatewayError as exc:
                 metrics.backend_requests_by(service, exc.error_type).inc()
                 metrics.backend_duration_by(service).observe(forwarded.duration)

@@ -7,16 +7,17 @@ Each backend service has one keep-alive connection pool (`Upstream`), kept acros
 
 from __future__ import annotations
 
-import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
+from urllib.parse import quote
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from apigw.client import BackendError, Pool, Response
 from apigw.config import Backend
 from apigw.errors import GatewayError
 
@@ -24,49 +25,25 @@ HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
      "trailer", "transfer-encoding", "upgrade"}
 )
-NOT_FORWARDED = HOP_BY_HOP | {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id"}
+NOT_FORWARDED = HOP_BY_HOP | {"content-length", "host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id"}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 SMALL_BODY = 64 * 1024
 """Responses up to this size with a known length are read whole and sent in one write."""
 CHUNK = 64 * 1024
 
 
-class _ForwardRequest(aiohttp.ClientRequest):
-    """Sends exactly the headers the gateway chose: none of aiohttp's own (an Accept-Encoding the client
-    never sent would bring it compressed bytes) and no guessed Content-Type. Does what
-    `skip_auto_headers` does without rebuilding its dict on every request."""
-
-    _NOTHING_AUTOMATIC: CIMultiDict[None] = CIMultiDict({"Content-Type": None})
-
-    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
-        self._skip_auto_headers = self._NOTHING_AUTOMATIC
-
-
 class Upstream:
-    """One backend service: its base URL and its keep-alive connection pool (created on first use)."""
+    """One backend service: where its requests go, and its keep-alive connection pool."""
 
     def __init__(self, backend: Backend):
+        url = URL(str(backend.url))
         self.service = backend.service
-        self.url = URL(str(backend.url))
-        self.base_path = self.url.path.rstrip("/")
-        self.host_header = self.url.raw_authority
-        self._session: aiohttp.ClientSession | None = None
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=30),
-                auto_decompress=False,
-                request_class=_ForwardRequest,
-                cookie_jar=aiohttp.DummyCookieJar(),
-            )
-        return self._session
+        self.base_path = url.raw_path.rstrip("/")
+        self.host_header = url.raw_authority
+        self.pool = Pool(url)
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self.pool.aclose()
 
 
 @dataclass(slots=True)
@@ -77,7 +54,7 @@ class Forwarded:
     """Seconds until the backend's response headers (or its failure), of the last attempt."""
 
 
-class _BodyLimit:
+class BodyLimit:
     """Streams the request body through, stopping once it passes `limit` bytes."""
 
     def __init__(self, stream: web.StreamReader, limit: int):
@@ -126,30 +103,43 @@ def request_headers(
     return headers
 
 
-def request_body(request: web.Request, max_body: int) -> _BodyLimit | None:
+def request_body(request: web.Request, max_body: int) -> BodyLimit | None:
     """The body to stream to the backend, or None; 413 at once when the declared length is over the limit."""
     if not request.body_exists:
         return None
     length = request.content_length
     if length is not None and length > max_body:
         raise too_large(max_body)
-    return _BodyLimit(request.content, max_body)
+    return BodyLimit(request.content, max_body)
+
+
+def target(upstream: Upstream, path: str, query: str) -> str:
+    """The request target on the backend: its base path, `path` (decoded by routing) re-encoded, the
+    client's query as it came."""
+    if _NEEDS_QUOTING(path):
+        path = quote(path, safe=_PATH_SAFE)
+    path = upstream.base_path + path
+    return f"{path}?{query}" if query else path
+
+
+_PATH_SAFE = "/!$&'()*+,;=:@~"
+_NEEDS_QUOTING = re.compile(r"[^A-Za-z0-9\-._~!$&'()*+,;=:@/]").search
 
 
 async def send(
-    request: web.Request, upstream: Upstream, path: str, headers: list[tuple[str, str]],
-    timeout: aiohttp.ClientTimeout, body: _BodyLimit | None, result: Forwarded,
-) -> aiohttp.ClientResponse:
-    """Send the request to `upstream` at `path`; return once the response headers are in.
+    request: web.Request, upstream: Upstream, target: str, headers: list[tuple[str, str]],
+    timeouts: tuple[float, float], body: BodyLimit | None, result: Forwarded,
+) -> Response:
+    """Send the request to `upstream`; return once the response headers are in.
 
-    Raises GatewayError (502/504/413) when no response comes; `result` records what happened either way.
+    `timeouts` are (per wait for the backend, to connect). Raises GatewayError (502/504/413) when no
+    response comes; `result` records what happened either way.
     """
-    url = upstream.url.with_path(upstream.base_path + path, encoded=False).with_query(request.rel_url.raw_query_string)
     started = time.perf_counter()
+    timeout, connect_timeout = timeouts
     try:
-        backend = await upstream.session.request(
-            request.method, url, headers=headers, data=body, allow_redirects=False, timeout=timeout,
-            compress=None, chunked=None,
+        backend = await upstream.pool.request(
+            request.method, target, headers, body, request.content_length, timeout, connect_timeout
         )
     except Exception as exc:
         result.duration = time.perf_counter() - started
@@ -163,7 +153,7 @@ async def send(
 
 
 async def relay(
-    request: web.Request, backend: aiohttp.ClientResponse, extra_headers: Mapping[str, str], service: str
+    request: web.Request, backend: Response, extra_headers: Mapping[str, str], service: str
 ) -> web.StreamResponse:
     """Stream the backend's response to the client, adding `extra_headers`.
 
@@ -176,17 +166,17 @@ async def relay(
 
 
 async def _relay(
-    request: web.Request, backend: aiohttp.ClientResponse, extra_headers: Mapping[str, str], service: str
+    request: web.Request, backend: Response, extra_headers: Mapping[str, str], service: str
 ) -> web.StreamResponse:
     bodiless = request.method == "HEAD" or backend.status in (204, 304)
     drop = HOP_BY_HOP if bodiless else _RESPONSE_DROP  # a HEAD answer keeps the length of the body it omits
-    headers = CIMultiDict((k, v) for k, v in backend.headers.items() if k.lower() not in drop)
+    headers = CIMultiDict([(k, v) for k, v in backend.headers if k.lower() not in drop])
     headers.update(extra_headers)
     length = backend.content_length
     if not bodiless and length is not None and length <= SMALL_BODY:
         try:
             body = await backend.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except BackendError as exc:
             raise _backend_error(service, exc) from None
         return web.Response(status=backend.status, reason=backend.reason, headers=headers, body=body)
     response = web.StreamResponse(status=backend.status, reason=backend.reason, headers=headers)
@@ -196,8 +186,8 @@ async def _relay(
         await response.prepare(request)
         while not bodiless:
             try:
-                chunk = await backend.content.read(CHUNK)
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+                chunk = await backend.chunk()
+            except BackendError:
                 raise StreamAborted(response, "backend_stream_aborted") from None
             if not chunk:
                 break
@@ -218,11 +208,16 @@ class StreamAborted(Exception):
         self.error_type = error_type
 
 
+_BACKEND_ERRORS = {
+    "timeout": (504, "backend_timeout", "did not answer in time"),
+    "unreachable": (502, "backend_unreachable", "refused the connection"),
+    "reset": (502, "backend_reset", "closed the connection"),
+    "invalid": (502, "backend_invalid_response", "sent an invalid HTTP response"),
+}
+
+
 def _backend_error(service: str, exc: Exception) -> GatewayError:
-    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
-        return GatewayError(504, "backend_timeout", f"backend {service} did not answer in time")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return GatewayError(502, "backend_unreachable", f"backend {service} refused the connection")
-    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError)):
-        return GatewayError(502, "backend_reset", f"backend {service} closed the connection")
+    if isinstance(exc, BackendError):
+        status, error_type, what = _BACKEND_ERRORS[exc.kind]
+        return GatewayError(status, error_type, f"backend {service} {what}")
     return GatewayError(502, "backend_error", f"backend {service} failed: {type(exc).__name__}")

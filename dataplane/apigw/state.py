@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from redis.asyncio import Redis
 
@@ -41,7 +40,8 @@ class CompiledRoute:
 
     name: str
     upstream: Upstream
-    timeout: aiohttp.ClientTimeout
+    timeouts: tuple[float, float]
+    """Seconds: per wait for the backend, to connect."""
     max_body: int
     rewrite: tuple[str, str] | None
     """(matched prefix, replacement) when the route rewrites the path."""
@@ -165,7 +165,7 @@ def _compile(
     return CompiledRoute(
         name=route.name,
         upstream=upstream,
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=backend.connect_timeout, sock_read=backend.timeout),
+        timeouts=(backend.timeout, backend.connect_timeout),
         max_body=int(route.max_body_size if route.max_body_size is not None else config.limits.max_body_size),
         rewrite=(matched.rstrip("/") if matched != "/" else "", route.rewrite_prefix) if route.rewrite_prefix else None,
         breaker=shared.breakers[backend.service],

@@ -25,7 +25,7 @@ async def _echo(request: web.Request) -> web.StreamResponse:
         "method": request.method,
         "path": request.path,
         "raw_path": request.raw_path,
-        "query": request.query_string,
+        "query": request.rel_url.raw_query_string,
         "headers": {k: v for k, v in request.headers.items()},
         "body_size": size,
         "body_sha256": digest.hexdigest(),

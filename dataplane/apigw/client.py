@@ -1,0 +1,375 @@
+"""The HTTP/1.1 client the proxy talks to backends with: keep-alive pools, bodies streamed both ways,
+one timer per wait.
+
+Why not aiohttp's ClientSession: per request it builds a URL, a ClientRequest, a ClientResponse, a
+timeout context, trace hooks and cookie handling, which in `bench/compare.py` was about two thirds of a
+bare aiohttp proxy's CPU per request. A proxy needs none of it: the request head is one string, the
+response is parsed by llhttp (Node's parser, through httptools), and bytes pass through untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from collections.abc import AsyncIterable
+
+import httptools
+from yarl import URL
+
+MAX_HEAD = 64 * 1024
+"""Largest response head (status line and headers) taken from a backend."""
+PAUSE_AT = 256 * 1024
+"""Response bytes buffered for a slower client before the backend is asked to wait."""
+KEEPALIVE = 60.0
+"""Seconds an idle connection is kept for reuse."""
+REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+"""Methods resent once on a new connection when a reused one turns out to be closed."""
+LENGTH_EXPECTED = frozenset({"POST", "PUT", "PATCH"})
+"""Methods sent with `Content-Length: 0` when they carry no body (some servers answer 411 otherwise)."""
+
+
+class BackendError(Exception):
+    """No usable response. `kind`: `unreachable` (no connection), `timeout`, `reset` (the backend
+    closed the connection) or `invalid` (it sent something that is not HTTP/1.1)."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(detail)
+        self.kind = kind
+
+
+class Pool:
+    """Keep-alive connections to one backend, the most recently used first."""
+
+    def __init__(self, url: URL):
+        self.host = url.raw_host or ""
+        self.port = url.port
+        self.ssl = ssl.create_default_context() if url.scheme == "https" else None
+        self._idle: deque[_Connection] = deque()
+        self._closed = False
+
+    async def request(
+        self, method: str, target: str, headers: list[tuple[str, str]], body: AsyncIterable[bytes] | None,
+        length: int | None, timeout: float, connect_timeout: float,
+    ) -> Response:
+        """Send a request and return once the response's status and headers are in.
+
+        `headers` must not frame the body: this sets Content-Length from `length`, or chunked
+        Transfer-Encoding for a body of unknown length. `timeout` bounds each wait for the backend.
+        """
+        head = _head(method, target, headers, body is not None, length)
+        while True:
+            conn = self._reusable()
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect(connect_timeout)
+            try:
+                return await conn.exchange(method, head, body, length is None, timeout)
+            except BackendError as exc:
+                stale = reused and conn.silent and exc.kind == "reset"
+                if not (stale and body is None and method in REPLAYABLE):
+                    raise
+
+    async def aclose(self) -> None:
+        """Close the idle connections now, the busy ones when their response is done."""
+        self._closed = True
+        while self._idle:
+            self._idle.pop().close()
+
+    def _reusable(self) -> _Connection | None:
+        now = asyncio.get_running_loop().time()
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed and now - conn.idle_since < KEEPALIVE:
+                return conn
+            conn.close()
+        return None
+
+    async def _connect(self, timeout: float) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self), self.host, self.port, ssl=self.ssl,
+                )
+        except TimeoutError:
+            raise BackendError("timeout", f"no connection within {timeout:g} s") from None
+        except OSError as exc:
+            raise BackendError("unreachable", str(exc)) from None
+        return conn
+
+    def _put(self, conn: _Connection) -> None:
+        if self._closed:
+            conn.close()
+            return
+        conn.idle_since = now = asyncio.get_running_loop().time()
+        self._idle.append(conn)
+        while now - self._idle[0].idle_since >= KEEPALIVE:
+            self._idle.popleft().close()
+
+    def _forget(self, conn: _Connection) -> None:
+        """An idle connection the backend closed."""
+        try:
+            self._idle.remove(conn)
+        except ValueError:
+            pass
+
+
+class _Connection(asyncio.Protocol):
+    """One connection to a backend; carries one exchange at a time."""
+
+    def __init__(self, pool: Pool):
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.response: Response | None = None
+        self.closed = False
+        self.silent = True
+        """Nothing received yet during the current exchange."""
+        self.idle_since = 0.0
+        self._paused = False
+        self._drained: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.silent = False
+        if self.response is None:
+            self.close()  # bytes nobody asked for: the connection's state is unknown
+            return
+        self.response.feed(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.response is not None:
+            self.response.lost()
+        else:
+            self.pool._forget(self)
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    async def exchange(
+        self, method: str, head: bytes, body: AsyncIterable[bytes] | None, chunked: bool, timeout: float
+    ) -> Response:
+        assert self.transport is not None
+        response = self.response = Response(self, method, timeout)
+        self.silent = True
+        try:
+            self.transport.write(head)
+            if body is not None and not await self._send_body(body, chunked, timeout):
+                response.keep_alive = False  # the backend answered before taking the whole body
+            while not response.status:
+                if response.error is not None:
+                    raise response.error
+                await response.wait()
+        except BaseException:
+            self.response = None
+            self.close()
+            raise
+        return response
+
+    async def _send_body(self, body: AsyncIterable[bytes], chunked: bool, timeout: float) -> bool:
+        """Stream the body; False if the backend closed or answered first."""
+        assert self.transport is not None
+        async for chunk in body:
+            if self.closed or self.response is None or self.response.status:
+                return False
+            if chunk:
+                self.transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n") if chunked else (chunk,))
+            if self._paused:
+                await self._drain(timeout)
+        if chunked and not self.closed:
+            self.transport.write(b"0\r\n\r\n")
+        return not self.closed
+
+    async def _drain(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._drained = loop.create_future()
+        timer = loop.call_later(timeout, _expire, self._drained, "the backend stopped reading the body")
+        try:
+            await self._drained
+        finally:
+            timer.cancel()
+            self._drained = None
+
+
+class Response:
+    """A backend's response: status, reason and headers at once, the body as it comes.
+
+    Always `release()` it: that returns the connection to the pool when the body was read to the end
+    and both sides allow keep-alive, and closes it otherwise.
+    """
+
+    def __init__(self, conn: _Connection, method: str, timeout: float):
+        self.status = 0
+        """0 until the final (non-1xx) status line and headers are in."""
+        self.reason = ""
+        self.headers: list[tuple[str, str]] = []
+        self.content_length: int | None = None
+        self.keep_alive = False
+        self.error: BackendError | None = None
+        self.complete = False
+        self._conn: _Connection | None = conn
+        self._timeout = timeout
+        self._parser = httptools.HttpResponseParser(self)
+        self._head_only = method == "HEAD"
+        self._until_eof = False
+        self._reason = b""
+        self._head_size = 0
+        self._body: deque[bytes] = deque()
+        self._buffered = 0
+        self._waiter: asyncio.Future[None] | None = None
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        while not self.complete:
+            if self.error is not None:
+                raise self.error
+            await self.wait()
+        body = b"".join(self._body)
+        self._body.clear()
+        return body
+
+    async def chunk(self) -> bytes:
+        """The body bytes received so far and not yet taken (waiting for some); b"" at the end."""
+        while not self._body:
+            if self.complete:
+                return b""
+            if self.error is not None:
+                raise self.error
+            await self.wait()
+        data = self._body.popleft() if len(self._body) == 1 else b"".join(self._body)
+        self._body.clear()
+        if self._buffered >= PAUSE_AT and self._conn is not None and self._conn.transport is not None:
+            self._conn.transport.resume_reading()
+        self._buffered = 0
+        return data
+
+    def release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        conn.response = None
+        if self.complete and self.keep_alive and not conn.closed:
+            conn.pool._put(conn)
+        else:
+            conn.close()
+
+    async def wait(self) -> None:
+        """Until the backend sends more or fails; BackendError `timeout` after the timeout."""
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(self._timeout, _expire, waiter, f"no answer within {self._timeout:g} s")
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def feed(self, data: bytes) -> None:
+        if self.complete:
+            self.keep_alive = False  # bytes after the response: the connection cannot be trusted
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__ if isinstance(exc.__context__, BackendError) else None
+            self.error = cause or BackendError("invalid", f"invalid HTTP response: {exc}")
+            self.keep_alive = False
+            if self._conn is not None:
+                self._conn.close()
+        self._wake()
+
+    def lost(self) -> None:
+        """The connection closed: the end of a body that runs to the end of the connection, else a failure."""
+        if not self.complete and self.error is None:
+            if self.status and self._until_eof:
+                self.complete = True
+            else:
+                self.error = BackendError("reset", "the backend closed the connection")
+        self.keep_alive = False
+        self._wake()
+
+    # llhttp's callbacks
+
+    def on_message_begin(self) -> None:
+        self.headers, self._reason, self._head_size = [], b"", 0
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+        self._count(len(reason))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value))
+        self.headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
+
+    def _count(self, size: int) -> None:
+        self._head_size += size
+        if self._head_size > MAX_HEAD:
+            raise BackendError("invalid", f"response head larger than {MAX_HEAD} bytes")
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if status < 200:
+            if status == 101:
+                raise BackendError("invalid", "the backend switched protocols")
+            return  # an interim answer (100 Continue): the real one follows
+        length = chunked = None
+        for name, value in self.headers:
+            lowered = name.lower()
+            if lowered == "content-length":
+                length = int(value)
+            elif lowered == "transfer-encoding":
+                chunked = "chunked" in value.lower()
+        self.status = status
+        self.reason = self._reason.decode("latin-1")
+        self.content_length = length
+        self.keep_alive = self._parser.should_keep_alive() and not self._head_only
+        if self._head_only:
+            self.complete = True  # llhttp cannot be told the body is left out; this connection is not reused
+        self._until_eof = length is None and not chunked and status not in (204, 304)
+
+    def on_body(self, chunk: bytes) -> None:
+        if self.complete:
+            return
+        self._body.append(chunk)
+        self._buffered += len(chunk)
+        if self._buffered >= PAUSE_AT and self._conn is not None and self._conn.transport is not None:
+            self._conn.transport.pause_reading()
+
+    def on_message_complete(self) -> None:
+        if self.status:
+            self.complete = True
+
+
+def _expire(waiter: asyncio.Future[None], detail: str) -> None:
+    if not waiter.done():
+        waiter.set_exception(BackendError("timeout", detail))
+
+
+def _head(method: str, target: str, headers: list[tuple[str, str]], has_body: bool, length: int | None) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    if has_body:
+        lines.append(f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked")
+    elif method in LENGTH_EXPECTED:
+        lines.append("Content-Length: 0")
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode("utf-8", "surrogateescape")

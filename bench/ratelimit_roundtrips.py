@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 
 from apigw.config import FailureMode, Policy, RedisConfig
 from apigw.metrics import Metrics
-from apigw.ratelimit import Limiter, LimitRule, MemoryLimiter, RedisLimiter, redis_client
+from apigw.ratelimit import Limiter, LimitRule, MemoryLimiter, RedisLimiter
 from apigw.redisbatch import RedisBatch
 from apigw.testkit.redis import RedisServer
 
@@ -64,8 +64,9 @@ async def main(decisions: int, concurrency: int) -> None:
     rule = LimitRule.from_policy(Policy(name="bench", requests=100, period=1))
     decisions -= decisions % concurrency
     with RedisServer() as server:
-        redis = redis_client(RedisConfig(url=server.url, pool_size=concurrency + 1, timeout=1.0))  # +1: MONITOR
-        limiter = RedisLimiter(RedisBatch(redis, 1.0), Metrics(), FailureMode.fail_closed)
+        redis = Redis.from_url(server.url)  # to count commands
+        batch = RedisBatch(RedisConfig(url=server.url, pool_size=concurrency, timeout=1.0))
+        limiter = RedisLimiter(batch, Metrics(), FailureMode.fail_closed)
         await limiter.check(rule, "warm-up")  # loads the script once, as the first request after a restart does
         before = await evalsha_calls(redis)
         rate, allowed = await run(limiter, rule, decisions, concurrency)
@@ -73,6 +74,7 @@ async def main(decisions: int, concurrency: int) -> None:
         sample = 1000 - 1000 % concurrency
         commands = await client_commands(redis, lambda: run(limiter, rule, sample, concurrency))
         await redis.aclose()
+        await batch.aclose()
     print(f"redis:  {rate:10.0f} decisions/s  ({decisions} decisions, {concurrency} concurrent, {allowed} allowed)")
     print(f"        {commands / sample:.3f} round trips/decision (MONITOR, {sample} decisions), "
           f"{evalsha / decisions:.3f} EVALSHA/decision (INFO commandstats)")

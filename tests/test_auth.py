@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from apigw.auth import MAX_TOKEN_LENGTH, NO_EXP_CACHE_SECONDS, Authenticator
-from apigw.config import AuthConfig
+from apigw.config import AuthConfig, RedisConfig
 from apigw.errors import GatewayError
 from apigw.loader import ConfigError
 from apigw.metrics import Metrics
@@ -52,27 +52,30 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def make_auth(tmp_path: Path, clock: FakeClock, metrics: Metrics) -> Callable[..., Authenticator]:
+async def make_auth(tmp_path: Path, clock: FakeClock, metrics: Metrics) -> AsyncIterator[Callable[..., Authenticator]]:
     """An authenticator over the public halves of `keys`, each in its own PEM file named by kid
-    (`write=False`: over the files as they are now, as a reload reads them)."""
+    (`write=False`: over the files as they are now, as a reload reads them); revocations in `redis`."""
+    batches: list[RedisBatch] = []
 
-    def make(
-        *keys: SigningKey, redis_client: redis.asyncio.Redis | None = None, write: bool = True, **settings: Any
-    ) -> Authenticator:
+    def make(*keys: SigningKey, redis: RedisServer | None = None, write: bool = True, **settings: Any) -> Authenticator:
         files = [tmp_path / f"{key.kid}.pem" for key in keys]
         if write:
             for key, file in zip(keys, files):
                 key.write_public_pem(file)
         entries = [{"file": file, "kid": key.kid} for key, file in zip(keys, files)]
         config = AuthConfig.model_validate({"keys": entries, **settings})
-        return Authenticator.build(config, metrics, redis_client and RedisBatch(redis_client, 0.1), clock=clock)
+        if redis is not None:  # bounded as the gateway's: a dead or paused Redis fails fast
+            batches.append(RedisBatch(RedisConfig(url=redis.url, timeout=0.1, connect_timeout=0.2)))
+        return Authenticator.build(config, metrics, batches[-1] if redis else None, clock=clock)
 
-    return make
+    yield make
+    for batch in batches:
+        await batch.aclose()
 
 
 @pytest.fixture
 async def redis_client(redis_server: RedisServer) -> AsyncIterator[redis.asyncio.Redis]:
-    """A client bounded as the gateway's is: a dead or paused Redis fails fast."""
+    """redis-py, to write revocations."""
     client = redis.asyncio.Redis.from_url(redis_server.url, socket_timeout=0.1, socket_connect_timeout=0.2)
     yield client
     await client.aclose()
@@ -506,8 +509,8 @@ async def test_failed_tokens_are_not_cached(make_auth, clock, rsa_key):
 # --- revocation against a real Redis ----------------------------------------------------------------
 
 
-async def test_a_revoked_token_is_rejected_even_when_cached(make_auth, clock, metrics, rsa_key, redis_client):
-    auth = make_auth(rsa_key, redis_client=redis_client)
+async def test_a_revoked_token_is_rejected_even_when_cached(make_auth, clock, metrics, rsa_key, redis_server, redis_client):
+    auth = make_auth(rsa_key, redis=redis_server)
     token = rsa_key.token(now=clock.now, jti="t-1")
     assert await auth.authenticate(f"Bearer {token}", ())
     await redis_client.set("revoked:t-1", "1", ex=300)
@@ -519,15 +522,15 @@ async def test_a_revoked_token_is_rejected_even_when_cached(make_auth, clock, me
     assert await auth.authenticate(f"Bearer {other}", ())
 
 
-async def test_a_revoked_token_is_401_before_its_scopes_are_judged(make_auth, clock, rsa_key, redis_client):
-    auth = make_auth(rsa_key, redis_client=redis_client)
+async def test_a_revoked_token_is_401_before_its_scopes_are_judged(make_auth, clock, rsa_key, redis_server, redis_client):
+    auth = make_auth(rsa_key, redis=redis_server)
     await redis_client.set("revoked:t-1", "1")
     error = await rejected(auth, f"Bearer {rsa_key.token(now=clock.now, jti='t-1')}", ("admin",))
     assert error.error_type == "revoked"
 
 
-async def test_revocation_disabled_skips_redis(make_auth, clock, rsa_key, redis_client):
-    auth = make_auth(rsa_key, redis_client=redis_client, revocation={"enabled": False})
+async def test_revocation_disabled_skips_redis(make_auth, clock, rsa_key, redis_server, redis_client):
+    auth = make_auth(rsa_key, redis=redis_server, revocation={"enabled": False})
     await redis_client.set("revoked:t-1", "1")
     assert await auth.authenticate(f"Bearer {rsa_key.token(now=clock.now, jti='t-1')}", ())
 
@@ -538,9 +541,9 @@ async def test_revocation_disabled_skips_redis(make_auth, clock, rsa_key, redis_
     [("fail_open", 200, "success", "none"), ("fail_closed", 503, "failure", "revocation_unavailable")],
 )
 async def test_redis_down_follows_the_failure_mode_and_is_counted(
-    make_auth, clock, metrics, rsa_key, redis_server, redis_client, how, mode, status, result, error_type
+    make_auth, clock, metrics, rsa_key, redis_server, how, mode, status, result, error_type
 ):
-    auth = make_auth(rsa_key, redis_client=redis_client, revocation={"failure_mode": mode})
+    auth = make_auth(rsa_key, redis=redis_server, revocation={"failure_mode": mode})
     token = f"Bearer {rsa_key.token(now=clock.now)}"
     if how == "stopped":
         redis_server.stop()
@@ -558,7 +561,7 @@ async def test_redis_down_follows_the_failure_mode_and_is_counted(
 
 
 async def test_revocation_works_again_after_redis_restarts(make_auth, clock, rsa_key, redis_server, redis_client):
-    auth = make_auth(rsa_key, redis_client=redis_client, revocation={"failure_mode": "fail_closed"})
+    auth = make_auth(rsa_key, redis=redis_server, revocation={"failure_mode": "fail_closed"})
     token = f"Bearer {rsa_key.token(now=clock.now, jti='t-1')}"
     assert await auth.authenticate(token, ())
     redis_server.stop()
@@ -569,8 +572,8 @@ async def test_revocation_works_again_after_redis_restarts(make_auth, clock, rsa
     assert (await rejected(auth, token)).error_type == "revoked"
 
 
-async def test_tokens_without_jti_need_no_redis(make_auth, clock, metrics, rsa_key, redis_server, redis_client):
-    auth = make_auth(rsa_key, redis_client=redis_client, revocation={"failure_mode": "fail_closed"})
+async def test_tokens_without_jti_need_no_redis(make_auth, clock, metrics, rsa_key, redis_server):
+    auth = make_auth(rsa_key, redis=redis_server, revocation={"failure_mode": "fail_closed"})
     redis_server.stop()
     assert await auth.authenticate(f"Bearer {rsa_key.token(now=clock.now, jti=None)}", ())
     assert metrics.registry.get_sample_value("gateway_redis_errors_total", {"operation": "revocation"}) == 0

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 from multidict import CIMultiDict
@@ -29,7 +30,6 @@ from apigw.ratelimit import (
     RedisLimiter,
     build_limiter,
     limit_key,
-    redis_client,
 )
 from apigw.redisbatch import BATCH_LUA, RedisBatch
 from apigw.testkit.redis import RedisServer
@@ -42,7 +42,23 @@ def rule(requests: int, period: float, burst: int = 0, name: str = "p") -> Limit
 
 
 def client(server: RedisServer, timeout: float = 1.0) -> Redis:
-    return redis_client(RedisConfig(url=server.url, timeout=timeout, connect_timeout=timeout, pool_size=8))
+    """redis-py, to look at and change what the limiter keeps in Redis."""
+    return Redis.from_url(server.url, socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
+@pytest.fixture
+async def make_batch() -> AsyncIterator[Callable[..., RedisBatch]]:
+    """RedisBatch on a server, bounded by `timeout`; closed after the test."""
+    made: list[RedisBatch] = []
+
+    def make(server: RedisServer, timeout: float, **kwargs: Any) -> RedisBatch:
+        made.append(RedisBatch(RedisConfig(url=server.url, timeout=timeout, connect_timeout=timeout, pool_size=8),
+                               **kwargs))
+        return made[-1]
+
+    yield make
+    for batch in made:
+        await batch.aclose()
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:
@@ -88,7 +104,9 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
                 await r.set(bucket, tat - round(seconds * 1_000_000), keepttl=True)
 
         metrics = Metrics()
-        yield Harness(RedisLimiter(RedisBatch(r, 2.0), metrics, FailureMode.fail_open), metrics, shift)
+        batch = RedisBatch(RedisConfig(url=server.url, timeout=2.0))
+        yield Harness(RedisLimiter(batch, metrics, FailureMode.fail_open), metrics, shift)
+        await batch.aclose()
         await r.aclose()
 
 
@@ -155,8 +173,8 @@ async def test_keys_and_policies_have_their_own_budgets(harness: Harness) -> Non
     assert [d.allowed for d in await harness.burst(second, 3)] == [True, True, False]
 
 
-async def test_buckets_live_under_ratelimit_and_expire_when_full(redis: Redis) -> None:
-    limiter = RedisLimiter(RedisBatch(redis, 2.0), Metrics(), FailureMode.fail_open)
+async def test_buckets_live_under_ratelimit_and_expire_when_full(redis: Redis, redis_server: RedisServer, make_batch) -> None:
+    limiter = RedisLimiter(make_batch(redis_server, 2.0), Metrics(), FailureMode.fail_open)
     limit_rule = rule(requests=5, period=3600)
     await limiter.check(limit_rule, IP)
     assert [k async for k in redis.scan_iter("*")] == [b"ratelimit:p:ip:10.0.0.1"]
@@ -166,8 +184,8 @@ async def test_buckets_live_under_ratelimit_and_expire_when_full(redis: Redis) -
     assert 3_599_000 < await redis.pttl("ratelimit:p:ip:10.0.0.1") <= 3_600_000
 
 
-async def test_a_hostile_key_cannot_bloat_redis(redis: Redis) -> None:
-    limiter = RedisLimiter(RedisBatch(redis, 2.0), Metrics(), FailureMode.fail_open)
+async def test_a_hostile_key_cannot_bloat_redis(redis: Redis, redis_server: RedisServer, make_batch) -> None:
+    limiter = RedisLimiter(make_batch(redis_server, 2.0), Metrics(), FailureMode.fail_open)
     limit_rule = rule(requests=1, period=3600)
     hostile = "claim:" + "x" * 100_000
     assert (await limiter.check(limit_rule, hostile)).allowed
@@ -177,8 +195,8 @@ async def test_a_hostile_key_cannot_bloat_redis(redis: Redis) -> None:
     assert len(keys) == 2 and all(len(k) <= len("ratelimit:p:#") + 32 for k in keys)
 
 
-async def test_the_runbooks_scan_and_del_resets_the_limits(redis: Redis) -> None:
-    limiter = RedisLimiter(RedisBatch(redis, 2.0), Metrics(), FailureMode.fail_open)
+async def test_the_runbooks_scan_and_del_resets_the_limits(redis: Redis, redis_server: RedisServer, make_batch) -> None:
+    limiter = RedisLimiter(make_batch(redis_server, 2.0), Metrics(), FailureMode.fail_open)
     limit_rule = rule(requests=3, period=3600)
     for key in (IP, "ip:10.0.0.2"):
         assert [d.allowed for d in [await limiter.check(limit_rule, key) for _ in range(4)]][-1] is False
@@ -190,19 +208,16 @@ async def test_the_runbooks_scan_and_del_resets_the_limits(redis: Redis) -> None
     assert await redis.get("other") == b"kept"
 
 
-async def test_two_replicas_together_allow_the_limit(redis_server: RedisServer) -> None:
+async def test_two_replicas_together_allow_the_limit(redis_server: RedisServer, make_batch) -> None:
     """Two clients (as two gateway replicas would hold) race 800 checks on one bucket."""
-    replicas = [client(redis_server, timeout=5.0), client(redis_server, timeout=5.0)]
     metrics = Metrics()
-    limiters = [RedisLimiter(RedisBatch(r, 5.0), metrics, FailureMode.fail_closed) for r in replicas]
+    limiters = [RedisLimiter(make_batch(redis_server, 5.0), metrics, FailureMode.fail_closed) for _ in range(2)]
     limit_rule = rule(requests=300, period=3600)  # a refill every 12 s: none during the test
     decisions = await asyncio.gather(*[limiters[i % 2].check(limit_rule, IP) for i in range(800)])
     allowed = sum(d.allowed for d in decisions)
     assert abs(allowed - 300) <= max(1, 300 // 100)
     assert sample(metrics, "gateway_ratelimit_requests_total", policy="p", decision="allowed") == allowed
     assert sample(metrics, "gateway_ratelimit_requests_total", policy="p", decision="limited") == 800 - allowed
-    for r in replicas:
-        await r.aclose()
 
 
 async def test_decisions_are_counted_and_timed(harness: Harness) -> None:
@@ -213,8 +228,10 @@ async def test_decisions_are_counted_and_timed(harness: Harness) -> None:
     assert sample(metrics, "gateway_ratelimit_duration_seconds_count") == 3
 
 
-async def test_a_slow_round_trip_is_logged_with_its_duration(redis: Redis, caplog: pytest.LogCaptureFixture) -> None:
-    limiter = RedisLimiter(RedisBatch(redis, 2.0, slow=0.0), Metrics(), FailureMode.fail_open)
+async def test_a_slow_round_trip_is_logged_with_its_duration(
+    redis_server: RedisServer, make_batch, caplog: pytest.LogCaptureFixture
+) -> None:
+    limiter = RedisLimiter(make_batch(redis_server, 2.0, slow=0.0), Metrics(), FailureMode.fail_open)
     with caplog.at_level(logging.WARNING, logger="apigw.ratelimit"):
         await limiter.check(rule(requests=2, period=3600), IP)
     [record] = caplog.records
@@ -229,9 +246,9 @@ async def checks_during(
     server: RedisServer, fault: str, failure_mode: FailureMode, caplog: pytest.LogCaptureFixture
 ) -> tuple[list[Decision | GatewayError], Metrics]:
     """Three decisions while Redis suffers `fault`, each bounded by 5 s (a hang fails the test)."""
-    r = client(server, timeout=0.25)
+    batch = RedisBatch(RedisConfig(url=server.url, timeout=0.25, connect_timeout=0.25))
     metrics = Metrics()
-    limiter = RedisLimiter(RedisBatch(r, 0.25), metrics, failure_mode)
+    limiter = RedisLimiter(batch, metrics, failure_mode)
     limit_rule = rule(requests=5, period=3600)
     assert (await limiter.check(limit_rule, IP)).allowed
     getattr(server, fault)()
@@ -244,7 +261,7 @@ async def checks_during(
                 outcomes.append(error)
     if fault == "pause":
         server.resume()
-    await r.aclose()
+    await batch.aclose()
     return outcomes, metrics
 
 
@@ -276,9 +293,8 @@ async def test_fail_closed_answers_503(redis_server: RedisServer, fault: str, ca
     assert len([r for r in caplog.records if r.name == "apigw.ratelimit"]) == 3
 
 
-async def test_recovers_after_a_pause_without_a_new_client(redis_server: RedisServer) -> None:
-    r = client(redis_server, timeout=0.25)
-    limiter = RedisLimiter(RedisBatch(r, 0.25), Metrics(), FailureMode.fail_closed)
+async def test_recovers_after_a_pause_without_a_new_client(redis_server: RedisServer, make_batch) -> None:
+    limiter = RedisLimiter(make_batch(redis_server, 0.25), Metrics(), FailureMode.fail_closed)
     limit_rule = rule(requests=5, period=3600)
     assert (await limiter.check(limit_rule, IP)).allowed
     redis_server.pause()
@@ -287,13 +303,12 @@ async def test_recovers_after_a_pause_without_a_new_client(redis_server: RedisSe
     redis_server.resume()
     decision = await limiter.check(limit_rule, IP)
     assert decision.allowed and not decision.degraded
-    await r.aclose()
 
 
-async def test_recovers_after_a_restart_and_reloads_the_script(redis_server: RedisServer) -> None:
+async def test_recovers_after_a_restart_and_reloads_the_script(redis_server: RedisServer, make_batch) -> None:
     """A restart drops every pooled connection and the script cache; no decision fails for it."""
     r = client(redis_server, timeout=0.25)
-    limiter = RedisLimiter(RedisBatch(r, 0.25), Metrics(), FailureMode.fail_closed)
+    limiter = RedisLimiter(make_batch(redis_server, 0.25), Metrics(), FailureMode.fail_closed)
     limit_rule = rule(requests=5, period=3600)
     await asyncio.gather(*[limiter.check(limit_rule, IP) for _ in range(6)])  # several pooled connections
     redis_server.restart()
@@ -303,16 +318,14 @@ async def test_recovers_after_a_restart_and_reloads_the_script(redis_server: Red
     await r.aclose()
 
 
-async def test_stopped_then_started_again(redis_server: RedisServer) -> None:
-    r = client(redis_server, timeout=0.25)
-    limiter = RedisLimiter(RedisBatch(r, 0.25), Metrics(), FailureMode.fail_open)
+async def test_stopped_then_started_again(redis_server: RedisServer, make_batch) -> None:
+    limiter = RedisLimiter(make_batch(redis_server, 0.25), Metrics(), FailureMode.fail_open)
     limit_rule = rule(requests=5, period=3600)
     redis_server.stop()
     assert (await asyncio.wait_for(limiter.check(limit_rule, IP), 5)).degraded
     redis_server.start()
     decision = await limiter.check(limit_rule, IP)
     assert decision.allowed and not decision.degraded and decision.remaining == 4
-    await r.aclose()
 
 
 # --- keys, wiring, in-process state ---------------------------------------------------------------
@@ -335,12 +348,12 @@ def test_a_missing_header_or_claim_spends_the_client_ips_budget(claims: dict[str
     assert limit_key(LimitKey(type="claim", name="sub"), "10.0.0.9", CIMultiDict(), claims) == "ip:10.0.0.9"
 
 
-async def test_build_limiter_follows_the_config(redis: Redis) -> None:
+async def test_build_limiter_follows_the_config(redis: Redis, redis_server: RedisServer, make_batch) -> None:
     metrics = Metrics()
-    assert build_limiter(Config.model_validate({"ratelimit": {"enabled": False}}), metrics, RedisBatch(redis, 1.0)) is None
+    assert build_limiter(Config.model_validate({"ratelimit": {"enabled": False}}), metrics, make_batch(redis_server, 1.0)) is None
     assert isinstance(build_limiter(Config(), metrics, None), MemoryLimiter)
     with_redis = Config.model_validate({"redis": {}, "ratelimit": {"failure_mode": "fail_closed"}})
-    assert isinstance(build_limiter(with_redis, metrics, RedisBatch(redis, 1.0)), RedisLimiter)
+    assert isinstance(build_limiter(with_redis, metrics, make_batch(redis_server, 1.0)), RedisLimiter)
     with pytest.raises(ValueError, match="config.redis"):
         build_limiter(with_redis, metrics, None)
 

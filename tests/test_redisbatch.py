@@ -7,6 +7,7 @@ import asyncio
 import pytest
 import redis.asyncio
 
+from apigw.config import RedisConfig
 from apigw.redisbatch import RedisBatch
 from apigw.testkit.redis import RedisServer
 
@@ -18,9 +19,9 @@ async def client(redis_server: RedisServer):
     await r.aclose()
 
 
-async def test_checks_of_one_tick_share_one_round_trip(client) -> None:
+async def test_checks_of_one_tick_share_one_round_trip(client, redis_server: RedisServer) -> None:
     await client.set("revoked:a", 1)
-    batch = RedisBatch(client, timeout=2.0)
+    batch = RedisBatch(RedisConfig(url=redis_server.url, timeout=2.0))
     interval, capacity = 1_000_000, 2_000_000  # 1 per second, 2 at once
     answers = await asyncio.gather(
         batch.limit("ratelimit:p:x", interval, capacity),
@@ -37,10 +38,11 @@ async def test_checks_of_one_tick_share_one_round_trip(client) -> None:
 
     await batch.revoked("revoked:a")
     assert batch.round_trips == 2  # a later tick is another round trip
+    await batch.aclose()
 
 
 async def test_a_failed_batch_fails_every_check_in_it(client, redis_server: RedisServer) -> None:
-    batch = RedisBatch(client, timeout=0.5)
+    batch = RedisBatch(RedisConfig(url=redis_server.url, timeout=0.5, connect_timeout=0.5))
     redis_server.stop()
     results = await asyncio.wait_for(
         asyncio.gather(batch.revoked("revoked:a"), batch.limit("k", 1, 1), return_exceptions=True), 5
@@ -48,3 +50,4 @@ async def test_a_failed_batch_fails_every_check_in_it(client, redis_server: Redi
     assert all(isinstance(r, Exception) for r in results)
     redis_server.start()
     assert await batch.revoked("revoked:a") == 0
+    await batch.aclose()

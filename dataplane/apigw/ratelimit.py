@@ -22,13 +22,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from apigw.config import Config, FailureMode, LimitKey, Policy, RedisConfig
+from apigw.config import Config, FailureMode, LimitKey, Policy
 from apigw.errors import GatewayError
 from apigw.metrics import Metrics
 from apigw.redisbatch import RedisBatch
@@ -214,22 +210,6 @@ class MemoryLimiter:
         """Forget full buckets (TAT passed), as Redis expires them; amortised over the inserts since the last sweep."""
         self._tats = {bucket: tat for bucket, tat in self._tats.items() if tat > now}
         self._sweep_at = max(1024, 2 * len(self._tats))
-
-
-def redis_client(settings: RedisConfig) -> Redis:
-    """A client as the limiter needs it: bounded socket timeouts; a pool of `pool_size` connections where a
-    request waits for a free one (an unbounded pool would only open connections until Redis refuses); one
-    retry on a dropped connection, so that the pooled connections a Redis restart killed are replaced
-    without failing a request each."""
-    pool = BlockingConnectionPool.from_url(
-        settings.url,
-        max_connections=settings.pool_size,
-        timeout=settings.timeout,
-        socket_timeout=settings.timeout,
-        socket_connect_timeout=settings.connect_timeout,
-        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-    )
-    return Redis.from_pool(pool)
 
 
 def build_limiter(config: Config, metrics: Metrics, batch: RedisBatch | None) -> Limiter | None:

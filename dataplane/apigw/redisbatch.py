@@ -3,19 +3,23 @@
 Requests ask for rate limit decisions and revocation checks as futures; the first ask of a tick
 schedules a flush at the end of the tick, which sends everything asked meanwhile as ONE EVALSHA of a
 batch script (GCRA steps and EXISTS checks, evaluated in order, on Redis's clock). Under load the
-round trips per request fall well below one, and redis-py's per-call cost is paid once per tick
-instead of once per check. A failed or timed-out batch fails every future in it with the same error;
+round trips per request fall well below one, and the per-call cost is paid once per tick instead of
+once per check. A failed or timed-out batch fails every future in it with the same error;
 each caller then applies its own failure mode.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from apigw.config import RedisConfig
+from apigw.redislink import RedisLink, pack
 
 BATCH_LUA = """
 -- ARGV[1..n]: per check, its kind ('L' limit or 'R' revoked?) then its parameters; KEYS in check order.
@@ -49,6 +53,7 @@ end
 return out
 """
 # `string.format`: Redis would turn a number argument into text with 14 significant digits, too few.
+BATCH_SHA = hashlib.sha1(BATCH_LUA.encode()).hexdigest()
 
 
 SLOW_ROUND_TRIP = 0.05
@@ -58,12 +63,12 @@ log = logging.getLogger("apigw.ratelimit")
 
 
 class RedisBatch:
-    """Coalesces the checks of one event-loop tick into one script call on `redis`."""
+    """Coalesces the checks of one event-loop tick into one script call on the Redis of `settings`;
+    each call is bounded by `settings.timeout`."""
 
-    def __init__(self, redis: Redis, timeout: float, slow: float = SLOW_ROUND_TRIP):
-        self.redis = redis
-        self._script = redis.register_script(BATCH_LUA)
-        self.timeout = timeout
+    def __init__(self, settings: RedisConfig, slow: float = SLOW_ROUND_TRIP):
+        self.link = RedisLink(settings)
+        self.timeout = settings.timeout
         self._slow = slow
         self._keys: list[str] = []
         self._args: list[Any] = []
@@ -101,7 +106,7 @@ class RedisBatch:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeout):
-                replies = await self._script(keys=keys, args=args)
+                replies = await self._run(keys, args)
         except BaseException as error:  # every waiter learns of it, cancellation included
             for future, _ in waiters:
                 if not future.done():
@@ -119,3 +124,14 @@ class RedisBatch:
             if not future.done():
                 future.set_result(tuple(replies[at:at + width]) if width > 1 else replies[at])
             at += width
+
+    async def _run(self, keys: list[str], args: list[Any]) -> list[int]:
+        try:
+            return await self.link.call(pack(["EVALSHA", BATCH_SHA, len(keys), *keys, *args]))
+        except ResponseError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+            return await self.link.call(pack(["EVAL", BATCH_LUA, len(keys), *keys, *args]))  # caches it again
+
+    async def aclose(self) -> None:
+        await self.link.aclose()

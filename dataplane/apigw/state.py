@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from redis.asyncio import Redis
 
 from apigw.auth import Authenticator, KeyRing, load_keys
 from apigw.breaker import Breakers, CircuitBreaker, breaker_settings
@@ -21,7 +20,7 @@ from apigw.config import Config, RedisConfig, RetrySettings, Route, config_hash
 from apigw.logs import AccessLog
 from apigw.metrics import Metrics
 from apigw.proxy import Upstream, not_forwarded
-from apigw.ratelimit import Limiter, LimitRule, build_limiter, redis_client
+from apigw.ratelimit import Limiter, LimitRule, build_limiter
 from apigw.redisbatch import RedisBatch
 from apigw.retry import RetryBudget, RetryBudgets
 from apigw.routing import Router
@@ -92,15 +91,15 @@ class Shared:
         self.redis: RedisBatch | None = None
         self._redis_settings: RedisConfig | None = None
         self._kept: dict[str, tuple[object, Any]] = {}
-        self.retired: list[Upstream | Redis] = []
+        self.retired: list[Upstream | RedisBatch] = []
         """Pools replaced by a reload, to close once requests begun on the old config are done."""
 
     def redis_for(self, settings: RedisConfig | None) -> RedisBatch | None:
         """Redis (behind the per-tick batch) for `settings`; a new client only when they change."""
         if settings != self._redis_settings:
-            new = RedisBatch(redis_client(settings), settings.timeout) if settings else None
+            new = RedisBatch(settings) if settings else None
             if self.redis is not None:
-                self.retired.append(self.redis.redis)
+                self.retired.append(self.redis)
             self.redis, self._redis_settings = new, settings
         return self.redis
 
@@ -123,7 +122,7 @@ class Shared:
 
     async def close(self) -> None:
         """Close every pool, current and retired."""
-        pools, self.retired = [*self.retired, *self.upstreams.values(), self.redis and self.redis.redis], []
+        pools, self.retired = [*self.retired, *self.upstreams.values(), self.redis], []
         for pool in pools:
             if pool is not None:
                 await pool.aclose()

@@ -1,0 +1,85 @@
+"""The hot path's Redis connections against a real redis-server: bounded pool, URL credentials and
+database, no late reply answering the wrong command, recovery after a restart."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio
+
+from apigw.config import RedisConfig
+from apigw.redislink import RedisLink, pack
+from apigw.testkit.redis import RedisServer
+
+
+def link_for(url: str, **settings: object) -> RedisLink:
+    return RedisLink(RedisConfig.model_validate({"url": url, "timeout": 1.0, "connect_timeout": 1.0, **settings}))
+
+
+async def link_connections(server: RedisServer) -> int:
+    """Client connections Redis sees, besides the one asking."""
+    async with redis.asyncio.Redis.from_url(server.url) as client:
+        return len(await client.client_list()) - 1
+
+
+async def test_concurrent_calls_share_at_most_pool_size_connections(redis_server: RedisServer) -> None:
+    link = link_for(redis_server.url, pool_size=3)
+    replies = await asyncio.gather(*[link.call(pack(["ECHO", f"m{i}"])) for i in range(20)])
+    assert replies == [f"m{i}".encode() for i in range(20)]  # each caller its own reply
+    assert await link_connections(redis_server) == 3
+    await link.aclose()
+
+
+async def test_url_password_and_database_are_used(redis_server: RedisServer) -> None:
+    async with redis.asyncio.Redis.from_url(redis_server.url) as admin:
+        await admin.config_set("requirepass", "s3cret")
+    link = link_for(f"redis://:s3cret@127.0.0.1:{redis_server.port}/2")
+    assert await link.call(pack(["SET", "k", "v"])) == b"OK"
+    async with redis.asyncio.Redis.from_url(f"redis://:s3cret@127.0.0.1:{redis_server.port}/2") as db2:
+        assert await db2.get("k") == b"v"
+    await link.aclose()
+
+    wrong = link_for(f"redis://:nope@127.0.0.1:{redis_server.port}/0")
+    with pytest.raises(ConnectionError, match="set-up") as caught:
+        await wrong.call(pack(["PING"]))
+    assert "nope" not in str(caught.value)
+    await wrong.aclose()
+
+
+async def test_an_error_reply_is_raised_and_the_connection_stays_usable(redis_server: RedisServer) -> None:
+    link = link_for(redis_server.url, pool_size=1)
+    with pytest.raises(redis.exceptions.ResponseError, match="unknown command"):
+        await link.call(pack(["NOSUCHCOMMAND"]))
+    assert await link.call(pack(["PING"])) == b"PONG"
+    await link.aclose()
+
+
+async def test_a_late_reply_never_answers_the_next_command(redis_server: RedisServer) -> None:
+    link = link_for(redis_server.url, pool_size=1)
+    assert await link.call(pack(["PING"])) == b"PONG"
+    redis_server.pause()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):
+            await link.call(pack(["ECHO", "late"]))
+    redis_server.resume()
+    assert await link.call(pack(["ECHO", "now"])) == b"now"
+    await link.aclose()
+
+
+async def test_pooled_connections_killed_by_a_restart_are_replaced(redis_server: RedisServer) -> None:
+    link = link_for(redis_server.url, pool_size=2)
+    await asyncio.gather(link.call(pack(["PING"])), link.call(pack(["PING"])))
+    redis_server.restart()
+    assert await asyncio.gather(link.call(pack(["PING"])), link.call(pack(["PING"]))) == [b"PONG", b"PONG"]
+    await link.aclose()
+
+
+async def test_a_stopped_redis_is_a_connection_error_then_recovers(redis_server: RedisServer) -> None:
+    link = link_for(redis_server.url)
+    redis_server.stop()
+    with pytest.raises(OSError):
+        await link.call(pack(["PING"]))
+    redis_server.start()
+    assert await link.call(pack(["PING"])) == b"PONG"
+    await link.aclose()

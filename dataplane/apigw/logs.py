@@ -12,6 +12,17 @@ import sys
 import time
 from typing import Any, TextIO
 
+import orjson
+
+
+def dumps(line: dict[str, Any]) -> str:
+    """One JSON object as text: orjson (a tenth of `json`'s cost), or `json` for what orjson refuses
+    (strings holding lone surrogates, as undecodable bytes in a request path become)."""
+    try:
+        return orjson.dumps(line, default=str).decode()
+    except TypeError:
+        return json.dumps(line, default=str)
+
 
 def timestamp(created: float) -> str:
     return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(created))}.{int(created % 1 * 1000):03d}Z"
@@ -31,7 +42,7 @@ class JSONFormatter(logging.Formatter):
         if record.exc_info:
             exc = record.exc_info[1]
             line["exception"] = f"{type(exc).__name__}: {exc}"
-        return json.dumps(line, default=str)
+        return dumps(line)
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -47,7 +58,7 @@ class AccessLog:
     """One JSON line per request, in the same shape as the other log lines (`logger: apigw.access`).
 
     Written straight to the stream rather than through `logging`, whose per-record machinery costs
-    more than building the line itself. The lines of one event-loop tick are flushed together at its
+    more than building the line itself. The lines of one event-loop tick are written together at its
     end: one write call for many requests, and no line waits longer than that tick.
     `error_type` comes before `msg`, so that text after `auth` holds `error` only on an auth failure
     (whose `msg` ends `auth_error=<type>`): the runbook's `grep -i "auth.*error"` selects those alone.
@@ -57,7 +68,7 @@ class AccessLog:
         self.stream = stream or sys.stdout
         self._second = -1
         self._second_text = ""
-        self._flush_due = False
+        self._lines: list[str] = []
 
     def _timestamp(self, now: float) -> str:
         """`timestamp(now)`, formatting the date and time (the costly part) once a second."""
@@ -70,12 +81,11 @@ class AccessLog:
         head = {"ts": self._timestamp(time.time()), "level": "info", "logger": "apigw.access"}
         if error_type:
             head["error_type"] = error_type
-        line = json.dumps({**head, "msg": msg, **fields})
-        self.stream.write(line + "\n")
-        if not self._flush_due:
-            self._flush_due = True
+        if not self._lines:
             asyncio.get_running_loop().call_soon(self._flush)
+        self._lines.append(dumps({**head, "msg": msg, **fields}))
 
     def _flush(self) -> None:
-        self._flush_due = False
+        lines, self._lines = self._lines, []
+        self.stream.write("\n".join(lines) + "\n")
         self.stream.flush()

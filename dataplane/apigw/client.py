@@ -148,6 +148,11 @@ class _Connection(asyncio.Protocol):
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
+    def answered(self) -> None:
+        """The response began: a body upload waiting for the backend to read stops waiting."""
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
     def pause_writing(self) -> None:
         self._paused = True
 
@@ -229,19 +234,18 @@ class Response:
         self._until_eof = False
         self._reason = b""
         self._head_size = 0
+        """Bytes fed while the head is not complete, and the sizes of the headers parsed."""
         self._body: deque[bytes] = deque()
         self._buffered = 0
+        self._paused = False
         self._waiter: asyncio.Future[None] | None = None
 
     async def read(self) -> bytes:
-        """The whole body."""
-        while not self.complete:
-            if self.error is not None:
-                raise self.error
-            await self.wait()
-        body = b"".join(self._body)
-        self._body.clear()
-        return body
+        """The whole body (meant for small ones: it is held in memory)."""
+        parts = []
+        while chunk := await self.chunk():
+            parts.append(chunk)
+        return b"".join(parts)
 
     async def chunk(self) -> bytes:
         """The body bytes received so far and not yet taken (waiting for some); b"" at the end."""
@@ -253,9 +257,11 @@ class Response:
             await self.wait()
         data = self._body.popleft() if len(self._body) == 1 else b"".join(self._body)
         self._body.clear()
-        if self._buffered >= PAUSE_AT and self._conn is not None and self._conn.transport is not None:
-            self._conn.transport.resume_reading()
         self._buffered = 0
+        if self._paused:
+            self._paused = False
+            if self._conn is not None and self._conn.transport is not None:
+                self._conn.transport.resume_reading()
         return data
 
     def release(self) -> None:
@@ -263,7 +269,8 @@ class Response:
         if conn is None:
             return
         conn.response = None
-        if self.complete and self.keep_alive and not conn.closed:
+        self._parser = None  # type: ignore[assignment]  # it refers back to this response: no cycle left for the GC
+        if self.complete and self.keep_alive and not self._paused and not conn.closed:
             conn.pool._put(conn)
         else:
             conn.close()
@@ -290,12 +297,24 @@ class Response:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            cause = exc.__context__ if isinstance(exc.__context__, BackendError) else None
-            self.error = cause or BackendError("invalid", f"invalid HTTP response: {exc}")
-            self.keep_alive = False
-            if self._conn is not None:
-                self._conn.close()
+            if isinstance(exc.__context__, _AfterEnd):
+                self.keep_alive = False
+            else:
+                cause = exc.__context__ if isinstance(exc.__context__, BackendError) else None
+                self._fail(cause or BackendError("invalid", f"invalid HTTP response: {exc}"))
+        if not self.status:
+            self._head_size += len(data)
+            if self._head_size > MAX_HEAD:  # counted here: llhttp hands a header over only once it ends
+                self._fail(BackendError("invalid", f"response head larger than {MAX_HEAD} bytes"))
         self._wake()
+        if self.status and self._conn is not None:
+            self._conn.answered()
+
+    def _fail(self, error: BackendError) -> None:
+        self.error = error
+        self.keep_alive = False
+        if self._conn is not None:
+            self._conn.close()
 
     def lost(self) -> None:
         """The connection closed: the end of a body that runs to the end of the connection, else a failure."""
@@ -310,22 +329,20 @@ class Response:
     # llhttp's callbacks
 
     def on_message_begin(self) -> None:
+        if self.status:
+            raise _AfterEnd  # a second message in the same read: stop before it overwrites this one
         self.headers, self._reason, self._head_size = [], b"", 0
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
-        self._count(len(reason))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count(len(name) + len(value))
+        self._head_size += len(name) + len(value) + 4
         self.headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
 
-    def _count(self, size: int) -> None:
-        self._head_size += size
+    def on_headers_complete(self) -> None:
         if self._head_size > MAX_HEAD:
             raise BackendError("invalid", f"response head larger than {MAX_HEAD} bytes")
-
-    def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         if status < 200:
             if status == 101:
@@ -351,12 +368,17 @@ class Response:
             return
         self._body.append(chunk)
         self._buffered += len(chunk)
-        if self._buffered >= PAUSE_AT and self._conn is not None and self._conn.transport is not None:
+        if self._buffered >= PAUSE_AT and not self._paused and self._conn is not None and self._conn.transport:
+            self._paused = True
             self._conn.transport.pause_reading()
 
     def on_message_complete(self) -> None:
         if self.status:
             self.complete = True
+
+
+class _AfterEnd(Exception):
+    """Raised inside llhttp to stop it at the end of the response."""
 
 
 def _expire(waiter: asyncio.Future[None], detail: str) -> None:

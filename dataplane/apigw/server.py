@@ -7,6 +7,7 @@ let in-flight requests finish within `drain_timeout`, exit 0. SIGHUP: reload the
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -109,6 +110,7 @@ async def serve(config_path: Path, workers: int | None = None, debug_port: int |
     loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
     watcher = asyncio.create_task(reloader.watch())
     sampler = asyncio.create_task(metrics.sample_tasks())
+    gc.freeze()  # what start-up built lives as long as the process: the collector need not scan it again
     log.info(
         "gateway serving %d routes on %s:%d (metrics :%d), config %s", len(config.routes), listen.address,
         listen.port, listen.metrics_port, gateway.state.config_hash,

@@ -129,6 +129,15 @@ def answering(*responses: bytes) -> Callable[[Peer], Awaitable[None]]:
     return handler
 
 
+def first_then_all(response: bytes) -> Callable[[Peer], Awaitable[None]]:
+    """The first connection gets `response`; later ones are served by `answer_all`."""
+
+    async def handler(peer: Peer) -> None:
+        await (answering(response) if peer.number == 1 else answer_all)(peer)
+
+    return handler
+
+
 async def hang(peer: Peer) -> None:
     """Read nothing, answer nothing."""
     await asyncio.Future()
@@ -287,13 +296,7 @@ async def test_most_recently_released_connection_is_used_first() -> None:
 
 
 async def test_response_not_received_in_full_is_not_reused() -> None:
-    async def handler(peer: Peer) -> None:
-        if peer.number == 1:
-            await answering(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234")(peer)
-        else:
-            await answer_all(peer)
-
-    async with RawServer(handler) as server, open_pool(server.url) as pool:
+    async with RawServer(first_then_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234")) as server, open_pool(server.url) as pool:
         response = await send(pool)
         assert await response.chunk() == b"01234"
         response.release()
@@ -568,13 +571,7 @@ async def test_body_cut_short_is_reset(backend: Backend) -> None:
 
 
 async def test_failed_response_does_not_spoil_the_pool() -> None:
-    async def handler(peer: Peer) -> None:
-        if peer.number == 1:
-            await answering(b"nonsense\r\n\r\n")(peer)
-        else:
-            await answer_all(peer)
-
-    async with RawServer(handler) as server, open_pool(server.url) as pool:
+    async with RawServer(first_then_all(b"nonsense\r\n\r\n")) as server, open_pool(server.url) as pool:
         assert (await failure(send(pool))).kind == "invalid"
         assert (await fetch(pool))[1] == b"conn 2"
 

@@ -18,7 +18,7 @@ import redis.asyncio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from apigw.auth import MAX_TOKEN_LENGTH, NO_EXP_CACHE_SECONDS, Authenticator
+from apigw.auth import MAX_TOKEN_LENGTH, NO_EXP_CACHE_SECONDS, Authenticator, Claims
 from apigw.config import AuthConfig, RedisConfig
 from apigw.errors import GatewayError
 from apigw.loader import ConfigError
@@ -86,9 +86,16 @@ def attempts(metrics: Metrics, result: str, error_type: str) -> float:
     return metrics.registry.get_sample_value("gateway_auth_attempts_total", labels) or 0.0
 
 
+async def authenticate(auth: Authenticator, authorization: str | None, scopes: tuple[str, ...] = ()) -> Claims:
+    """Both steps, as the pipeline takes them (it asks for its rate limit step in between)."""
+    claims = auth.verify(authorization)
+    await auth.admit(claims, scopes)
+    return claims
+
+
 async def rejected(auth: Authenticator, authorization: str | None, scopes: tuple[str, ...] = ()) -> GatewayError:
     with pytest.raises(GatewayError) as caught:
-        await auth.authenticate(authorization, scopes)
+        await authenticate(auth, authorization, scopes)
     return caught.value
 
 
@@ -110,7 +117,7 @@ def hand_made(header: dict[str, Any], payload: dict[str, Any], secret: bytes = b
 async def test_a_valid_token_of_each_key_type_is_accepted(request, make_auth, clock, metrics, key_name):
     key = request.getfixturevalue(key_name)
     auth = make_auth(key)
-    claims = await auth.authenticate(f"Bearer {key.token(now=clock.now, sub='alice')}", ())
+    claims = await authenticate(auth, f"Bearer {key.token(now=clock.now, sub='alice')}", ())
     assert claims["sub"] == "alice"
     assert attempts(metrics, "success", "none") == 1
 
@@ -118,13 +125,13 @@ async def test_a_valid_token_of_each_key_type_is_accepted(request, make_auth, cl
 async def test_keys_of_all_types_side_by_side_each_verify_their_own_tokens(make_auth, clock, rsa_key, ec_key, ed_key):
     auth = make_auth(rsa_key, ec_key, ed_key)
     for key in (rsa_key, ec_key, ed_key):
-        claims = await auth.authenticate(f"Bearer {key.token(now=clock.now, sub=key.kid)}", ())
+        claims = await authenticate(auth, f"Bearer {key.token(now=clock.now, sub=key.kid)}", ())
         assert claims["sub"] == key.kid
 
 
 async def test_scheme_is_case_insensitive_and_claims_are_read_only(make_auth, clock, rsa_key):
     auth = make_auth(rsa_key)
-    claims = await auth.authenticate(f"bearer {rsa_key.token(now=clock.now)}", ())
+    claims = await authenticate(auth, f"bearer {rsa_key.token(now=clock.now)}", ())
     with pytest.raises(TypeError):
         claims["sub"] = "mallory"  # type: ignore[index]
 
@@ -208,7 +215,7 @@ async def test_mangled_tokens_are_rejected_with_a_401_or_carry_the_signed_claims
     (a character replaced by itself, the spare bits of a last character), verifies to the same claims."""
     auth = make_auth(rsa_key, cache_size=0)
     token = rsa_key.token(now=clock.now)
-    signed = dict(await auth.authenticate(f"Bearer {token}", ()))
+    signed = dict(await authenticate(auth, f"Bearer {token}", ()))
     rng = random.Random(3)
     alphabet = "ABCxyz019-_.=+/ {}\"\\\x00é"
     for _ in range(300):
@@ -216,7 +223,7 @@ async def test_mangled_tokens_are_rejected_with_a_401_or_carry_the_signed_claims
         for _ in range(rng.randint(1, 5)):
             chars[rng.randrange(len(chars))] = rng.choice(alphabet)
         try:
-            assert dict(await auth.authenticate("Bearer " + "".join(chars), ())) == signed
+            assert dict(await authenticate(auth, "Bearer " + "".join(chars), ())) == signed
         except GatewayError as exc:
             assert exc.status == 401
 
@@ -230,7 +237,7 @@ async def test_exp_honours_the_clock_skew(make_auth, clock, rsa_key, offset, err
     auth = make_auth(rsa_key, clock_skew="30s")
     token = rsa_key.token(now=clock.now + offset - 300)  # exp = now + offset
     if error_type is None:
-        assert await auth.authenticate(f"Bearer {token}", ())
+        assert await authenticate(auth, f"Bearer {token}", ())
     else:
         assert (await rejected(auth, f"Bearer {token}")).error_type == error_type
 
@@ -239,7 +246,7 @@ async def test_exp_honours_the_clock_skew(make_auth, clock, rsa_key, offset, err
 async def test_tokens_from_the_future_honour_the_clock_skew(make_auth, clock, rsa_key, claim):
     auth = make_auth(rsa_key, clock_skew=30)
     early = rsa_key.token(now=clock.now, **{claim: int(clock.now) + 20})
-    assert await auth.authenticate(f"Bearer {early}", ())
+    assert await authenticate(auth, f"Bearer {early}", ())
     too_early = rsa_key.token(now=clock.now, **{claim: int(clock.now) + 40})
     assert (await rejected(auth, f"Bearer {too_early}")).error_type == "not_yet_valid"
 
@@ -256,8 +263,8 @@ async def test_issuer_and_audience_are_checked_when_configured(make_auth, clock,
     def token(**claims: Any) -> str:
         return f"Bearer {rsa_key.token(now=clock.now, **claims)}"
 
-    assert await auth.authenticate(token(iss="https://idp.example", aud="api"), ())
-    assert await auth.authenticate(token(iss="https://idp.example", aud=["other", "api"]), ())
+    assert await authenticate(auth, token(iss="https://idp.example", aud="api"), ())
+    assert await authenticate(auth, token(iss="https://idp.example", aud=["other", "api"]), ())
     for claims, error_type in [
         ({"iss": "https://evil.example", "aud": "api"}, "bad_issuer"),
         ({"aud": "api"}, "bad_issuer"),
@@ -271,13 +278,13 @@ async def test_issuer_and_audience_are_checked_when_configured(make_auth, clock,
 
 async def test_issuer_and_audience_are_not_checked_when_not_configured(make_auth, clock, rsa_key):
     auth = make_auth(rsa_key)
-    assert await auth.authenticate(f"Bearer {rsa_key.token(now=clock.now, iss='anyone', aud='anything')}", ())
+    assert await authenticate(auth, f"Bearer {rsa_key.token(now=clock.now, iss='anyone', aud='anything')}", ())
 
 
 async def test_scopes_from_scope_or_scp_and_403_when_one_is_missing(make_auth, clock, metrics, rsa_key):
     auth = make_auth(rsa_key)
-    assert await auth.authenticate(f"Bearer {rsa_key.token(now=clock.now, scope='read write')}", ("read", "write"))
-    assert await auth.authenticate(f"Bearer {rsa_key.token(now=clock.now, scp=['read'])}", ("read",))
+    assert await authenticate(auth, f"Bearer {rsa_key.token(now=clock.now, scope='read write')}", ("read", "write"))
+    assert await authenticate(auth, f"Bearer {rsa_key.token(now=clock.now, scp=['read'])}", ("read",))
     error = await rejected(auth, f"Bearer {rsa_key.token(now=clock.now, scope='read')}", ("read", "admin"))
     assert (error.status, error.error_type) == (403, "insufficient_scope")
     assert error.headers == {"WWW-Authenticate": 'Bearer error="insufficient_scope", scope="read admin"'}
@@ -293,7 +300,7 @@ async def test_forwarded_claims_become_headers_and_their_names_are_stripped(make
     auth = make_auth(rsa_key, forward_claims=forward)
     assert auth.stripped_headers == frozenset({"x-user", "x-roles", "x-name", "x-tenant"})
     token = rsa_key.token(now=clock.now, roles=["a", "b"], name="Zoë\r\nX: y")
-    claims = await auth.authenticate(f"Bearer {token}", ())
+    claims = await authenticate(auth, f"Bearer {token}", ())
     assert auth.forward_headers(claims) == {
         "X-User": "test-user", "X-Roles": '["a","b"]', "X-Name": '"Zo\\u00eb\\r\\nX: y"'
     }
@@ -353,23 +360,23 @@ async def test_a_key_file_with_two_keys_accepts_tokens_of_both(tmp_path, make_au
     config = AuthConfig.model_validate({"keys": [{"file": tmp_path / "jwt-public-key.pem"}]})
     auth = Authenticator.build(config, metrics, None, clock=clock)
     for key in (old, new):
-        assert await auth.authenticate(f"Bearer {key.token(now=clock.now)}", ())
+        assert await authenticate(auth, f"Bearer {key.token(now=clock.now)}", ())
 
 
 async def test_rotation_by_kid_and_reload_after_the_file_is_replaced(tmp_path, make_auth, clock, rsa_key, ec_key):
     auth = make_auth(rsa_key, ec_key)
     assert auth.watched_files() == [tmp_path / "rsa-1.pem", tmp_path / "ec-1.pem"]
     old_token = f"Bearer {rsa_key.token(now=clock.now)}"
-    assert await auth.authenticate(old_token, ())
-    assert await auth.authenticate(f"Bearer {ec_key.token(now=clock.now)}", ())
+    assert await authenticate(auth, old_token, ())
+    assert await authenticate(auth, f"Bearer {ec_key.token(now=clock.now)}", ())
 
     successor = SigningKey("rsa", kid="rsa-1")
     successor.write_public_pem(tmp_path / "rsa-1.pem")
-    assert await auth.authenticate(old_token, ())  # until reloaded, the keys in force stay
+    assert await authenticate(auth, old_token, ())  # until reloaded, the keys in force stay
     auth = make_auth(rsa_key, ec_key, write=False)  # what a reload does: keys read afresh, a new cache
     assert (await rejected(auth, old_token)).error_type == "bad_signature"  # the cached verdict went with the key
-    assert await auth.authenticate(f"Bearer {successor.token(now=clock.now)}", ())
-    assert await auth.authenticate(f"Bearer {ec_key.token(now=clock.now)}", ())
+    assert await authenticate(auth, f"Bearer {successor.token(now=clock.now)}", ())
+    assert await authenticate(auth, f"Bearer {ec_key.token(now=clock.now)}", ())
 
 
 async def test_a_bad_key_file_on_reload_keeps_the_keys_in_force(tmp_path, make_auth, clock, rsa_key):
@@ -378,7 +385,7 @@ async def test_a_bad_key_file_on_reload_keeps_the_keys_in_force(tmp_path, make_a
     with pytest.raises(ConfigError) as caught:
         make_auth(rsa_key, write=False)  # a reload reads the keys afresh, and fails
     assert caught.value.errors == ["auth.keys[0].file: not a PEM public key"]
-    assert await auth.authenticate(f"Bearer {rsa_key.token(now=clock.now)}", ())
+    assert await authenticate(auth, f"Bearer {rsa_key.token(now=clock.now)}", ())
 
 
 async def test_a_key_without_kid_checks_tokens_with_any_kid(tmp_path, clock, metrics, rsa_key, ec_key):
@@ -388,8 +395,8 @@ async def test_a_key_without_kid_checks_tokens_with_any_kid(tmp_path, clock, met
     config = AuthConfig.model_validate({"keys": keys})
     auth = Authenticator.build(config, metrics, None, clock=clock)
     for kid in ("rsa-1", "whatever", None):
-        assert await auth.authenticate(f"Bearer {rsa_key.token(now=clock.now, kid=kid)}", ())
-    assert await auth.authenticate(f"Bearer {ec_key.token(now=clock.now)}", ())
+        assert await authenticate(auth, f"Bearer {rsa_key.token(now=clock.now, kid=kid)}", ())
+    assert await authenticate(auth, f"Bearer {ec_key.token(now=clock.now)}", ())
 
 
 async def test_a_jwks_file_provides_keys_by_kid(tmp_path, clock, metrics, rsa_key, ec_key, ed_key):
@@ -397,7 +404,7 @@ async def test_a_jwks_file_provides_keys_by_kid(tmp_path, clock, metrics, rsa_ke
     auth = Authenticator.build(AuthConfig(jwks_file=jwks), metrics, None, clock=clock)
     assert auth.watched_files() == [jwks]
     for key in (rsa_key, ec_key, ed_key):
-        assert await auth.authenticate(f"Bearer {key.token(now=clock.now)}", ())
+        assert await authenticate(auth, f"Bearer {key.token(now=clock.now)}", ())
     assert (await rejected(auth, f"Bearer {rsa_key.token(now=clock.now, kid='gone')}")).error_type == "unknown_kid"
 
 
@@ -406,7 +413,7 @@ async def test_a_jwks_key_is_held_to_its_alg(tmp_path, clock, metrics, rsa_key):
     (tmp_path / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
     config = AuthConfig(jwks_file=tmp_path / "jwks.json", algorithms=["RS256", "PS256"])
     auth = Authenticator.build(config, metrics, None, clock=clock)
-    assert await auth.authenticate(f"Bearer {rsa_key.token(now=clock.now, algorithm='PS256')}", ())
+    assert await authenticate(auth, f"Bearer {rsa_key.token(now=clock.now, algorithm='PS256')}", ())
     assert (await rejected(auth, f"Bearer {rsa_key.token(now=clock.now)}")).error_type == "disallowed_alg"
 
 
@@ -444,8 +451,8 @@ def test_a_private_jwk_is_refused_without_echoing_it(tmp_path, metrics):
 async def test_a_repeated_token_is_served_from_the_cache(make_auth, clock, rsa_key):
     auth = make_auth(rsa_key)
     token = f"Bearer {rsa_key.token(now=clock.now)}"
-    first = await auth.authenticate(token, ())
-    second = await auth.authenticate(token, ())
+    first = await authenticate(auth, token, ())
+    second = await authenticate(auth, token, ())
     assert second is first
     assert (auth.cache.hits, auth.cache.misses) == (1, 1)
 
@@ -453,12 +460,12 @@ async def test_a_repeated_token_is_served_from_the_cache(make_auth, clock, rsa_k
 async def test_the_cache_never_serves_a_token_past_exp(make_auth, clock, metrics, rsa_key):
     auth = make_auth(rsa_key, clock_skew=30)
     token = f"Bearer {rsa_key.token(now=clock.now, ttl=60)}"
-    await auth.authenticate(token, ())
+    await authenticate(auth, token, ())
     clock.now += 59
-    await auth.authenticate(token, ())
+    await authenticate(auth, token, ())
     assert (auth.cache.hits, auth.cache.misses) == (1, 1)
     clock.now += 2  # past exp, within the skew: verified afresh, still valid
-    await auth.authenticate(token, ())
+    await authenticate(auth, token, ())
     assert (auth.cache.hits, auth.cache.misses) == (1, 2)
     clock.now += 30
     assert (await rejected(auth, token)).error_type == "expired"
@@ -468,11 +475,11 @@ async def test_the_cache_never_serves_a_token_past_exp(make_auth, clock, metrics
 async def test_a_token_without_exp_is_reverified_after_a_short_while(make_auth, clock, rsa_key):
     auth = make_auth(rsa_key)
     token = f"Bearer {rsa_key.token(now=clock.now, ttl=None)}"
-    await auth.authenticate(token, ())
+    await authenticate(auth, token, ())
     clock.now += NO_EXP_CACHE_SECONDS - 1
-    await auth.authenticate(token, ())
+    await authenticate(auth, token, ())
     clock.now += 2
-    await auth.authenticate(token, ())
+    await authenticate(auth, token, ())
     assert (auth.cache.hits, auth.cache.misses) == (1, 2)
 
 
@@ -480,12 +487,12 @@ async def test_the_cache_is_bounded_least_recently_used_first(make_auth, clock, 
     auth = make_auth(rsa_key, cache_size=2)
     a, b, c = (f"Bearer {rsa_key.token(now=clock.now)}" for _ in range(3))
     for token in (a, b, a, c):  # a was used after b: b goes
-        await auth.authenticate(token, ())
+        await authenticate(auth, token, ())
     assert len(auth.cache.entries) == 2
     hits = auth.cache.hits
-    await auth.authenticate(a, ())
+    await authenticate(auth, a, ())
     assert auth.cache.hits == hits + 1
-    await auth.authenticate(b, ())
+    await authenticate(auth, b, ())
     assert auth.cache.hits == hits + 1
 
 
@@ -493,7 +500,7 @@ async def test_cache_size_zero_verifies_every_time(make_auth, clock, rsa_key):
     auth = make_auth(rsa_key, cache_size=0)
     token = f"Bearer {rsa_key.token(now=clock.now)}"
     for _ in range(3):
-        await auth.authenticate(token, ())
+        await authenticate(auth, token, ())
     assert (auth.cache.hits, auth.cache.misses) == (0, 3)
 
 
@@ -502,7 +509,7 @@ async def test_failed_tokens_are_not_cached(make_auth, clock, rsa_key):
     token = f"Bearer {rsa_key.token(now=clock.now, nbf=int(clock.now) + 100)}"
     assert (await rejected(auth, token)).error_type == "not_yet_valid"
     clock.now += 100
-    assert await auth.authenticate(token, ())
+    assert await authenticate(auth, token, ())
     assert len(auth.cache.entries) == 1
 
 
@@ -512,14 +519,14 @@ async def test_failed_tokens_are_not_cached(make_auth, clock, rsa_key):
 async def test_a_revoked_token_is_rejected_even_when_cached(make_auth, clock, metrics, rsa_key, redis_server, redis_client):
     auth = make_auth(rsa_key, redis=redis_server)
     token = rsa_key.token(now=clock.now, jti="t-1")
-    assert await auth.authenticate(f"Bearer {token}", ())
+    assert await authenticate(auth, f"Bearer {token}", ())
     await redis_client.set("revoked:t-1", "1", ex=300)
     error = await rejected(auth, f"Bearer {token}")
     assert (error.status, error.error_type) == (401, "revoked")
     assert auth.cache.hits == 1
     assert attempts(metrics, "failure", "revoked") == 1
     other = rsa_key.token(now=clock.now, jti="t-2")
-    assert await auth.authenticate(f"Bearer {other}", ())
+    assert await authenticate(auth, f"Bearer {other}", ())
 
 
 async def test_a_revoked_token_is_401_before_its_scopes_are_judged(make_auth, clock, rsa_key, redis_server, redis_client):
@@ -532,7 +539,7 @@ async def test_a_revoked_token_is_401_before_its_scopes_are_judged(make_auth, cl
 async def test_revocation_disabled_skips_redis(make_auth, clock, rsa_key, redis_server, redis_client):
     auth = make_auth(rsa_key, redis=redis_server, revocation={"enabled": False})
     await redis_client.set("revoked:t-1", "1")
-    assert await auth.authenticate(f"Bearer {rsa_key.token(now=clock.now, jti='t-1')}", ())
+    assert await authenticate(auth, f"Bearer {rsa_key.token(now=clock.now, jti='t-1')}", ())
 
 
 @pytest.mark.parametrize("how", ["stopped", "paused"])
@@ -551,7 +558,7 @@ async def test_redis_down_follows_the_failure_mode_and_is_counted(
         redis_server.pause()
     async with asyncio.timeout(10):  # a hang guard, not a timing assertion
         try:
-            await auth.authenticate(token, ())
+            await authenticate(auth, token, ())
             outcome = (200, "none")
         except GatewayError as exc:
             outcome = (exc.status, exc.error_type)
@@ -563,11 +570,11 @@ async def test_redis_down_follows_the_failure_mode_and_is_counted(
 async def test_revocation_works_again_after_redis_restarts(make_auth, clock, rsa_key, redis_server, redis_client):
     auth = make_auth(rsa_key, redis=redis_server, revocation={"failure_mode": "fail_closed"})
     token = f"Bearer {rsa_key.token(now=clock.now, jti='t-1')}"
-    assert await auth.authenticate(token, ())
+    assert await authenticate(auth, token, ())
     redis_server.stop()
     assert (await rejected(auth, token)).error_type == "revocation_unavailable"
     redis_server.start()
-    assert await auth.authenticate(token, ())
+    assert await authenticate(auth, token, ())
     await redis_client.set("revoked:t-1", "1")
     assert (await rejected(auth, token)).error_type == "revoked"
 
@@ -575,5 +582,5 @@ async def test_revocation_works_again_after_redis_restarts(make_auth, clock, rsa
 async def test_tokens_without_jti_need_no_redis(make_auth, clock, metrics, rsa_key, redis_server):
     auth = make_auth(rsa_key, redis=redis_server, revocation={"failure_mode": "fail_closed"})
     redis_server.stop()
-    assert await auth.authenticate(f"Bearer {rsa_key.token(now=clock.now, jti=None)}", ())
+    assert await authenticate(auth, f"Bearer {rsa_key.token(now=clock.now, jti=None)}", ())
     assert metrics.registry.get_sample_value("gateway_redis_errors_total", {"operation": "revocation"}) == 0

@@ -154,3 +154,21 @@ async def test_verified_tokens_stay_cached_across_a_reload_of_routes(gateway_cli
     gateway.state = build_state(parse_documents({"config.yaml": yaml.safe_dump(config)}), gateway.shared)
     assert (await client.get("/users/1", headers={"Authorization": f"Bearer {token}"})).status == 200
     assert gateway.state.auth.cache.misses == misses
+
+
+async def test_revocation_and_rate_limit_share_one_redis_round_trip(
+    gateway_client, backend, key, tmp_path, redis_server: RedisServer
+) -> None:
+    config = auth_config(tmp_path, backend.url)
+    config.update(redis={"url": redis_server.url}, policies=[{"name": "p", "requests": 2, "period": "1h"}])
+    config["routes"][0]["ratelimit"] = "p"
+    client = await gateway_client(config)
+    batch = client.app[GATEWAY].shared.redis
+    headers = {"Authorization": f"Bearer {key.token(jti='t-2', scope='users:read')}"}
+    statuses = []
+    for expected_trips in (1, 2, 3):
+        statuses.append((await client.get("/users/1", headers=headers)).status)
+        assert batch.round_trips == expected_trips
+    assert statuses == [200, 200, 429]
+    redis_sync.Redis.from_url(redis_server.url).set("revoked:t-2", 1, ex=300)
+    assert (await client.get("/users/1", headers=headers)).status == 401  # revoked wins over limited

@@ -316,17 +316,31 @@ class Authenticator:
                 headers[header] = json.dumps(value, separators=(",", ":"))
         return headers
 
-    async def authenticate(self, authorization: str | None, scopes: tuple[str, ...]) -> Claims:
-        """The verified claims of the request's token, or GatewayError 401/403/503, counted either way."""
+    def verify(self, authorization: str | None) -> Claims:
+        """The claims of the request's token once its signature, times, issuer and audience check out;
+        GatewayError 401 (counted) otherwise. Revocation and scopes are `admit`'s: in between, the
+        pipeline asks for its rate limit step, so that both go to Redis in the same round trip."""
         try:
-            claims = await self._authenticate(authorization, scopes)
+            return self._verified(authorization)
+        except GatewayError as exc:
+            self._failures[exc.error_type].inc()
+            raise
+
+    async def admit(self, claims: Claims, scopes: tuple[str, ...]) -> None:
+        """The revocation check (a revoked token is 401 whatever its scopes), then `scopes` (403);
+        503 when revocations cannot be read and `fail_closed`. Counted either way."""
+        try:
+            jti = claims.get("jti")
+            if self._redis is not None and jti is not None:
+                await self._check_revocation(jti)
+            if scopes:
+                _check_scopes(claims, scopes)
         except GatewayError as exc:
             self._failures[exc.error_type].inc()
             raise
         self._success.inc()
-        return claims
 
-    async def _authenticate(self, authorization: str | None, scopes: tuple[str, ...]) -> Claims:
+    def _verified(self, authorization: str | None) -> Claims:
         if not authorization:
             raise GatewayError(401, "missing_token", "a bearer token is required", {"WWW-Authenticate": "Bearer"})
         if len(authorization) > MAX_TOKEN_LENGTH:
@@ -341,11 +355,6 @@ class Authenticator:
             claims = self._verify(token, now)
             exp = claims.get("exp")
             self.cache.put(token, claims, exp if exp is not None else now + NO_EXP_CACHE_SECONDS)
-        jti = claims.get("jti")
-        if self._redis is not None and jti is not None:
-            await self._check_revocation(jti)
-        if scopes:
-            _check_scopes(claims, scopes)
         return claims
 
     def _verify(self, token: str, now: float) -> Claims:

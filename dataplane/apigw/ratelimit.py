@@ -18,7 +18,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -132,7 +132,23 @@ def _digest(value: str) -> str:
 
 
 class Limiter(Protocol):
-    async def check(self, rule: LimitRule, key: str) -> Decision: ...
+    def check(self, rule: LimitRule, key: str) -> Awaitable[Decision]:
+        """Asks at once (a Redis step joins this tick's batch, with the request's revocation check);
+        the decision comes when awaited. Dropping it unawaited (the request failed meanwhile) is fine."""
+        ...
+
+
+class _Deferred:
+    """An awaitable whose coroutine is only made when awaited, so dropping it leaves no 'never awaited'
+    coroutine behind."""
+
+    __slots__ = ("_args", "_make")
+
+    def __init__(self, make: Callable[..., Coroutine[Any, Any, Decision]], *args: Any):
+        self._make, self._args = make, args
+
+    def __await__(self) -> Generator[Any, None, Decision]:
+        return self._make(*self._args).__await__()
 
 
 class _Recorder:
@@ -157,10 +173,13 @@ class RedisLimiter:
         self._failure_mode = failure_mode
         self._recorder = _Recorder(metrics)
 
-    async def check(self, rule: LimitRule, key: str) -> Decision:
-        started = time.perf_counter()
+    def check(self, rule: LimitRule, key: str) -> Awaitable[Decision]:
+        step = self._batch.limit(rule.bucket(key), rule.interval, rule.capacity)
+        return _Deferred(self._decide, rule, step, time.perf_counter())
+
+    async def _decide(self, rule: LimitRule, step: Awaitable[tuple[int, int, int]], started: float) -> Decision:
         try:
-            allowed, full_in, retry_in = await self._batch.limit(rule.bucket(key), rule.interval, rule.capacity)
+            allowed, full_in, retry_in = await step
         except (RedisError, OSError, TimeoutError) as error:
             self._recorder.record(rule.policy, "error", started)
             return self._failed(rule, error)
@@ -194,7 +213,10 @@ class MemoryLimiter:
         self._sweep_at = 1024
         self._recorder = _Recorder(metrics)
 
-    async def check(self, rule: LimitRule, key: str) -> Decision:
+    def check(self, rule: LimitRule, key: str) -> Awaitable[Decision]:
+        return _Deferred(self._decide, rule, key)
+
+    async def _decide(self, rule: LimitRule, key: str) -> Decision:
         started = time.perf_counter()
         now = round(self._clock() * _MICROS)
         bucket = rule.bucket(key)

@@ -111,6 +111,7 @@ class RedisBatch:
             for future, _ in waiters:
                 if not future.done():
                     future.set_exception(error if isinstance(error, Exception) else ConnectionError("cancelled"))
+                    future.exception()  # marks it seen: a request that failed meanwhile never reads it
             if not isinstance(error, Exception):
                 raise
             return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import aiohttp
+import yarl
 
 from apigw.testkit import route
 from apigw.testkit.backend import Backend
@@ -222,3 +223,11 @@ async def test_client_leaving_mid_download_is_logged_as_such(gateway_client, bac
             break
         await asyncio.sleep(0.05)
     assert access_lines(client)[-1]["error_type"] == "client_disconnected"
+
+
+async def test_decoded_paths_reach_the_backend_encoded_again(gateway_client, backend: Backend) -> None:
+    client = await gateway_client({"routes": [route("all", backend.url)]})
+    for sent, received in [("/files/a%20b%25c?q=%20", "/files/a%20b%25c?q=%20"), ("/%61dmin/x", "/admin/x"),
+                           ("/caf%C3%A9", "/caf%C3%A9"), ("/a-b_c.d~e!$&'()*+,;=:@", "/a-b_c.d~e!$&'()*+,;=:@")]:
+        resp = await client.get(yarl.URL(sent, encoded=True))
+        assert (await resp.json())["raw_path"] == received

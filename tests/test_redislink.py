@@ -4,9 +4,12 @@ database, no late reply answering the wrong command, recovery after a restart.""
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 
 import pytest
 import redis.asyncio
+import uvloop
 
 from apigw.config import RedisConfig
 from apigw.redislink import RedisLink, pack
@@ -82,4 +85,44 @@ async def test_a_stopped_redis_is_a_connection_error_then_recovers(redis_server:
         await link.call(pack(["PING"]))
     redis_server.start()
     assert await link.call(pack(["PING"])) == b"PONG"
+    await link.aclose()
+
+
+@pytest.mark.parametrize("new_loop", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"])
+def test_a_reply_waiting_in_the_socket_at_the_deadline_is_taken(redis_server: RedisServer, new_loop) -> None:
+    """The event loop is busy past the deadline inside an I/O callback (as in a burst of requests)
+    while Redis answers in time: the reply and the due timer meet in the same loop turn."""
+
+    async def scenario() -> object:
+        loop = asyncio.get_running_loop()
+        link = link_for(redis_server.url, timeout=0.05)
+        await link.call(pack(["PING"]))  # connected
+        busy, trigger = socket.socketpair()
+        loop.add_reader(busy, lambda: (busy.recv(1), time.sleep(0.2)))  # blocks the loop 4 times the timeout
+        trigger.send(b"x")  # the loop's next poll finds this first, and blocks in it while Redis answers
+        call = asyncio.ensure_future(link.call(pack(["ECHO", "in time"])))
+        try:
+            return await call
+        finally:
+            loop.remove_reader(busy)
+            busy.close()
+            trigger.close()
+            await link.aclose()
+
+    loop = new_loop()
+    try:
+        assert loop.run_until_complete(scenario()) == b"in time"
+    finally:
+        loop.close()
+
+
+async def test_a_late_reply_times_out(redis_server: RedisServer) -> None:
+    link = link_for(redis_server.url, timeout=0.05)
+    await link.call(pack(["PING"]))
+    redis_server.pause()
+    try:
+        with pytest.raises(TimeoutError):
+            await link.call(pack(["PING"]))
+    finally:
+        redis_server.resume()
     await link.aclose()

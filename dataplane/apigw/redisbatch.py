@@ -69,6 +69,7 @@ class RedisBatch:
     def __init__(self, settings: RedisConfig, slow: float = SLOW_ROUND_TRIP):
         self.link = RedisLink(settings)
         self.timeout = settings.timeout
+        """Bounds each Redis call (`RedisLink`)."""
         self._slow = slow
         self._keys: list[str] = []
         self._args: list[Any] = []
@@ -105,8 +106,7 @@ class RedisBatch:
         self.round_trips += 1
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self.timeout):
-                replies = await self._run(keys, args)
+            replies = await self._run(keys, args)
         except BaseException as error:  # every waiter learns of it, cancellation included
             for future, _ in waiters:
                 if not future.done():

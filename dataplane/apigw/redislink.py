@@ -23,7 +23,12 @@ from apigw.config import RedisConfig
 class RedisLink:
     """Up to `pool_size` connections to the Redis at `settings.url`, opened when needed; a caller
     finding them all busy waits for one. A connection that fails, times out or is cancelled is closed,
-    so a late reply can never answer the next command."""
+    so a late reply can never answer the next command.
+
+    Every call is bounded by `settings.timeout`. The deadline fails the reply's future rather than
+    cancelling the caller, so a reply read in the same event-loop turn as the deadline passes still
+    counts: after a CPU-bound burst longer than the timeout, cancelling would fail calls that Redis had
+    answered in time (and fail_closed would answer 503 with Redis healthy)."""
 
     def __init__(self, settings: RedisConfig):
         params = parse_url(settings.url)
@@ -37,6 +42,7 @@ class RedisLink:
         if params.get("db"):
             self._handshake.append(pack(["SELECT", params["db"]]))
         self._connect_timeout = settings.connect_timeout
+        self.timeout = settings.timeout
         self._size = settings.pool_size
         self._idle: list[_Connection] = []
         self._open = 0
@@ -44,11 +50,15 @@ class RedisLink:
         self._closed = False
 
     async def call(self, command: bytes) -> Any:
-        """Send one packed command (see `pack`); its reply. An error reply raises ResponseError; a lost
-        connection ConnectionError; the caller bounds the wait (a cancelled call closes its connection)."""
-        conn, reused = await self._acquire()
+        """Send one packed command (see `pack`); its reply. An error reply raises ResponseError, a lost
+        connection ConnectionError, no reply in time TimeoutError."""
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        conn, reused = self._take_idle()
+        if conn is None:
+            async with asyncio.timeout_at(deadline):
+                conn, reused = await self._acquire()
         try:
-            reply = await conn.call(command)
+            reply = await conn.call(command, deadline)
         except ConnectionError:
             conn.close()
             self._release(conn)
@@ -69,14 +79,20 @@ class RedisLink:
         while self._idle:
             self._idle.pop().close()
 
+    def _take_idle(self) -> tuple[_Connection | None, bool]:
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed:
+                return conn, True
+            self._open -= 1
+        return None, False
+
     async def _acquire(self) -> tuple[_Connection, bool]:
         """A connection, and whether it served before."""
         while True:
-            while self._idle:
-                conn = self._idle.pop()
-                if not conn.closed:
-                    return conn, True
-                self._open -= 1
+            conn, reused = self._take_idle()
+            if conn is not None:
+                return conn, reused
             if self._open < self._size:
                 self._open += 1
                 try:
@@ -113,7 +129,7 @@ class RedisLink:
                 _, conn = await loop.create_connection(_Connection, self._host, self._port, ssl=self._ssl)
             try:
                 for command in self._handshake:
-                    reply = await conn.call(command)
+                    reply = await conn.call(command, loop.time() + self._connect_timeout)
                     if isinstance(reply, hiredis.ReplyError):
                         raise ConnectionError(f"Redis refused the connection's set-up: {reply}")
             except BaseException:
@@ -132,15 +148,18 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    async def call(self, command: bytes) -> Any:
+    async def call(self, command: bytes, deadline: float) -> Any:
         assert self.transport is not None
         if self.closed:
             raise ConnectionError("the Redis connection is closed")
-        self._reply = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        reply = self._reply = loop.create_future()
         self.transport.write(command)
+        timer = loop.call_at(deadline, _expire, reply)  # fails the reply, not the caller: see RedisLink
         try:
-            return await self._reply
+            return await reply
         finally:
+            timer.cancel()
             self._reply = None
 
     def data_received(self, data: bytes) -> None:
@@ -169,6 +188,11 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.close()
+
+
+def _expire(reply: asyncio.Future[Any]) -> None:
+    if not reply.done():
+        reply.set_exception(TimeoutError("no reply from Redis in time"))
 
 
 def pack(parts: list[Any]) -> bytes:

@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from redis.exceptions import ResponseError
@@ -98,15 +99,19 @@ class RedisBatch:
     def _flush(self) -> None:
         keys, args, waiters = self._keys, self._args, self._waiters
         self._keys, self._args, self._waiters = [], [], []
-        task = asyncio.get_running_loop().create_task(self._send(keys, args, waiters))
+        self.round_trips += 1
+        sent = self.link.send(pack(["EVALSHA", BATCH_SHA, len(keys), *keys, *args]))  # written now if it can be
+        task = asyncio.get_running_loop().create_task(self._settle(sent, keys, args, waiters, time.perf_counter()))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
-    async def _send(self, keys: list[str], args: list[Any], waiters: list[tuple[asyncio.Future[Any], int]]) -> None:
-        self.round_trips += 1
-        started = time.perf_counter()
+    async def _settle(
+        self, sent: Awaitable[Any], keys: list[str], args: list[Any],
+        waiters: list[tuple[asyncio.Future[Any], int]], started: float,
+    ) -> None:
+        """Hand each waiter its share of the replies, or the error."""
         try:
-            replies = await self._run(keys, args)
+            replies = await self._replies(sent, keys, args)
         except BaseException as error:  # every waiter learns of it, cancellation included
             for future, _ in waiters:
                 if not future.done():
@@ -116,7 +121,7 @@ class RedisBatch:
                 raise
             return
         elapsed = time.perf_counter() - started
-        if elapsed > self._slow:  # Redis itself, not the event loop's queue: timed from send to reply
+        if elapsed > self._slow:  # timed from send to reply
             duration_ms = round(elapsed * 1000, 1)
             log.warning("ratelimit slow Redis round trip: duration_ms=%s checks=%d", duration_ms, len(waiters),
                         extra={"fields": {"duration_ms": duration_ms, "checks": len(waiters)}})
@@ -126,13 +131,13 @@ class RedisBatch:
                 future.set_result(tuple(replies[at:at + width]) if width > 1 else replies[at])
             at += width
 
-    async def _run(self, keys: list[str], args: list[Any]) -> list[int]:
+    async def _replies(self, sent: Awaitable[Any], keys: list[str], args: list[Any]) -> list[int]:
         try:
-            return await self.link.call(pack(["EVALSHA", BATCH_SHA, len(keys), *keys, *args]))
+            return await sent
         except ResponseError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
-            return await self.link.call(pack(["EVAL", BATCH_LUA, len(keys), *keys, *args]))  # caches it again
+            return await self.link.send(pack(["EVAL", BATCH_LUA, len(keys), *keys, *args]))  # caches it again
 
     async def aclose(self) -> None:
         await self.link.aclose()

@@ -9,8 +9,10 @@ sends one command shape only. redis-py still parses `redis.url`, so what the URL
 from __future__ import annotations
 
 import asyncio
+import select
 import ssl
 from collections import deque
+from collections.abc import Awaitable
 from typing import Any
 
 import hiredis
@@ -25,10 +27,9 @@ class RedisLink:
     finding them all busy waits for one. A connection that fails, times out or is cancelled is closed,
     so a late reply can never answer the next command.
 
-    Every call is bounded by `settings.timeout`. The deadline fails the reply's future rather than
-    cancelling the caller, so a reply read in the same event-loop turn as the deadline passes still
-    counts: after a CPU-bound burst longer than the timeout, cancelling would fail calls that Redis had
-    answered in time (and fail_closed would answer 503 with Redis healthy)."""
+    Every call is bounded by `settings.timeout`, and a reply that is in the socket when the deadline
+    passes still counts (`_Connection._overdue`): after a CPU-bound burst longer than the timeout, calls
+    that Redis answered in time would fail otherwise (and fail_closed would answer 503, Redis healthy)."""
 
     def __init__(self, settings: RedisConfig):
         params = parse_url(settings.url)
@@ -49,22 +50,32 @@ class RedisLink:
         self._waiting: deque[asyncio.Future[None]] = deque()
         self._closed = False
 
-    async def call(self, command: bytes) -> Any:
-        """Send one packed command (see `pack`); its reply. An error reply raises ResponseError, a lost
-        connection ConnectionError, no reply in time TimeoutError."""
+    def send(self, command: bytes) -> Awaitable[Any]:
+        """Send one packed command (see `pack`); await its reply. An error reply raises ResponseError, a
+        lost connection ConnectionError, no reply in time TimeoutError.
+
+        On an idle connection the command is written before this returns, not when a task first runs
+        it: the caller's tick sends it, one event-loop turn earlier."""
         deadline = asyncio.get_running_loop().time() + self.timeout
         conn, reused = self._take_idle()
         if conn is None:
-            async with asyncio.timeout_at(deadline):
-                conn, reused = await self._acquire()
+            return self._connect_and_send(command, deadline)
+        return self._finish(conn, reused, command, conn.send(command, deadline))
+
+    async def _connect_and_send(self, command: bytes, deadline: float) -> Any:
+        async with asyncio.timeout_at(deadline):
+            conn, reused = await self._acquire()
+        return await self._finish(conn, reused, command, conn.send(command, deadline))
+
+    async def _finish(self, conn: _Connection, reused: bool, command: bytes, sent: Awaitable[Any]) -> Any:
         try:
-            reply = await conn.call(command, deadline)
+            reply = await sent
         except ConnectionError:
             conn.close()
             self._release(conn)
             if not reused:
                 raise
-            return await self.call(command)  # a pooled connection died while idle (Redis restarted): once more
+            return await self.send(command)  # a pooled connection died while idle (Redis restarted): once more
         except BaseException:
             conn.close()
             self._release(conn)
@@ -129,7 +140,7 @@ class RedisLink:
                 _, conn = await loop.create_connection(_Connection, self._host, self._port, ssl=self._ssl)
             try:
                 for command in self._handshake:
-                    reply = await conn.call(command, loop.time() + self._connect_timeout)
+                    reply = await conn.send(command, loop.time() + self._connect_timeout)
                     if isinstance(reply, hiredis.ReplyError):
                         raise ConnectionError(f"Redis refused the connection's set-up: {reply}")
             except BaseException:
@@ -148,19 +159,30 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    async def call(self, command: bytes, deadline: float) -> Any:
-        assert self.transport is not None
-        if self.closed:
-            raise ConnectionError("the Redis connection is closed")
+    def send(self, command: bytes, deadline: float) -> asyncio.Future[Any]:
+        """Write `command` now; the future of its reply fails at `deadline` (the caller is not cancelled:
+        see RedisLink)."""
         loop = asyncio.get_running_loop()
-        reply = self._reply = loop.create_future()
+        reply = loop.create_future()
+        if self.closed or self.transport is None:
+            reply.set_exception(ConnectionError("the Redis connection is closed"))
+            return reply
+        self._reply = reply
         self.transport.write(command)
-        timer = loop.call_at(deadline, _expire, reply)  # fails the reply, not the caller: see RedisLink
-        try:
-            return await reply
-        finally:
-            timer.cancel()
-            self._reply = None
+        timer = loop.call_at(deadline, self._overdue, reply, True)
+        reply.add_done_callback(lambda _: timer.cancel())
+        return reply
+
+    def _overdue(self, reply: asyncio.Future[Any], first: bool) -> None:
+        """The deadline passed. A reply may already be in the socket, unread because the loop was busy
+        (uvloop runs due timers before it reads sockets): if the socket has bytes, look again in 1 ms."""
+        if reply.done():
+            return
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if first and sock is not None and select.select([sock], [], [], 0)[0]:
+            asyncio.get_running_loop().call_later(0.001, self._overdue, reply, False)
+            return
+        reply.set_exception(TimeoutError("no reply from Redis in time"))
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
@@ -188,11 +210,6 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.close()
-
-
-def _expire(reply: asyncio.Future[Any]) -> None:
-    if not reply.done():
-        reply.set_exception(TimeoutError("no reply from Redis in time"))
 
 
 def pack(parts: list[Any]) -> bytes:

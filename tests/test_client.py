@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 import pytest
 from yarl import URL
 
+from apigw import client
 from apigw.client import MAX_HEAD, PAUSE_AT, BackendError, Pool, Response
 from apigw.testkit.backend import Backend
 
@@ -687,8 +688,31 @@ async def test_early_answer_while_the_backend_reads_the_body() -> None:
 
     async with RawServer(handler) as server, open_pool(server.url) as pool:
         response, _ = await fetch(pool, "POST", body=upload(), length=64 * 1024 * 1024)
-        assert (response.status, response.keep_alive) == (413, False)  # the body was not all sent
-        await until(lambda: server.closed_by_client == [1])
+        assert response.status == 413
+        await until(lambda: server.closed_by_client == [1])  # the body was not all sent: never reused
+
+
+async def test_a_backend_answering_while_it_reads_gets_the_whole_body() -> None:
+    """A duplex backend: response head first, then each piece of the body echoed as it arrives."""
+
+    async def handler(peer: Peer) -> None:
+        await peer.reader.readuntil(b"\r\n\r\n")
+        await peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(8):
+            piece = await peer.reader.readexactly(1000)
+            await peer.send(b"%x\r\n%s\r\n" % (len(piece), piece))
+        await peer.send(b"0\r\n\r\n")
+        await peer.until_closed()
+
+    async def upload() -> AsyncIterator[bytes]:
+        for i in range(8):
+            yield bytes([65 + i]) * 1000
+            await asyncio.sleep(0.01)
+
+    async with RawServer(handler) as server, open_pool(server.url) as pool:
+        response, body = await fetch(pool, "POST", body=upload(), length=8000)
+    assert response.status == 200
+    assert body == b"".join(bytes([65 + i]) * 1000 for i in range(8))
 
 
 async def test_early_answer_from_a_backend_that_stops_reading() -> None:
@@ -736,3 +760,19 @@ async def test_aclose_closes_busy_connection_when_released() -> None:
         assert await response.read() == b"conn 1"  # the response in flight still completes
         response.release()
         await until(lambda: server.closed_by_client == [1])
+
+
+async def test_idle_connections_close_after_the_keepalive_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(client, "KEEPALIVE", 0.1)
+    async with RawServer(answer_all) as server, open_pool(server.url) as pool:
+        await fetch(pool)
+        await until(lambda: server.closed_by_client == [1])  # no request came to notice it: the timer did
+
+
+async def test_a_connection_closed_at_once_is_reset_without_waiting_for_the_timeout() -> None:
+    async def close_at_once(peer: Peer) -> None:
+        peer.writer.close()
+
+    async with RawServer(close_at_once) as server, open_pool(server.url) as pool:
+        error = await failure(asyncio.wait_for(send(pool, timeout=30.0), 5))
+    assert error.kind == "reset"

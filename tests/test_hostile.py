@@ -88,3 +88,15 @@ async def test_malformed_and_oversized_requests_get_400(gateway_port: int, backe
     response = await exchange(gateway_port, raw)
     assert 400 <= status_of(response) < 500
     assert backend.seen == []
+
+
+async def test_a_fragment_stays_with_the_client(gateway_port: int, backend: Backend) -> None:
+    response = await exchange(gateway_port, b"GET /caf%C3%A9?q=1#frag HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status_of(response) == 200, response
+    assert b'"raw_path": "/caf%C3%A9?q=1"' in response
+
+
+async def test_raw_bytes_that_are_not_utf8_are_400(gateway_port: int, backend: Backend) -> None:
+    response = await exchange(gateway_port, b"GET /caf\xff HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status_of(response) == 400, response
+    assert backend.seen == []

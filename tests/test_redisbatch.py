@@ -51,3 +51,10 @@ async def test_a_failed_batch_fails_every_check_in_it(client, redis_server: Redi
     redis_server.start()
     assert await batch.revoked("revoked:a") == 0
     await batch.aclose()
+
+
+async def test_keys_that_are_not_utf8_are_checked_not_dropped(redis_server: RedisServer) -> None:
+    """A signed token may carry a `jti` with a lone surrogate; its check must answer, not hang."""
+    batch = RedisBatch(RedisConfig(url=redis_server.url, timeout=2.0))
+    assert await asyncio.wait_for(batch.revoked("revoked:\udcff"), 5) == 0
+    await batch.aclose()

@@ -47,6 +47,7 @@ class Pool:
         self.ssl = ssl.create_default_context() if url.scheme == "https" else None
         self._idle: deque[_Connection] = deque()
         self._closed = False
+        self._sweep: asyncio.TimerHandle | None = None
 
     async def request(
         self, method: str, target: str, headers: list[tuple[str, str]], body: AsyncIterable[bytes] | None,
@@ -73,6 +74,8 @@ class Pool:
     async def aclose(self) -> None:
         """Close the idle connections now, the busy ones when their response is done."""
         self._closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
         while self._idle:
             self._idle.pop().close()
 
@@ -102,10 +105,22 @@ class Pool:
         if self._closed:
             conn.close()
             return
-        conn.idle_since = now = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        conn.idle_since = loop.time()
         self._idle.append(conn)
-        while now - self._idle[0].idle_since >= KEEPALIVE:
+        if self._sweep is None:
+            self._sweep = loop.call_later(KEEPALIVE, self._close_expired)
+
+    def _close_expired(self) -> None:
+        """Close connections idle for KEEPALIVE seconds, oldest first; look again while any are left."""
+        now = asyncio.get_running_loop().time()
+        while self._idle and now - self._idle[0].idle_since >= KEEPALIVE:
             self._idle.popleft().close()
+        self._sweep = None
+        if self._idle:
+            self._sweep = asyncio.get_running_loop().call_later(
+                KEEPALIVE - (now - self._idle[0].idle_since), self._close_expired
+            )
 
     def _forget(self, conn: _Connection) -> None:
         """An idle connection the backend closed."""
@@ -126,6 +141,8 @@ class _Connection(asyncio.Protocol):
         self.silent = True
         """Nothing received yet during the current exchange."""
         self.idle_since = 0.0
+        self.upload: asyncio.Task[None] | None = None
+        """The request body on its way, alongside the response (a backend may answer before reading it all)."""
         self._paused = False
         self._drained: asyncio.Future[None] | None = None
 
@@ -148,11 +165,6 @@ class _Connection(asyncio.Protocol):
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
-    def answered(self) -> None:
-        """The response began: a body upload waiting for the backend to read stops waiting."""
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
-
     def pause_writing(self) -> None:
         self._paused = True
 
@@ -169,36 +181,50 @@ class _Connection(asyncio.Protocol):
     async def exchange(
         self, method: str, head: bytes, body: AsyncIterable[bytes] | None, chunked: bool, timeout: float
     ) -> Response:
-        assert self.transport is not None
+        if self.closed or self.transport is None:  # the backend closed it before a byte was sent
+            raise BackendError("reset", "the backend closed the connection")
         response = self.response = Response(self, method, timeout)
         self.silent = True
         try:
             self.transport.write(head)
-            if body is not None and not await self._send_body(body, chunked, timeout):
-                response.keep_alive = False  # the backend answered before taking the whole body
+            if body is not None:
+                self.upload = asyncio.ensure_future(self._send_body(body, chunked, timeout))
+                self.upload.add_done_callback(lambda _: response.wake())
             while not response.status:
                 if response.error is not None:
                     raise response.error
-                await response.wait()
+                if self.upload is not None and self.upload.done() and self.upload.exception():
+                    raise self.upload.exception()  # type: ignore[misc]  # e.g. the client's body over the limit
+                # while the body is still coming from the client, its pace is not the backend's fault
+                await response.wait(timed=self.upload is None or self.upload.done())
         except BaseException:
             self.response = None
             self.close()
+            self.uploaded()
             raise
         return response
 
-    async def _send_body(self, body: AsyncIterable[bytes], chunked: bool, timeout: float) -> bool:
-        """Stream the body; False if the backend closed or answered first."""
+    def uploaded(self) -> bool:
+        """The request body (if any) went out whole; else the upload stops and False."""
+        upload, self.upload = self.upload, None
+        if upload is None:
+            return True
+        if not upload.done():
+            upload.cancel()
+            return False
+        return not upload.cancelled() and upload.exception() is None
+
+    async def _send_body(self, body: AsyncIterable[bytes], chunked: bool, timeout: float) -> None:
         assert self.transport is not None
         async for chunk in body:
-            if self.closed or self.response is None or self.response.status:
-                return False
+            if self.closed:
+                raise BackendError("reset", "the backend closed the connection during the upload")
             if chunk:
                 self.transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n") if chunked else (chunk,))
             if self._paused:
                 await self._drain(timeout)
         if chunked and not self.closed:
             self.transport.write(b"0\r\n\r\n")
-        return not self.closed
 
     async def _drain(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
@@ -234,7 +260,9 @@ class Response:
         self._until_eof = False
         self._reason = b""
         self._head_size = 0
-        """Bytes fed while the head is not complete, and the sizes of the headers parsed."""
+        """The sizes of the headers parsed."""
+        self._fed = 0
+        """Bytes fed while the head is not complete (a head of one endless header has no parsed size)."""
         self._body: deque[bytes] = deque()
         self._buffered = 0
         self._paused = False
@@ -270,23 +298,27 @@ class Response:
             return
         conn.response = None
         self._parser = None  # type: ignore[assignment]  # it refers back to this response: no cycle left for the GC
-        if self.complete and self.keep_alive and not self._paused and not conn.closed:
+        uploaded = conn.uploaded()
+        if uploaded and self.complete and self.keep_alive and not self._paused and not conn.closed:
             conn.pool._put(conn)
         else:
             conn.close()
 
-    async def wait(self) -> None:
-        """Until the backend sends more or fails; BackendError `timeout` after the timeout."""
+    async def wait(self, timed: bool = True) -> None:
+        """Until the backend sends more or fails, or `wake()`; BackendError `timeout` after the timeout."""
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(self._timeout, _expire, waiter, f"no answer within {self._timeout:g} s")
+        timer = None
+        if timed:
+            timer = loop.call_later(self._timeout, _expire, waiter, f"no answer within {self._timeout:g} s")
         try:
             await waiter
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
             self._waiter = None
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
@@ -303,12 +335,10 @@ class Response:
                 cause = exc.__context__ if isinstance(exc.__context__, BackendError) else None
                 self._fail(cause or BackendError("invalid", f"invalid HTTP response: {exc}"))
         if not self.status:
-            self._head_size += len(data)
-            if self._head_size > MAX_HEAD:  # counted here: llhttp hands a header over only once it ends
+            self._fed += len(data)
+            if self._fed > MAX_HEAD:  # counted here too: llhttp hands a header over only once it ends
                 self._fail(BackendError("invalid", f"response head larger than {MAX_HEAD} bytes"))
-        self._wake()
-        if self.status and self._conn is not None:
-            self._conn.answered()
+        self.wake()
 
     def _fail(self, error: BackendError) -> None:
         self.error = error
@@ -324,7 +354,7 @@ class Response:
             else:
                 self.error = BackendError("reset", "the backend closed the connection")
         self.keep_alive = False
-        self._wake()
+        self.wake()
 
     # llhttp's callbacks
 

@@ -131,10 +131,19 @@ class RedisConfig(Strict):
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
         try:
-            parse_url(url)
+            params = parse_url(url)
         except ValueError as exc:
             raise ValueError(f"not a valid Redis URL: {exc}") from None
+        unknown = sorted(set(params) - REDIS_URL_PARTS - REDIS_URL_OPTIONS)
+        if unknown:
+            supported = ", ".join(sorted(REDIS_URL_OPTIONS))
+            raise ValueError(f"URL option {unknown[0]!r} is not supported (supported: {supported})")
         return url
+
+
+REDIS_URL_PARTS = frozenset({"host", "port", "path", "db", "username", "password", "connection_class"})
+REDIS_URL_OPTIONS = frozenset({"ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname"})
+"""What `?name=value` may set in `redis.url`: TLS for rediss:// (timeouts and pool size are settings of their own)."""
 
 
 class JWTKey(Strict):
@@ -268,6 +277,15 @@ class Backend(Strict):
     defaults, not the global values). Routes sharing the service must agree on it."""
     retries: RetrySettings = RetrySettings()
     """Routes sharing the service must agree on it: the retry budget is the backend's."""
+
+    @field_validator("url")
+    @classmethod
+    def _no_credentials(cls, url: AnyHttpUrl) -> AnyHttpUrl:
+        """user:password@ would travel in every request's Host header; backends that need credentials
+        get them from the client's headers."""
+        if url.username or url.password:
+            raise ValueError("must not carry credentials (user:password@)")
+        return url
 
 
 class RouteAuth(Strict):

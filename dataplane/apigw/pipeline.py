@@ -42,7 +42,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     request_id = _request_id(request)
     client_ip = request.remote or ""
-    raw_path, _, query = request.raw_path.partition("?")
+    raw_path, _, query = request.raw_path.partition("#")[0].partition("?")  # a fragment is the client's own
     route = None
     forwarded = proxy.Forwarded()
     auth_status = "none"

@@ -117,7 +117,7 @@ def target(upstream: Upstream, path: str, query: str) -> str:
     """The request target on the backend: its base path, `path` (decoded by routing) re-encoded, the
     client's query as it came."""
     if _NEEDS_QUOTING(path):
-        path = quote(path, safe=_PATH_SAFE)
+        path = quote(path, safe=_PATH_SAFE, errors="surrogateescape")  # a raw non-UTF-8 byte goes on as %XX
     path = upstream.base_path + path
     return f"{path}?{query}" if query else path
 

@@ -100,7 +100,11 @@ class RedisBatch:
         keys, args, waiters = self._keys, self._args, self._waiters
         self._keys, self._args, self._waiters = [], [], []
         self.round_trips += 1
-        sent = self.link.send(pack(["EVALSHA", BATCH_SHA, len(keys), *keys, *args]))  # written now if it can be
+        try:
+            sent = self.link.send(pack(["EVALSHA", BATCH_SHA, len(keys), *keys, *args]))  # written now if it can be
+        except Exception as error:  # a bug of ours: every check of the tick fails, none hangs
+            _fail(waiters, error)
+            return
         task = asyncio.get_running_loop().create_task(self._settle(sent, keys, args, waiters, time.perf_counter()))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
@@ -113,10 +117,7 @@ class RedisBatch:
         try:
             replies = await self._replies(sent, keys, args)
         except BaseException as error:  # every waiter learns of it, cancellation included
-            for future, _ in waiters:
-                if not future.done():
-                    future.set_exception(error if isinstance(error, Exception) else ConnectionError("cancelled"))
-                    future.exception()  # marks it seen: a request that failed meanwhile never reads it
+            _fail(waiters, error if isinstance(error, Exception) else ConnectionError("cancelled"))
             if not isinstance(error, Exception):
                 raise
             return
@@ -125,6 +126,9 @@ class RedisBatch:
             duration_ms = round(elapsed * 1000, 1)
             log.warning("ratelimit slow Redis round trip: duration_ms=%s checks=%d", duration_ms, len(waiters),
                         extra={"fields": {"duration_ms": duration_ms, "checks": len(waiters)}})
+        if len(replies) != sum(width for _, width in waiters):
+            _fail(waiters, ConnectionError(f"Redis answered {len(replies)} numbers for {len(waiters)} checks"))
+            return
         at = 0
         for future, width in waiters:
             if not future.done():
@@ -141,3 +145,10 @@ class RedisBatch:
 
     async def aclose(self) -> None:
         await self.link.aclose()
+
+
+def _fail(waiters: list[tuple[asyncio.Future[Any], int]], error: Exception) -> None:
+    for future, _ in waiters:
+        if not future.done():
+            future.set_exception(error)
+            future.exception()  # marks it seen: a request that failed meanwhile never reads it

@@ -3,13 +3,13 @@ command in flight on each, replies parsed by hiredis.
 
 Why not redis-py's asyncio client here: a script call through it costs ~200 us of CPU (stream
 readers, its parser wrapper, retry and hook layers) where this path costs ~60 us, and the gateway
-sends one command shape only. redis-py still parses `redis.url`, so what the URL may say is unchanged.
+sends one command shape only. redis-py still parses `redis.url`; of its `?options`, the TLS ones are
+honoured and the config refuses the rest (`config.REDIS_URL_OPTIONS`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import select
 import ssl
 from collections import deque
 from collections.abc import Awaitable
@@ -89,6 +89,7 @@ class RedisLink:
         self._closed = True
         while self._idle:
             self._idle.pop().close()
+            self._open -= 1
 
     def _take_idle(self) -> tuple[_Connection | None, bool]:
         while self._idle:
@@ -96,6 +97,7 @@ class RedisLink:
             if not conn.closed:
                 return conn, True
             self._open -= 1
+            self._wake_one()  # room for a new connection
         return None, False
 
     async def _acquire(self) -> tuple[_Connection, bool]:
@@ -114,7 +116,12 @@ class RedisLink:
                     raise
             waiter = asyncio.get_running_loop().create_future()
             self._waiting.append(waiter)
-            await waiter
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken, then cancelled in the same turn: pass the turn on
+                raise
 
     def _release(self, conn: _Connection) -> None:
         if conn.closed or self._closed:
@@ -174,12 +181,11 @@ class _Connection(asyncio.Protocol):
         return reply
 
     def _overdue(self, reply: asyncio.Future[Any], first: bool) -> None:
-        """The deadline passed. A reply may already be in the socket, unread because the loop was busy
-        (uvloop runs due timers before it reads sockets): if the socket has bytes, look again in 1 ms."""
+        """The deadline passed. A reply may be in the socket, unread because the loop was busy (uvloop
+        runs due timers before it reads sockets): give it one loop turn (1 ms) before failing."""
         if reply.done():
             return
-        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
-        if first and sock is not None and select.select([sock], [], [], 0)[0]:
+        if first:
             asyncio.get_running_loop().call_later(0.001, self._overdue, reply, False)
             return
         reply.set_exception(TimeoutError("no reply from Redis in time"))
@@ -216,15 +222,22 @@ def pack(parts: list[Any]) -> bytes:
     """A command in RESP: an array of bulk strings (str as UTF-8, numbers in decimal)."""
     out = [b"*%d\r\n" % len(parts)]
     for part in parts:
-        data = part if isinstance(part, bytes) else str(part).encode()
+        data = part if isinstance(part, bytes) else str(part).encode("utf-8", "surrogatepass")
         out.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(out)
 
 
 def _ssl_context(params: dict[str, Any]) -> ssl.SSLContext:
-    """rediss:// verifies the server's certificate unless the URL says `ssl_cert_reqs=none`."""
+    """rediss://: the server's certificate verified against the system's CAs or `ssl_ca_certs`, and its
+    host name checked, unless the URL says otherwise; a client certificate from `ssl_certfile`/`ssl_keyfile`."""
     context = ssl.create_default_context(cafile=params.get("ssl_ca_certs"))
-    if params.get("ssl_cert_reqs") in ("none", ssl.CERT_NONE):
+    requirement = str(params.get("ssl_cert_reqs", "required")).lower()
+    if requirement == "none" or params.get("ssl_check_hostname") is False:
         context.check_hostname = False
+    if requirement == "none":
         context.verify_mode = ssl.CERT_NONE
+    elif requirement == "optional":
+        context.verify_mode = ssl.CERT_OPTIONAL
+    if params.get("ssl_certfile"):
+        context.load_cert_chain(params["ssl_certfile"], params.get("ssl_keyfile"))
     return context

@@ -27,6 +27,10 @@ from apigw.workers import WORKER_ENV, supervise
 
 log = logging.getLogger("apigw.server")
 
+BACKLOG = 4096
+"""Connections the kernel queues before they are accepted (capped by net.core.somaxconn). aiohttp's
+128 drops SYNs when a thousand clients connect at once, and each dropped one waits a second or more."""
+
 
 async def live(request: web.Request) -> web.Response:
     return web.json_response({"status": "alive"})
@@ -82,7 +86,7 @@ async def serve(config_path: Path, workers: int | None = None, debug_port: int |
     runner = web.AppRunner(traffic_app(gateway), access_log=None, shutdown_timeout=listen.drain_timeout)
     await runner.setup()
     runners = [runner]
-    sites = [web.TCPSite(runner, listen.address, listen.port, reuse_port=worker)]
+    sites = [web.TCPSite(runner, listen.address, listen.port, backlog=BACKLOG, reuse_port=worker)]
     side_apps = [] if worker else [(metrics_app(metrics.registry), listen.address, listen.metrics_port)]
     if debug_port is not None and not worker:  # workers: the supervisor serves metrics; py-spy for debugging
         side_apps.append((debug_app(), "127.0.0.1", debug_port))
@@ -92,7 +96,9 @@ async def serve(config_path: Path, workers: int | None = None, debug_port: int |
         runners.append(side_runner)
         sites.append(web.TCPSite(side_runner, address, port))
     if tls is not None:
-        sites.append(web.TCPSite(runner, listen.address, listen.tls_port, ssl_context=tls.context, reuse_port=worker))
+        sites.append(web.TCPSite(
+            runner, listen.address, listen.tls_port, ssl_context=tls.context, backlog=BACKLOG, reuse_port=worker
+        ))
     try:
         for site in sites:
             await site.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 
 import yaml
@@ -107,3 +108,25 @@ def test_backend_process_killed_then_back(tmp_path: Path) -> None:
             assert 'gateway_circuit_breaker_state{backend_service="users"} 0.0' in gateway.metrics()
     transitions = [line for line in gateway.log_lines() if line["logger"] == "apigw.breaker"]
     assert [line["state"] for line in transitions][:3] == ["open", "half-open", "closed"]
+
+
+def test_clients_abandoning_uploads_do_not_open_the_breaker(tmp_path: Path) -> None:
+    """A client that leaves mid-upload is its own failure (400 client_body_aborted), not the backend's.
+    A real gateway process: the in-process test server cancels such handlers instead."""
+    port, metrics_port = ports()
+    config = tmp_path / "gw.yaml"
+    with BackendProcess() as backend:
+        config.write_text(yaml.safe_dump({
+            "listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port},
+            **breaker_config(backend.url),
+        }))
+        with GatewayProcess(config, port, metrics_port) as gateway:
+            for done in range(1, 5):  # more than consecutive_failures
+                with socket.create_connection(("127.0.0.1", port)) as sock:
+                    sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"x" * 10)
+                # gone, 99,990 bytes short
+                wait_until(lambda: len([x for x in gateway.log_lines() if x["logger"] == "apigw.access"]) == done)
+            assert 'gateway_circuit_breaker_state{backend_service="users"} 0.0' in gateway.metrics()
+            assert http_status(f"{gateway.url}/x") == 200
+    errors = {line.get("error_type") for line in gateway.log_lines() if line["logger"] == "apigw.access"}
+    assert errors == {"client_body_aborted", None}

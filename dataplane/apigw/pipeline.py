@@ -154,7 +154,7 @@ async def _call_backend(
             except GatewayError as exc:
                 metrics.backend_requests_by(service, exc.error_type).inc()
                 metrics.backend_duration_by(service).observe(forwarded.duration)
-                if exc.status == 413:
+                if exc.status < 500:  # the client's body was too large or broke off: not the backend's fault
                     raise
                 admission.record(False)
                 outcome = CONNECT_FAILED if exc.error_type == "backend_unreachable" else exc.error_type

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from urllib.parse import quote
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -147,6 +148,8 @@ async def send(
             raise too_large(body.limit) from None
         if isinstance(exc, GatewayError):
             raise
+        if isinstance(exc, _CLIENT_BODY_ERRORS):  # the client left or garbled its body: not the backend's fault
+            raise GatewayError(400, "client_body_aborted", "the request body ended before it was complete") from None
         raise _backend_error(upstream.service, exc) from None
     result.duration = time.perf_counter() - started
     return backend
@@ -207,6 +210,9 @@ class StreamAborted(Exception):
         self.response = response
         self.error_type = error_type
 
+
+_CLIENT_BODY_ERRORS = (ConnectionResetError, HttpProcessingError)
+"""What reading the client's request body raises when the client goes away or breaks the framing."""
 
 _BACKEND_ERRORS = {
     "timeout": (504, "backend_timeout", "did not answer in time"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections.abc import Awaitable
 
 import pytest
 import redis.asyncio
@@ -133,4 +134,25 @@ async def test_a_late_reply_times_out(redis_server: RedisServer) -> None:
             await link.send(pack(["PING"]))
     finally:
         redis_server.resume()
+    await link.aclose()
+
+
+async def test_a_full_pool_serves_callers_in_the_order_they_came(redis_server: RedisServer) -> None:
+    link = link_for(redis_server.url, pool_size=1)
+    await link.send(pack(["PING"]))  # the one connection
+    done: list[str] = []
+
+    async def call(name: str) -> None:
+        await link.send(pack(["ECHO", name]))
+        done.append(name)
+
+    async def first(sent: Awaitable[object]) -> None:
+        await sent
+        done.append("a")
+        await call("d")  # asked in the very step that freed the connection, while b and c wait
+
+    a = asyncio.ensure_future(first(link.send(pack(["ECHO", "a"]))))  # takes the connection
+    queued = [asyncio.ensure_future(call(name)) for name in ("b", "c")]
+    await asyncio.gather(a, *queued)
+    assert done == ["a", "b", "c", "d"]
     await link.aclose()

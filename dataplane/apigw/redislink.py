@@ -57,7 +57,7 @@ class RedisLink:
         On an idle connection the command is written before this returns, not when a task first runs
         it: the caller's tick sends it, one event-loop turn earlier."""
         deadline = asyncio.get_running_loop().time() + self.timeout
-        conn, reused = self._take_idle()
+        conn, reused = self._take_idle() if not self._waiting else (None, False)  # no cutting in line
         if conn is None:
             return self._connect_and_send(command, deadline)
         return self._finish(conn, reused, command, conn.send(command, deadline))
@@ -101,19 +101,22 @@ class RedisLink:
         return None, False
 
     async def _acquire(self) -> tuple[_Connection, bool]:
-        """A connection, and whether it served before."""
+        """A connection, and whether it served before; first come, first served."""
+        turn = not self._waiting
         while True:
-            conn, reused = self._take_idle()
-            if conn is not None:
-                return conn, reused
-            if self._open < self._size:
-                self._open += 1
-                try:
-                    return await self._connect(), False
-                except BaseException:
-                    self._open -= 1
-                    self._wake_one()
-                    raise
+            if turn:
+                conn, reused = self._take_idle()
+                if conn is not None:
+                    return conn, reused
+                if self._open < self._size:
+                    self._open += 1
+                    try:
+                        return await self._connect(), False
+                    except BaseException:
+                        self._open -= 1
+                        self._wake_one()
+                        raise
+            turn = True  # once woken (`_wake_one`): a connection is free, or there is room for one
             waiter = asyncio.get_running_loop().create_future()
             self._waiting.append(waiter)
             try:

@@ -24,7 +24,7 @@ PAUSE_AT = 256 * 1024
 KEEPALIVE = 60.0
 """Seconds an idle connection is kept for reuse."""
 REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-"""Methods resent once on a new connection when a reused one turns out to be closed."""
+"""Methods resent, when they carry no body, on another connection when a reused one turns out closed."""
 LENGTH_EXPECTED = frozenset({"POST", "PUT", "PATCH"})
 """Methods sent with `Content-Length: 0` when they carry no body (some servers answer 411 otherwise)."""
 

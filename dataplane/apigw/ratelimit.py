@@ -192,7 +192,7 @@ class RedisLimiter:
         self._metrics.ratelimit_errors.inc()
         self._metrics.redis_errors.labels(operation="ratelimit").inc()
         if isinstance(error, TimeoutError):
-            reason = f"timeout after {self._batch.timeout:g} s"
+            reason = f"timeout after {self._batch.link.timeout:g} s"
         else:
             reason = f"{type(error).__name__}: {error}"
         log.error(

@@ -69,8 +69,6 @@ class RedisBatch:
 
     def __init__(self, settings: RedisConfig, slow: float = SLOW_ROUND_TRIP):
         self.link = RedisLink(settings)
-        self.timeout = settings.timeout
-        """Bounds each Redis call (`RedisLink`)."""
         self._slow = slow
         self._keys: list[str] = []
         self._args: list[Any] = []

@@ -42,7 +42,7 @@ def status_of(response: bytes) -> int:
 
 
 @pytest.mark.parametrize("path", [b"/a/../admin", b"/a/%2e%2e/admin", b"/a/%2E%2e/admin", b"/x/%2fadmin",
-                                  b"/a/./b", b"/a/%00b", b"/a\\..\\admin", b"/%ff%fe"])
+                                  b"/a/./b", b"/a/%00b", b"/a\\..\\admin"])
 async def test_ambiguous_paths_are_rejected(gateway_port: int, backend: Backend, path: bytes) -> None:
     response = await exchange(gateway_port, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert status_of(response) == 400, response

@@ -12,7 +12,8 @@ from apigw.testkit.backend import Backend
 
 
 async def test_forwards_method_path_query_and_forwarding_headers(gateway_client, backend: Backend) -> None:
-    client = await gateway_client({"routes": [route("users", backend.url, match={"path_prefix": "/api/users"})]})
+    client = await gateway_client({"listen": {"trust_client_request_id": True},
+                                   "routes": [route("users", backend.url, match={"path_prefix": "/api/users"})]})
     resp = await client.post("/api/users/7?x=1&y=%20", data=b"hello", headers={"X-Request-ID": "req-1"})
     assert resp.status == 200
     assert resp.headers["X-Request-ID"] == "req-1"
@@ -29,7 +30,8 @@ async def test_forwards_method_path_query_and_forwarding_headers(gateway_client,
 
 
 async def test_generates_request_id_and_appends_to_forwarded_for(gateway_client, backend: Backend) -> None:
-    client = await gateway_client({"routes": [route("all", backend.url)]})
+    """Behind a trusted proxy: its X-Forwarded-For is appended to; an insane X-Request-ID is replaced."""
+    client = await gateway_client({"listen": {"trusted_proxies": ["127.0.0.1/32"]}, "routes": [route("all", backend.url)]})
     resp = await client.get("/x", headers={"X-Forwarded-For": "203.0.113.9", "X-Request-ID": "r" * 200})
     echoed = await resp.json()
     assert echoed["headers"]["X-Forwarded-For"] == "203.0.113.9, 127.0.0.1"

@@ -23,11 +23,14 @@ from pydantic import (
     ByteSize,
     ConfigDict,
     Field,
+    IPvAnyNetwork,
     PositiveInt,
     field_validator,
     model_validator,
 )
 from redis.connection import parse_url
+
+from apigw.target import BadTarget, normalize_host, normalize_path
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -105,6 +108,14 @@ class ListenConfig(Strict):
     """After SIGTERM, keep serving (while reporting not-ready) this long so load balancers notice."""
     drain_timeout: Duration = 30.0
     """After that, how long in-flight requests may take to finish."""
+    trusted_proxies: list[IPvAnyNetwork] = []
+    """Peers (CIDRs) whose X-Forwarded-For, X-Forwarded-*, Forwarded and X-Real-IP headers are believed:
+    the client IP is the rightmost X-Forwarded-For entry that is not itself a trusted proxy. From any
+    other peer those headers are dropped and the client IP is the peer's address."""
+    headers_with_underscores: Literal["drop", "reject"] = "drop"
+    """`X_User_Id` is `X-User-Id` to CGI, PHP and WSGI backends: such headers are dropped, or refused (400)."""
+    trust_client_request_id: bool = False
+    """Keep an X-Request-ID sent by any client; by default only trusted proxies' are kept."""
 
 
 class LimitsConfig(Strict):
@@ -217,6 +228,21 @@ class Policy(Strict):
     key: LimitKey = LimitKey()
 
 
+def _normal_path(value: str, what: str = "") -> str:
+    """A path a route names must be in the normal form requests are matched in (see `apigw.target`)."""
+    if not value.startswith("/"):
+        raise ValueError(f"{what}must start with /")
+    try:
+        normal = normalize_path(value)
+    except BadTarget as exc:
+        raise ValueError(f"{what}is not a usable path: {exc}") from None
+    if ";" in normal or "%3B" in normal:
+        raise ValueError(f"{what}must not hold path parameters (;)")
+    if normal != value:
+        raise ValueError(f"{what}must be written in normal form: {normal!r}")
+    return value
+
+
 class RouteMatch(Strict):
     host: str | None = None
     """Exact host, or `*.example.com` for any subdomain. Absent: any host."""
@@ -229,20 +255,23 @@ class RouteMatch(Strict):
     @field_validator("path_prefix", "path")
     @classmethod
     def _absolute(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith("/"):
-            raise ValueError("must start with /")
-        if value is not None and ("/../" in value + "/" or "//" in value):
-            raise ValueError("must not contain .. segments or //")
-        return value
+        return None if value is None else _normal_path(value)
 
     @field_validator("host")
     @classmethod
     def _host(cls, value: str | None) -> str | None:
+        """In the normal form requests' hosts are matched in: lower-case, no trailing dot, no port."""
         if value is None:
             return None
-        if not re.fullmatch(r"(\*\.)?[a-z0-9]([-a-z0-9.]*[a-z0-9])?(:\d+)?", value.lower()):
-            raise ValueError(f"{value!r} is not a host name (exact, or *.example.com)")
-        return value.lower()
+        wildcard = value.startswith("*.")
+        try:
+            host = normalize_host(value[2:] if wildcard else value)
+        except BadTarget:
+            raise ValueError(f"{value!r} is not a host name (exact, or *.example.com)") from None
+        if host != value.lower().removeprefix("*.").removesuffix(".") or host.startswith("["):
+            raise ValueError(f"{value!r} is not a host name (exact, or *.example.com); requests are matched "
+                             "by host without their port")
+        return f"*.{host}" if wildcard else host
 
     @model_validator(mode="after")
     def _one_path_kind(self) -> RouteMatch:
@@ -310,8 +339,8 @@ class Route(Strict):
     def _rewrite_needs_prefix(self) -> Route:
         if self.rewrite_prefix is not None and self.match.path_prefix is None and self.match.path is None:
             raise ValueError("rewrite_prefix needs match.path_prefix or match.path")
-        if self.rewrite_prefix is not None and not self.rewrite_prefix.startswith("/"):
-            raise ValueError("rewrite_prefix must start with /")
+        if self.rewrite_prefix is not None:
+            _normal_path(self.rewrite_prefix, "rewrite_prefix ")
         return self
 
 

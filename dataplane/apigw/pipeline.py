@@ -14,7 +14,7 @@ import logging
 import os
 import time
 
-from aiohttp import web
+from aiohttp import HttpVersion10, HttpVersion11, web
 
 from apigw import proxy
 from apigw.client import Response
@@ -22,11 +22,15 @@ from apigw.errors import GatewayError
 from apigw.metrics import Metrics
 from apigw.ratelimit import limit_key
 from apigw.retry import CONNECT_FAILED, should_retry
-from apigw.routing import BadPath, normalize_path
+from apigw.routing import Router
 from apigw.state import GATEWAY, CompiledRoute, Gateway
+from apigw.target import BadTarget, Target, parse_target
 
 log = logging.getLogger("apigw.pipeline")
 
+SUPPORTED_VERSIONS = frozenset({HttpVersion10, HttpVersion11})
+NOT_PROXIED = frozenset({"CONNECT", "TRACE"})
+"""The gateway tunnels nothing (CONNECT) and reflects nothing (TRACE: a request's headers, tokens included)."""
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 """The `method` label's values; any other method counts as OTHER, so clients cannot mint series."""
 BACKEND_FAILURE_STATUSES = frozenset({502, 503, 504})
@@ -40,9 +44,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
     state = gateway.state
     metrics = gateway.metrics
     started = time.perf_counter()
-    request_id = _request_id(request)
-    client_ip = request.remote or ""
-    raw_path, _, query = request.raw_path.partition("#")[0].partition("?")  # a fragment is the client's own
+    peer = request.remote or ""
+    trusted = state.edge.is_trusted(peer)
+    client_ip = state.edge.client_ip(peer, request.headers) if trusted else peer
+    request_id = _request_id(request, trusted or state.edge.keep_any_request_id)
+    raw_path = request.raw_path.partition("#")[0].partition("?")[0]
     route = None
     forwarded = proxy.Forwarded()
     auth_status = "none"
@@ -51,13 +57,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     metrics.inflight.inc()
     state.usage.inflight += 1
     try:
-        try:
-            path = normalize_path(raw_path)
-        except BadPath as exc:
-            raise GatewayError(400, "bad_path", str(exc)) from None
-        route = state.router.match(request.host, path, request.method)
-        if route is None:
-            raise GatewayError(404, "no_route", f"no route for {request.method} {path}")
+        target = _target(request)
+        route = _route(state.router, target, request.method)
         claims = None
         if route.auth is not None and (route.auth.required or "Authorization" in request.headers):
             auth_status = "failure"
@@ -77,11 +78,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
             response_headers.update(decision.headers())
         forwarded_claims = state.auth.forward_headers(claims).items() if claims else ()
         headers = proxy.request_headers(
-            request, route.upstream, request_id, client_ip, state.not_forwarded, forwarded_claims
+            request, route.upstream, request_id, target, trusted, state.edge, forwarded_claims
         )
         body = proxy.request_body(request, route.max_body)
-        target = proxy.target(route.upstream, route.backend_path(path), query)
-        backend = await _call_backend(request, route, target, headers, body, forwarded, metrics)
+        backend_target = proxy.backend_target(route.upstream, route.backend_path(target.path), target.query)
+        backend = await _call_backend(request, route, backend_target, headers, body, forwarded, metrics)
         response = await proxy.relay(request, backend, response_headers, route.upstream.service)
     except GatewayError as exc:
         error_type = exc.error_type
@@ -102,14 +103,15 @@ async def handle(request: web.Request) -> web.StreamResponse:
     finally:
         metrics.inflight.dec()
         state.usage.inflight -= 1
-        _record(request, gateway, route, response, error_type, auth_status, forwarded, started, raw_path, request_id)
+        _record(request, gateway, route, response, error_type, auth_status, forwarded, started, raw_path, request_id,
+                client_ip)
     return response
 
 
 def _record(
     request: web.Request, gateway: Gateway, route: CompiledRoute | None, response: web.StreamResponse | None,
     error_type: str | None, auth_status: str, forwarded: proxy.Forwarded, started: float, raw_path: str,
-    request_id: str,
+    request_id: str, client_ip: str,
 ) -> None:
     """Count the request and write its access log line; a request without a response (its handler was
     cancelled) counts as 499, nginx's "client closed request"."""
@@ -135,7 +137,7 @@ def _record(
             fields["backend_service"] = route.upstream.service
         if forwarded.duration:
             fields["backend_duration_ms"] = round(forwarded.duration * 1000, 3)
-        fields.update(client_ip=request.remote or "", request_id=request_id, auth_status=auth_status)
+        fields.update(client_ip=client_ip, request_id=request_id, auth_status=auth_status)
         gateway.access_log.write(msg, fields, error_type)
 
 
@@ -182,9 +184,38 @@ def error_response(error: GatewayError, request_id: str) -> web.Response:
     return web.Response(status=error.status, body=body, content_type="application/json", headers=headers)
 
 
-def _request_id(request: web.Request) -> str:
-    """The client's X-Request-ID if it is sane, else a new one: unique per process start and count."""
-    given = request.headers.get("X-Request-ID")
+def _target(request: web.Request) -> Target:
+    """What the request asks for, in the one meaning the router and the backend share."""
+    if request.version not in SUPPORTED_VERSIONS:
+        major, minor = request.version
+        raise GatewayError(505, "unsupported_version", f"HTTP/{major}.{minor} is not supported (HTTP/1.0 and 1.1 are)")
+    if request.method in NOT_PROXIED:
+        raise GatewayError(405, "method_not_allowed", f"the gateway does not pass on {request.method} requests")
+    raw = request.raw_path
+    if raw == "*" and request.method == "OPTIONS":  # asks about the server: no route is about that
+        return Target("", "*", "")
+    try:
+        return parse_target(raw, request.headers.get("Host"))
+    except BadTarget as exc:
+        raise GatewayError(400, exc.error_type, str(exc)) from None
+
+
+def _route(router: Router[CompiledRoute], target: Target, method: str) -> CompiledRoute:
+    """The route for `target`, refusing a path whose route Tomcat, Jetty or Spring would see differently
+    (they cut `;parameters` from segments before matching)."""
+    route = router.match(target.host, target.path, method)
+    bare = target.without_parameters()
+    if bare is not None and router.match(target.host, bare, method) is not route:
+        raise GatewayError(400, "bad_path", "path parameters (;) would change which route the path takes")
+    if route is None:
+        raise GatewayError(404, "no_route", f"no route for {method} {target.path}")
+    return route
+
+
+def _request_id(request: web.Request, keep_given: bool) -> str:
+    """The caller's X-Request-ID when `keep_given` and it is sane, else a new one, unique per process
+    start and count: an untrusted client must not choose the id other systems file its request under."""
+    given = request.headers.get("X-Request-ID") if keep_given else None
     if given and len(given) <= 128 and given.isprintable() and given.isascii():
         return given
     return f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"

@@ -7,26 +7,35 @@ Each backend service has one keep-alive connection pool (`Upstream`), kept acros
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
-from urllib.parse import quote
+from functools import lru_cache
+from ipaddress import ip_address
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from apigw.client import BackendError, Pool, Response
-from apigw.config import Backend
+from apigw.config import Backend, ListenConfig
 from apigw.errors import GatewayError
+from apigw.target import Target
 
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
      "trailer", "transfer-encoding", "upgrade"}
 )
-NOT_FORWARDED = HOP_BY_HOP | {"content-length", "host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id"}
+NOT_FORWARDED = HOP_BY_HOP | {"content-length", "host", "x-forwarded-for", "x-request-id", "x-original-url",
+                              "x-rewrite-url"}
+"""Client headers never passed on: hop-by-hop ones, those the gateway sets, and those that make IIS,
+Symfony or Zend backends serve another path than the one routed (X-Original-URL, X-Rewrite-URL)."""
+CALLER_IDENTITY = frozenset(
+    {"forwarded", "x-real-ip", "true-client-ip", "x-client-ip", "x-cluster-client-ip", "x-original-forwarded-for"}
+)
+"""With every `X-Forwarded-*`: what backends read to learn who called and how; believed from trusted
+proxies only."""
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 SMALL_BODY = 64 * 1024
 """Responses up to this size with a known length are read whole and sent in one write."""
@@ -74,32 +83,78 @@ def too_large(limit: int) -> GatewayError:
     return GatewayError(413, "body_too_large", f"request body is larger than {limit} bytes")
 
 
-def not_forwarded(strip: Iterable[str]) -> frozenset[str]:
-    """Client headers never passed on (lower-case): hop-by-hop ones, those the gateway sets itself, and
-    `strip` (headers the gateway fills from verified claims). Computed once per config."""
-    return NOT_FORWARDED | {name.lower() for name in strip}
+class Edge:
+    """Who the gateway believes: trusted proxies' forwarding headers, and which client headers go on.
+    Built once per config."""
+
+    def __init__(self, listen: ListenConfig, claim_headers: Iterable[str]):
+        self.trusted_networks = tuple(listen.trusted_proxies)
+        self.reject_underscores = listen.headers_with_underscores == "reject"
+        self.keep_any_request_id = listen.trust_client_request_id
+        self.drop_from_trusted = NOT_FORWARDED | {name.lower() for name in claim_headers}
+        self.drop_from_untrusted = self.drop_from_trusted | CALLER_IDENTITY
+        self._trusted = lru_cache(maxsize=1024)(self._is_trusted)
+
+    def is_trusted(self, peer: str) -> bool:
+        return bool(self.trusted_networks) and self._trusted(peer)
+
+    def _is_trusted(self, address: str) -> bool:
+        try:
+            ip = ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.trusted_networks)
+
+    def client_ip(self, peer: str, headers: CIMultiDictProxy[str]) -> str:
+        """The peer, or behind trusted proxies the rightmost X-Forwarded-For entry that is not one of
+        them; an entry that is no IP address ends the walk at the proxy that sent it."""
+        client = peer
+        if not self.is_trusted(peer):
+            return client
+        hops = ",".join(headers.getall("X-Forwarded-For", ())).split(",")
+        for hop in reversed(hops):
+            hop = hop.strip()
+            try:
+                client = str(ip_address(hop))
+            except ValueError:
+                return client
+            if not self.is_trusted(client):
+                return client
+        return client
 
 
 def request_headers(
-    request: web.Request, upstream: Upstream, request_id: str, client_ip: str,
-    drop: frozenset[str], extra: Iterable[tuple[str, str]],
+    request: web.Request, upstream: Upstream, request_id: str, target: Target, trusted: bool, edge: Edge,
+    extra: Iterable[tuple[str, str]],
 ) -> list[tuple[str, str]]:
-    """The headers the backend receives: the client's minus `drop` (see `not_forwarded`), plus ours."""
+    """The headers the backend receives: the client's end-to-end headers (less those `edge` drops, and
+    those named in Connection), plus ours. Header names with `_` are dropped or refused."""
     incoming = request.headers
-    connection = incoming.get("Connection")
+    drop = edge.drop_from_trusted if trusted else edge.drop_from_untrusted
+    connection = incoming.getall("Connection", ())
     if connection:
-        drop = drop | {token.strip().lower() for token in connection.split(",")}
-    headers = [(k, v) for k, v in incoming.items() if k.lower() not in drop]
-    prior = incoming.get("X-Forwarded-For")
+        drop = drop | {token.strip().lower() for value in connection for token in value.split(",")}
+    headers = []
+    for name, value in incoming.items():
+        lower = name.lower()
+        if lower in drop or (not trusted and lower.startswith("x-forwarded-")):
+            continue
+        if "_" in name:
+            if edge.reject_underscores:
+                raise GatewayError(400, "bad_header", f"header name {name!r} has an underscore")
+            continue
+        headers.append((name, value))
+    peer = request.remote or ""
+    prior = incoming.getall("X-Forwarded-For", ()) if trusted else ()
     headers += (
         ("Host", upstream.host_header),
-        ("X-Forwarded-For", f"{prior}, {client_ip}" if prior else client_ip),
-        ("X-Forwarded-Proto", request.scheme),
+        ("X-Forwarded-For", ", ".join((*prior, peer))),
         ("X-Request-ID", request_id),
     )
-    host = incoming.get("Host")
-    if host:
-        headers.append(("X-Forwarded-Host", host))
+    if not (trusted and "X-Forwarded-Proto" in incoming):
+        headers.append(("X-Forwarded-Proto", request.scheme))
+    if target.host and not (trusted and "X-Forwarded-Host" in incoming):
+        headers.append(("X-Forwarded-Host", target.host))
     headers.extend(extra)
     return headers
 
@@ -114,17 +169,11 @@ def request_body(request: web.Request, max_body: int) -> BodyLimit | None:
     return BodyLimit(request.content, max_body)
 
 
-def target(upstream: Upstream, path: str, query: str) -> str:
-    """The request target on the backend: its base path, `path` (decoded by routing) re-encoded, the
-    client's query as it came."""
-    if _NEEDS_QUOTING(path):
-        path = quote(path, safe=_PATH_SAFE, errors="surrogateescape")  # a raw non-UTF-8 byte goes on as %XX
+def backend_target(upstream: Upstream, path: str, query: str) -> str:
+    """The request target on the backend: its base path, then `path` (in normal form, the one routed),
+    then the client's query as it came."""
     path = upstream.base_path + path
     return f"{path}?{query}" if query else path
-
-
-_PATH_SAFE = "/!$&'()*+,;=:@~"
-_NEEDS_QUOTING = re.compile(r"[^A-Za-z0-9\-._~!$&'()*+,;=:@/]").search
 
 
 async def send(
@@ -173,6 +222,9 @@ async def _relay(
 ) -> web.StreamResponse:
     bodiless = request.method == "HEAD" or backend.status in (204, 304)
     drop = HOP_BY_HOP if bodiless else _RESPONSE_DROP  # a HEAD answer keeps the length of the body it omits
+    named = [token.strip().lower() for k, v in backend.headers if k.lower() == "connection" for token in v.split(",")]
+    if named:
+        drop = drop | set(named)
     headers = CIMultiDict([(k, v) for k, v in backend.headers if k.lower() not in drop])
     headers.update(extra_headers)
     length = backend.content_length

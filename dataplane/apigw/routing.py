@@ -11,39 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
-from urllib.parse import unquote
 
 from apigw.config import Route
 
 T = TypeVar("T")
-
-
-class BadPath(ValueError):
-    """A request path that could mean different things to the gateway and the backend."""
-
-
-def normalize_path(raw: str) -> str:
-    """The decoded path that routing sees and the backend receives.
-
-    Percent-encoding is decoded so `/%61dmin` cannot slip past a route for `/admin`; `.` and `..`
-    segments, encoded slashes, backslashes and NUL are refused rather than guessed at; `//` collapses.
-    """
-    if "%" not in raw and "/." not in raw and "//" not in raw and "\\" not in raw:
-        return raw
-    segments = raw.split("/")
-    decoded = []
-    for segment in segments[1:]:
-        try:
-            text = unquote(segment, errors="strict") if "%" in segment else segment
-        except UnicodeDecodeError:
-            raise BadPath("path has percent-encoded bytes that are not UTF-8") from None
-        if text in (".", ".."):
-            raise BadPath("path has a . or .. segment")
-        if "/" in text or "\\" in text or "\x00" in text:
-            raise BadPath("path has an encoded slash, a backslash or NUL")
-        if text or segment is segments[-1]:
-            decoded.append(text)
-    return "/" + "/".join(decoded)
 
 
 @dataclass(slots=True)
@@ -104,16 +75,15 @@ class Router(Generic[T]):
         self._any_host = tables.get(None)
 
     def match(self, host: str, path: str, method: str) -> T | None:
-        host = host.lower()
+        """`host` and `path` in normal form (see `apigw.target`)."""
         if self._exact_hosts or self._wildcards:
-            table = self._exact_hosts.get(host) or self._exact_hosts.get(host.rsplit(":", 1)[0])
+            table = self._exact_hosts.get(host)
             if table is not None:
                 found = table.lookup(path, method)
                 if found is not None:
                     return found
-            bare = host.rsplit(":", 1)[0]
             for suffix, table in self._wildcards:
-                if bare.endswith(suffix) and len(bare) > len(suffix):
+                if host.endswith(suffix) and len(host) > len(suffix):
                     found = table.lookup(path, method)
                     if found is not None:
                         return found

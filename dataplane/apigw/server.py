@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from apigw.debug import debug_app
 from apigw.loader import ConfigError, load_config
@@ -53,13 +54,21 @@ async def _backend_pools(app: web.Application) -> AsyncIterator[None]:
     await app[GATEWAY].shared.close()
 
 
+@web.middleware
+async def _pipeline_for_the_rest(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every request but the health checks goes to the pipeline, whatever its target: a catch-all route
+    would leave targets aiohttp's router cannot match (`*`, a decoded newline) to aiohttp's own 404."""
+    if request.match_info.http_exception is not None:
+        return await handle(request)
+    return await handler(request)
+
+
 def traffic_app(gateway: Gateway) -> web.Application:
-    app = web.Application(client_max_size=1024**2)
+    app = web.Application(client_max_size=1024**2, middlewares=[_pipeline_for_the_rest])
     app[GATEWAY] = gateway
     app.cleanup_ctx.append(_backend_pools)
     app.router.add_get("/_health/live", live)
     app.router.add_get("/_health/ready", ready)
-    app.router.add_route("*", "/{tail:.*}", handle)
     return app
 
 

@@ -19,7 +19,7 @@ from apigw.breaker import Breakers, CircuitBreaker, breaker_settings
 from apigw.config import Config, RedisConfig, RetrySettings, Route, config_hash
 from apigw.logs import AccessLog
 from apigw.metrics import Metrics
-from apigw.proxy import Upstream, not_forwarded
+from apigw.proxy import Edge, Upstream
 from apigw.ratelimit import Limiter, LimitRule, build_limiter
 from apigw.redisbatch import RedisBatch
 from apigw.retry import RetryBudget, RetryBudgets
@@ -75,8 +75,7 @@ class GatewayState:
     router: Router[CompiledRoute]
     limiter: Limiter | None
     auth: Authenticator
-    not_forwarded: frozenset[str]
-    """Client headers the backend never receives (see `proxy.not_forwarded`)."""
+    edge: Edge
     usage: Usage = field(default_factory=Usage)
 
 
@@ -152,7 +151,7 @@ def build_state(config: Config, shared: Shared) -> GatewayState:
     shared.retired += [u for key, u in shared.upstreams.items() if key not in upstreams]
     shared.upstreams = upstreams
     return GatewayState(
-        config, config_hash(config), Router(compiled), limiter, auth, not_forwarded(auth.stripped_headers)
+        config, config_hash(config), Router(compiled), limiter, auth, Edge(config.listen, auth.stripped_headers)
     )
 
 

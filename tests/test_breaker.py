@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from apigw.breaker import Breakers, CircuitBreaker, State, breaker_settings
+from apigw.breaker import CircuitBreaker, State
 from apigw.config import BreakerSettings
 from apigw.errors import GatewayError
 from apigw.loader import ConfigError, parse_documents
@@ -237,70 +237,6 @@ def test_the_ratio_transition_says_what_it_saw(clock, metrics, caplog) -> None:
         "circuit breaker for backend users opened after 2 of 4 requests failed in the last 10s "
         "(error ratio 0.50, limit 0.5); failing fast for 30s"
     ]
-
-
-def test_registry_keeps_unchanged_breakers_across_updates_and_drops_removed_ones(clock, metrics, caplog) -> None:
-    breakers = Breakers(metrics.breaker_state, clock)
-    breakers.update({"users": settings(), "orders": settings()})
-    users, orders = breakers["users"], breakers["orders"]
-    open_breaker(users)
-
-    breakers.update({"users": settings(), "billing": settings()})  # equal settings, new objects
-    assert breakers["users"] is users
-    assert users.state is State.OPEN
-    assert (gauge(metrics, "users"), gauge(metrics, "billing"), gauge(metrics, "orders")) == (1, 0, None)
-    with pytest.raises(KeyError):
-        breakers["orders"]
-    open_breaker(orders)  # a request still holding the dropped breaker does not bring its series back
-    assert gauge(metrics, "orders") is None
-    assert not any("orders" in r.getMessage() for r in caplog.records)
-
-
-def test_registry_replaces_a_breaker_whose_settings_changed(clock, metrics, caplog) -> None:
-    caplog.set_level(logging.INFO, logger="apigw.breaker")
-    breakers = Breakers(metrics.breaker_state, clock)
-    breakers.update({"users": settings()})
-    old = breakers["users"]
-    open_breaker(old)
-    caplog.clear()
-    breakers.update({"users": settings(consecutive_failures=10)})
-    new = breakers["users"]
-    assert new is not old
-    assert new.state is State.CLOSED
-    assert gauge(metrics) == 0
-    assert [(r.getMessage(), r.fields["previous_state"]) for r in caplog.records] == [
-        ("circuit breaker for backend users closed: its settings changed", "open")
-    ]
-    clock.advance(30)
-    outcomes(old, False)  # the replaced breaker no longer speaks for the service
-    assert gauge(metrics) == 0
-
-
-ROUTES = """
-circuit_breaker: {consecutive_failures: 7}
-routes:
-  - name: a
-    match: {path_prefix: /a}
-    backend: {service: users, url: "http://users:8080"}
-  - name: b
-    match: {path_prefix: /b}
-    backend:
-      service: orders
-      url: "http://orders:8080"
-      circuit_breaker: {consecutive_failures: 2, window: 1m}
-  - name: c
-    enabled: false
-    match: {path_prefix: /c}
-    backend: {service: old, url: "http://old:8080"}
-"""
-
-
-def test_each_backend_gets_its_own_or_the_global_settings() -> None:
-    config = parse_documents({"config.yaml": ROUTES})
-    assert breaker_settings(config) == {
-        "users": BreakerSettings(consecutive_failures=7),
-        "orders": BreakerSettings(consecutive_failures=2, window=60),
-    }
 
 
 def test_routes_sharing_a_backend_must_agree_on_its_breaker() -> None:

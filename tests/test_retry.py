@@ -10,7 +10,6 @@ from apigw.retry import (
     BUDGET_WINDOW,
     CONNECT_FAILED,
     RetryBudget,
-    RetryBudgets,
     should_retry,
 )
 from apigw.testkit.clock import FakeClock
@@ -99,20 +98,6 @@ def test_budget_recovers_once_spent_retries_leave_the_window() -> None:
     for _ in range(4):
         budget.record_request()
     assert granted(budget, 10) == 2
-
-
-def test_budgets_are_kept_across_updates_while_their_settings_stay() -> None:
-    clock = FakeClock()
-    budgets = RetryBudgets(clock)
-    budgets.update({"users": RetrySettings(), "orders": RetrySettings()})
-    users = budgets["users"]
-    budgets.update({"users": RetrySettings(max_retries=3), "billing": RetrySettings()})
-    assert budgets["users"] is users  # only the budget's own settings matter
-    with pytest.raises(KeyError):
-        budgets["orders"]
-    budgets.update({"users": RetrySettings(budget_ratio=0.5), "billing": RetrySettings()})
-    assert budgets["users"] is not users
-    assert budgets["users"].ratio == 0.5
 
 
 def test_retry_settings_are_validated_where_they_are_written() -> None:

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from enum import IntEnum
 from types import TracebackType
 
 from prometheus_client import Gauge
 
-from apigw.config import BreakerSettings, Config
+from apigw.config import BreakerSettings
 from apigw.errors import GatewayError
 from apigw.window import SlidingCount
 
@@ -181,54 +181,6 @@ class CircuitBreaker:
                 level, "circuit breaker for backend %s %s", self.service, message,
                 extra={"fields": {"backend_service": self.service, "state": state.label, "previous_state": previous.label}},
             )
-
-
-class Breakers:
-    """The breaker of every backend service, kept across config reloads while its settings stay the same."""
-
-    def __init__(self, gauge: Gauge, clock: Callable[[], float]):
-        self._gauge = gauge
-        self._clock = clock
-        self._breakers: dict[str, CircuitBreaker] = {}
-
-    def __getitem__(self, service: str) -> CircuitBreaker:
-        return self._breakers[service]
-
-    def update(self, settings_by_service: Mapping[str, BreakerSettings]) -> None:
-        """Keep the breakers whose settings are unchanged (same object, same state), make fresh ones for
-        new services and changed settings, and drop the rest along with their gauge series."""
-        breakers: dict[str, CircuitBreaker] = {}
-        for service, settings in settings_by_service.items():
-            breaker = self._breakers.get(service)
-            if breaker is None or breaker.settings != settings:
-                if breaker is not None:
-                    self._replace(breaker)
-                breaker = CircuitBreaker(service, settings, self._clock, self._gauge)
-            breakers[service] = breaker
-        for service, breaker in self._breakers.items():
-            if service not in breakers:
-                breaker.retire()
-                self._gauge.remove(service)
-        self._breakers = breakers
-
-    @staticmethod
-    def _replace(breaker: CircuitBreaker) -> None:
-        breaker.retire()
-        if breaker.state is not State.CLOSED:
-            log.info(
-                "circuit breaker for backend %s closed: its settings changed", breaker.service,
-                extra={"fields": {"backend_service": breaker.service, "state": State.CLOSED.label,
-                                  "previous_state": breaker.state.label}},
-            )
-
-
-def breaker_settings(config: Config) -> dict[str, BreakerSettings]:
-    """The breaker settings of each backend service of an enabled route: its own, or the global ones."""
-    return {
-        route.backend.service: route.backend.circuit_breaker or config.circuit_breaker
-        for route in config.routes
-        if route.enabled
-    }
 
 
 def _count(n: int, thing: str) -> str:

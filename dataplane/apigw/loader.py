@@ -28,6 +28,10 @@ class ConfigError(Exception):
         self.errors = errors
 
 
+CLUSTER_SETTINGS = [name for name in Backend.model_fields if name not in ("service", "url", "timeout")]
+"""What routes sharing a backend service must agree on: it has one upstream cluster (`timeout` is the route's)."""
+
+
 def config_files(path: Path) -> list[Path]:
     """The files a `--config` path stands for, in the order they are read."""
     if path.is_dir():
@@ -196,7 +200,7 @@ def _check_references(
             errors.append(
                 f"{where(file, 'routes', i, 'backend', 'url')}: backend service {backend.service!r} already has url {first.url} in {first_at}"
             )
-        for setting in ("circuit_breaker", "retries"):
+        for setting in CLUSTER_SETTINGS:
             if getattr(first, setting) != getattr(backend, setting):
                 errors.append(
                     f"{where(file, 'routes', i, 'backend', setting)}: backend service {backend.service!r} has other "

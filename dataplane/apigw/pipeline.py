@@ -25,6 +25,7 @@ from apigw.retry import CONNECT_FAILED, should_retry
 from apigw.routing import Router
 from apigw.state import GATEWAY, CompiledRoute, Gateway
 from apigw.target import BadTarget, Target, parse_target
+from apigw.upstream import Cluster
 
 log = logging.getLogger("apigw.pipeline")
 
@@ -78,12 +79,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
             response_headers.update(decision.headers())
         forwarded_claims = state.auth.forward_headers(claims).items() if claims else ()
         headers = proxy.request_headers(
-            request, route.upstream, request_id, target, trusted, state.edge, forwarded_claims
+            request, route.cluster, request_id, target, trusted, state.edge, forwarded_claims
         )
         body = proxy.request_body(request, route.max_body)
-        backend_target = proxy.backend_target(route.upstream, route.backend_path(target.path), target.query)
+        backend_target = proxy.backend_target(route.cluster, route.backend_path(target.path), target.query)
         backend = await _call_backend(request, route, backend_target, headers, body, forwarded, metrics)
-        response = await proxy.relay(request, backend, response_headers, route.upstream.service)
+        response = await proxy.relay(request, backend, response_headers, route.cluster.service)
     except GatewayError as exc:
         error_type = exc.error_type
         response = error_response(exc, request_id)
@@ -134,7 +135,7 @@ def _record(
             "duration_ms": round(duration * 1000, 3),
         }
         if route is not None:
-            fields["backend_service"] = route.upstream.service
+            fields["backend_service"] = route.cluster.service
         if forwarded.duration:
             fields["backend_duration_ms"] = round(forwarded.duration * 1000, 3)
         fields.update(client_ip=client_ip, request_id=request_id, auth_status=auth_status)
@@ -145,14 +146,15 @@ async def _call_backend(
     request: web.Request, route: CompiledRoute, target: str, headers: list[tuple[str, str]],
     body: proxy.BodyLimit | None, forwarded: proxy.Forwarded, metrics: Metrics,
 ) -> Response:
-    """Send through the backend's circuit breaker, retrying what is safe to retry within the budget."""
-    route.retry_budget.record_request()
-    service = route.upstream.service
+    """Send through the cluster's circuit breaker, retrying what is safe to retry within its budget."""
+    cluster = route.cluster
+    cluster.retry_budget.record_request()
+    service = cluster.service
     retries = 0
     while True:
-        with route.breaker.admit() as admission:
+        with cluster.breaker.admit() as admission:
             try:
-                backend = await proxy.send(request, route.upstream, target, headers, route.timeouts, body, forwarded)
+                backend = await proxy.send(request, cluster, target, headers, route.timeout, body, forwarded)
             except GatewayError as exc:
                 metrics.backend_requests_by(service, exc.error_type).inc()
                 metrics.backend_duration_by(service).observe(forwarded.duration)
@@ -160,22 +162,22 @@ async def _call_backend(
                     raise
                 admission.record(False)
                 outcome = CONNECT_FAILED if exc.error_type == "backend_unreachable" else exc.error_type
-                if _may_retry(request, route, retries, outcome):
+                if _may_retry(request, cluster, retries, outcome):
                     retries += 1
                     continue
                 raise
             metrics.backend_requests_by(service, str(backend.status)).inc()
             metrics.backend_duration_by(service).observe(forwarded.duration)
             admission.record(backend.status not in BACKEND_FAILURE_STATUSES)
-        if body is None and _may_retry(request, route, retries, backend.status):
+        if body is None and _may_retry(request, cluster, retries, backend.status):
             backend.release()
             retries += 1
             continue
         return backend
 
 
-def _may_retry(request: web.Request, route: CompiledRoute, retries: int, outcome: int | str) -> bool:
-    return should_retry(request.method, retries, outcome, route.retries) and route.retry_budget.can_retry()
+def _may_retry(request: web.Request, cluster: Cluster, retries: int, outcome: int | str) -> bool:
+    return should_retry(request.method, retries, outcome, cluster.retries) and cluster.retry_budget.can_retry()
 
 
 def error_response(error: GatewayError, request_id: str) -> web.Response:

@@ -2,7 +2,7 @@
 
 Bodies stream in both directions (a 100 MB upload or download is never held in memory), hop-by-hop
 headers are dropped, and the backend learns who called through X-Forwarded-* and X-Request-ID.
-Each backend service has one keep-alive connection pool (`Upstream`), kept across config reloads.
+Where a request goes, and with what timeouts, is its upstream cluster's (`apigw.upstream`).
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from ipaddress import ip_address
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
-from apigw.client import BackendError, Pool, Response
-from apigw.config import Backend, ListenConfig
+from apigw.client import BackendError, Response
+from apigw.config import ListenConfig
 from apigw.errors import GatewayError
 from apigw.target import Target
+from apigw.upstream import Cluster
 
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
@@ -40,20 +40,6 @@ _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 SMALL_BODY = 64 * 1024
 """Responses up to this size with a known length are read whole and sent in one write."""
 CHUNK = 64 * 1024
-
-
-class Upstream:
-    """One backend service: where its requests go, and its keep-alive connection pool."""
-
-    def __init__(self, backend: Backend):
-        url = URL(str(backend.url))
-        self.service = backend.service
-        self.base_path = url.raw_path.rstrip("/")
-        self.host_header = url.raw_authority
-        self.pool = Pool(url)
-
-    async def aclose(self) -> None:
-        await self.pool.aclose()
 
 
 @dataclass(slots=True)
@@ -124,7 +110,7 @@ class Edge:
 
 
 def request_headers(
-    request: web.Request, upstream: Upstream, request_id: str, target: Target, trusted: bool, edge: Edge,
+    request: web.Request, cluster: Cluster, request_id: str, target: Target, trusted: bool, edge: Edge,
     extra: Iterable[tuple[str, str]],
 ) -> list[tuple[str, str]]:
     """The headers the backend receives: the client's end-to-end headers (less those `edge` drops, and
@@ -147,7 +133,7 @@ def request_headers(
     peer = request.remote or ""
     prior = incoming.getall("X-Forwarded-For", ()) if trusted else ()
     headers += (
-        ("Host", upstream.host_header),
+        ("Host", cluster.host_header),
         ("X-Forwarded-For", ", ".join((*prior, peer))),
         ("X-Request-ID", request_id),
     )
@@ -169,27 +155,26 @@ def request_body(request: web.Request, max_body: int) -> BodyLimit | None:
     return BodyLimit(request.content, max_body)
 
 
-def backend_target(upstream: Upstream, path: str, query: str) -> str:
+def backend_target(cluster: Cluster, path: str, query: str) -> str:
     """The request target on the backend: its base path, then `path` (in normal form, the one routed),
     then the client's query as it came."""
-    path = upstream.base_path + path
+    path = cluster.base_path + path
     return f"{path}?{query}" if query else path
 
 
 async def send(
-    request: web.Request, upstream: Upstream, target: str, headers: list[tuple[str, str]],
-    timeouts: tuple[float, float], body: BodyLimit | None, result: Forwarded,
+    request: web.Request, cluster: Cluster, target: str, headers: list[tuple[str, str]], timeout: float,
+    body: BodyLimit | None, result: Forwarded,
 ) -> Response:
-    """Send the request to `upstream`; return once the response headers are in.
+    """Send the request to `cluster`; return once the response headers are in, waiting up to `timeout`
+    for them (and for each chunk of the body later).
 
-    `timeouts` are (per wait for the backend, to connect). Raises GatewayError (502/504/413) when no
-    response comes; `result` records what happened either way.
+    Raises GatewayError (502/504/413) when no response comes; `result` records what happened either way.
     """
     started = time.perf_counter()
-    timeout, connect_timeout = timeouts
     try:
-        backend = await upstream.pool.request(
-            request.method, target, headers, body, request.content_length, timeout, connect_timeout
+        backend = await cluster.pool.request(
+            request.method, target, headers, body, request.content_length, timeout, cluster.connect_timeout
         )
     except Exception as exc:
         result.duration = time.perf_counter() - started
@@ -199,7 +184,7 @@ async def send(
             raise
         if isinstance(exc, _CLIENT_BODY_ERRORS):  # the client left or garbled its body: not the backend's fault
             raise GatewayError(400, "client_body_aborted", "the request body ended before it was complete") from None
-        raise _backend_error(upstream.service, exc) from None
+        raise _backend_error(cluster.service, exc) from None
     result.duration = time.perf_counter() - started
     return backend
 

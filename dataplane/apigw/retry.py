@@ -71,25 +71,3 @@ class RetryBudget:
             self._spent_this_second += 1
         self._retries.add(now)
         return True
-
-
-class RetryBudgets:
-    """The budget of every backend service, kept across config reloads while its settings stay the same."""
-
-    def __init__(self, clock: Callable[[], float]):
-        self._clock = clock
-        self._budgets: dict[str, RetryBudget] = {}
-
-    def __getitem__(self, service: str) -> RetryBudget:
-        return self._budgets[service]
-
-    def update(self, settings_by_service: Mapping[str, RetrySettings]) -> None:
-        budgets = {}
-        for service, settings in settings_by_service.items():
-            budget = self._budgets.get(service)
-            if budget is None or (budget.ratio, budget.min_per_second) != (
-                settings.budget_ratio, settings.min_retries_per_second
-            ):
-                budget = RetryBudget(settings.budget_ratio, settings.min_retries_per_second, self._clock)
-            budgets[service] = budget
-        self._budgets = budgets

@@ -1,7 +1,7 @@
 """The config compiled into ready objects, and the one reference through which requests reach it.
 
 `build_state` turns a validated `Config` into everything the request pipeline needs, computed once:
-route table, per-route timeouts, limits and rewrites, backend connection pools. A reload builds a whole
+route table, per-route limits and rewrites, and the upstream cluster of every backend. A reload builds a whole
 new `GatewayState` and swaps `Gateway.state`; requests already running keep the state they started with.
 """
 
@@ -15,15 +15,14 @@ from typing import Any
 from aiohttp import web
 
 from apigw.auth import Authenticator, KeyRing, load_keys
-from apigw.breaker import Breakers, CircuitBreaker, breaker_settings
-from apigw.config import Config, RedisConfig, RetrySettings, Route, config_hash
+from apigw.config import Config, RedisConfig, Route, config_hash
 from apigw.logs import AccessLog
 from apigw.metrics import Metrics
-from apigw.proxy import Edge, Upstream
+from apigw.proxy import Edge
 from apigw.ratelimit import Limiter, LimitRule, build_limiter
 from apigw.redisbatch import RedisBatch
-from apigw.retry import RetryBudget, RetryBudgets
 from apigw.routing import Router
+from apigw.upstream import Cluster, Clusters, cluster_settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,15 +37,12 @@ class CompiledRoute:
     """One route, ready for the hot path."""
 
     name: str
-    upstream: Upstream
-    timeouts: tuple[float, float]
-    """Seconds: per wait for the backend, to connect."""
+    cluster: Cluster
+    timeout: float
+    """Seconds to wait for the backend's response headers, and for each chunk of its body."""
     max_body: int
     rewrite: tuple[str, str] | None
     """(matched prefix, replacement) when the route rewrites the path."""
-    breaker: CircuitBreaker
-    retries: RetrySettings
-    retry_budget: RetryBudget
     limit: LimitRule | None
     """The route's rate limit policy, when it has one and rate limiting is enabled."""
     auth: AuthRule | None
@@ -80,17 +76,15 @@ class GatewayState:
 
 
 class Shared:
-    """What outlives a config: backend pools, breakers and retry budgets of unchanged backends."""
+    """What outlives a config: the clusters of unchanged backends, Redis, the authenticator and limiter."""
 
     def __init__(self, metrics: Metrics, clock: Callable[[], float] = time.monotonic):
         self.metrics = metrics
-        self.breakers = Breakers(metrics.breaker_state, clock)
-        self.budgets = RetryBudgets(clock)
-        self.upstreams: dict[tuple[str, str], Upstream] = {}
+        self.clusters = Clusters(metrics, clock)
         self.redis: RedisBatch | None = None
         self._redis_settings: RedisConfig | None = None
         self._kept: dict[str, tuple[object, Any]] = {}
-        self.retired: list[Upstream | RedisBatch] = []
+        self.retired: list[Cluster | RedisBatch] = []
         """Pools replaced by a reload, to close once requests begun on the old config are done."""
 
     def redis_for(self, settings: RedisConfig | None) -> RedisBatch | None:
@@ -121,7 +115,7 @@ class Shared:
 
     async def close(self) -> None:
         """Close every pool, current and retired."""
-        pools, self.retired = [*self.retired, *self.upstreams.values(), self.redis], []
+        pools, self.retired = [*self.retired, *self.clusters, self.redis], []
         for pool in pools:
             if pool is not None:
                 await pool.aclose()
@@ -138,37 +132,26 @@ def build_state(config: Config, shared: Shared) -> GatewayState:
     auth = shared.authenticator_for(config, keys)
     limiter = shared.limiter_for(config)
     rules = {policy.name: LimitRule.from_policy(policy) for policy in config.policies} if limiter else {}
-    shared.breakers.update(breaker_settings(config))
-    shared.budgets.update({route.backend.service: route.backend.retries for route in enabled})
-    upstreams: dict[tuple[str, str], Upstream] = {}
-    compiled: list[tuple[Route, CompiledRoute]] = []
-    for route in enabled:
-        key = (route.backend.service, str(route.backend.url))
-        upstream = upstreams.get(key) or shared.upstreams.get(key) or Upstream(route.backend)
-        upstreams[key] = upstream
-        limit = rules.get(route.ratelimit) if route.ratelimit else None
-        compiled.append((route, _compile(route, upstream, config, shared, limit)))
-    shared.retired += [u for key, u in shared.upstreams.items() if key not in upstreams]
-    shared.upstreams = upstreams
+    shared.retired += shared.clusters.update(cluster_settings(config))
+    compiled = [(route, _compile(route, shared.clusters[route.backend.service], config, limit_rule(route, rules)))
+                for route in enabled]
     return GatewayState(
         config, config_hash(config), Router(compiled), limiter, auth, Edge(config.listen, auth.stripped_headers)
     )
 
 
-def _compile(
-    route: Route, upstream: Upstream, config: Config, shared: Shared, limit: LimitRule | None
-) -> CompiledRoute:
-    backend = route.backend
+def limit_rule(route: Route, rules: dict[str, LimitRule]) -> LimitRule | None:
+    return rules.get(route.ratelimit) if route.ratelimit else None
+
+
+def _compile(route: Route, cluster: Cluster, config: Config, limit: LimitRule | None) -> CompiledRoute:
     matched = route.match.path_prefix or route.match.path
     return CompiledRoute(
         name=route.name,
-        upstream=upstream,
-        timeouts=(backend.timeout, backend.connect_timeout),
+        cluster=cluster,
+        timeout=route.backend.timeout,
         max_body=int(route.max_body_size if route.max_body_size is not None else config.limits.max_body_size),
         rewrite=(matched.rstrip("/") if matched != "/" else "", route.rewrite_prefix) if route.rewrite_prefix else None,
-        breaker=shared.breakers[backend.service],
-        retries=backend.retries,
-        retry_budget=shared.budgets[backend.service],
         limit=limit,
         auth=AuthRule(route.auth.required, tuple(route.auth.scopes)) if route.auth else None,
     )

@@ -21,7 +21,7 @@ from typing import Any
 from aiohttp import hdrs, web
 from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.http_exceptions import BadHttpMethod, BadStatusLine, HttpProcessingError, InvalidURLError, LineTooLong
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from multidict import CIMultiDict
 
 from apigw.errors import GatewayError
@@ -93,6 +93,20 @@ class _Handler(RequestHandler):
     def __init__(self, manager: web.Server, *, gateway: Gateway, **kwargs: Any):
         super().__init__(manager, **kwargs)
         self._gateway = gateway
+
+    def data_received(self, data: bytes) -> None:
+        """aiohttp's parser queues broken framing in a request's body (a bad chunk size) as the refusal of
+        a next request, and the request whose body it was waits for the rest until the client leaves.
+        That request gets the error instead (the pipeline answers 400 `client_body_aborted`), once."""
+        super().data_received(data)
+        request, queued = self._current_request, self._messages
+        if request is not None and not request.content.is_eof() and queued and isinstance(queued[-1][0], _ErrInfo):
+            request.content.set_exception(queued.pop()[0].exc)
+
+    def log_exception(self, *args: Any, **kwargs: Any) -> None:
+        """Not for the client's broken framing, already answered (aiohttp still tries to drain the body)."""
+        if not isinstance(kwargs.get("exc_info"), HttpProcessingError):
+            super().log_exception(*args, **kwargs)
 
     def handle_error(
         self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None

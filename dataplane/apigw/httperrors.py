@@ -10,6 +10,10 @@ bad `Authorization` header). The one place that answer is made is the connection
 `handle_error`; `GatewayRunner` serves the app with a handler whose `handle_error` answers like the
 pipeline: the JSON error with a fresh `X-Request-ID`, one access line and a count under route `-`, and
 nothing of the request's bytes in the answer or the logs.
+
+aiohttp offers no supported hook for any of this; what is used of its internals (RequestHandler's
+`handle_error`, `data_received`, `_messages`, `_current_request`, `_ErrInfo`; Response's
+`_prepare_headers`) is exercised against the installed aiohttp by tests/test_parser_errors.py.
 """
 
 from __future__ import annotations
@@ -99,9 +103,11 @@ class _Handler(RequestHandler):
         a next request, and the request whose body it was waits for the rest until the client leaves.
         That request gets the error instead (the pipeline answers 400 `client_body_aborted`), once."""
         super().data_received(data)
-        request, queued = self._current_request, self._messages
-        if request is not None and not request.content.is_eof() and queued and isinstance(queued[-1][0], _ErrInfo):
-            request.content.set_exception(queued.pop()[0].exc)
+        queued = self._messages
+        if queued and isinstance(queued[-1][0], _ErrInfo):
+            request = self._current_request
+            if request is not None and not request.content.is_eof():
+                request.content.set_exception(queued.pop()[0].exc)
 
     def log_exception(self, *args: Any, **kwargs: Any) -> None:
         """Not for the client's broken framing, already answered (aiohttp still tries to drain the body)."""

@@ -15,6 +15,7 @@ import pytest
 import yaml
 from aiohttp.http import SERVER_SOFTWARE
 
+from apigw.loader import ConfigError, parse_documents
 from apigw.testkit import route
 from apigw.testkit.process import BackendProcess, GatewayProcess, ports, wait_until
 from apigw.testkit.redis import free_port
@@ -223,3 +224,14 @@ def test_a_configured_server_name_replaces_the_banner(tmp_path: Path, branded: B
         assert SERVER_SOFTWARE not in gateway.log_text()
     finally:
         gateway.stop()
+
+
+@pytest.mark.parametrize("name, valid", [("edge", True), ("edge gateway/2", True), ("", False), ("a\r\nX-Injected: 1", False),
+                                         ("x" * 65, False), (" edge", False)])
+def test_server_header_setting_is_one_header_value(name: str, valid: bool) -> None:
+    document = {"config.yaml": yaml.safe_dump({"listen": {"server_header": name}})}
+    if valid:
+        assert parse_documents(document).listen.server_header == name
+    else:
+        with pytest.raises(ConfigError, match="listen.server_header"):
+            parse_documents(document)

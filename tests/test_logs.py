@@ -1,22 +1,95 @@
-"""Log lines: one JSON object each, whatever the request carried."""
+"""Log lines: one JSON object each, whatever the request carried, and never a match for the runbook's
+greps in what a client or a config supplied."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import json
+import logging
+import re
 
-from apigw.logs import AccessLog
+from aiohttp.http_exceptions import BadHttpMessage
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from apigw.logs import GREPPED, Access, AccessLog, JSONFormatter, grep_safe
+
+RUNBOOK_GREPS = [re.compile(p) for p in ("status_code=5", "auth_status=failure", "backend_service")] + [
+    re.compile(p, re.IGNORECASE) for p in ("auth.*error", "error", "ratelimit.*error", "rate.*duration", "error|fatal",
+                                           "out of memory|oom")]
+"""The runbook's log greps, as grep reads them (`\\|` is `|`)."""
+hostile = st.lists(st.sampled_from(["status_code=5", "auth_status=failure", "auth_error=expired", "Error", "auth", "=",
+                                    "/", "\\", "\r", "\udcfe", "rate", "duration"]) | st.text(max_size=3)).map("".join)
+"""Text made of what the greps look for, and anything else."""
 
 
 async def test_access_lines_of_one_tick_are_written_together_and_parse() -> None:
     stream = io.StringIO()
     log = AccessLog(stream)
-    log.write("GET /a status_code=200", {"path": "/a", "status_code": 200, "duration_ms": 1.25})
-    log.write("GET /\udcff status_code=400", {"path": "/\udcff"}, "bad_path")  # lone surrogate: orjson refuses it
+    log.write(Access("GET", "/a", "users", 200, "10.0.0.1", "id-1", duration=0.00125))
+    log.write(Access("GET", "/\udcff", "-", 400, "10.0.0.1", "id-2", error_type="bad_path"))  # lone surrogate
     assert stream.getvalue() == ""  # not before the end of the tick
     await asyncio.sleep(0)
     first, second = [json.loads(line) for line in stream.getvalue().splitlines()]
-    assert first["logger"] == "apigw.access" and first["status_code"] == 200 and first["duration_ms"] == 1.25
+    assert first == {"ts": first["ts"], "level": "info", "logger": "apigw.access",
+                     "msg": "GET /a status_code=200 auth_status=none", "method": "GET", "path": "/a",
+                     "route": "users", "status_code": 200, "duration_ms": 1.25, "client_ip": "10.0.0.1",
+                     "request_id": "id-1", "auth_status": "none"}
     assert list(second)[:5] == ["ts", "level", "logger", "error_type", "msg"]
-    assert second["path"] == "/\udcff"
+    assert second["path"] == "/\udcff" and "duration_ms" not in second
+
+
+def test_an_auth_failure_says_so_in_msg_after_auth_status() -> None:
+    line = Access("GET", "/a", "r", 401, "", "i", auth_status="failure", error_type="expired").line("t")
+    assert json.loads(line)["msg"] == "GET /a status_code=401 auth_status=failure auth_error=expired"
+    assert re.search("auth.*error", line) and "status_code=5" not in line
+
+
+def test_forged_fields_are_read_back_exactly_but_not_grepped() -> None:
+    access = Access("GET", "/open/status_code=503/error", "rates", 200, "10.0.0.1", "auth_status=failure",
+                    backend_service="error-pages", duration=0.5)
+    line = access.line("t")
+    assert not any(pattern.search(line) for pattern in RUNBOOK_GREPS[:2] + RUNBOOK_GREPS[3:])
+    fields = json.loads(line)
+    assert fields["msg"] == "GET /open/status_code=503/error status_code=200 auth_status=none"
+    assert (fields["path"], fields["route"], fields["request_id"], fields["backend_service"]) == (
+        "/open/status_code=503/error", "rates", "auth_status=failure", "error-pages")
+    assert r"/open/status_code\u003d503/\u0065rror" in line
+
+
+@given(hostile | st.text())
+@example("\u000duration")  # an escape's hex digit next to what follows
+@example("\udcfe" + "rror")
+@example("bac\u0bac" + "kend_service")
+@example('"\\=\n\t\x00é😀')
+def test_grep_safe_text_round_trips_and_holds_no_grepped_word(value: str) -> None:
+    text = grep_safe(value)
+    assert json.loads(f'"{text}"') == value
+    assert not GREPPED.search(text)
+
+
+@given(hostile, hostile, st.sampled_from(["none", "success", "failure"]), st.integers(100, 599))
+def test_no_request_makes_a_line_the_greps_select_for_what_it_is_not(
+    path: str, request_id: str, auth_status: str, status: int
+) -> None:
+    """`status_code=5` selects exactly the 5xx lines, `auth_status=failure` and `auth.*error` exactly the
+    auth failures, `error` exactly the failed requests: whatever the path and request id hold."""
+    error_type = "expired" if auth_status == "failure" else ("backend_timeout" if status >= 500 else None)
+    line = Access("GET", path, "r", status, "", request_id, auth_status=auth_status, error_type=error_type,
+                  duration=0.001).line("t")
+    assert json.loads(line)["path"] == path
+    assert bool(re.search("status_code=5", line)) == (status >= 500)
+    assert bool(re.search("auth_status=failure", line)) == (auth_status == "failure")
+    assert bool(re.search("auth.*error", line, re.IGNORECASE)) == (auth_status == "failure")
+    assert bool(re.search("error", line, re.IGNORECASE)) == (error_type is not None)
+
+
+def test_parser_errors_in_log_records_are_named_not_quoted() -> None:
+    """aiohttp's parser errors quote the request's bytes (a token, for a bad Authorization header)."""
+    try:
+        raise BadHttpMessage("Invalid header value char:\n\n  b'Authorization: Bearer secret\\x01'")
+    except BadHttpMessage as exc:
+        record = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1, "bad request", (), (type(exc), exc, None))
+    line = json.loads(JSONFormatter().format(record))
+    assert line["exception"] == "BadHttpMessage" and "secret" not in json.dumps(line)

@@ -20,6 +20,7 @@ import json
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -134,7 +135,8 @@ def echo() -> Iterator[BackendProcess]:
 
 def start(tmp_path: Path, config: dict, bin_dir: Path, redis: RedisServer | None = None) -> Site:
     port, metrics_port = ports()
-    config = {"listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port}, **config}
+    listen = {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port, **config.get("listen", {})}
+    config = {**config, "listen": listen}
     directory = tmp_path / "etc-gateway"  # the ConfigMap directory layout
     directory.mkdir()
     (directory / "config.yaml").write_text(yaml.safe_dump(config))
@@ -192,7 +194,7 @@ def test_error_rate_latency_and_backend_commands(tmp_path: Path, bin_dir: Path, 
         'gateway_http_requests_total{method="GET",route="orders",status_code="503"}': 2.0,
         'gateway_http_requests_total{method="GET",route="payments",status_code="502"}': 3.0,
         'gateway_http_requests_total{method="GET",route="payments",status_code="503"}': 1.0,
-        'gateway_http_requests_total{method="GET",route="none",status_code="404"}': 1.0,
+        'gateway_http_requests_total{method="GET",route="-",status_code="404"}': 1.0,
     }
     assert series(site.run("curl -s http://localhost:9090/metrics | grep gateway_http_requests_total")) == series(out)
     out = site.run("curl -s http://localhost:9090/metrics | grep gateway_http_requests_total | tail -5")
@@ -269,7 +271,7 @@ def test_error_rate_latency_and_backend_commands(tmp_path: Path, bin_dir: Path, 
     assert all("_bucket{" in name for name in series(out))
     # "Monitor latency improvement" (`watch -n 5 '...'` -> run once): one _sum per route.
     out = site.run("watch -n 5 'curl -s http://localhost:9090/metrics | grep gateway_http_request_duration_seconds_sum'")
-    assert {name.split('"')[1] for name in series(out)} == {"users", "orders", "payments", "none"}
+    assert {name.split('"')[1] for name in series(out)} == {"users", "orders", "payments", "-"}
 
 
 def test_auth_failure_commands(tmp_path: Path, bin_dir: Path, echo: BackendProcess, redis_server, sites) -> None:
@@ -443,3 +445,72 @@ def test_health_validate_and_resource_commands(tmp_path: Path, bin_dir: Path, ec
     assert out.splitlines()[0].split() == ["pool_size:", "50"]
     out = site.run("kubectl get configmap api-gateway-config -n api-gateway -o yaml | grep -A20 ratelimit")
     assert "failure_mode: fail_open" in out and "enabled: true" in out
+
+
+def raw_exchange(port: int, raw: bytes) -> bytes:
+    """Send exact bytes, read the answer until the gateway closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(raw)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_hostile_requests_do_not_forge_what_the_log_greps_select(
+    tmp_path: Path, bin_dir: Path, echo: BackendProcess, sites
+) -> None:
+    """Paths, request ids and methods that spell what the runbook greps for, and a request aiohttp's
+    parser refuses: each grep still selects exactly the real 5xx, the real auth failure, the real errors."""
+    key = SigningKey("ec", kid="k1")
+    pem = key.write_public_pem(tmp_path / "jwt-public-key.pem")
+    site = start(tmp_path, {
+        "listen": {"trust_client_request_id": True},  # so that the forged id reaches the log
+        "auth": {"keys": [{"file": str(pem), "kid": "k1"}]},
+        "routes": [route("open", echo.url, match={"path_prefix": "/open"}, rewrite_prefix="/"),
+                   route("secure", echo.url, match={"path_prefix": "/secure"}, auth={"required": True})],
+    }, bin_dir)
+    sites.append(site)
+    forged_id = {"X-Request-ID": "status_code=503 auth_status=failure auth_error=expired ERROR"}
+    hostile = ["/open/status_code=503", "/open/auth_status=failure/error", "/open/x?status_code=500",
+               "/open/ratelimit/error", "/open/generate/duration", "/open/room", "/open/Auth/Error/fatal"]
+    assert [site.get(path, forged_id) for path in hostile] == [200] * len(hostile)
+    assert site.get("/nowhere/backend_service") == 404
+    assert site.get("/open/status/503") == 503  # the one real 5xx
+    assert site.get("/secure/status_code=5/error") == 401  # the one real auth failure (missing_token)
+    token = key.token()
+    refused = raw_exchange(site.gateway.port, f"GET /open HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}".encode()
+                           + b"\x01\r\n\r\n")
+    assert refused.startswith(b"HTTP/1.0 400 ") and b'"request_id"' in refused
+
+    out = site.run('kubectl logs -l app=api-gateway -n api-gateway | grep "status_code=5" | '
+                   "jq -r '.path' | sort | uniq -c | sort -rn")
+    assert counted(out) == {"/open/status/503": 1}
+    out = site.run("kubectl logs -l app=api-gateway -n api-gateway --tail=1000 | "
+                   "grep auth_status=failure | jq -r '.error_type' | sort | uniq -c | sort -rn")
+    assert counted(out) == {"missing_token": 1}
+    out = site.run("kubectl logs -l app=api-gateway -n api-gateway | "
+                   """grep -i "auth.*error" | jq -r '.error_type' | sort | uniq -c""")
+    assert counted(out) == {"missing_token": 1}
+    out = site.run("kubectl logs -l app=api-gateway --tail=100 -n api-gateway | grep -i error")
+    assert sorted(json.loads(line)["error_type"] for line in out.splitlines()) == [
+        "bad_request", "missing_token", "no_route"]
+    out = site.run("kubectl logs -l app=api-gateway -n api-gateway --tail=500 | "
+                   "grep -i error | jq -r '.backend_service' | sort | uniq -c | sort -rn")
+    assert counted(out) == {"null": 2, "secure": 1}
+    assert site.run('kubectl logs -l app=api-gateway -n api-gateway | grep -i "ratelimit.*error"', 1) == ""
+    assert site.run('kubectl logs -l app=api-gateway -n api-gateway | grep -i "rate.*duration"', 1) == ""
+    assert site.run('kubectl logs <pod> -n api-gateway | grep -i "out of memory\\|oom"', 1) == ""
+    out = site.run("kubectl logs -l app=api-gateway -n api-gateway | grep backend_service | "
+                   "jq -r '.backend_service, .status_code' | paste - - | sort | uniq -c | sort -rn")
+    assert counted(out) == {"open\t200": len(hostile), "open\t503": 1, "secure\t401": 1}
+
+    # jq reads every forged value back exactly as sent.
+    lines = [line for line in site.gateway.log_lines() if line["logger"] == "apigw.access"]
+    assert [line["path"] for line in lines[:len(hostile)]] == [path.partition("?")[0] for path in hostile]
+    assert {line["request_id"] for line in lines[:len(hostile)]} == {forged_id["X-Request-ID"]}
+    # The refusal: one line and one count under route "-", and the token nowhere in the process's output.
+    assert lines[-1]["route"] == "-" and lines[-1]["status_code"] == 400 and lines[-1]["error_type"] == "bad_request"
+    out = site.run("curl -s http://localhost:9090/metrics | grep gateway_http_requests_total | grep status_code")
+    assert series(out)['gateway_http_requests_total{method="OTHER",route="-",status_code="400"}'] == 1.0
+    assert token not in site.gateway.log_text() and token.split(".")[1] not in site.gateway.log_text()

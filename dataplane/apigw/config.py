@@ -102,6 +102,9 @@ class ListenConfig(Strict):
     metrics_port: Annotated[int, RESTART, Field(ge=1, le=65535)] = 9090
     workers: Annotated[int, RESTART, Field(ge=1, le=64)] = 1
     """Processes serving the traffic port together (`gateway --workers N` overrides): one per core."""
+    server_header: Annotated[str, Field(pattern=r"^[!-~]+( [!-~]+)*$", max_length=64)] | None = None
+    """The `Server` header of the responses the gateway makes; none: no Server header (a backend's own
+    is passed through). Never aiohttp's `Python/x aiohttp/y` banner."""
     tls: Annotated[TLSFiles | None, RestartRequired(lambda tls: tls is not None)] = None
     """TLS on `tls_port` when set. Turning it on or off needs a restart; new files do not."""
     drain_delay: Duration = 0.0

@@ -8,11 +8,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 
 def dumps(line: dict[str, Any]) -> str:
@@ -41,7 +44,8 @@ class JSONFormatter(logging.Formatter):
             line.update(fields)
         if record.exc_info:
             exc = record.exc_info[1]
-            line["exception"] = f"{type(exc).__name__}: {exc}"
+            # aiohttp's parser errors quote the raw request (a token, for a bad Authorization header)
+            line["exception"] = type(exc).__name__ if isinstance(exc, HttpProcessingError) else f"{type(exc).__name__}: {exc}"
         return dumps(line)
 
 
@@ -54,14 +58,83 @@ def setup_logging(level: str = "INFO") -> None:
     logging.getLogger("aiohttp.access").disabled = True  # the pipeline writes its own access log
 
 
+GREPPED = re.compile(r"=|error|fatal|auth|rate|duration|oom|memory|backend_service", re.IGNORECASE)
+"""What the runbook's greps look for in log lines (`status_code=5`, `auth_status=failure`, `-i error`,
+`-i "auth.*error"`, `-i "ratelimit.*error"`, `-i "rate.*duration"`, `backend_service`, `-i oom`, ...).
+`grep_safe` keeps every match of it out of the text of request- and config-supplied values."""
+
+
+def grep_safe(value: str) -> str:
+    """`value` as the inside of a JSON string in which no `GREPPED` match occurs: `=` and one character
+    of each grepped word are written as `\\uXXXX` escapes, which grep sees as such and every JSON reader
+    (jq, `json.loads`) turns back into the exact value. So `GET /open/status_code=503` is logged as
+    `/open/status_code\\u003d503` and `jq -r .path` prints `/open/status_code=503`."""
+    if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value and not GREPPED.search(value):
+        return value  # the common case: the JSON text is the value itself
+    tokens = [char if char.isascii() and char.isprintable() and char not in '"\\' else json.dumps(char)[1:-1]
+              for char in value]
+    while match := GREPPED.search(text := "".join(tokens)):
+        # No grepped word fits inside one escape (they all hold a character an escape cannot), so
+        # the match holds a literal character: escaping the first one breaks it (escapes start with
+        # a backslash, which no grepped word holds). A new match the escape's hex digits make with
+        # what follows is found in the next round; each round escapes one more character.
+        offset = 0
+        for index, token in enumerate(tokens):
+            if offset >= match.start() and len(token) == 1:
+                tokens[index] = f"\\u{ord(token):04x}"
+                break
+            offset += len(token)
+    return text
+
+
+@dataclass(slots=True)
+class Access:
+    """What one request's access line says. `method`, `path`, `route`, `backend_service`, `client_ip`
+    and `request_id` are written through `grep_safe`: neither a client nor a route's name can make a
+    line that the runbook's greps select."""
+
+    method: str
+    path: str
+    route: str
+    status: int
+    client_ip: str
+    request_id: str
+    auth_status: str = "none"
+    error_type: str | None = None
+    duration: float | None = None
+    """Seconds from the start of the pipeline; None where the request never reached it (parser refusals)."""
+    backend_service: str | None = None
+    backend_duration: float | None = None
+
+    def line(self, ts: str) -> str:
+        """The JSON line; `error_type` comes before `msg`, so that text after `auth` holds `error` only
+        on an auth failure (whose `msg` ends `auth_error=<type>`): `grep -i "auth.*error"` selects those."""
+        method, path = grep_safe(self.method), grep_safe(self.path)
+        parts = [f'{{"ts":"{ts}","level":"info","logger":"apigw.access"']
+        if self.error_type:
+            parts.append(f'"error_type":"{self.error_type}"')
+        msg = f"{method} {path} status_code={self.status} auth_status={self.auth_status}"
+        if self.auth_status == "failure":
+            msg += f" auth_error={self.error_type}"
+        parts += [f'"msg":"{msg}"', f'"method":"{method}"', f'"path":"{path}"', f'"route":"{grep_safe(self.route)}"',
+                  f'"status_code":{self.status}']
+        if self.duration is not None:
+            parts.append(f'"duration_ms":{round(self.duration * 1000, 3)}')
+        if self.backend_service is not None:
+            parts.append(f'"backend_service":"{grep_safe(self.backend_service)}"')
+        if self.backend_duration:
+            parts.append(f'"backend_duration_ms":{round(self.backend_duration * 1000, 3)}')
+        parts += [f'"client_ip":"{grep_safe(self.client_ip)}"', f'"request_id":"{grep_safe(self.request_id)}"',
+                  f'"auth_status":"{self.auth_status}"}}']
+        return ",".join(parts)
+
+
 class AccessLog:
     """One JSON line per request, in the same shape as the other log lines (`logger: apigw.access`).
 
     Written straight to the stream rather than through `logging`, whose per-record machinery costs
     more than building the line itself. The lines of one event-loop tick are written together at its
     end: one write call for many requests, and no line waits longer than that tick.
-    `error_type` comes before `msg`, so that text after `auth` holds `error` only on an auth failure
-    (whose `msg` ends `auth_error=<type>`): the runbook's `grep -i "auth.*error"` selects those alone.
     """
 
     def __init__(self, stream: TextIO | None = None):
@@ -77,13 +150,10 @@ class AccessLog:
             self._second, self._second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         return f"{self._second_text}.{int(now % 1 * 1000):03d}Z"
 
-    def write(self, msg: str, fields: dict[str, Any], error_type: str | None = None) -> None:
-        head = {"ts": self._timestamp(time.time()), "level": "info", "logger": "apigw.access"}
-        if error_type:
-            head["error_type"] = error_type
+    def write(self, access: Access) -> None:
         if not self._lines:
             asyncio.get_running_loop().call_soon(self._flush)
-        self._lines.append(dumps({**head, "msg": msg, **fields}))
+        self._lines.append(access.line(self._timestamp(time.time())))
 
     def _flush(self) -> None:
         lines, self._lines = self._lines, []

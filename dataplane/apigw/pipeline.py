@@ -19,6 +19,7 @@ from aiohttp import HttpVersion10, HttpVersion11, web
 from apigw import proxy
 from apigw.client import Response
 from apigw.errors import GatewayError
+from apigw.logs import Access
 from apigw.metrics import Metrics
 from apigw.ratelimit import limit_key
 from apigw.retry import CONNECT_FAILED, should_retry
@@ -34,6 +35,9 @@ NOT_PROXIED = frozenset({"CONNECT", "TRACE"})
 """The gateway tunnels nothing (CONNECT) and reflects nothing (TRACE: a request's headers, tokens included)."""
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 """The `method` label's values; any other method counts as OTHER, so clients cannot mint series."""
+UNROUTED = "-"
+"""The `route` of a request that matched no route or was refused before routing (no route's name can be
+`-`: names start with a letter or digit)."""
 BACKEND_FAILURE_STATUSES = frozenset({502, 503, 504})
 """Backend answers that count against its circuit breaker (with timeouts and refused connections)."""
 
@@ -116,30 +120,23 @@ def _record(
 ) -> None:
     """Count the request and write its access log line; a request without a response (its handler was
     cancelled) counts as 499, nginx's "client closed request"."""
-    metrics = gateway.metrics
     duration = time.perf_counter() - started
-    route_name = route.name if route else "none"
+    route_name = route.name if route else UNROUTED
     status = response.status if response is not None else 499
-    method = request.method if request.method in KNOWN_METHODS else "OTHER"
-    metrics.requests_by(route_name, method, str(status)).inc()
-    metrics.duration_by(route_name).observe(duration)
+    gateway.metrics.duration_by(route_name).observe(duration)
+    count(gateway, Access(
+        request.method, raw_path, route_name, status, client_ip, request_id, auth_status=auth_status,
+        error_type=error_type, duration=duration, backend_service=route.cluster.service if route else None,
+        backend_duration=forwarded.duration,
+    ))
+
+
+def count(gateway: Gateway, access: Access) -> None:
+    """The request in `gateway_http_requests_total`, and its access line unless those are off."""
+    method = access.method if access.method in KNOWN_METHODS else "OTHER"
+    gateway.metrics.requests_by(access.route, method, str(access.status)).inc()
     if gateway.state.config.logging.access_log:
-        msg = f"{request.method} {raw_path} status_code={status} auth_status={auth_status}"
-        if auth_status == "failure":
-            msg += f" auth_error={error_type}"
-        fields: dict[str, object] = {
-            "method": request.method,
-            "path": raw_path,
-            "route": route_name,
-            "status_code": status,
-            "duration_ms": round(duration * 1000, 3),
-        }
-        if route is not None:
-            fields["backend_service"] = route.cluster.service
-        if forwarded.duration:
-            fields["backend_duration_ms"] = round(forwarded.duration * 1000, 3)
-        fields.update(client_ip=client_ip, request_id=request_id, auth_status=auth_status)
-        gateway.access_log.write(msg, fields, error_type)
+        gateway.access_log.write(access)
 
 
 async def _call_backend(
@@ -220,6 +217,11 @@ def _request_id(request: web.Request, keep_given: bool) -> str:
     given = request.headers.get("X-Request-ID") if keep_given else None
     if given and len(given) <= 128 and given.isprintable() and given.isascii():
         return given
+    return new_request_id()
+
+
+def new_request_id() -> str:
+    """Unique per process start and count."""
     return f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
 
 

@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from apigw.debug import debug_app
+from apigw.httperrors import GatewayRunner
 from apigw.loader import ConfigError, load_config
 from apigw.metrics import Metrics, metrics_app
 from apigw.pipeline import handle
@@ -92,7 +93,7 @@ async def serve(config_path: Path, workers: int | None = None, debug_port: int |
         log.error("config %s is invalid: %d error(s)", config_path, len(exc.errors), extra={"fields": {"errors": exc.errors}})
         return 1
     listen = config.listen
-    runner = web.AppRunner(traffic_app(gateway), access_log=None, shutdown_timeout=listen.drain_timeout)
+    runner = GatewayRunner(traffic_app(gateway), gateway, shutdown_timeout=listen.drain_timeout)
     await runner.setup()
     runners = [runner]
     sites = [web.TCPSite(runner, listen.address, listen.port, backlog=BACKLOG, reuse_port=worker)]
@@ -100,7 +101,7 @@ async def serve(config_path: Path, workers: int | None = None, debug_port: int |
     if debug_port is not None and not worker:  # workers: the supervisor serves metrics; py-spy for debugging
         side_apps.append((debug_app(), "127.0.0.1", debug_port))
     for app, address, port in side_apps:
-        side_runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
+        side_runner = GatewayRunner(app, gateway, shutdown_timeout=1)
         await side_runner.setup()
         runners.append(side_runner)
         sites.append(web.TCPSite(side_runner, address, port))

@@ -1,0 +1,163 @@
+"""Requests aiohttp's HTTP parser refuses, answered and recorded as the gateway's own, and the `Server`
+header of every response.
+
+aiohttp answers what it cannot parse (bad header bytes, an over-long request line or header, broken
+chunked framing, a control byte in the target, an invalid method or version) before any application
+code runs: middlewares and `on_response_prepare` never see it (aiohttp issues #3287, #6463). Its answer
+is text/plain echoing the offending bytes under a `Server: Python/x aiohttp/y` banner, with no request
+id, no access line and no count, and it logs the raw bytes to `aiohttp.server` (a whole token, for a
+bad `Authorization` header). The one place that answer is made is the connection handler's
+`handle_error`; `GatewayRunner` serves the app with a handler whose `handle_error` answers like the
+pipeline: the JSON error with a fresh `X-Request-ID`, one access line and a count under route `-`, and
+nothing of the request's bytes in the answer or the logs.
+
+aiohttp offers no supported hook for any of this; what is used of its internals (RequestHandler's
+`handle_error`, `data_received`, `_messages`, `_current_request`, `_ErrInfo`; Response's
+`_prepare_headers`) is exercised against the installed aiohttp by tests/test_parser_errors.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiohttp import hdrs, web
+from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.http_exceptions import BadHttpMethod, BadStatusLine, HttpProcessingError, InvalidURLError, LineTooLong
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
+from multidict import CIMultiDict
+
+from apigw.errors import GatewayError
+from apigw.logs import Access
+from apigw.pipeline import UNROUTED, count, error_response, new_request_id
+from apigw.state import Gateway
+
+log = logging.getLogger("apigw.server")
+
+MAX_REQUEST_LINE = 16384
+"""Bytes of `METHOD target HTTP/1.1` the parser accepts; longer is 414 `uri_too_long`."""
+MAX_HEADER_FIELD = 8190
+"""Bytes of one header (name and value) the parser accepts; longer is 431 `headers_too_large`. It must
+differ from MAX_REQUEST_LINE: aiohttp's LineTooLong says which line only by the limit it quotes."""
+MAX_HEADERS = 128
+"""Header fields per request; more is 431 `headers_too_large`."""
+
+TOO_MANY_HEADERS = "Too many headers received"
+"""aiohttp's message for more than MAX_HEADERS fields (a plain BadHttpMessage otherwise)."""
+
+
+def refusal(status: int, exc: BaseException | None) -> GatewayError:
+    """What the client is told about a request aiohttp could not take: a fixed message per kind, never
+    the bytes the parser quotes."""
+    if isinstance(exc, LineTooLong):
+        if exc.args[1] == MAX_REQUEST_LINE:
+            return GatewayError(414, "uri_too_long", f"request line longer than {MAX_REQUEST_LINE} bytes")
+        return GatewayError(431, "headers_too_large", f"a request header is longer than {MAX_HEADER_FIELD} bytes")
+    if isinstance(exc, HttpProcessingError) and exc.message == TOO_MANY_HEADERS:
+        return GatewayError(431, "headers_too_large", f"more than {MAX_HEADERS} request headers")
+    if isinstance(exc, BadHttpMethod):
+        return GatewayError(400, "bad_method", "invalid request method")
+    if isinstance(exc, (BadStatusLine, InvalidURLError)):
+        return GatewayError(400, "bad_request_line", "invalid request line")
+    if isinstance(exc, HttpProcessingError):
+        return GatewayError(400, "bad_request", "malformed request")
+    if status == 504:
+        return GatewayError(504, "timeout", "request handling timed out")
+    return GatewayError(500, "internal_error", "internal gateway error")
+
+
+def no_banner(headers: CIMultiDict[str], name: str | None) -> None:
+    """Replace aiohttp's `Python/x aiohttp/y` banner by the configured `listen.server_header` (none: no
+    Server header). Any other Server header (a backend's own) stays as it is."""
+    if headers.get(hdrs.SERVER) == SERVER_SOFTWARE:
+        if name:
+            headers[hdrs.SERVER] = name
+        else:
+            del headers[hdrs.SERVER]
+
+
+class _Refusal(web.Response):
+    """The refusal's response. aiohttp adds its banner while preparing the headers, and no signal runs
+    for a request it could not parse, so the banner is replaced right after."""
+
+    def __init__(self, error: GatewayError, request_id: str, server_name: str | None):
+        response = error_response(error, request_id)
+        super().__init__(status=response.status, body=response.body, headers=response.headers)
+        self._server_name = server_name
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        no_banner(self.headers, self._server_name)
+
+
+class _Handler(RequestHandler):
+    """aiohttp's connection handler, with the gateway's answer to what it refuses."""
+
+    def __init__(self, manager: web.Server, *, gateway: Gateway, **kwargs: Any):
+        super().__init__(manager, **kwargs)
+        self._gateway = gateway
+
+    def data_received(self, data: bytes) -> None:
+        """aiohttp's parser queues broken framing in a request's body (a bad chunk size) as the refusal of
+        a next request, and the request whose body it was waits for the rest until the client leaves.
+        That request gets the error instead (the pipeline answers 400 `client_body_aborted`), once."""
+        super().data_received(data)
+        queued = self._messages
+        if queued and isinstance(queued[-1][0], _ErrInfo):
+            request = self._current_request
+            if request is not None and not request.content.is_eof():
+                request.content.set_exception(queued.pop()[0].exc)
+
+    def log_exception(self, *args: Any, **kwargs: Any) -> None:
+        """Not for the client's broken framing, already answered (aiohttp still tries to drain the body)."""
+        if not isinstance(kwargs.get("exc_info"), HttpProcessingError):
+            super().log_exception(*args, **kwargs)
+
+    def handle_error(
+        self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # a response has begun: all that is left is closing the connection
+            raise ConnectionError("response already started")
+        error = refusal(status, exc)
+        if error.status >= 500:  # the type only: an exception's text may quote the request
+            log.error("request failed outside the pipeline: %s", type(exc).__name__)
+        request_id = new_request_id()
+        response = _Refusal(error, request_id, self._gateway.state.config.listen.server_header)
+        response.force_close()
+        count(self._gateway, Access(
+            "-", "-", UNROUTED, error.status, request.remote or "", request_id, error_type=error.error_type
+        ))
+        return response
+
+
+class _Server(web.Server):
+    """`web.Server`, making `_Handler`s (with `handler_kwargs`) for its connections."""
+
+    def __init__(self, *args: Any, handler_kwargs: dict[str, Any], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.handler_kwargs = handler_kwargs
+
+    def __call__(self) -> RequestHandler:
+        return _Handler(self, **self.handler_kwargs)
+
+
+class GatewayRunner(web.AppRunner):
+    """`web.AppRunner` whose connections are served by `_Handler`, with the parser limits above, without
+    aiohttp's access log and with the Server header policy on every response the app makes."""
+
+    def __init__(self, app: web.Application, gateway: Gateway, shutdown_timeout: float):
+        app.on_response_prepare.append(self._server_header)
+        super().__init__(app, access_log=None, shutdown_timeout=shutdown_timeout)
+        self.gateway = gateway
+
+    async def _server_header(self, request: web.Request, response: web.StreamResponse) -> None:
+        no_banner(response.headers, self.gateway.state.config.listen.server_header)
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()  # runs the app's start-up; gives its handler and request factory
+        loop = asyncio.get_running_loop()
+        return _Server(server.request_handler, request_factory=server.request_factory, loop=loop, handler_kwargs={
+            "loop": loop, "gateway": self.gateway, "access_log": None, "max_line_size": MAX_REQUEST_LINE,
+            "max_field_size": MAX_HEADER_FIELD, "max_headers": MAX_HEADERS,
+        })

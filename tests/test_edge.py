@@ -9,8 +9,6 @@ config trusts 127.0.0.2 as a proxy, so a test connects from there to play the pr
 from __future__ import annotations
 
 import asyncio
-import json
-import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from apigw.testkit import route
+from apigw.testkit import raw, route
 from apigw.testkit.backend import Backend
 from apigw.testkit.process import GatewayProcess, ports, wait_until
 from apigw.testkit.tokens import SigningKey
@@ -82,31 +80,15 @@ def edge(tmp_path_factory: pytest.TempPathFactory, key: SigningKey) -> Iterator[
             yield gateway, backends
 
 
-class Answer:
-    def __init__(self, raw: bytes):
-        self.raw = raw
-        head, _, self.body = raw.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        self.status = int(lines[0].split(" ", 2)[1])
-        self.headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
-
-    def json(self) -> dict[str, Any]:
-        return json.loads(self.body)
-
+class Answer(raw.Answer):
     @property
     def backend(self) -> str | None:
         """The echo backend that answered, or None for an answer of the gateway's own."""
         return self.json().get("server") if self.status == 200 else None
 
 
-def send(gateway: GatewayProcess, raw: bytes, source: str = UNTRUSTED) -> Answer:
-    """`raw` on one connection from `source`, read until the gateway closes it."""
-    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10, source_address=(source, 0)) as sock:
-        sock.sendall(raw)
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return Answer(b"".join(chunks))
+def send(gateway: GatewayProcess, data: bytes, source: str = UNTRUSTED) -> Answer:
+    return Answer(raw.exchange(gateway.port, data, source))
 
 
 def get(gateway: GatewayProcess, target: bytes, *headers: bytes, host: bytes = b"gw.test",

@@ -18,6 +18,7 @@ from aiohttp.http import SERVER_SOFTWARE
 from apigw.loader import ConfigError, parse_documents
 from apigw.testkit import route
 from apigw.testkit.process import BackendProcess, GatewayProcess, ports, wait_until
+from apigw.testkit.raw import exchange
 from apigw.testkit.redis import free_port
 
 BACKEND_WITH_BANNER = """
@@ -32,16 +33,6 @@ while True:
         conn.sendall(b"HTTP/1.1 200 OK\\r\\nServer: backend/1.0\\r\\nContent-Length: 2\\r\\nConnection: close\\r\\n\\r\\nok")
 """
 """A backend that names itself in a Server header of its own."""
-
-
-def exchange(port: int, raw: bytes) -> bytes:
-    """Send exact bytes, read the answer until the gateway closes the connection."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(raw)
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
-    return answer
 
 
 def parse(answer: bytes) -> tuple[int, dict[str, str], bytes]:

@@ -20,7 +20,6 @@ import json
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -39,6 +38,7 @@ from apigw.testkit.process import (
     ports,
     wait_until,
 )
+from apigw.testkit.raw import exchange
 from apigw.testkit.redis import RedisServer, free_port
 from apigw.testkit.tokens import SigningKey
 
@@ -447,16 +447,6 @@ def test_health_validate_and_resource_commands(tmp_path: Path, bin_dir: Path, ec
     assert "failure_mode: fail_open" in out and "enabled: true" in out
 
 
-def raw_exchange(port: int, raw: bytes) -> bytes:
-    """Send exact bytes, read the answer until the gateway closes."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(raw)
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
-    return answer
-
-
 def test_hostile_requests_do_not_forge_what_the_log_greps_select(
     tmp_path: Path, bin_dir: Path, echo: BackendProcess, sites
 ) -> None:
@@ -479,7 +469,7 @@ def test_hostile_requests_do_not_forge_what_the_log_greps_select(
     assert site.get("/open/status/503") == 503  # the one real 5xx
     assert site.get("/secure/status_code=5/error") == 401  # the one real auth failure (missing_token)
     token = key.token()
-    refused = raw_exchange(site.gateway.port, f"GET /open HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}".encode()
+    refused = exchange(site.gateway.port, f"GET /open HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}".encode()
                            + b"\x01\r\n\r\n")
     assert refused.startswith(b"HTTP/1.0 400 ") and b'"request_id"' in refused
 

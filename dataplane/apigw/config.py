@@ -111,6 +111,13 @@ class ListenConfig(Strict):
     """After SIGTERM, keep serving (while reporting not-ready) this long so load balancers notice."""
     drain_timeout: Duration = 30.0
     """After that, how long in-flight requests may take to finish."""
+    idle_timeout: PositiveDuration = 60.0
+    """A client connection with no request under way (a new one that sends nothing too) is closed after
+    this long; applies to connections opened after a reload."""
+    request_head_timeout: PositiveDuration = 10.0
+    """From the first byte of a request's head to its last: a slower client is cut off (408)."""
+    request_body_timeout: PositiveDuration = 30.0
+    """The longest wait for the next piece of a request body (408 `client_body_timeout`)."""
     trusted_proxies: list[IPvAnyNetwork] = []
     """Peers (CIDRs) whose X-Forwarded-For, X-Forwarded-*, Forwarded and X-Real-IP headers are believed:
     the client IP is the rightmost X-Forwarded-For entry that is not itself a trusted proxy. From any
@@ -124,6 +131,8 @@ class ListenConfig(Strict):
 class LimitsConfig(Strict):
     max_body_size: ByteSize = ByteSize(10 * 1024 * 1024)
     """Default request body limit; a route may set its own."""
+    max_request_head_size: Annotated[ByteSize, Field(ge=1024)] = ByteSize(64 * 1024)
+    """Request line and headers together (431 `headers_too_large` above it): what backends must accept."""
 
 
 class LoggingConfig(Strict):

@@ -19,6 +19,7 @@ aiohttp offers no supported hook for any of this; what is used of its internals 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 
@@ -92,11 +93,17 @@ class _Refusal(web.Response):
 
 
 class _Handler(RequestHandler):
-    """aiohttp's connection handler, with the gateway's answer to what it refuses."""
+    """aiohttp's connection handler, with the gateway's answer to what it refuses, and its deadlines: a
+    connection with no request under way closes after `listen.idle_timeout` (aiohttp's keep-alive timer),
+    and a request head must arrive whole within `listen.request_head_timeout` of its first byte."""
 
     def __init__(self, manager: web.Server, *, gateway: Gateway, **kwargs: Any):
         super().__init__(manager, **kwargs)
         self._gateway = gateway
+        listen = gateway.state.config.listen
+        self._keepalive_timeout = listen.idle_timeout
+        self._head_timeout = listen.request_head_timeout
+        self._head_timer: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
         """aiohttp's parser queues broken framing in a request's body (a bad chunk size) as the refusal of
@@ -108,6 +115,50 @@ class _Handler(RequestHandler):
             request = self._current_request
             if request is not None and not request.content.is_eof():
                 request.content.set_exception(queued.pop()[0].exc)
+        if self._messages or self._current_request is not None:  # a whole head is in
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+        elif self._head_timer is None and self._awaiting_head():  # the first bytes of the next head
+            self._arm_head_timer()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """The first head is due within the head timeout of the connection's start, so that a client
+        that connects and sends nothing holds the connection no longer either."""
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def _arm_head_timer(self) -> None:
+        self._head_timer = self._loop.call_later(self._head_timeout, self._head_too_slow)
+
+    def _awaiting_head(self) -> bool:
+        """Between requests: aiohttp waits for its parser's next message."""
+        return self._waiter is not None and not self._waiter.done()
+
+    def _head_too_slow(self) -> None:
+        """408 and close: a client trickling its head (slowloris) holds no connection for longer."""
+        self._head_timer = None
+        if not self._awaiting_head() or self.transport is None:
+            return
+        error = GatewayError(408, "request_head_timeout", f"the request head took longer than {self._head_timeout:g}s")
+        request_id = new_request_id()
+        body = json.dumps({"error": error.message, "request_id": request_id}).encode()
+        server = self._gateway.state.config.listen.server_header
+        self.transport.write(
+            b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"X-Request-ID: %s\r\n%sConnection: close\r\n\r\n%s"
+            % (len(body), request_id.encode(), f"Server: {server}\r\n".encode() if server else b"", body)
+        )
+        peer = self.transport.get_extra_info("peername")
+        count(self._gateway, Access("-", "-", UNROUTED, 408, peer[0] if peer else "", request_id,
+                                    error_type=error.error_type))
+        self.force_close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
 
     def log_exception(self, *args: Any, **kwargs: Any) -> None:
         """Not for the client's broken framing, already answered (aiohttp still tries to drain the body)."""

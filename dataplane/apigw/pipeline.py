@@ -59,9 +59,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
     auth_status = "none"
     error_type = None
     response = None
+    body = None
     metrics.inflight.inc()
     state.usage.inflight += 1
     try:
+        _check_head(request, state.config.limits.max_request_head_size)
         target = _target(request)
         route = _route(state.router, target, request.method)
         claims = None
@@ -85,13 +87,15 @@ async def handle(request: web.Request) -> web.StreamResponse:
         headers = proxy.request_headers(
             request, route.cluster, request_id, target, trusted, state.edge, forwarded_claims
         )
-        body = proxy.request_body(request, route.max_body)
+        body = proxy.request_body(request, route.max_body, state.config.listen.request_body_timeout)
         backend_target = proxy.backend_target(route.cluster, route.backend_path(target.path), target.query)
         backend = await _call_backend(request, route, backend_target, headers, body, forwarded, metrics)
         response = await proxy.relay(request, backend, response_headers, route.cluster.service)
     except GatewayError as exc:
         error_type = exc.error_type
         response = error_response(exc, request_id)
+        if exc.status == 408 or (proxy.awaits_continue(request) and (body is None or not body.invited)):
+            await _answer_and_close(request, response)  # a body stalled, or never invited: none is coming
     except proxy.StreamAborted as exc:
         error_type = exc.error_type
         response = exc.response
@@ -181,6 +185,26 @@ def error_response(error: GatewayError, request_id: str) -> web.Response:
     body = json.dumps({"error": error.message, "request_id": request_id})
     headers = {**error.headers, "X-Request-ID": request_id}
     return web.Response(status=error.status, body=body, content_type="application/json", headers=headers)
+
+
+async def _answer_and_close(request: web.Request, response: web.StreamResponse) -> None:
+    """Send `response` and close, instead of aiohttp's lingering read of the unread body (up to 10 s)."""
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    if request.transport is not None:
+        request.transport.close()
+
+
+def _check_head(request: web.Request, max_size: int) -> None:
+    """The request head within the size backends must accept, and no expectation but 100-continue (which
+    the body's first read answers, once the request has passed every check)."""
+    size = len(request.method) + len(request.raw_path) + sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
+    if size > max_size:
+        raise GatewayError(431, "headers_too_large", f"request line and headers are larger than {max_size} bytes")
+    expect = request.headers.get("Expect")
+    if expect is not None and expect.lower() != "100-continue":
+        raise GatewayError(417, "expectation_failed", "the only expectation the gateway meets is 100-continue")
 
 
 def _target(request: web.Request) -> Target:

@@ -7,13 +7,14 @@ Where a request goes, and with what timeouts, is its upstream cluster's (`apigw.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from ipaddress import ip_address
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -27,10 +28,11 @@ HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
      "trailer", "transfer-encoding", "upgrade"}
 )
-NOT_FORWARDED = HOP_BY_HOP | {"content-length", "host", "x-forwarded-for", "x-request-id", "x-original-url",
-                              "x-rewrite-url"}
-"""Client headers never passed on: hop-by-hop ones, those the gateway sets, and those that make IIS,
-Symfony or Zend backends serve another path than the one routed (X-Original-URL, X-Rewrite-URL)."""
+NOT_FORWARDED = HOP_BY_HOP | {"content-length", "host", "expect", "x-forwarded-for", "x-request-id",
+                              "x-original-url", "x-rewrite-url"}
+"""Client headers never passed on: hop-by-hop ones, those the gateway sets or answers itself (Expect), and
+those that make IIS, Symfony or Zend backends serve another path than the one routed (X-Original-URL,
+X-Rewrite-URL)."""
 CALLER_IDENTITY = frozenset(
     {"forwarded", "x-real-ip", "true-client-ip", "x-client-ip", "x-cluster-client-ip", "x-original-forwarded-for"}
 )
@@ -39,7 +41,6 @@ proxies only."""
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 SMALL_BODY = 64 * 1024
 """Responses up to this size with a known length are read whole and sent in one write."""
-CHUNK = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -51,18 +52,45 @@ class Forwarded:
 
 
 class BodyLimit:
-    """Streams the request body through, stopping once it passes `limit` bytes."""
+    """Streams the request body through, stopping once it passes `limit` bytes or the client keeps the
+    next piece waiting longer than `idle_timeout`. A client that sent `Expect: 100-continue` is invited
+    to send the body only now, when the backend asks for it: every check before has passed."""
 
-    def __init__(self, stream: web.StreamReader, limit: int):
-        self.stream, self.limit, self.seen, self.exceeded = stream, limit, 0, False
+    def __init__(self, request: web.Request, limit: int, idle_timeout: float):
+        self.request, self.limit, self.idle_timeout = request, limit, idle_timeout
+        self.seen = 0
+        self.failure: GatewayError | None = None
+        """Why the body was cut short by the gateway (too large, too slow), once it was."""
+        self.invited = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self.stream.iter_chunked(CHUNK):
+        request = self.request
+        if awaits_continue(request):
+            await request.writer.write(CONTINUE)
+        self.invited = True
+        stream = request.content
+        while True:
+            try:
+                async with asyncio.timeout(self.idle_timeout):
+                    chunk = await stream.readany()
+            except TimeoutError:
+                self.failure = GatewayError(408, "client_body_timeout", "the request body stopped arriving")
+                raise self.failure from None
+            if not chunk:
+                return
             self.seen += len(chunk)
             if self.seen > self.limit:
-                self.exceeded = True
-                raise too_large(self.limit)
+                self.failure = too_large(self.limit)
+                raise self.failure
             yield chunk
+
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def awaits_continue(request: web.Request) -> bool:
+    """The client holds its body back until invited (`Expect: 100-continue`)."""
+    return request.version >= HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue"
 
 
 def too_large(limit: int) -> GatewayError:
@@ -145,14 +173,14 @@ def request_headers(
     return headers
 
 
-def request_body(request: web.Request, max_body: int) -> BodyLimit | None:
+def request_body(request: web.Request, max_body: int, idle_timeout: float) -> BodyLimit | None:
     """The body to stream to the backend, or None; 413 at once when the declared length is over the limit."""
     if not request.body_exists:
         return None
     length = request.content_length
     if length is not None and length > max_body:
         raise too_large(max_body)
-    return BodyLimit(request.content, max_body)
+    return BodyLimit(request, max_body, idle_timeout)
 
 
 def backend_target(cluster: Cluster, path: str, query: str) -> str:
@@ -178,8 +206,8 @@ async def send(
         )
     except Exception as exc:
         result.duration = time.perf_counter() - started
-        if body is not None and body.exceeded:
-            raise too_large(body.limit) from None
+        if body is not None and body.failure is not None:
+            raise body.failure from None
         if isinstance(exc, GatewayError):
             raise
         if isinstance(exc, _CLIENT_BODY_ERRORS):  # the client left or garbled its body: not the backend's fault

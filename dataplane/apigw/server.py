@@ -57,11 +57,15 @@ async def _backend_pools(app: web.Application) -> AsyncIterator[None]:
 
 @web.middleware
 async def _pipeline_for_the_rest(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every request but the health checks goes to the pipeline, whatever its target: a catch-all route
-    would leave targets aiohttp's router cannot match (`*`, a decoded newline) to aiohttp's own 404."""
+    """Targets no route of aiohttp's can match (`OPTIONS *`) go to the pipeline too, never to aiohttp's 404."""
     if request.match_info.http_exception is not None:
         return await handle(request)
     return await handler(request)
+
+
+async def _continue_later(request: web.Request) -> None:
+    """aiohttp would answer `Expect: 100-continue` before the pipeline runs, inviting bodies that route,
+    auth or rate limit then refuse; the pipeline invites the body itself when it reads it."""
 
 
 def traffic_app(gateway: Gateway) -> web.Application:
@@ -70,6 +74,7 @@ def traffic_app(gateway: Gateway) -> web.Application:
     app.cleanup_ctx.append(_backend_pools)
     app.router.add_get("/_health/live", live)
     app.router.add_get("/_health/ready", ready)
+    app.router.add_route("*", r"/{target:[\s\S]*}", handle, expect_handler=_continue_later)
     return app
 
 

@@ -1,0 +1,31 @@
+"""Exact bytes on a plain socket, for hostile tests: what a client library would never send."""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+
+def exchange(port: int, raw: bytes, source: str = "127.0.0.1", timeout: float = 10) -> bytes:
+    """Send `raw` from `source` on one connection; read the answer until the server closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0)) as sock:
+        sock.sendall(raw)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class Answer:
+    """One HTTP/1.x response, parsed: `status`, lower-cased `headers`, `body`."""
+
+    def __init__(self, raw: bytes):
+        self.raw = raw
+        head, _, self.body = raw.partition(b"\r\n\r\n")
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        self.status = int(status_line.split(" ", 2)[1])
+        self.headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+
+    def json(self) -> dict[str, Any]:
+        return json.loads(self.body)

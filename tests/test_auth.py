@@ -33,6 +33,13 @@ from apigw.testkit.tokens import SigningKey, write_jwks
 
 NOW = 1_800_000_000.0
 
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=6,
+)
+"""Any JSON value a claim may hold (texts of any characters, controls included)."""
+
 
 @pytest.fixture(scope="module")
 def rsa_key() -> SigningKey:
@@ -378,11 +385,6 @@ async def test_claims_of_the_right_types_are_accepted(make_auth, clock, rsa_key,
     assert await authenticate(auth, f"Bearer {rsa_key.token(now=clock.now, **claims)}", ())
 
 
-JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
-    max_leaves=6,
-)
 CLAIM_TYPE_RULES = {
     **{name: lambda v: isinstance(v, str) for name in ("iss", "sub", "jti")},
     **{name: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) for name in ("exp", "nbf", "iat")},
@@ -470,11 +472,7 @@ async def test_control_characters_in_claims_that_are_not_forwarded_do_not_matter
     assert auth.forward_headers(claims) == {"X-User": "test-user"}
 
 
-@given(value=st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-    max_leaves=12,
-))
+@given(value=JSON_VALUES)
 @settings(max_examples=150, deadline=None)
 def test_forwarded_headers_are_printable_ascii_or_the_token_is_refused(claims_auth, value):
     """For any claim value: 401, or every forwarded header value is printable ASCII (no CR, LF, NUL, DEL)."""

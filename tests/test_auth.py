@@ -34,11 +34,12 @@ from apigw.testkit.tokens import SigningKey, write_jwks
 NOW = 1_800_000_000.0
 
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=10),
+    st.none() | st.booleans() | st.integers() | st.integers(min_value=2**1024) | st.floats() | st.text(max_size=10),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
     max_leaves=6,
 )
-"""Any JSON value a claim may hold (texts of any characters, controls included)."""
+"""Any JSON value a claim may hold (texts of any characters, controls included; NaN, infinities and ints
+too large for a float, which Python's JSON parser accepts)."""
 
 
 @pytest.fixture(scope="module")
@@ -354,7 +355,7 @@ WRONG_TYPES = {
     "iss": [1, 1.5, True, None, ["https://idp.example"], {"a": 1}],
     "sub": [42, False, None, ["alice"], {"id": "alice"}],
     "jti": [7, True, None, ["t-1"], {"id": 1}],
-    "exp": ["1800000300", True, None, [1800000300], {"t": 1}],
+    "exp": ["1800000300", True, None, [1800000300], {"t": 1}, float("inf"), float("nan")],
     "nbf": ["0", False, None, [0]],
     "iat": ["now", True, None, [0]],
     "aud": [1, True, None, {"a": "b"}, ["api", 2], [["api"]]],
@@ -379,7 +380,8 @@ async def test_a_claim_of_the_wrong_type_is_401_malformed(make_auth, clock, metr
     {"iss": "https://idp.example", "sub": "alice", "jti": "t-1", "aud": "api", "scope": "read"},
     {"aud": ["api", "other"], "scp": ["read", "write"], "iat": 1_799_999_999.5, "nbf": 0},
     {"aud": [], "scope": [], "scp": ""},
-], ids=["strings", "lists and float times", "empty"])
+    {"exp": 10**400, "nbf": -(10**400)},
+], ids=["strings", "lists and float times", "empty", "times too large for a float"])
 async def test_claims_of_the_right_types_are_accepted(make_auth, clock, rsa_key, claims):
     auth = make_auth(rsa_key)
     assert await authenticate(auth, f"Bearer {rsa_key.token(now=clock.now, **claims)}", ())

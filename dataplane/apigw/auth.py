@@ -456,16 +456,20 @@ def _unverified_header(token: str) -> dict[str, Any]:
 
 
 def _check_times(claims: Mapping[str, Any], now: float, skew: float) -> None:
-    """The time claims against the clock (their types were checked before)."""
+    """The time claims against the clock (their types were checked before). The claims are compared,
+    never added to: an int claim too large for a float would overflow arithmetic."""
     exp, nbf, iat = (claims.get(name) for name in TIME_CLAIMS)
-    if exp is not None and now >= exp + skew:
+    if exp is not None and now - skew >= exp:
         raise _invalid("expired", "the token has expired")
     if (nbf is not None and nbf > now + skew) or (iat is not None and iat > now + skew):
         raise _invalid("not_yet_valid", "the token is not valid yet")
 
 
 def _is_time(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A JSON number: any int (isfinite would overflow on a huge one), or a finite float."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
 
 
 def _is_string_or_list(value: Any) -> bool:

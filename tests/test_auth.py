@@ -7,6 +7,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import random
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -17,6 +18,8 @@ import pytest
 import redis.asyncio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from apigw.auth import MAX_TOKEN_LENGTH, NO_EXP_CACHE_SECONDS, Authenticator, Claims
 from apigw.config import AuthConfig, RedisConfig
@@ -29,6 +32,14 @@ from apigw.testkit.redis import RedisServer
 from apigw.testkit.tokens import SigningKey, write_jwks
 
 NOW = 1_800_000_000.0
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.integers(min_value=2**1024) | st.floats() | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=6,
+)
+"""Any JSON value a claim may hold (texts of any characters, controls included; NaN, infinities and ints
+too large for a float, which Python's JSON parser accepts)."""
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +82,18 @@ async def make_auth(tmp_path: Path, clock: FakeClock, metrics: Metrics) -> Async
     yield make
     for batch in batches:
         await batch.aclose()
+
+
+@pytest.fixture(scope="module")
+def claims_auth(tmp_path_factory: pytest.TempPathFactory) -> tuple[Authenticator, SigningKey]:
+    """For property tests (which run many examples in one test): an Ed25519 key (fast to sign with) and an
+    authenticator that forwards `name`, fixed at NOW, without cache so every example is verified."""
+    key = SigningKey("ed25519")
+    pem = key.write_public_pem(tmp_path_factory.mktemp("keys") / "key.pem")
+    config = AuthConfig.model_validate(
+        {"keys": [{"file": pem}], "forward_claims": {"name": "X-Name"}, "cache_size": 0}
+    )
+    return Authenticator.build(config, Metrics(), None, clock=lambda: NOW), key
 
 
 @pytest.fixture
@@ -281,6 +304,133 @@ async def test_issuer_and_audience_are_not_checked_when_not_configured(make_auth
     assert await authenticate(auth, f"Bearer {rsa_key.token(now=clock.now, iss='anyone', aud='anything')}", ())
 
 
+# --- what a token must carry: required claims, no crit, claims of their types ------------------------
+
+
+async def test_exp_is_required_by_default(make_auth, clock, metrics, rsa_key):
+    auth = make_auth(rsa_key)
+    error = await rejected(auth, f"Bearer {rsa_key.token(now=clock.now, ttl=None)}")
+    assert (error.status, error.error_type) == (401, "missing_claim")
+    assert error.headers == {"WWW-Authenticate": (
+        'Bearer error="invalid_token", error_description="the token lacks the required claim exp"')}
+    assert attempts(metrics, "failure", "missing_claim") == 1
+    assert len(auth.cache.entries) == 0
+
+
+async def test_required_claims_are_configurable(make_auth, clock, rsa_key):
+    auth = make_auth(rsa_key, required_claims=["exp", "sub", "https://idp.example/tenant"])
+    tenant = {"https://idp.example/tenant": "t1"}
+    assert await authenticate(auth, f"Bearer {rsa_key.token(now=clock.now, **tenant)}", ())
+    for claims, missing in [({"sub": None, **tenant}, "sub"), ({}, "https://idp.example/tenant"),
+                            ({"https://idp.example/tenant": None}, "https://idp.example/tenant")]:
+        error = await rejected(auth, f"Bearer {rsa_key.token(now=clock.now, **claims)}")
+        assert (error.error_type, error.message) == ("missing_claim", f"the token lacks the required claim {missing}")
+
+
+async def test_no_required_claims_accepts_a_token_that_never_expires(make_auth, clock, rsa_key):
+    auth = make_auth(rsa_key, required_claims=[])
+    assert await authenticate(auth, f"Bearer {rsa_key.token(now=clock.now, ttl=None)}", ())
+
+
+@pytest.mark.parametrize("name", ["", "a b", 'a"b', "a\\b", "é", "a\nb"])
+@pytest.mark.parametrize("setting", ["required_claims", "forward_claims"])
+def test_claim_names_in_the_config_are_checked(name, setting):
+    value = [name] if setting == "required_claims" else {name: "X-Claim"}
+    with pytest.raises(ValueError, match="is not a claim name"):
+        AuthConfig.model_validate({setting: value})
+
+
+@pytest.mark.parametrize("crit", [["exp"], ["b64"], ["https://example.com/ext"], [], "b64", None])
+async def test_a_token_with_a_crit_header_is_refused(make_auth, clock, metrics, rsa_key, crit):
+    """RFC 7515 4.1.11: extensions named in `crit` must be understood, and the gateway understands none."""
+    auth = make_auth(rsa_key)
+    token = rsa_key.signed({"sub": "a", "exp": int(clock.now) + 60}, {"crit": crit, "exp": int(clock.now) + 60})
+    error = await rejected(auth, f"Bearer {token}")
+    assert (error.status, error.error_type) == (401, "malformed")
+    assert "crit" in error.message
+    assert attempts(metrics, "failure", "malformed") == 1
+
+
+WRONG_TYPES = {
+    "iss": [1, 1.5, True, None, ["https://idp.example"], {"a": 1}],
+    "sub": [42, False, None, ["alice"], {"id": "alice"}],
+    "jti": [7, True, None, ["t-1"], {"id": 1}],
+    "exp": ["1800000300", True, None, [1800000300], {"t": 1}, float("inf"), float("nan")],
+    "nbf": ["0", False, None, [0]],
+    "iat": ["now", True, None, [0]],
+    "aud": [1, True, None, {"a": "b"}, ["api", 2], [["api"]]],
+    "scope": [1, True, None, {"read": True}, ["read", 1], [None]],
+    "scp": [1, False, None, ["read", ["write"]]],
+}
+WRONG_TYPE_CASES = [(claim, value) for claim, values in WRONG_TYPES.items() for value in values]
+
+
+@pytest.mark.parametrize(("claim", "value"), WRONG_TYPE_CASES, ids=[f"{c}={v!r}" for c, v in WRONG_TYPE_CASES])
+async def test_a_claim_of_the_wrong_type_is_401_malformed(make_auth, clock, metrics, rsa_key, redis_server, claim, value):
+    """Revocation (jti) and scopes (scope, scp) are in play, so a wrong type would otherwise reach their code."""
+    auth = make_auth(rsa_key, redis=redis_server, required_claims=[])
+    token = rsa_key.signed({"sub": "test-user", "jti": "t-1", "exp": int(clock.now) + 300, claim: value})
+    error = await rejected(auth, f"Bearer {token}", ("read",))
+    assert (error.status, error.error_type) == (401, "malformed")
+    assert error.message.startswith(f"the token's {claim} claim must be ")
+    assert attempts(metrics, "failure", "malformed") == 1
+
+
+@pytest.mark.parametrize("claims", [
+    {"iss": "https://idp.example", "sub": "alice", "jti": "t-1", "aud": "api", "scope": "read"},
+    {"aud": ["api", "other"], "scp": ["read", "write"], "iat": 1_799_999_999.5, "nbf": 0},
+    {"aud": [], "scope": [], "scp": ""},
+    {"exp": 10**400, "nbf": -(10**400)},
+], ids=["strings", "lists and float times", "empty", "times too large for a float"])
+async def test_claims_of_the_right_types_are_accepted(make_auth, clock, rsa_key, claims):
+    auth = make_auth(rsa_key)
+    assert await authenticate(auth, f"Bearer {rsa_key.token(now=clock.now, **claims)}", ())
+
+
+CLAIM_TYPE_RULES = {
+    **{name: lambda v: isinstance(v, str) for name in ("iss", "sub", "jti")},
+    **{name: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) for name in ("exp", "nbf", "iat")},
+    **{name: lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(i, str) for i in v))
+       for name in ("aud", "scope", "scp")},
+}
+
+
+@given(claim=st.sampled_from(sorted(CLAIM_TYPE_RULES)), value=JSON_VALUES)
+@settings(max_examples=300, deadline=None)
+def test_any_wrongly_typed_registered_claim_is_401_malformed(claims_auth, claim, value):
+    """The rule: a registered (or scope) claim whose JSON type is not its own makes the token a 401
+    `malformed` (a null `exp`, required by default, counts as missing), whatever the value; one of its own
+    type never does."""
+    auth, key = claims_auth
+    payload = {"sub": "test-user", "iat": int(NOW), "exp": int(NOW) + 300, claim: value}
+    if claim in ("exp", "nbf", "iat") and CLAIM_TYPE_RULES[claim](value):
+        payload[claim] = {"exp": NOW + 60, "nbf": NOW - 60, "iat": NOW - 60}[claim]  # a time of its type, in range
+    token = key.signed(payload)
+    if CLAIM_TYPE_RULES[claim](payload[claim]):
+        assert auth.verify(f"Bearer {token}")[claim] == payload[claim]
+    else:
+        with pytest.raises(GatewayError) as caught:
+            auth.verify(f"Bearer {token}")
+        missing = claim == "exp" and value is None
+        assert (caught.value.status, caught.value.error_type) == (401, "missing_claim" if missing else "malformed")
+
+
+# --- the audience warning ------------------------------------------------------------------------------
+
+
+def test_keys_without_an_audience_log_a_warning_naming_no_token(tmp_path, metrics, rsa_key, caplog):
+    pem = rsa_key.write_public_pem(tmp_path / "key.pem")
+    caplog.set_level(logging.WARNING, logger="apigw.auth")
+    Authenticator.build(AuthConfig.model_validate({"keys": [{"file": pem}]}), metrics, None)
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert record.getMessage().startswith("auth.audience is not set: tokens signed by the configured keys are accepted")
+    caplog.clear()
+    Authenticator.build(AuthConfig.model_validate({"keys": [{"file": pem}], "audience": "api"}), metrics, None)
+    Authenticator.build(AuthConfig(), metrics, None)  # no keys: no auth, nothing to warn about
+    assert caplog.records == []
+
+
 async def test_scopes_from_scope_or_scp_and_403_when_one_is_missing(make_auth, clock, metrics, rsa_key):
     auth = make_auth(rsa_key)
     assert await authenticate(auth, f"Bearer {rsa_key.token(now=clock.now, scope='read write')}", ("read", "write"))
@@ -299,11 +449,43 @@ async def test_forwarded_claims_become_headers_and_their_names_are_stripped(make
     forward = {"sub": "X-User", "roles": "X-Roles", "name": "X-Name", "tenant": "X-Tenant"}
     auth = make_auth(rsa_key, forward_claims=forward)
     assert auth.stripped_headers == frozenset({"x-user", "x-roles", "x-name", "x-tenant"})
-    token = rsa_key.token(now=clock.now, roles=["a", "b"], name="Zoë\r\nX: y")
+    token = rsa_key.token(now=clock.now, roles=["a", "b"], name="Zoë: y")
     claims = await authenticate(auth, f"Bearer {token}", ())
-    assert auth.forward_headers(claims) == {
-        "X-User": "test-user", "X-Roles": '["a","b"]', "X-Name": '"Zo\\u00eb\\r\\nX: y"'
-    }
+    assert auth.forward_headers(claims) == {"X-User": "test-user", "X-Roles": '["a","b"]', "X-Name": '"Zo\\u00eb: y"'}
+
+
+@pytest.mark.parametrize("value", [
+    "alice\r\nX-Admin: true", "alice\n", "alice\r", "a\x00b", "a\x7f", "a\x85b", "a\u2028b", "\t",
+    ["ok", "bad\nline"], {"k\r\n": "v"}, {"k": ["deep", {"deeper": "x\x01"}]},
+], ids=repr)
+async def test_a_forwarded_claim_with_control_characters_refuses_the_token(make_auth, clock, metrics, rsa_key, value):
+    """Whatever the backend decodes from a forwarded header (JSON included) holds no line break or control."""
+    auth = make_auth(rsa_key, forward_claims={"name": "X-Name"})
+    error = await rejected(auth, f"Bearer {rsa_key.token(now=clock.now, name=value)}")
+    assert (error.status, error.error_type) == (401, "malformed")
+    assert "name claim holds control characters" in error.message
+    assert attempts(metrics, "failure", "malformed") == 1
+
+
+async def test_control_characters_in_claims_that_are_not_forwarded_do_not_matter(make_auth, clock, rsa_key):
+    auth = make_auth(rsa_key, forward_claims={"sub": "X-User"})
+    token = rsa_key.token(now=clock.now, note="two\nlines")
+    claims = await authenticate(auth, f"Bearer {token}", ())
+    assert auth.forward_headers(claims) == {"X-User": "test-user"}
+
+
+@given(value=JSON_VALUES)
+@settings(max_examples=150, deadline=None)
+def test_forwarded_headers_are_printable_ascii_or_the_token_is_refused(claims_auth, value):
+    """For any claim value: 401, or every forwarded header value is printable ASCII (no CR, LF, NUL, DEL)."""
+    auth, key = claims_auth
+    try:
+        claims = auth.verify(f"Bearer {key.signed({'exp': int(NOW) + 60, 'name': value})}")
+    except GatewayError as exc:
+        assert (exc.status, exc.error_type) == (401, "malformed")
+        return
+    for header in auth.forward_headers(claims).values():
+        assert header.isascii() and header.isprintable(), header
 
 
 # --- keys: loading, rotation, reload -------------------------------------------------------------
@@ -473,7 +655,7 @@ async def test_the_cache_never_serves_a_token_past_exp(make_auth, clock, metrics
 
 
 async def test_a_token_without_exp_is_reverified_after_a_short_while(make_auth, clock, rsa_key):
-    auth = make_auth(rsa_key)
+    auth = make_auth(rsa_key, required_claims=[])  # exp is required by default
     token = f"Bearer {rsa_key.token(now=clock.now, ttl=None)}"
     await authenticate(auth, token, ())
     clock.now += NO_EXP_CACHE_SECONDS - 1

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import signal
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis as redis_sync
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from apigw.state import GATEWAY
 from apigw.testkit.backend import Backend
-from apigw.testkit.process import GatewayProcess, http_status, ports
+from apigw.testkit.process import BackendProcess, GatewayProcess, http_status, ports, wait_until
 from apigw.testkit.redis import RedisServer
 from apigw.testkit.tokens import SigningKey
 from tests.conftest import access_lines
+from tests.test_auth import JSON_VALUES
 
 
 @pytest.fixture
@@ -57,6 +66,11 @@ async def test_valid_token_is_forwarded_with_claims_and_no_spoofing(gateway_clie
 async def test_bad_credentials_are_401(gateway_client, backend, key, tmp_path, header, error_type) -> None:
     client = await gateway_client(auth_config(tmp_path, backend.url))
     resp = await client.get("/users/1", headers={"Authorization": header} if header else {})
+    await assert_refused(client, backend, resp, error_type)
+
+
+async def assert_refused(client, backend, resp, error_type: str) -> None:
+    """A 401 of the gateway's own: JSON body, Bearer challenge, not forwarded, logged and counted by cause."""
     assert resp.status == 401
     assert resp.headers["WWW-Authenticate"].startswith("Bearer")
     assert set(await resp.json()) == {"error", "request_id"}
@@ -67,6 +81,97 @@ async def test_bad_credentials_are_401(gateway_client, backend, key, tmp_path, h
     assert line["error_type"] == error_type
     value = client.app[GATEWAY].metrics.registry.get_sample_value
     assert value("gateway_auth_attempts_total", {"result": "failure", "error_type": error_type}) == 1
+
+
+BAD_TOKENS = {
+    "no exp (required by default)": (lambda key: key.token(ttl=None, scope="users:read"), "missing_claim"),
+    "crit header": (lambda key: key.signed({"exp": _soon(), "scope": "users:read"}, {"crit": ["exp"]}), "malformed"),
+    "crit b64 (PyJWT understands it, the gateway does not)": (
+        lambda key: key.signed({"exp": _soon(), "scope": "users:read"}, {"crit": ["b64"], "b64": True}), "malformed"),
+    "jti a number": (lambda key: key.signed({"exp": _soon(), "jti": 7, "scope": "users:read"}), "malformed"),
+    "sub a list": (lambda key: key.signed({"exp": _soon(), "sub": ["alice"], "scope": "users:read"}), "malformed"),
+    "iss a number": (lambda key: key.signed({"exp": _soon(), "iss": 1, "scope": "users:read"}), "malformed"),
+    "exp a string": (lambda key: key.signed({"exp": str(_soon()), "scope": "users:read"}), "malformed"),
+    "exp a boolean": (lambda key: key.signed({"exp": True, "scope": "users:read"}), "malformed"),
+    "iat null": (lambda key: key.signed({"exp": _soon(), "iat": None, "scope": "users:read"}), "malformed"),
+    "aud a number": (lambda key: key.signed({"exp": _soon(), "aud": 5, "scope": "users:read"}), "malformed"),
+    "scope a number": (lambda key: key.signed({"exp": _soon(), "scope": 1}), "malformed"),
+    "scope a list with a number": (lambda key: key.signed({"exp": _soon(), "scope": ["users:read", 1]}), "malformed"),
+    "forwarded sub with CR LF": (
+        lambda key: key.token(sub="alice\r\nX-Admin: true", scope="users:read"), "malformed"),
+    "forwarded sub with a NUL": (lambda key: key.token(sub="alice\x00", scope="users:read"), "malformed"),
+}
+
+
+def _soon() -> int:
+    return int(time.time()) + 300
+
+
+@pytest.mark.parametrize("case", BAD_TOKENS)
+async def test_tokens_lacking_a_required_claim_or_with_crit_or_mistyped_claims_are_401(
+    gateway_client, backend, key, tmp_path, case
+) -> None:
+    make, error_type = BAD_TOKENS[case]
+    client = await gateway_client(auth_config(tmp_path, backend.url))
+    resp = await client.get("/users/1", headers={"Authorization": f"Bearer {make(key)}"})
+    await assert_refused(client, backend, resp, error_type)
+    assert 'error="invalid_token"' in resp.headers["WWW-Authenticate"]
+
+
+async def test_required_claims_set_in_the_config(gateway_client, backend, key, tmp_path) -> None:
+    client = await gateway_client(auth_config(tmp_path, backend.url, required_claims=["sub", "tenant"]))
+    without_exp = key.token(ttl=None, tenant="t1", scope="users:read")
+    assert (await client.get("/users/1", headers={"Authorization": f"Bearer {without_exp}"})).status == 200
+    resp = await client.get("/users/1", headers={"Authorization": f"Bearer {key.token(scope='users:read')}"})
+    assert resp.headers["WWW-Authenticate"] == (
+        'Bearer error="invalid_token", error_description="the token lacks the required claim tenant"')
+    backend.seen.clear()
+    await assert_refused(client, backend, resp, "missing_claim")
+
+
+async def test_forwarded_claims_reach_the_backend_as_exact_printable_bytes(gateway_client, key, tmp_path) -> None:
+    """A backend reading raw bytes: each forwarded claim is one header line of printable ASCII (JSON for
+    what is not plain ASCII text), and a client's own copy of the header is gone."""
+    async with RecordingBackend() as recorder:
+        config = auth_config(tmp_path, recorder.url)
+        config["auth"]["forward_claims"] |= {"name": "X-Name", "roles": "X-Roles"}
+        client = await gateway_client(config)
+        token = key.token(sub="alice", name="Zoë \"the\" admin", roles=["a", "b\\c"], scope="users:read")
+        resp = await client.get("/users/1", headers={"Authorization": f"Bearer {token}", "X-Name": "forged"})
+        assert resp.status == 200
+    [request] = recorder.requests
+    lines = request.split(b"\r\n")
+    for name, value in [(b"x-user-id", b"alice"), (b"x-name", rb'"Zo\u00eb \"the\" admin"'), (b"x-roles", rb'["a","b\\c"]')]:
+        assert [line for line in lines if line.lower().startswith(name + b":")] == [name.title() + b": " + value]
+    assert all(0x20 <= byte < 0x7F for line in lines for byte in line)
+
+
+class RecordingBackend:
+    """A backend on a raw socket: records each request's head as received, answers 200."""
+
+    def __init__(self) -> None:
+        self.requests: list[bytes] = []
+        self.server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.requests.append((await reader.readuntil(b"\r\n\r\n"))[:-4])
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    async def __aenter__(self) -> RecordingBackend:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
 
 
 async def test_expired_token_and_missing_scope(gateway_client, backend, key, tmp_path) -> None:
@@ -172,3 +277,87 @@ async def test_revocation_and_rate_limit_share_one_redis_round_trip(
     assert statuses == [200, 200, 429]
     redis_sync.Redis.from_url(redis_server.url).set("revoked:t-2", 1, ex=300)
     assert (await client.get("/users/1", headers=headers)).status == 401  # revoked wins over limited
+
+
+def _audience_warnings(gateway: GatewayProcess) -> list[dict]:
+    return [line for line in gateway.log_lines() if line["msg"].startswith("auth.audience is not set")]
+
+
+def test_keys_without_an_audience_are_warned_about_at_start_and_on_a_reload_that_changes_auth(tmp_path: Path) -> None:
+    key = SigningKey("ec")
+    key.write_public_pem(tmp_path / "jwt-public-key.pem")
+    port, metrics_port = ports()
+    path = tmp_path / "gw.yaml"
+    config = auth_config(tmp_path, "http://127.0.0.1:9")
+    config["listen"] = {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port}
+    path.write_text(yaml.safe_dump(config))
+
+    def reload(change: Callable[[dict], None]) -> None:
+        before = gateway.ready()["config_hash"]
+        change(config)
+        path.write_text(yaml.safe_dump(config))
+        gateway.signal(signal.SIGHUP)
+        wait_until(lambda: gateway.ready()["config_hash"] != before, what="reload")
+
+    token = key.token(scope="users:read")
+    with GatewayProcess(path, port, metrics_port) as gateway:
+        [warning] = _audience_warnings(gateway)
+        assert (warning["level"], warning["logger"]) == ("warning", "apigw.auth")
+        assert "error" not in json.dumps(warning).lower()  # not picked up by the runbook's `grep -i error`
+        reload(lambda c: c["routes"].append({"name": "more", "backend": {"service": "more", "url": "http://127.0.0.1:9"},
+                                              "match": {"path": "/more"}}))
+        assert len(_audience_warnings(gateway)) == 1  # routes changed, auth did not: no repeat
+        reload(lambda c: c["auth"].update(audience="users-api"))
+        reload(lambda c: c["routes"].pop())
+        assert len(_audience_warnings(gateway)) == 1
+        reload(lambda c: c["auth"].pop("audience"))
+        assert len(_audience_warnings(gateway)) == 2
+        assert http_status(f"{gateway.url}/users/1", {"Authorization": f"Bearer {token}"}) == 502  # no backend on :9
+        wait_until(lambda: any(line.get("status_code") == 502 for line in gateway.log_lines()), what="access line")
+        assert token not in gateway.log_text()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, SigningKey]]:
+    """A real gateway process (auth, forwarding `sub` and `name`) before a real echo backend process."""
+    tmp_path = tmp_path_factory.mktemp("served")
+    key = SigningKey("ed25519")
+    key.write_public_pem(tmp_path / "jwt-public-key.pem")
+    port, metrics_port = ports()
+    with BackendProcess() as backend:
+        config = auth_config(tmp_path, backend.url)
+        config["auth"]["forward_claims"] |= {"name": "X-Name"}
+        config["listen"] = {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port}
+        (tmp_path / "gw.yaml").write_text(yaml.safe_dump(config))
+        with GatewayProcess(tmp_path / "gw.yaml", port, metrics_port) as gateway:
+            yield gateway.url, key
+
+
+def _get(url: str, token: str) -> tuple[int, dict]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, json.loads(error.read())
+
+
+REGISTERED = ("iss", "sub", "jti", "exp", "nbf", "iat", "aud", "scope", "scp", "name")
+
+
+@given(claims=st.dictionaries(st.sampled_from(REGISTERED), JSON_VALUES, max_size=4))
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_claims_get_a_200_or_a_401_and_forward_only_printable_ascii(served, claims) -> None:
+    """Through a real gateway process: whatever a signed token claims, the answer is a 200 or the gateway's own
+    401 (never a 500), and on a 200 the forwarded headers the backend got are printable ASCII."""
+    url, key = served
+    payload = {"exp": int(time.time()) + 300, "scope": "users:read", **claims}
+    status, body = _get(f"{url}/users/1", key.signed(payload))
+    assert status in (200, 401, 403), body
+    if status == 200:
+        for header in ("X-User-Id", "X-Name"):
+            value = body["headers"].get(header, "")
+            assert value.isascii() and value.isprintable(), value
+    else:
+        assert set(body) == {"error", "request_id"}

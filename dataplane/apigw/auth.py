@@ -9,6 +9,15 @@ keys configured without a kid; a token without a `kid` with every key.
 Time claims (`exp`, `nbf`, `iat`, with `auth.clock_skew`) are checked here rather than by PyJWT, with
 the clock passed in, so that fresh verification and the cache follow one clock.
 
+What a token must be beyond its signature is checked here too, once per distinct token (the cache
+holds only tokens that passed): no `crit` header (RFC 7515 4.1.11: a token naming extensions the
+verifier does not understand is invalid, and the gateway understands none); every claim of
+`auth.required_claims` present (default `exp`: a token that never expires is refused); the registered
+claims of their types (`iss`, `sub`, `jti` strings; `exp`, `nbf`, `iat` numbers; `aud` and the scope
+claims a string or a list of strings); and the `auth.forward_claims` free of control characters, so that
+no value the backend decodes from a forwarded header can hold a line break. A wrong type is a 401,
+never an exception further down.
+
 Verified tokens are cached (LRU, `auth.cache_size` entries, keyed by the token) to skip signature
 verification for repeated tokens. An entry never outlives the token's `exp`; a token without `exp`
 is re-verified at least every `NO_EXP_CACHE_SECONDS`. New keys come with a new authenticator and cache.
@@ -29,7 +38,9 @@ shows up as the outage it is.
 
 from __future__ import annotations
 
+import base64
 import json
+import logging
 import math
 import re
 import time
@@ -52,6 +63,8 @@ from apigw.loader import ConfigError
 from apigw.metrics import Metrics
 from apigw.redisbatch import RedisBatch
 
+log = logging.getLogger("apigw.auth")
+
 Claims = Mapping[str, Any]
 """The verified claims of a token (read-only: the same mapping may serve many requests)."""
 
@@ -63,8 +76,16 @@ REVOKED_PREFIX = "revoked:"
 
 ERROR_TYPES = (
     "missing_token", "malformed", "disallowed_alg", "unknown_kid", "bad_signature", "expired", "not_yet_valid",
-    "bad_issuer", "bad_audience", "revoked", "insufficient_scope", "revocation_unavailable",
+    "bad_issuer", "bad_audience", "missing_claim", "revoked", "insufficient_scope", "revocation_unavailable",
 )
+
+STRING_CLAIMS = ("iss", "sub", "jti")
+TIME_CLAIMS = ("exp", "nbf", "iat")
+STRING_OR_LIST_CLAIMS = ("aud", "scope", "scp")
+"""The registered claims (and the scope claims) whose type is checked; a claim of the wrong type is 401 malformed."""
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+"""Characters no forwarded claim may hold: C0 and C1 controls (CR, LF, NUL, DEL, NEL...) and the Unicode line
+and paragraph separators."""
 
 _RSA_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
 _EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
@@ -281,12 +302,19 @@ class Authenticator:
         self._success = metrics.auth_attempts.labels("success", "none")
         self._failures = {error_type: metrics.auth_attempts.labels("failure", error_type) for error_type in ERROR_TYPES}
         self._forward = tuple(config.forward_claims.items())
+        self._required = tuple(config.required_claims)
         self.stripped_headers = frozenset(header.lower() for header in config.forward_claims.values())
         self._jwt = jwt.PyJWT(options={
             "verify_exp": False, "verify_nbf": False, "verify_iat": False,  # checked with our clock
+            "verify_sub": False, "verify_jti": False,  # types checked by _check_claims, which names the claim
             "verify_aud": config.audience is not None,
             "enforce_minimum_key_length": True,
         })
+        if (config.keys or config.jwks_file) and config.audience is None:
+            log.warning(
+                "auth.audience is not set: tokens signed by the configured keys are accepted whatever service "
+                "they were minted for; set auth.audience to this gateway's audience"
+            )
 
     @classmethod
     def build(
@@ -358,13 +386,12 @@ class Authenticator:
         return claims
 
     def _verify(self, token: str, now: float) -> Claims:
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
-            raise _invalid("malformed", "the token is not a well-formed JWT") from None
+        header = _unverified_header(token)
         alg, kid = header.get("alg"), header.get("kid")
         if not isinstance(alg, str) or not isinstance(kid, (str, type(None))):
             raise _invalid("malformed", "the token is not a well-formed JWT")
+        if "crit" in header:
+            raise _invalid("malformed", "the token names critical header extensions (crit), which are not supported")
         if alg not in self._algorithms:
             raise _invalid("disallowed_alg", "the token's algorithm is not accepted")
         candidates = self._keys.candidates(kid)
@@ -382,9 +409,23 @@ class Authenticator:
                 continue
             except jwt.PyJWTError as exc:
                 raise _invalid(*_cause(exc)) from None
+            self._check_claims(claims)
             _check_times(claims, now, self._skew)
             return MappingProxyType(claims)
         raise _invalid("bad_signature", "the token's signature is invalid")
+
+    def _check_claims(self, claims: Mapping[str, Any]) -> None:
+        """Required claims present, claims of their types, forwarded claims fit for a header; 401 otherwise."""
+        for name in self._required:
+            if claims.get(name) is None:
+                raise _invalid("missing_claim", f"the token lacks the required claim {name}")
+        for names, fits, kind in _CLAIM_TYPES:
+            for name in names:
+                if name in claims and not fits(claims[name]):
+                    raise _invalid("malformed", f"the token's {name} claim must be {kind}")
+        for name, _ in self._forward:
+            if _holds_control(claims.get(name)):
+                raise _invalid("malformed", f"the token's {name} claim holds control characters and cannot be forwarded")
 
     async def _check_revocation(self, jti: str) -> None:
         assert self._redis is not None
@@ -401,29 +442,72 @@ class Authenticator:
             raise _invalid("revoked", "the token has been revoked")
 
 
+def _unverified_header(token: str) -> dict[str, Any]:
+    """The token's JOSE header, read before verification to pick the key and to refuse `crit` with a
+    message of our own (PyJWT reads it again, strictly, when it verifies)."""
+    segment = token.partition(".")[0]
+    try:
+        header = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except (ValueError, RecursionError):  # binascii.Error, UnicodeDecodeError and JSONDecodeError are ValueErrors
+        header = None
+    if not isinstance(header, dict):
+        raise _invalid("malformed", "the token is not a well-formed JWT")
+    return header
+
+
 def _check_times(claims: Mapping[str, Any], now: float, skew: float) -> None:
-    exp, nbf, iat = (claims.get(name) for name in ("exp", "nbf", "iat"))
-    for value in (exp, nbf, iat):
-        if value is not None and not _is_time(value):
-            raise _invalid("malformed", "the token's exp, nbf and iat must be numbers")
-    if exp is not None and now >= exp + skew:
+    """The time claims against the clock (their types were checked before). The claims are compared,
+    never added to: an int claim too large for a float would overflow arithmetic."""
+    exp, nbf, iat = (claims.get(name) for name in TIME_CLAIMS)
+    if exp is not None and now - skew >= exp:
         raise _invalid("expired", "the token has expired")
     if (nbf is not None and nbf > now + skew) or (iat is not None and iat > now + skew):
         raise _invalid("not_yet_valid", "the token is not valid yet")
 
 
 def _is_time(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A JSON number: any int (isfinite would overflow on a huge one), or a finite float."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _is_string_or_list(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(item, str) for item in value))
+
+
+_CLAIM_TYPES = (
+    (STRING_CLAIMS, lambda value: isinstance(value, str), "a string"),
+    (TIME_CLAIMS, _is_time, "a number"),
+    (STRING_OR_LIST_CLAIMS, _is_string_or_list, "a string or a list of strings"),
+)
+
+
+def _holds_control(value: Any) -> bool:
+    """Whether a control character is in `value` or any string nested in it (keys too); iterative, so that
+    no nesting depth the JSON parser accepted can exhaust the stack here."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if _CONTROL.search(item):
+                return True
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+    return False
 
 
 def _check_scopes(claims: Claims, required: tuple[str, ...]) -> None:
     granted: set[str] = set()
-    for name in ("scope", "scp"):
+    for name in ("scope", "scp"):  # a string or a list of strings (checked when the token was verified)
         value = claims.get(name)
         if isinstance(value, str):
             granted.update(value.split())
-        elif isinstance(value, list):
-            granted.update(s for s in value if isinstance(s, str))
+        elif value is not None:
+            granted.update(value)
     if not granted.issuperset(required):
         wanted = " ".join(required).replace("\\", "\\\\").replace('"', '\\"')
         raise GatewayError(

@@ -192,11 +192,23 @@ class AuthConfig(Strict):
     ]
     issuer: str | None = None
     audience: str | None = None
+    """Without it, tokens minted for any service are accepted (logged as a warning at start and reload)."""
+    required_claims: list[str] = ["exp"]
+    """Claims every token must carry (else 401 `missing_claim`); `[]` accepts tokens that never expire."""
     clock_skew: Duration = 30.0
     revocation: RevocationConfig = RevocationConfig()
     forward_claims: dict[str, Annotated[str, Field(pattern=r"^[A-Za-z0-9-]+$")]] = {}
     """Claim name -> request header carrying it to the backend (client-sent copies are stripped)."""
     cache_size: Annotated[int, Field(ge=0)] = 10_000
+
+    @field_validator("required_claims", "forward_claims")
+    @classmethod
+    def _claim_names(cls, names: list[str] | dict[str, str]) -> Any:
+        """Names appear in the 401's WWW-Authenticate header: printable ASCII, no space, quote or backslash."""
+        for name in names:
+            if not re.fullmatch(r'[!#-\[\]-~]+', name):
+                raise ValueError(f"{name!r} is not a claim name (printable ASCII without spaces, quotes or backslashes)")
+        return names
 
 
 class RateLimitSettings(Strict):

@@ -19,11 +19,16 @@ from apigw.testkit.backend import Backend
 from apigw.testkit.tokens import SigningKey
 
 
+DEMO_AUDIENCE = "gateway-demo"
+"""The demo's tokens are minted for it, as a production gateway's should be (`auth.audience`)."""
+
+
 def demo_config(backend_url: str, port: int, metrics_port: int, key_file: Path, redis_url: str | None) -> dict:
     backend = {"service": "echo", "url": backend_url, "timeout": "2s"}
     config = {
         "listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port},
-        "auth": {"keys": [{"file": str(key_file), "kid": "demo"}], "forward_claims": {"sub": "X-User-Id"}},
+        "auth": {"keys": [{"file": str(key_file), "kid": "demo"}], "audience": DEMO_AUDIENCE,
+                 "forward_claims": {"sub": "X-User-Id"}},
         "policies": [{"name": "demo", "requests": 5, "period": "10s"}],
         "routes": [
             {"name": "echo", "match": {"path_prefix": "/api/v1"}, "rewrite_prefix": "/", "backend": backend,
@@ -69,7 +74,7 @@ async def run_demo(port: int, metrics_port: int, redis_url: str | None) -> int:
             key_file = key.write_public_pem(config_dir / "jwt-public-key.pem")
             config = demo_config(backend.url, port, metrics_port, key_file, redis_url)
             (config_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-            token = key.token(ttl=24 * 3600, sub="demo-user", scope="demo:read")
+            token = key.token(ttl=24 * 3600, sub="demo-user", scope="demo:read", aud=DEMO_AUDIENCE)
             print(instructions(port, metrics_port, config_dir, token, redis_url), flush=True)
             return await serve(config_dir)
 

@@ -162,15 +162,21 @@ def test_runbook_commands_are_quoted_from_the_runbook() -> None:
 
 
 def test_error_rate_latency_and_backend_commands(tmp_path: Path, bin_dir: Path, echo: BackendProcess, sites) -> None:
-    """High Error Rate, High Latency, Backend Service Errors: 5xx by path, by backend, breaker state, durations."""
+    """High Error Rate, High Latency, Backend Service Errors: 5xx by path, by backend, breaker state, durations.
+    A 401 and a 429 in the same log are blamed on no backend: theirs was never called."""
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: refused -> 502
+    pem = SigningKey("ec").write_public_pem(tmp_path / "jwt-public-key.pem")
     site = start(tmp_path, {
+        "auth": {"keys": [{"file": str(pem)}], "audience": "api"},
+        "policies": [{"name": "one", "requests": 1, "period": "1h"}],
         "routes": [
             route("users", echo.url, match={"path_prefix": "/users"}),
             route("orders", echo.url, match={"path_prefix": "/orders"}, rewrite_prefix="/"),
             {"name": "payments", "match": {"path_prefix": "/payments"},
              "backend": {"service": "payments", "url": dead, "retries": {"max_retries": 0},
                          "circuit_breaker": {"consecutive_failures": 3}}},
+            route("secure", echo.url, service="accounts", match={"path_prefix": "/secure"}, auth={"required": True}),
+            route("limited", echo.url, service="reports", match={"path_prefix": "/limited"}, ratelimit="one"),
         ],
     }, bin_dir)
     sites.append(site)
@@ -179,7 +185,8 @@ def test_error_rate_latency_and_backend_commands(tmp_path: Path, bin_dir: Path, 
     statuses += [site.get("/orders/status/503") for _ in range(2)]
     statuses += [site.get("/payments/charge") for _ in range(4)]  # 3 refused, then the breaker answers
     statuses.append(site.get("/nowhere"))
-    assert statuses == [200] * 4 + [503] * 2 + [502] * 3 + [503] + [404]
+    statuses += [site.get("/secure/x"), site.get("/limited/x"), site.get("/limited/x")]
+    assert statuses == [200] * 4 + [503] * 2 + [502] * 3 + [503] + [404] + [401, 200, 429]
 
     # High Error Rate, "Group errors by route" (kubectl logs -> the log file): every 5xx path with its count.
     out = site.run('kubectl logs -l app=api-gateway -n api-gateway | grep "status_code=5" | '
@@ -195,6 +202,9 @@ def test_error_rate_latency_and_backend_commands(tmp_path: Path, bin_dir: Path, 
         'gateway_http_requests_total{method="GET",route="payments",status_code="502"}': 3.0,
         'gateway_http_requests_total{method="GET",route="payments",status_code="503"}': 1.0,
         'gateway_http_requests_total{method="GET",route="-",status_code="404"}': 1.0,
+        'gateway_http_requests_total{method="GET",route="secure",status_code="401"}': 1.0,
+        'gateway_http_requests_total{method="GET",route="limited",status_code="200"}': 1.0,
+        'gateway_http_requests_total{method="GET",route="limited",status_code="429"}': 1.0,
     }
     assert series(site.run("curl -s http://localhost:9090/metrics | grep gateway_http_requests_total")) == series(out)
     out = site.run("curl -s http://localhost:9090/metrics | grep gateway_http_requests_total | tail -5")
@@ -206,6 +216,7 @@ def test_error_rate_latency_and_backend_commands(tmp_path: Path, bin_dir: Path, 
         'gateway_backend_requests_total{backend_service="users",status_code="200"}': 4.0,
         'gateway_backend_requests_total{backend_service="orders",status_code="503"}': 2.0,
         'gateway_backend_requests_total{backend_service="payments",status_code="backend_unreachable"}': 3.0,
+        'gateway_backend_requests_total{backend_service="reports",status_code="200"}': 1.0,
     }
     out = site.run("curl -s http://localhost:9090/metrics | grep gateway_backend_requests_total")
     assert series(out) == backend_series
@@ -218,32 +229,35 @@ def test_error_rate_latency_and_backend_commands(tmp_path: Path, bin_dir: Path, 
         'gateway_circuit_breaker_state{backend_service="users"}': 0.0,
         'gateway_circuit_breaker_state{backend_service="orders"}': 0.0,
         'gateway_circuit_breaker_state{backend_service="payments"}': 1.0,
+        'gateway_circuit_breaker_state{backend_service="accounts"}': 0.0,
+        'gateway_circuit_breaker_state{backend_service="reports"}': 0.0,
     }
 
     # "Check which backends are failing" (kubectl logs -> the log file): (backend, status) pairs with
-    # counts. A request that reached no route has no backend_service; the breaker's own "opened" line
-    # names one and has no status (null).
+    # counts. Only requests that reached a backend (or its breaker) name one: not the 404, nor the 401
+    # and the 429, refused before; the breaker's own "opened" line names one and has no status (null).
     out = site.run("kubectl logs -l app=api-gateway -n api-gateway | grep backend_service | "
                    "jq -r '.backend_service, .status_code' | paste - - | sort | uniq -c | sort -rn")
     assert counted(out) == {"users\t200": 4, "payments\t502": 3, "orders\t503": 2, "payments\t503": 1,
-                            "payments\tnull": 1}
+                            "payments\tnull": 1, "reports\t200": 1}
 
     # "Group errors by backend" (kubectl logs --tail=500 -> tail -n 500): lines saying "error" are the
     # gateway-made failures (their error_type) and the breaker's warning.
     out = site.run("kubectl logs -l app=api-gateway -n api-gateway --tail=500 | "
                    "grep -i error | jq -r '.backend_service' | sort | uniq -c | sort -rn")
-    assert counted(out) == {"payments": 4, "null": 1}  # null: the 404 (error_type no_route)
+    assert counted(out) == {"payments": 4, "null": 3}  # null: the 404, the 401 and the 429
 
     # "Check recent logs for errors" (kubectl logs --tail=100 -> tail -n 100): the failed requests.
     out = site.run("kubectl logs -l app=api-gateway --tail=100 -n api-gateway | grep -i error")
     error_types = [line.get("error_type") for line in map(json.loads, out.splitlines())]
-    assert sorted(filter(None, error_types)) == sorted(["backend_unreachable"] * 3 + ["circuit_open", "no_route"])
+    assert sorted(filter(None, error_types)) == sorted(
+        ["backend_unreachable"] * 3 + ["circuit_open", "no_route", "missing_token", "limit_exceeded"])
 
     # "Check auth error types": `auth.*error` selects auth failures only (error_type comes before msg,
-    # and only an auth failure's msg says auth_error=...): none here, though other requests failed.
+    # and only an auth failure's msg says auth_error=...): the 401, though other requests failed.
     out = site.run("kubectl logs -l app=api-gateway -n api-gateway | "
                    """grep -i "auth.*error" | jq -r '.error_type' | sort | uniq -c""")
-    assert counted(out) == {}
+    assert counted(out) == {"missing_token": 1}
 
     # "Watch error rate decrease" (kubectl logs -f -> the log file, not followed): the 5xx lines.
     out = site.run('kubectl logs -f -l app=api-gateway -n api-gateway | grep "status_code=5"')
@@ -255,10 +269,10 @@ def test_error_rate_latency_and_backend_commands(tmp_path: Path, bin_dir: Path, 
                    "grep duration | jq '.duration_ms, .backend_duration_ms'")
     values = out.split()
     pairs = list(zip(values[0::2], values[1::2]))
-    assert len(pairs) == 11
+    assert len(pairs) == 14
     assert all(float(total) > 0 for total, _ in pairs)
-    assert [backend == "null" for _, backend in pairs] == [False] * 9 + [True] * 2
-    assert all(float(total) >= float(backend) for total, backend in pairs[:9])
+    assert [backend == "null" for _, backend in pairs] == [False] * 9 + [True] * 3 + [False, True]
+    assert all(float(total) >= float(backend) for total, backend in pairs if backend != "null")
 
     # "Check latency metrics", "Check backend latency", "... by service": histograms by route / backend.
     out = site.run("curl -s http://localhost:9090/metrics | grep gateway_http_request_duration_seconds")
@@ -271,7 +285,7 @@ def test_error_rate_latency_and_backend_commands(tmp_path: Path, bin_dir: Path, 
     assert all("_bucket{" in name for name in series(out))
     # "Monitor latency improvement" (`watch -n 5 '...'` -> run once): one _sum per route.
     out = site.run("watch -n 5 'curl -s http://localhost:9090/metrics | grep gateway_http_request_duration_seconds_sum'")
-    assert {name.split('"')[1] for name in series(out)} == {"users", "orders", "payments", "-"}
+    assert {name.split('"')[1] for name in series(out)} == {"users", "orders", "payments", "-", "secure", "limited"}
 
 
 def test_auth_failure_commands(tmp_path: Path, bin_dir: Path, echo: BackendProcess, redis_server, sites) -> None:
@@ -487,13 +501,13 @@ def test_hostile_requests_do_not_forge_what_the_log_greps_select(
         "bad_request", "missing_token", "no_route"]
     out = site.run("kubectl logs -l app=api-gateway -n api-gateway --tail=500 | "
                    "grep -i error | jq -r '.backend_service' | sort | uniq -c | sort -rn")
-    assert counted(out) == {"null": 2, "secure": 1}
+    assert counted(out) == {"null": 3}  # the 401 never reached a backend: none is blamed
     assert site.run('kubectl logs -l app=api-gateway -n api-gateway | grep -i "ratelimit.*error"', 1) == ""
     assert site.run('kubectl logs -l app=api-gateway -n api-gateway | grep -i "rate.*duration"', 1) == ""
     assert site.run('kubectl logs <pod> -n api-gateway | grep -i "out of memory\\|oom"', 1) == ""
     out = site.run("kubectl logs -l app=api-gateway -n api-gateway | grep backend_service | "
                    "jq -r '.backend_service, .status_code' | paste - - | sort | uniq -c | sort -rn")
-    assert counted(out) == {"open\t200": len(hostile), "open\t503": 1, "secure\t401": 1}
+    assert counted(out) == {"open\t200": len(hostile), "open\t503": 1}
 
     # jq reads every forged value back exactly as sent.
     lines = [line for line in site.gateway.log_lines() if line["logger"] == "apigw.access"]

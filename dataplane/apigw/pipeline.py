@@ -130,7 +130,7 @@ def _record(
     gateway.metrics.duration_by(route_name).observe(duration)
     count(gateway, Access(
         request.method, raw_path, route_name, status, client_ip, request_id, auth_status=auth_status,
-        error_type=error_type, duration=duration, backend_service=route.cluster.service if route else None,
+        error_type=error_type, duration=duration, backend_service=forwarded.service,
         backend_duration=forwarded.duration,
     ))
 
@@ -149,6 +149,7 @@ async def _call_backend(
 ) -> Response:
     """Send through the cluster's circuit breaker, retrying what is safe to retry within its budget."""
     cluster = route.cluster
+    forwarded.service = cluster.service
     cluster.retry_budget.record_request()
     service = cluster.service
     retries = 0

@@ -45,8 +45,11 @@ SMALL_BODY = 64 * 1024
 
 @dataclass(slots=True)
 class Forwarded:
-    """How long the backend took, for metrics and the access log."""
+    """Whether and how the request went to its backend, for metrics and the access log."""
 
+    service: str | None = None
+    """The backend service, once the request reached it or its circuit breaker: a request refused
+    before (no route, auth, rate limit, a bad request) names no backend."""
     duration: float = 0.0
     """Seconds until the backend's response headers (or its failure), of the last attempt."""
 

@@ -8,12 +8,14 @@ import io
 import json
 import logging
 import re
+import time
 
 from aiohttp.http_exceptions import BadHttpMessage
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from apigw.logs import GREPPED, Access, AccessLog, JSONFormatter, grep_safe
+from apigw.logs import GREPPED, Access, AccessLog, JSONFormatter, RepeatFilter, grep_safe
+from apigw.testkit.clock import FakeClock
 
 RUNBOOK_GREPS = [re.compile(p) for p in ("status_code=5", "auth_status=failure", "backend_service")] + [
     re.compile(p, re.IGNORECASE) for p in ("auth.*error", "error", "ratelimit.*error", "rate.*duration", "error|fatal",
@@ -93,3 +95,56 @@ def test_parser_errors_in_log_records_are_named_not_quoted() -> None:
         record = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1, "bad request", (), (type(exc), exc, None))
     line = json.loads(JSONFormatter().format(record))
     assert line["exception"] == "BadHttpMessage" and "secret" not in json.dumps(line)
+
+
+def repeat_filtered(clock: FakeClock) -> tuple[logging.Logger, io.StringIO, RepeatFilter]:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JSONFormatter())
+    repeats = RepeatFilter(handler, interval=10, clock=clock)
+    handler.addFilter(repeats)
+    logger = logging.getLogger(f"apigw.test.repeats.{id(stream)}")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    return logger, stream, repeats
+
+
+def lines_of(stream: io.StringIO) -> list[dict]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_repeated_errors_are_counted_not_written(clock: FakeClock) -> None:
+    logger, stream, _ = repeat_filtered(clock)
+    for _ in range(500):  # one kind: the first is written, the rest counted
+        logger.error("ratelimit error: %s; %s", "timeout after 0.1 s", "fail_open",
+                     extra={"fields": {"error": "timeout after 0.1 s"}})
+        clock.advance(0.01)
+    logger.error("ratelimit error: %s; %s", "ConnectionError: refused", "fail_open",
+                 extra={"fields": {"error": "ConnectionError: refused"}})  # another reason: its own kind
+    logger.info("config reloaded")  # below warning: never held back
+    logger.info("config reloaded")
+    clock.advance(10)
+    logger.error("ratelimit error: %s; %s", "timeout after 0.1 s", "fail_open",
+                 extra={"fields": {"error": "timeout after 0.1 s"}})
+    lines = lines_of(stream)
+    assert [(line["msg"], line.get("repeated")) for line in lines] == [
+        ("ratelimit error: timeout after 0.1 s; fail_open", None),
+        ("ratelimit error: ConnectionError: refused; fail_open", None),
+        ("config reloaded", None),
+        ("config reloaded", None),
+        ("ratelimit error: timeout after 0.1 s; fail_open", 499),
+    ]
+
+
+async def test_the_count_of_a_flood_that_stops_is_written_when_its_interval_ends() -> None:
+    clock = FakeClock()
+    logger, stream, repeats = repeat_filtered(clock)
+    repeats.interval = 0.2
+    repeats.clock = time.monotonic
+    for _ in range(50):
+        logger.warning("ratelimit slow Redis round trip: duration_ms=%s checks=%d", 80, 3)
+    assert len(lines_of(stream)) == 1
+    await asyncio.sleep(0.5)
+    lines = lines_of(stream)
+    assert [line.get("repeated") for line in lines] == [None, 49]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
 
 from apigw.state import GATEWAY
 from apigw.testkit.backend import Backend
+from apigw.testkit.redis import free_port
 from apigw.testkit.process import (
     BackendProcess,
     GatewayProcess,
@@ -130,3 +132,24 @@ def test_clients_abandoning_uploads_do_not_open_the_breaker(tmp_path: Path) -> N
             assert http_status(f"{gateway.url}/x") == 200
     errors = {line.get("error_type") for line in gateway.log_lines() if line["logger"] == "apigw.access"}
     assert errors == {"client_body_aborted", None}
+
+
+def test_a_redis_outage_under_load_writes_a_line_per_interval_not_per_request(tmp_path: Path) -> None:
+    """Every decision fails (fail_open: all 200) and is counted, but the error is written once, not 400 times."""
+    port, metrics_port = ports()
+    config = {
+        "listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port},
+        "redis": {"url": f"redis://127.0.0.1:{free_port()}/0", "timeout": "100ms"},  # nothing listens there
+        "policies": [{"name": "standard", "requests": 1000, "period": "1s"}],
+    }
+    with BackendProcess() as echo:
+        config["routes"] = [{"name": "limited", "ratelimit": "standard", "backend": {"service": "echo", "url": echo.url}}]
+        (tmp_path / "gateway.yaml").write_text(yaml.safe_dump(config))
+        with GatewayProcess(tmp_path / "gateway.yaml", port, metrics_port) as gateway:
+            with ThreadPoolExecutor(8) as pool:
+                statuses = list(pool.map(lambda _: http_status(f"{gateway.url}/x"), range(400)))
+            assert statuses == [200] * 400
+            metrics = gateway.metrics()
+            errors = [line for line in gateway.log_lines() if "ratelimit error" in line["msg"]]
+    assert 'gateway_ratelimit_errors_total 400.0' in metrics
+    assert 1 <= len(errors) <= 3  # the first, then one per 10 s interval at most

@@ -11,6 +11,7 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -49,9 +50,80 @@ class JSONFormatter(logging.Formatter):
         return dumps(line)
 
 
+REPEAT_INTERVAL = 10.0
+"""Seconds: a warning or error repeated within this long of its last line is counted, not written."""
+REPEAT_KEYS = 1000
+"""Kinds of repeated lines remembered; beyond, the oldest is forgotten (its next line is written)."""
+
+
+@dataclass
+class _Repeats:
+    since: float
+    """When the kind's last line was written."""
+    count: int = 0
+    record: logging.LogRecord | None = None
+    """The last suppressed record, written with `repeated: count` when the interval ends."""
+
+
+class RepeatFilter(logging.Filter):
+    """Flood control: of warnings and errors of one kind (logger, message, and the `error` or
+    `error_type` field when there is one) the first is written, then at most one line per interval,
+    carrying `repeated: N`, the count suppressed since the last. A Redis outage at 800 requests a second
+    then writes one `ratelimit error` line per 10 s instead of 8,000. Metrics still count every event;
+    access lines do not pass through here."""
+
+    def __init__(self, handler: logging.Handler, interval: float = REPEAT_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic):
+        super().__init__()
+        self.handler, self.interval, self.clock = handler, interval, clock
+        self._seen: dict[tuple[Any, ...], _Repeats] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or getattr(record, "repeat_summary", False):
+            return True
+        fields = getattr(record, "fields", None) or {}
+        key = (record.name, record.msg, fields.get("error", fields.get("error_type")))
+        now = self.clock()
+        seen = self._seen.get(key)
+        if seen is None or now - seen.since >= self.interval:
+            if seen is not None and seen.count:
+                record.fields = {**fields, "repeated": seen.count}
+            self._remember(key, _Repeats(now))
+            return True
+        if not seen.count:
+            self._flush_later(key, seen.since + self.interval - now)
+        seen.count += 1
+        seen.record = record
+        return False
+
+    def _remember(self, key: tuple[Any, ...], repeats: _Repeats) -> None:
+        self._seen.pop(key, None)
+        self._seen[key] = repeats
+        if len(self._seen) > REPEAT_KEYS:
+            del self._seen[next(iter(self._seen))]
+
+    def _flush_later(self, key: tuple[Any, ...], delay: float) -> None:
+        try:
+            asyncio.get_running_loop().call_later(delay, self.flush, key)
+        except RuntimeError:  # no loop: the count goes out with the kind's next line
+            pass
+
+    def flush(self, key: tuple[Any, ...]) -> None:
+        """At the end of an interval: the kind's last suppressed line, with the count, if any."""
+        seen = self._seen.get(key)
+        if seen is None or not seen.count or seen.record is None:
+            return
+        record = logging.makeLogRecord(seen.record.__dict__)
+        record.fields = {**(getattr(record, "fields", None) or {}), "repeated": seen.count}
+        record.repeat_summary = True
+        self._remember(key, _Repeats(self.clock()))
+        self.handler.handle(record)
+
+
 def setup_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JSONFormatter())
+    handler.addFilter(RepeatFilter(handler))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -173,6 +173,25 @@ def test_configmap_symlink_swap_is_picked_up_without_signal(tmp_path: Path, back
             assert response.status == 200
 
 
+@pytest.mark.parametrize("command", [[], ["demo"]])
+def test_help_lists_the_subcommands_and_describes_every_flag(command: list[str]) -> None:
+    out = subprocess.run([sys.executable, "-m", "apigw", *command, "--help"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("usage: gateway")
+    options = re.findall(r"^  (-[-\w]+(?:, -[-\w]+)*)(?: [A-Z]+)?(?:\s{2,}(\S.*))?$", out.stdout, re.MULTILINE)
+    assert len(options) >= 4
+    undescribed = [flag for flag, text in options if not text and not _described_below(out.stdout, flag)]
+    assert undescribed == []
+    if not command:
+        assert re.search(r"^commands:\n  demo +run the gateway", out.stdout, re.MULTILINE)
+
+
+def _described_below(help_text: str, flag: str) -> bool:
+    """argparse puts a long flag's description on the next line, indented."""
+    lines = help_text.splitlines()
+    index = next(i for i, line in enumerate(lines) if line.startswith(f"  {flag}"))
+    return lines[index + 1].startswith(" " * 10) and bool(lines[index + 1].strip())
+
+
 def test_demo_serves_and_prints_what_to_try(tmp_path: Path) -> None:
     port, metrics_port = ports()
     base = f"http://127.0.0.1:{port}"
@@ -185,6 +204,8 @@ def test_demo_serves_and_prints_what_to_try(tmp_path: Path) -> None:
         wait_until(lambda: http_status(f"{base}/_health/ready") == 200, timeout=20)
         output = (tmp_path / "demo.out").read_text()
         assert f"curl -i {base}/api/v1/hello" in output
+        config_file = Path(re.search(r"config: (\S+)", output).group(1))
+        assert "&id" not in config_file.read_text() and "*id" not in config_file.read_text()  # no YAML anchors
         token = re.search(r"TOKEN=(\S+)", output).group(1)
         with urllib.request.urlopen(f"{base}/api/v1/hello", timeout=5) as response:
             assert json.loads(response.read())["path"] == "/hello"

@@ -23,10 +23,15 @@ DEFAULT_CONFIG = "/etc/gateway/"
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gateway",
-        description="API gateway data plane. `gateway demo` runs a self-contained example.",
+        usage="gateway [--config PATH] [--workers N] [--debug-port PORT] [-validate-config]\n"
+              "       gateway demo [--port PORT] [--metrics-port PORT] [--redis URL]",
+        description="API gateway data plane: serve traffic with the config at --config, or check it.",
+        epilog="commands:\n  demo    run the gateway with an echo backend, an example config and a valid token "
+               "on this machine\n          (no cluster, no Redis); see `gateway demo --help`",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--config", type=Path, default=Path(os.environ.get("GATEWAY_CONFIG", DEFAULT_CONFIG)),
+        "--config", type=Path, metavar="PATH", default=Path(os.environ.get("GATEWAY_CONFIG", DEFAULT_CONFIG)),
         help="config file, or ConfigMap directory with config.yaml and routes.yaml (default: $GATEWAY_CONFIG or %(default)s)",
     )
     parser.add_argument(

@@ -19,6 +19,14 @@ from apigw.testkit.backend import Backend
 from apigw.testkit.tokens import SigningKey
 
 
+class PlainDumper(yaml.SafeDumper):
+    """Writes a value shared by several routes out in full each time: no `&id001` anchors for people
+    editing the file to puzzle over (and no error reported twice on a shared part)."""
+
+    def ignore_aliases(self, data: object) -> bool:
+        return True
+
+
 DEMO_AUDIENCE = "gateway-demo"
 """The demo's tokens are minted for it, as a production gateway's should be (`auth.audience`)."""
 
@@ -73,7 +81,7 @@ async def run_demo(port: int, metrics_port: int, redis_url: str | None) -> int:
             key = SigningKey("rsa", kid="demo")
             key_file = key.write_public_pem(config_dir / "jwt-public-key.pem")
             config = demo_config(backend.url, port, metrics_port, key_file, redis_url)
-            (config_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            (config_dir / "config.yaml").write_text(yaml.dump(config, Dumper=PlainDumper, sort_keys=False))
             token = key.token(ttl=24 * 3600, sub="demo-user", scope="demo:read", aud=DEMO_AUDIENCE)
             print(instructions(port, metrics_port, config_dir, token, redis_url), flush=True)
             return await serve(config_dir)
@@ -81,8 +89,9 @@ async def run_demo(port: int, metrics_port: int, redis_url: str | None) -> int:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="gateway demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--metrics-port", type=int, default=9090)
+    parser.add_argument("--port", type=int, default=8080, help="the gateway's traffic port on 127.0.0.1 (default: %(default)s)")
+    parser.add_argument("--metrics-port", type=int, default=9090, metavar="PORT",
+                        help="the /metrics port on 127.0.0.1 (default: %(default)s)")
     parser.add_argument("--redis", metavar="URL", help="keep rate limit state in this Redis (redis://host:port/0)")
     args = parser.parse_args(argv)
     setup_logging()

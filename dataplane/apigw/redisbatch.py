@@ -68,7 +68,9 @@ class RedisBatch:
     each call is bounded by `settings.timeout`."""
 
     def __init__(self, settings: RedisConfig, slow: float = SLOW_ROUND_TRIP):
-        self.link = RedisLink(settings)
+        self.link = RedisLink(
+            settings.url, pool_size=settings.pool_size, timeout=settings.timeout, connect_timeout=settings.connect_timeout
+        )
         self._slow = slow
         self._keys: list[str] = []
         self._args: list[Any] = []

@@ -208,7 +208,7 @@ class RawRedis:
     @property
     def url(self) -> str:
         assert self.server is not None
-        return "redis://127.0.0.1:%d/0" % self.server.sockets[0].getsockname()[1]
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
 
     async def __aenter__(self) -> RawRedis:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)

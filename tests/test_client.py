@@ -10,11 +10,14 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+import httptools
 import pytest
+from hypothesis import assume, example, given
+from hypothesis import strategies as st
 from yarl import URL
 
 from apigw import client
-from apigw.client import MAX_HEAD, PAUSE_AT, BackendError, Pool, Response
+from apigw.client import MAX_HEAD, MAX_TRAILER_SIZE, MAX_TRAILERS, PAUSE_AT, BackendError, Pool, Response
 from apigw.testkit.backend import Backend
 
 HOST = [("Host", "backend")]
@@ -387,6 +390,122 @@ async def test_close_delimited_response_runs_to_the_close() -> None:
             response.release()
         assert received == b"part one, part two"
     assert server.connections == 2
+
+
+@pytest.mark.parametrize("codings", [
+    [b"Transfer-Encoding: chunked, gzip"],
+    [b"Transfer-Encoding: chunked", b"Transfer-Encoding: gzip"],
+], ids=["one-field", "two-fields"])
+async def test_chunked_not_last_runs_to_the_close_and_the_connection_is_not_reused(codings: list[bytes]) -> None:
+    """Only a last `chunked` frames the body (RFC 9112 6.3); read as chunked, this one would be cut."""
+    raw = b"5\r\nhello\r\n0\r\n\r\n" + b"x" * 100  # gzip bytes that happen to look like chunks
+
+    async def handler(peer: Peer) -> None:
+        if peer.number > 1:
+            return await answer_all(peer)
+        await peer.request()
+        head = b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\n" + b"".join(c + b"\r\n" for c in codings) + b"\r\n"
+        await peer.send(head + raw[:10])
+        await peer.send(raw[10:])
+
+    async with RawServer(handler) as server, open_pool(server.url) as pool:
+        response, body = await fetch(pool)
+        assert (body, response.content_length, response.keep_alive) == (raw, None, False)
+        assert (await fetch(pool))[1] == b"conn 2"
+
+
+def llhttp_frames_chunked(head: bytes) -> bool | None:
+    """Whether llhttp reads the body after `head` as chunks; None if it refuses the head."""
+    chunks = []
+    parser = httptools.HttpResponseParser(type("Probe", (), {"on_chunk_header": lambda self: chunks.append(1)})())
+    try:
+        parser.feed_data(head + b"0\r\n\r\n")
+    except httptools.HttpParserError:
+        return None
+    return bool(chunks)
+
+
+CODING_PARTS = ["chunked", "CHUNKED", "Chunked", "gzip", "identity", "x", ",", ", ", " ", "\t", ";q=1"]
+
+
+@given(st.lists(st.lists(st.sampled_from(CODING_PARTS), min_size=1, max_size=6).map("".join), min_size=1, max_size=3))
+@example(["chunked, gzip"])
+@example(["gzip", "chunked"])
+@example(["chunked\t"])  # llhttp: a space may follow `chunked`, a tab may not
+@example(["gzip,\tchunked "])
+def test_a_body_cut_short_is_complete_only_when_llhttp_did_not_frame_it_as_chunks(codings: list[str]) -> None:
+    """The client's idea of the framing (does the close end the body?) is llhttp's: a chunked body cut
+    short is never taken as complete, and a body that runs to the close is never cut."""
+    head = b"HTTP/1.1 200 OK\r\n" + b"".join(b"Transfer-Encoding: %s\r\n" % c.encode() for c in codings) + b"\r\n"
+    chunked = llhttp_frames_chunked(head)
+    assume(chunked is not None)
+    response = Response(client._Connection(Pool(URL("http://127.0.0.1:9"))), "GET", 1.0)
+    response.feed(head + b"5\r\nhello\r\n")
+    response.lost()
+    if chunked:
+        assert (response.complete, response.error and response.error.kind) == (False, "reset")
+    else:
+        assert (response.complete, asyncio.run(response.read())) == (True, b"5\r\nhello\r\n")
+
+
+def with_trailers(*fields: bytes) -> bytes:
+    return b"5\r\nhello\r\n0\r\n" + b"".join(f + b"\r\n" for f in fields) + b"\r\n"
+
+
+async def test_trailers_within_the_bounds_end_the_body_and_the_connection_is_reused() -> None:
+    fields = [b"X-Checksum: abc", b"X-Big: " + b"v" * (MAX_TRAILER_SIZE - 1024)] + \
+        [b"X-T%d: 1" % i for i in range(MAX_TRAILERS - 2)]
+
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + with_trailers(*fields))
+        await answer_all(peer)
+
+    async with RawServer(handler) as server, open_pool(server.url) as pool:
+        response, body = await fetch(pool)
+        assert (body, response.headers) == (b"hello", [("Transfer-Encoding", "chunked")])  # trailers are not headers
+        assert (await fetch(pool))[1] == b"conn 1"
+
+
+@pytest.mark.parametrize("fields", [
+    [b"X-T%d: 1" % i for i in range(MAX_TRAILERS + 1)],
+    [b"X-A: " + b"v" * (MAX_TRAILER_SIZE // 2), b"X-B: " + b"v" * (MAX_TRAILER_SIZE // 2)],
+], ids=["too-many", "too-large"])
+async def test_trailers_over_the_bounds_are_invalid_and_the_connection_closed(fields: list[bytes]) -> None:
+    response = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + with_trailers(*fields)
+    async with RawServer(first_then_all(response)) as server, open_pool(server.url) as pool:
+        received = await send(pool)
+        try:
+            error = await failure(received.read())
+        finally:
+            received.release()
+        assert error.kind == "invalid" and "trailers" in str(error)
+        await until(lambda: server.closed_by_client == [1])
+        assert (await fetch(pool))[1] == b"conn 2"
+
+
+@pytest.mark.parametrize("start", [b"0\r\nX-Endless: ", b"5;"], ids=["trailer", "chunk-extension"])
+async def test_endless_bytes_between_body_bytes_are_invalid(start: bytes) -> None:
+    """A trailer field or a chunk extension that never ends fails once it passes the bound, long before the timeout."""
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await asyncio.sleep(0.05)
+        await peer.send(start)
+        for _ in range(128):  # 1 MiB at most; the client closes long before
+            await peer.send(b"v" * 8192)
+            await asyncio.sleep(0.001)
+        await peer.until_closed()
+
+    async with RawServer(handler) as server, open_pool(server.url) as pool:
+        received = await send(pool)
+        try:
+            assert await received.chunk() == b"hello"
+            error = await failure(received.read())
+        finally:
+            received.release()
+    assert error.kind == "invalid"
+    assert f"over {MAX_TRAILER_SIZE} bytes" in str(error)
 
 
 @pytest.mark.parametrize("writes", [1, 2], ids=["one-write", "two-writes"])

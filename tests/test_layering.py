@@ -1,4 +1,5 @@
-"""The import-linter contracts in pyproject.toml hold (the data plane never imports the operator)."""
+"""The import-linter contracts in pyproject.toml hold (the data plane never imports the operator; the
+backend client and the Redis link never import the config model)."""
 
 import os
 import subprocess

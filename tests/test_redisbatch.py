@@ -1,4 +1,5 @@
-"""The per-tick batch: concurrent checks share one round trip, each gets its own answer or the error."""
+"""The per-tick batch: concurrent checks share one round trip, each gets its own answer or the error;
+a tick with more checks than a batch holds sends several script calls at once."""
 
 from __future__ import annotations
 
@@ -8,20 +9,20 @@ import pytest
 import redis.asyncio
 
 from apigw.config import RedisConfig
-from apigw.redisbatch import RedisBatch
+from apigw.redisbatch import BATCH_LUA, MAX_CHECKS, RedisBatch
 from apigw.testkit.redis import RedisServer
 
 
 @pytest.fixture
 async def client(redis_server: RedisServer):
-    r = redis.asyncio.Redis.from_url(redis_server.url, socket_timeout=0.2, socket_connect_timeout=0.2)
+    r = redis.asyncio.Redis.from_url(redis_server.url, socket_timeout=5, socket_connect_timeout=5)  # checks, is not checked
     yield r
     await r.aclose()
 
 
 async def test_checks_of_one_tick_share_one_round_trip(client, redis_server: RedisServer) -> None:
     await client.set("revoked:a", 1)
-    batch = RedisBatch(RedisConfig(url=redis_server.url, timeout=2.0))
+    batch = RedisBatch(RedisConfig(url=redis_server.url, timeout=2.0, connect_timeout=2.0))
     interval, capacity = 1_000_000, 2_000_000  # 1 per second, 2 at once
     answers = await asyncio.gather(
         batch.limit("ratelimit:p:x", interval, capacity),
@@ -55,6 +56,35 @@ async def test_a_failed_batch_fails_every_check_in_it(client, redis_server: Redi
 
 async def test_keys_that_are_not_utf8_are_checked_not_dropped(redis_server: RedisServer) -> None:
     """A signed token may carry a `jti` with a lone surrogate; its check must answer, not hang."""
-    batch = RedisBatch(RedisConfig(url=redis_server.url, timeout=2.0))
+    batch = RedisBatch(RedisConfig(url=redis_server.url, timeout=2.0, connect_timeout=2.0))
     assert await asyncio.wait_for(batch.revoked("revoked:\udcff"), 5) == 0
+    await batch.aclose()
+
+
+async def test_a_tick_over_the_cap_is_split_into_script_calls_sent_in_the_same_tick(
+    client: redis.asyncio.Redis, redis_server: RedisServer,
+) -> None:
+    await client.script_load(BATCH_LUA)
+    await client.set("revoked:a", 1)
+    await client.config_set("slowlog-log-slower-than", 0)  # the slow log records every call and its arguments
+    await client.slowlog_reset()
+    batch = RedisBatch(RedisConfig(url=redis_server.url, timeout=2.0, connect_timeout=2.0), max_checks=3)
+    interval, capacity = 1_000_000, 2_000_000  # 1 per second, 2 at once
+    asked = [batch.limit("ratelimit:p:x", interval, capacity) if i % 2 else batch.revoked(f"revoked:{'ab'[i % 4 // 2]}")
+             for i in range(7)]
+    assert batch.round_trips == 2  # two full batches went out before the tick ended
+    answers = await asyncio.gather(*asked)
+    assert batch.round_trips == 3
+    assert answers[0::2] == [1, 0, 1, 0]  # revoked:a, revoked:b, revoked:a, revoked:b
+    assert sorted(allowed for allowed, _, _ in answers[1::2]) == [0, 1, 1]  # 2 at once: the third is over
+    calls = [entry["command"].split() for entry in await client.slowlog_get(100)]
+    assert sorted(int(words[2]) for words in calls if words[0] == b"EVALSHA") == [1, 3, 3]  # checks per call
+    await batch.aclose()
+
+
+async def test_the_default_cap_splits_a_large_tick(redis_server: RedisServer) -> None:
+    batch = RedisBatch(RedisConfig(url=redis_server.url, timeout=2.0, connect_timeout=2.0))
+    answers = await asyncio.gather(*[batch.revoked(f"revoked:{i}") for i in range(2 * MAX_CHECKS + 1)])
+    assert answers == [0] * (2 * MAX_CHECKS + 1)
+    assert batch.round_trips == 3
     await batch.aclose()

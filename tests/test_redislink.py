@@ -1,24 +1,28 @@
 """The hot path's Redis connections against a real redis-server: bounded pool, URL credentials and
-database, no late reply answering the wrong command, recovery after a restart."""
+database, no late reply answering the wrong command, recovery after a restart, a node that cannot
+serve (READONLY, MASTERDOWN, LOADING) or speaks garbage left behind, rediss:// and unix sockets."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
 
+import hiredis
 import pytest
 import redis.asyncio
 import uvloop
+from redis.exceptions import BusyLoadingError, InvalidResponse, MasterDownError, ReadOnlyError
 
-from apigw.config import RedisConfig
 from apigw.redislink import RedisLink, pack
-from apigw.testkit.redis import RedisServer
+from apigw.testkit.certs import write_self_signed
+from apigw.testkit.redis import RedisServer, free_port
 
 
-def link_for(url: str, **settings: object) -> RedisLink:
-    return RedisLink(RedisConfig.model_validate({"url": url, "timeout": 1.0, "connect_timeout": 1.0, **settings}))
+def link_for(url: str, pool_size: int = 50, timeout: float = 1.0) -> RedisLink:
+    return RedisLink(url, pool_size=pool_size, timeout=timeout, connect_timeout=1.0)
 
 
 async def link_connections(server: RedisServer) -> int:
@@ -156,3 +160,171 @@ async def test_a_full_pool_serves_callers_in_the_order_they_came(redis_server: R
     await asyncio.gather(a, *queued)
     assert done == ["a", "b", "c", "d"]
     await link.aclose()
+
+
+async def test_an_old_master_answering_readonly_is_left_for_fresh_connections(redis_server: RedisServer) -> None:
+    """A failover made the node a replica: the connection that heard READONLY and its idle siblings
+    are closed, so the next call connects afresh (to wherever the address leads now)."""
+    link = link_for(redis_server.url, pool_size=3)
+    ids = await asyncio.gather(*[link.send(pack(["CLIENT", "ID"])) for _ in range(3)])
+    assert await link_connections(redis_server) == 3
+    with RedisServer() as new_master:
+        async with redis.asyncio.Redis.from_url(redis_server.url) as admin:
+            await admin.replicaof("127.0.0.1", new_master.port)
+            while (await admin.info("replication")).get("master_link_status") != "up":
+                await asyncio.sleep(0.02)
+            with pytest.raises(ReadOnlyError, match="READONLY"):
+                await link.send(pack(["SET", "k", "v"]))
+            assert not {int(c["id"]) for c in await admin.client_list()} & set(ids)
+            assert await link.send(pack(["CLIENT", "ID"])) > max(ids)  # a fresh connection
+            await admin.replicaof("NO", "ONE")
+    assert await link.send(pack(["SET", "k", "v"])) == b"OK"
+    await link.aclose()
+
+
+async def test_a_replica_cut_from_its_master_answering_masterdown_is_left(redis_server: RedisServer) -> None:
+    link = link_for(redis_server.url, pool_size=2)
+    await asyncio.gather(link.send(pack(["PING"])), link.send(pack(["PING"])))
+    async with redis.asyncio.Redis.from_url(redis_server.url) as admin:
+        await admin.config_set("replica-serve-stale-data", "no")
+        await admin.replicaof("127.0.0.1", free_port())  # a master nobody runs
+    with pytest.raises(MasterDownError, match="MASTERDOWN"):
+        await link.send(pack(["GET", "k"]))
+    assert await link_connections(redis_server) == 0
+    await link.aclose()
+
+
+class RawRedis:
+    """A loopback server answering each command, whatever it is, with the next of `answers` (exact
+    bytes); it records the commands each connection sent and whether the client closed it."""
+
+    def __init__(self, answers: list[bytes]):
+        self.answers = answers
+        self.connections: list[list[list[bytes]]] = []
+        self.closed: list[asyncio.Event] = []
+        self._writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+
+    async def __aenter__(self) -> RawRedis:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in self._writers:
+            writer.close()
+            await writer.wait_closed()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        commands: list[list[bytes]] = []
+        self.connections.append(commands)
+        self._writers.append(writer)
+        closed = asyncio.Event()
+        self.closed.append(closed)
+        parser = hiredis.Reader()
+        while data := await reader.read(65536):
+            parser.feed(data)
+            while (command := parser.gets()) is not False:
+                commands.append(command)
+                writer.write(self.answers.pop(0))
+        closed.set()
+
+
+async def test_a_loading_node_is_left_for_a_fresh_connection() -> None:
+    async with RawRedis([b"+PONG\r\n", b"-LOADING Redis is loading the dataset in memory\r\n", b"+PONG\r\n"]) as raw:
+        link = link_for(raw.url, pool_size=1)
+        assert await link.send(pack(["PING"])) == b"PONG"
+        with pytest.raises(BusyLoadingError, match="LOADING"):
+            await link.send(pack(["PING"]))
+        await asyncio.wait_for(raw.closed[0].wait(), 5)
+        assert await link.send(pack(["PING"])) == b"PONG"
+        assert [len(commands) for commands in raw.connections] == [2, 1]
+        await link.aclose()
+
+
+async def test_an_invalid_reply_closes_the_connection_and_is_not_resent() -> None:
+    """The command may have run: resending it (as after a connection lost while idle) could count a
+    request twice."""
+    async with RawRedis([b"+PONG\r\n", b"?what\r\n", b"$2\r\nok\r\n"]) as raw:
+        link = link_for(raw.url, pool_size=1)
+        assert await link.send(pack(["PING"])) == b"PONG"
+        with pytest.raises(InvalidResponse, match="invalid reply"):
+            await link.send(pack(["ECHO", "once"]))
+        await asyncio.wait_for(raw.closed[0].wait(), 5)
+        assert raw.connections == [[[b"PING"], [b"ECHO", b"once"]]]
+        assert await link.send(pack(["ECHO", "ok"])) == b"ok"
+        assert len(raw.connections) == 2
+        await link.aclose()
+
+
+@pytest.fixture
+def certs(tmp_path: Path) -> dict[str, Path]:
+    """A server certificate for 127.0.0.1 and a client certificate, each self-signed."""
+    files = {name: tmp_path / f"{name}.pem" for name in ("server", "server_key", "client", "client_key")}
+    write_self_signed(files["server"], files["server_key"])
+    write_self_signed(files["client"], files["client_key"], name="gateway")
+    return files
+
+
+@pytest.fixture
+def tls_server(certs: dict[str, Path]) -> AsyncIterator[tuple[RedisServer, int]]:
+    """redis-server with TLS on a second port; it asks for a client certificate issued by `client`."""
+    port = free_port()
+    args = ["--tls-port", str(port), "--tls-cert-file", str(certs["server"]), "--tls-key-file",
+            str(certs["server_key"]), "--tls-ca-cert-file", str(certs["client"]), "--tls-auth-clients", "optional"]
+    with RedisServer(args=args) as server:
+        yield server, port
+
+
+async def test_rediss_verifies_the_server_certificate(certs: dict[str, Path], tls_server) -> None:
+    server, port = tls_server
+    trusted = link_for(f"rediss://127.0.0.1:{port}/1?ssl_ca_certs={certs['server']}")
+    assert await trusted.send(pack(["SET", "k", "over tls"])) == b"OK"
+    async with redis.asyncio.Redis.from_url(f"redis://127.0.0.1:{server.port}/1") as plain:
+        assert await plain.get("k") == b"over tls"  # the URL's database, over TLS
+        tls_clients = [c for c in await plain.client_list() if c["laddr"].endswith(f":{port}")]
+    assert len(tls_clients) == 1
+    await trusted.aclose()
+
+    unknown = link_for(f"rediss://127.0.0.1:{port}/0")  # the system's CAs do not know this certificate
+    with pytest.raises(OSError, match="CERTIFICATE_VERIFY_FAILED"):
+        await unknown.send(pack(["PING"]))
+    await unknown.aclose()
+
+    unchecked = link_for(f"rediss://127.0.0.1:{port}/0?ssl_cert_reqs=none")
+    assert await unchecked.send(pack(["PING"])) == b"PONG"
+    await unchecked.aclose()
+
+
+async def test_rediss_presents_the_client_certificate(certs: dict[str, Path], tls_server) -> None:
+    server, port = tls_server
+    async with redis.asyncio.Redis.from_url(server.url) as admin:
+        await admin.config_set("tls-auth-clients", "yes")
+    base = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={certs['server']}"
+    with_cert = link_for(f"{base}&ssl_certfile={certs['client']}&ssl_keyfile={certs['client_key']}")
+    assert await with_cert.send(pack(["PING"])) == b"PONG"
+    await with_cert.aclose()
+
+    without = link_for(base)
+    with pytest.raises(OSError):
+        await without.send(pack(["PING"]))
+    await without.aclose()
+
+
+async def test_unix_socket_with_database(tmp_path: Path) -> None:
+    path = tmp_path / "redis.sock"
+    with RedisServer(args=["--unixsocket", str(path), "--unixsocketperm", "700"]) as server:
+        link = link_for(f"unix://{path}?db=3", pool_size=2)
+        replies = await asyncio.gather(link.send(pack(["SET", "k", "by socket"])), link.send(pack(["PING"])))
+        assert replies == [b"OK", b"PONG"]
+        async with redis.asyncio.Redis.from_url(f"redis://127.0.0.1:{server.port}/3") as tcp:
+            assert await tcp.get("k") == b"by socket"
+            assert sum(1 for c in await tcp.client_list() if c["addr"].startswith("/")) == 2
+        await link.aclose()

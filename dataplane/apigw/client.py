@@ -19,6 +19,11 @@ from yarl import URL
 
 MAX_HEAD = 64 * 1024
 """Largest response head (status line and headers) taken from a backend."""
+MAX_TRAILERS = 100
+"""Most trailer fields after a chunked body (they are not kept: the proxy does not forward trailers)."""
+MAX_TRAILER_SIZE = 16 * 1024
+"""Largest trailer section, counted as the head is; also the most bytes a backend may send between two
+body bytes (chunk-size lines and extensions, a trailer field that never ends)."""
 PAUSE_AT = 256 * 1024
 """Response bytes buffered for a slower client before the backend is asked to wait."""
 KEEPALIVE = 60.0
@@ -31,7 +36,7 @@ LENGTH_EXPECTED = frozenset({"POST", "PUT", "PATCH"})
 
 class BackendError(Exception):
     """No usable response. `kind`: `unreachable` (no connection), `timeout`, `reset` (the backend
-    closed the connection) or `invalid` (it sent something that is not HTTP/1.1)."""
+    closed the connection) or `invalid` (it sent something that is not HTTP/1.1, or over a bound)."""
 
     def __init__(self, kind: str, detail: str):
         super().__init__(detail)
@@ -238,11 +243,19 @@ class _Connection(asyncio.Protocol):
 
 
 class Response:
-    """A backend's response: status, reason and headers at once, the body as it comes.
+    """A backend's response: status, reason and headers at once, the body as it comes. The body is
+    chunked only when `chunked` is the last transfer coding (as llhttp frames it); other codings run
+    to the connection's close, and that connection is not reused.
 
     Always `release()` it: that returns the connection to the pool when the body was read to the end
     and both sides allow keep-alive, and closes it otherwise.
     """
+
+    # Class defaults: only a chunked body with framing or trailers to count sets them on the instance.
+    _framing = 0
+    """Bytes fed, in reads that brought no body bytes, since the last body bytes."""
+    _trailers = 0
+    _trailer_size = 0
 
     def __init__(self, conn: _Connection, method: str, timeout: float):
         self.status = 0
@@ -258,6 +271,7 @@ class Response:
         self._parser = httptools.HttpResponseParser(self)
         self._head_only = method == "HEAD"
         self._until_eof = False
+        self._chunked = False
         self._reason = b""
         self._head_size = 0
         """The sizes of the headers parsed."""
@@ -326,6 +340,7 @@ class Response:
         if self.complete:
             self.keep_alive = False  # bytes after the response: the connection cannot be trusted
             return
+        buffered = self._buffered
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -338,6 +353,13 @@ class Response:
             self._fed += len(data)
             if self._fed > MAX_HEAD:  # counted here too: llhttp hands a header over only once it ends
                 self._fail(BackendError("invalid", f"response head larger than {MAX_HEAD} bytes"))
+        elif self._chunked and not self.complete:
+            if self._buffered == buffered:  # as for the head: a trailer is handed over only once it ends
+                self._framing += len(data)
+                if self._framing > MAX_TRAILER_SIZE:
+                    self._fail(BackendError("invalid", f"over {MAX_TRAILER_SIZE} bytes of chunk framing or trailers"))
+            elif self._framing:
+                self._framing = 0
         self.wake()
 
     def _fail(self, error: BackendError) -> None:
@@ -367,6 +389,12 @@ class Response:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.status:  # a trailer field
+            self._trailers += 1
+            self._trailer_size += len(name) + len(value) + 4
+            if self._trailers > MAX_TRAILERS or self._trailer_size > MAX_TRAILER_SIZE:
+                raise BackendError("invalid", f"response trailers over {MAX_TRAILERS} fields or {MAX_TRAILER_SIZE} bytes")
+            return
         self._head_size += len(name) + len(value) + 4
         self.headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
 
@@ -378,20 +406,21 @@ class Response:
             if status == 101:
                 raise BackendError("invalid", "the backend switched protocols")
             return  # an interim answer (100 Continue): the real one follows
-        length = chunked = None
+        length, chunked = None, False
         for name, value in self.headers:
             lowered = name.lower()
             if lowered == "content-length":
                 length = int(value)
-            elif lowered == "transfer-encoding":
-                chunked = "chunked" in value.lower()
+            elif lowered == "transfer-encoding":  # llhttp refuses Content-Length with it, and an empty one
+                chunked = _chunked_last(value)  # the last Transfer-Encoding field has the last coding
         self.status = status
         self.reason = self._reason.decode("latin-1")
         self.content_length = length
-        self.keep_alive = self._parser.should_keep_alive() and not self._head_only
+        self._chunked = chunked
+        self._until_eof = length is None and not chunked and status not in (204, 304)
+        self.keep_alive = self._parser.should_keep_alive() and not self._head_only and not self._until_eof
         if self._head_only:
             self.complete = True  # llhttp cannot be told the body is left out; this connection is not reused
-        self._until_eof = length is None and not chunked and status not in (204, 304)
 
     def on_body(self, chunk: bytes) -> None:
         if self.complete:
@@ -409,6 +438,12 @@ class Response:
 
 class _AfterEnd(Exception):
     """Raised inside llhttp to stop it at the end of the response."""
+
+
+def _chunked_last(value: str) -> bool:
+    """Whether `chunked` is the last coding of a Transfer-Encoding value, as llhttp decides (it allows
+    spaces after it, not tabs)."""
+    return value.rpartition(",")[2].lstrip(" \t").rstrip(" ").lower() == "chunked"
 
 
 def _expire(waiter: asyncio.Future[None], detail: str) -> None:

@@ -4,8 +4,10 @@ Requests ask for rate limit decisions and revocation checks as futures; the firs
 schedules a flush at the end of the tick, which sends everything asked meanwhile as ONE EVALSHA of a
 batch script (GCRA steps and EXISTS checks, evaluated in order, on Redis's clock). Under load the
 round trips per request fall well below one, and the per-call cost is paid once per tick instead of
-once per check. A failed or timed-out batch fails every future in it with the same error;
-each caller then applies its own failure mode.
+once per check. A batch holds at most MAX_CHECKS checks: a tick that asks more sends each full batch
+at once and goes on with a new one, so its checks go out as several script calls in the same tick
+(in parallel, on as many connections); no check waits for a later tick. A failed or timed-out batch
+fails every future in it with the same error; each caller then applies its own failure mode.
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ return out
 BATCH_SHA = hashlib.sha1(BATCH_LUA.encode()).hexdigest()
 
 
+MAX_CHECKS = 256
+"""Checks per script call. A script blocks Redis while it runs (~4 us per check, measured on Redis 7):
+256 keep each call near 1 ms, so other clients of the same Redis are not held up by one large tick."""
+
 SLOW_ROUND_TRIP = 0.05
 """A round trip slower than this (seconds) is logged with its duration."""
 
@@ -64,12 +70,15 @@ log = logging.getLogger("apigw.ratelimit")
 
 
 class RedisBatch:
-    """Coalesces the checks of one event-loop tick into one script call on the Redis of `settings`;
-    each call is bounded by `settings.timeout`."""
+    """Coalesces the checks of one event-loop tick into script calls of at most `max_checks` checks on
+    the Redis of `settings`; each call is bounded by `settings.timeout`."""
 
-    def __init__(self, settings: RedisConfig, slow: float = SLOW_ROUND_TRIP):
-        self.link = RedisLink(settings)
+    def __init__(self, settings: RedisConfig, slow: float = SLOW_ROUND_TRIP, max_checks: int = MAX_CHECKS):
+        self.link = RedisLink(
+            settings.url, pool_size=settings.pool_size, timeout=settings.timeout, connect_timeout=settings.connect_timeout
+        )
         self._slow = slow
+        self._max_checks = max_checks
         self._keys: list[str] = []
         self._args: list[Any] = []
         self._waiters: list[tuple[asyncio.Future[Any], int]] = []
@@ -92,10 +101,14 @@ class RedisBatch:
         self._keys.append(key)
         self._args.extend(args)
         self._waiters.append((future, width))
+        if len(self._waiters) >= self._max_checks:
+            self._flush()  # full: sent now; the tick's next check starts another batch
         return future
 
     def _flush(self) -> None:
         keys, args, waiters = self._keys, self._args, self._waiters
+        if not waiters:  # the tick's batches were all full and are sent already
+            return
         self._keys, self._args, self._waiters = [], [], []
         self.round_trips += 1
         try:

@@ -1,10 +1,10 @@
-"""Connections to Redis for the hot path: a pool of `redis.pool_size` plain RESP connections, one
-command in flight on each, replies parsed by hiredis.
+"""Connections to Redis for the hot path: a pool of plain RESP connections, one command in flight on
+each, replies parsed by hiredis. A library: it takes plain parameters and knows nothing of the config.
 
 Why not redis-py's asyncio client here: a script call through it costs ~200 us of CPU (stream
 readers, its parser wrapper, retry and hook layers) where this path costs ~60 us, and the gateway
-sends one command shape only. redis-py still parses `redis.url`; of its `?options`, the TLS ones are
-honoured and the config refuses the rest (`config.REDIS_URL_OPTIONS`).
+sends one command shape only. redis-py still parses the URL; of its `?options`, the TLS ones are
+honoured (the config refuses the rest: `config.REDIS_URL_OPTIONS`).
 """
 
 from __future__ import annotations
@@ -13,26 +13,29 @@ import asyncio
 import ssl
 from collections import deque
 from collections.abc import Awaitable
-from typing import Any
+from typing import Any, NoReturn
 
 import hiredis
 from redis.asyncio.connection import SSLConnection, parse_url
-from redis.exceptions import ResponseError
+from redis.exceptions import BusyLoadingError, InvalidResponse, MasterDownError, ReadOnlyError, ResponseError
 
-from apigw.config import RedisConfig
+NOT_SERVING = {"READONLY": ReadOnlyError, "LOADING": BusyLoadingError, "MASTERDOWN": MasterDownError}
+"""Error replies that say the node behind the address cannot serve us now (a replica since a failover,
+loading its data, cut from its master): the connection is closed, never pooled again."""
 
 
 class RedisLink:
-    """Up to `pool_size` connections to the Redis at `settings.url`, opened when needed; a caller
-    finding them all busy waits for one. A connection that fails, times out or is cancelled is closed,
-    so a late reply can never answer the next command.
+    """Up to `pool_size` connections to the Redis at `url` (redis://, rediss:// or unix://), opened
+    when needed; a caller finding them all busy waits for one. A connection that fails, times out, is
+    cancelled, sends an invalid reply or answers one of NOT_SERVING is closed, so a late reply can never
+    answer the next command and an old master never answers READONLY forever.
 
-    Every call is bounded by `settings.timeout`, and a reply that is in the socket when the deadline
+    Every call is bounded by `timeout` (seconds), and a reply that is in the socket when the deadline
     passes still counts (`_Connection._overdue`): after a CPU-bound burst longer than the timeout, calls
     that Redis answered in time would fail otherwise (and fail_closed would answer 503, Redis healthy)."""
 
-    def __init__(self, settings: RedisConfig):
-        params = parse_url(settings.url)
+    def __init__(self, url: str, *, pool_size: int, timeout: float, connect_timeout: float):
+        params = parse_url(url)
         self._path: str | None = params.get("path")
         self._host: str = params.get("host", "127.0.0.1")
         self._port: int = params.get("port", 6379)
@@ -42,17 +45,18 @@ class RedisLink:
         ] if params.get("password") else []
         if params.get("db"):
             self._handshake.append(pack(["SELECT", params["db"]]))
-        self._connect_timeout = settings.connect_timeout
-        self.timeout = settings.timeout
-        self._size = settings.pool_size
+        self._connect_timeout = connect_timeout
+        self.timeout = timeout
+        self._size = pool_size
         self._idle: list[_Connection] = []
         self._open = 0
         self._waiting: deque[asyncio.Future[None]] = deque()
         self._closed = False
 
     def send(self, command: bytes) -> Awaitable[Any]:
-        """Send one packed command (see `pack`); await its reply. An error reply raises ResponseError, a
-        lost connection ConnectionError, no reply in time TimeoutError.
+        """Send one packed command (see `pack`); await its reply. An error reply raises ResponseError (of
+        NOT_SERVING: its redis-py subclass), a lost connection ConnectionError, an invalid reply
+        InvalidResponse, no reply in time TimeoutError.
 
         On an idle connection the command is written before this returns, not when a task first runs
         it: the caller's tick sends it, one event-loop turn earlier."""
@@ -80,16 +84,30 @@ class RedisLink:
             conn.close()
             self._release(conn)
             raise
-        self._release(conn)
         if isinstance(reply, hiredis.ReplyError):
-            raise ResponseError(str(reply))
+            self._refused(conn, str(reply))
+        self._release(conn)
         return reply
+
+    def _refused(self, conn: _Connection, message: str) -> NoReturn:
+        not_serving = NOT_SERVING.get(message.partition(" ")[0])
+        if not_serving is None:
+            self._release(conn)
+            raise ResponseError(message)
+        conn.close()
+        self._release(conn)
+        self._close_idle()  # they lead to the same node; after a failover the address may lead to the new master
+        raise not_serving(message)
 
     async def aclose(self) -> None:
         self._closed = True
+        self._close_idle()
+
+    def _close_idle(self) -> None:
         while self._idle:
             self._idle.pop().close()
             self._open -= 1
+            self._wake_one()  # room for a new connection
 
     def _take_idle(self) -> tuple[_Connection | None, bool]:
         while self._idle:
@@ -198,7 +216,7 @@ class _Connection(asyncio.Protocol):
         try:
             reply = self._reader.gets()
         except hiredis.ProtocolError as exc:
-            self._fail(ConnectionError(f"Redis sent an invalid reply: {exc}"))
+            self._fail(InvalidResponse(f"Redis sent an invalid reply: {exc}"))  # never resent: it may have run
             return
         if reply is False:
             return

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 
 
 def free_port() -> int:
@@ -19,13 +20,15 @@ def free_port() -> int:
 class RedisServer:
     """`with RedisServer() as r:` runs redis-server on `r.url`; no persistence, own temp dir."""
 
-    def __init__(self, port: int | None = None):
+    def __init__(self, port: int | None = None, args: Sequence[str] = ()):
+        """`args`: more redis-server options, e.g. `--tls-port`, `--unixsocket` (the plain port stays)."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
         self.binary = binary
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="apigw-redis-")
+        self.args = list(args)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -35,7 +38,7 @@ class RedisServer:
     def start(self) -> None:
         self.process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir, "--loglevel", "warning"],
+             "--dir", self.dir, "--loglevel", "warning", *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10

@@ -9,8 +9,9 @@ config trusts 127.0.0.2 as a proxy, so a test connects from there to play the pr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -277,23 +278,40 @@ async def test_underscored_headers_are_refused_when_configured(gateway_client, b
     assert (await client.get("/x", headers={"X-User-Id": "fine"})).status == 200
 
 
-async def test_hop_by_hop_headers_of_the_response_are_removed(gateway_client) -> None:
-    """Including those the backend's own Connection header names."""
+@contextlib.asynccontextmanager
+async def raw_backend(response: bytes) -> AsyncIterator[str]:
+    """A backend on loopback that answers every request with exactly `response`, then closes; its URL."""
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive, X-Internal-Token\r\n"
-                     b"X-Internal-Token: secret\r\nKeep-Alive: timeout=5\r\nProxy-Authenticate: Basic\r\n"
-                     b"Trailer: X-T\r\nUpgrade: h2c\r\nX-Kept: yes\r\n\r\nok")
+        writer.write(response)
         await writer.drain()
         writer.close()
 
     server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
     async with server:
-        client = await gateway_client({"routes": [route("raw", f"http://127.0.0.1:{port}")]})
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+async def test_hop_by_hop_headers_of_the_response_are_removed(gateway_client) -> None:
+    """Including those the backend's own Connection header names."""
+    response = (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive, X-Internal-Token\r\n"
+                b"X-Internal-Token: secret\r\nKeep-Alive: timeout=5\r\nProxy-Authenticate: Basic\r\n"
+                b"Trailer: X-T\r\nUpgrade: h2c\r\nX-Kept: yes\r\n\r\nok")
+    async with raw_backend(response) as url:
+        client = await gateway_client({"routes": [route("raw", url)]})
         resp = await client.get("/x")
         assert resp.status == 200 and await resp.read() == b"ok"
         assert resp.headers["X-Kept"] == "yes"
         for name in ("X-Internal-Token", "Keep-Alive", "Proxy-Authenticate", "Trailer", "Upgrade"):
             assert name not in resp.headers, name
+
+
+@pytest.mark.parametrize("codings", [b"gzip", b"chunked, gzip", b"gzip, chunked"])
+async def test_a_transfer_coding_other_than_chunked_is_not_passed_on(gateway_client, codings: bytes) -> None:
+    """The client would get gzip bytes that no header says are gzip."""
+    async with raw_backend(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + codings + b"\r\n\r\n0\r\n\r\n") as url:
+        client = await gateway_client({"routes": [route("raw", url)]})
+        resp = await client.get("/x")
+        assert resp.status == 502
+        assert access_lines(client)[-1]["error_type"] == "backend_invalid_response"

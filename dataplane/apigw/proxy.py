@@ -241,6 +241,11 @@ async def _relay(
     named = [token.strip().lower() for k, v in backend.headers if k.lower() == "connection" for token in v.split(",")]
     if named:
         drop = drop | set(named)
+    codings = [token.strip().lower() for k, v in backend.headers if k.lower() == "transfer-encoding"
+               for token in v.split(",")]
+    if codings and codings != ["chunked"]:  # e.g. gzip: the client would get bytes nothing says are gzip
+        raise GatewayError(502, "backend_invalid_response",
+                           f"backend {service} sent a transfer coding the gateway does not pass on")
     headers = CIMultiDict([(k, v) for k, v in backend.headers if k.lower() not in drop])
     headers.update(extra_headers)
     length = backend.content_length

@@ -26,8 +26,7 @@ def gatewayroute(name: str, namespace: str, prefix: str, **spec: Any) -> dict[st
     return {
         "apiVersion": "gateway.apigw.io/v1alpha1", "kind": "GatewayRoute",
         "metadata": {"name": name, "namespace": namespace},
-        "spec": {"match": {"path_prefix": prefix}, "backend": {"service": name, "url": f"http://{name}.{namespace}:8080"},
-                 "auth": {"required": False}, **spec},
+        "spec": {"match": {"path_prefix": prefix}, "backend": {"service": name, "url": f"http://{name}.{namespace}:8080"}, **spec},
     }
 
 

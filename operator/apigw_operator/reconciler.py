@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import replace
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -95,10 +95,8 @@ class Reconciler:
             if exc.status not in (413, 422):
                 raise
             t = self.cluster.target
-            refused = [
-                f"ConfigMap {t.namespace}/{t.configmap} refused routes.yaml "
-                f"({len(rendering.routes_yaml.encode())} bytes): {api_message(exc)}"
-            ]
+            size = len(rendering.routes_yaml.encode())
+            refused = [f"ConfigMap {t.namespace}/{t.configmap} refused routes.yaml ({size} bytes): {api_message(exc)}"]
             self._report(refused)
             return replace(rendering, config_hash=None, errors=refused)
         self._report([])

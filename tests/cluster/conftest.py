@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from tests.cluster.controlplane import ROOT, ControlPlane, binaries
+from tests.cluster.objects import requests_by
 from tests.cluster.parts import CM_PATH, LEASE_PATH, NS, GatewayPod, OperatorProcess
 
 API = "/apis/gateway.apigw.io/v1alpha1"
@@ -65,7 +66,8 @@ def cluster(control_plane: ControlPlane) -> ControlPlane:
 
 @pytest.fixture
 def operators(cluster: ControlPlane) -> Iterator[Callable[..., OperatorProcess]]:
-    """Factory: `operators("a", "--namespace", "x")` starts an operator replica; all stop at the end."""
+    """Factory: `operators("a", "--namespace", "x")` starts an operator replica; all stop at the end, and
+    the test fails if the API server refused any of their requests (the audit log has them all)."""
     started: list[OperatorProcess] = []
 
     def start(name: str = "operator", *args: str) -> OperatorProcess:
@@ -76,6 +78,11 @@ def operators(cluster: ControlPlane) -> Iterator[Callable[..., OperatorProcess]]
     yield start
     for process in started:
         process.stop()
+    refused = [
+        f"{e['verb']} {e['requestURI']}: {e['responseStatus'].get('message')}"
+        for process in started for e in requests_by(cluster, process.credential) if e["responseStatus"]["code"] == 403
+    ]
+    assert not refused, "the shipped RBAC refused the operator:\n" + "\n".join(refused)
 
 
 @pytest.fixture

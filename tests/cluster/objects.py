@@ -73,8 +73,8 @@ def route_names(plane: ControlPlane) -> list[str]:
     return [r["name"] for r in routes_yaml(plane).get("routes") or []]
 
 
-def writes_by(plane: ControlPlane, credential: str) -> list[dict[str, Any]]:
-    """Audit events of the writes made with one token (its credential id), in order."""
+def requests_by(plane: ControlPlane, credential: str) -> list[dict[str, Any]]:
+    """Audit events of the requests made with one token (its credential id), in order."""
     return [
         e for e in plane.audit()
         if credential in (e.get("user", {}).get("extra", {}).get("authentication.kubernetes.io/credential-id") or [])
@@ -89,3 +89,7 @@ def table(text: str) -> dict[str, dict[str, str]]:
     bounds = list(zip(starts, [*starts[1:], None]))
     cells = [[row[a:b].strip() for a, b in bounds] for row in rows]
     return {row[0]: dict(zip(header.split(), row)) for row in cells}
+
+
+def writes_by(plane: ControlPlane, credential: str) -> list[dict[str, Any]]:
+    return [e for e in requests_by(plane, credential) if e["verb"] in ("create", "update", "patch", "delete")]

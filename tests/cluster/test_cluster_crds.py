@@ -7,7 +7,16 @@ from pathlib import Path
 import yaml
 
 from tests.cluster.controlplane import ROOT, ControlPlane
-from tests.cluster.objects import conditions, create, gatewayroute, namespace, ratelimitpolicy, route_names, summary, table
+from tests.cluster.objects import (
+    conditions,
+    create,
+    gatewayroute,
+    namespace,
+    ratelimitpolicy,
+    route_names,
+    summary,
+    table,
+)
 from tests.cluster.parts import wait_for
 
 EXAMPLES = sorted((ROOT / "crds/examples").glob("*.yaml"))

@@ -24,7 +24,7 @@ def run(plane: ControlPlane, command: str, editor: str | None = None) -> str:
     env = {**os.environ, "PATH": f"{plane.bin}{os.pathsep}{os.environ['PATH']}", "KUBECONFIG": str(plane.admin_kubeconfig)}
     if editor:
         env["KUBE_EDITOR"] = editor
-    done = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, env=env, timeout=60)
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, env=env, timeout=60, check=False)
     assert done.returncode == 0, f"{command}\n{done.stdout}{done.stderr}"
     return done.stdout
 
@@ -49,7 +49,7 @@ def test_runbook_kubectl_commands(cluster: ControlPlane, operators, gateway_pods
         pod.name: ("1/1", "Running") for pod in pods
     }, listed
     described = run(cluster, "kubectl describe pods -l app=api-gateway -n api-gateway")
-    assert all(re.search(rf"^IP:\s+{re.escape(pod.ip)}$", described, re.M) for pod in pods), described
+    assert all(re.search(rf"^IP:\s+{re.escape(pod.ip)}$", described, re.MULTILINE) for pod in pods), described
     events = run(cluster, "kubectl get events -n api-gateway --sort-by='.lastTimestamp' | tail -20")
     assert "gatewayroute/status" in events and "Programmed" in events, events
     assert "api-gateway" in run(cluster, "kubectl get deployment api-gateway -n api-gateway")

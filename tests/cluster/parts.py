@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import jwt
+
 from apigw.testkit.process import http_status
 from apigw.testkit.redis import free_port
 from tests.cluster.controlplane import ROOT, ApiError, ControlPlane
@@ -28,8 +30,9 @@ CM_PATH = f"/api/v1/namespaces/{NS}/configmaps/{CM}"
 SERVICE_ACCOUNT = "api-gateway-operator"
 LEASE_PATH = f"/apis/coordination.k8s.io/v1/namespaces/{NS}/leases/apigw-operator"
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
-    [str(ROOT / "dataplane"), str(ROOT / "operator"), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    [str(ROOT / "dataplane"), str(ROOT / "operator"), *filter(None, [os.environ.get("PYTHONPATH")])]
 )}
+"""For the operator and gateway processes: this checkout's code, whatever is installed."""
 
 
 def wait_for(check: Any, timeout: float = 30, what: str = "") -> Any:
@@ -94,8 +97,6 @@ class OperatorProcess:
     @property
     def credential(self) -> str:
         """How the audit log names this process's token (`user.extra` credential id: the token's JTI)."""
-        import jwt
-
         return "JTI=" + jwt.decode(self.token, options={"verify_signature": False})["jti"]
 
 

@@ -44,6 +44,18 @@ AUDIT_POLICY = {
 }
 
 
+def terminate(process: subprocess.Popen[bytes] | None, timeout: float = 20) -> None:
+    """SIGTERM a process this tier started (by its PID), SIGKILL it if it does not exit in time."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def binaries() -> Path | None:
     """The directory holding kube-apiserver, etcd and kubectl at the pinned versions, if built."""
     found = subprocess.run(["bash", str(BUILD), "--check"], capture_output=True, text=True, check=False)
@@ -233,14 +245,6 @@ class ControlPlane:
 
     def stop(self) -> None:
         for name in ("kube-apiserver", "etcd"):
-            process = self.processes.get(name)
-            if process is None or process.poll() is not None:
-                continue
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            terminate(self.processes.get(name))
         for log in self._logs:
             log.close()

@@ -9,7 +9,6 @@ readiness in its status.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -22,7 +21,7 @@ import jwt
 
 from apigw.testkit.process import http_status
 from apigw.testkit.redis import free_port
-from tests.cluster.controlplane import ROOT, ApiError, ControlPlane
+from tests.cluster.controlplane import ROOT, ApiError, ControlPlane, terminate
 
 NS = "api-gateway"
 CM = "api-gateway-config"
@@ -80,16 +79,9 @@ class OperatorProcess:
         self.process.wait()
 
     def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
+        if self.process is not None:
+            terminate(self.process)
+            self._log.close()
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -201,11 +193,5 @@ class GatewayPod:
         if self._kubelet.is_alive():
             self._kubelet.join()
         if self.process is not None:
-            if self.process.poll() is None:
-                self.process.send_signal(signal.SIGTERM)
-                try:
-                    self.process.wait(20)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait()
+            terminate(self.process)
             self._log.close()

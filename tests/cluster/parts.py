@@ -31,7 +31,7 @@ LEASE_PATH = f"/apis/coordination.k8s.io/v1/namespaces/{NS}/leases/apigw-operato
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
     [str(ROOT / "dataplane"), str(ROOT / "operator"), *filter(None, [os.environ.get("PYTHONPATH")])]
 )}
-"""For the operator and gateway processes: this checkout's code, whatever is installed."""
+"""For the operator and gateway processes: this checkout's code before whatever is installed."""
 
 
 def wait_for(check: Any, timeout: float = 30, what: str = "") -> Any:

@@ -6,6 +6,7 @@ Keeping them here makes the RBAC rules in manifests/operator/rbac.yaml checkable
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,14 @@ from kubernetes_asyncio.client.rest import ApiException
 from apigw_operator.crds import GROUP, VERSION
 
 MERGE = "application/merge-patch+json"
+
+
+def api_message(exc: ApiException) -> str:
+    """The API server's own words for a refused request (its Status `message`)."""
+    try:
+        return json.loads(exc.body)["message"]
+    except (TypeError, ValueError, KeyError):
+        return f"{exc.status} {exc.reason}"
 
 
 @dataclass(frozen=True)

@@ -57,11 +57,16 @@ def structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         types = sorted(b.get("type") for b in branches)
         if types != ["integer", "string"]:
             raise ValueError(f"Kubernetes allows no union of {types}")
+        # The API server allows exactly `anyOf: [{type: integer}, {type: string}]` here; each branch's
+        # constraints move up to the node, where they apply to their own type only (pattern: strings,
+        # minimum: numbers), as in JSON Schema.
         node["x-kubernetes-int-or-string"] = True
-        node["anyOf"] = sorted((structural(b, defs) for b in branches), key=lambda b: b["type"])
+        node["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+        for branch in (structural(b, defs) for b in branches):
+            node.update({k: v for k, v in branch.items() if k != "type"})
     for raw, exclusive in (("gt", True), ("ge", False)):  # constraints on a duration: its integer form
         if raw in node:
-            node["anyOf"][0].update(_minimum(node.pop(raw), exclusive))
+            node.update(_minimum(node.pop(raw), exclusive))
     if isinstance(node.get("exclusiveMinimum"), (int, float)) and not isinstance(node["exclusiveMinimum"], bool):
         node.update(_minimum(node.pop("exclusiveMinimum"), True))
     if "properties" in node:

@@ -66,13 +66,15 @@ def build_registry(options: Options) -> kopf.OperatorRegistry:
         tasks = [asyncio.create_task(worker.run(), name="apigw-worker")]
         if leadership is not None:
             tasks.append(asyncio.create_task(leadership.campaign(), name="apigw-leadership"))
-        running.update(worker=worker, tasks=tasks)
+        running.update(worker=worker, tasks=tasks, leadership=leadership)
 
     @kopf.on.cleanup(registry=registry)
     async def stop(**_: Any) -> None:
         for task in running.get("tasks", []):
             task.cancel()
         await asyncio.gather(*running.get("tasks", []), return_exceptions=True)
+        if running.get("leadership") is not None:  # no pass runs any more: hand the Lease over
+            await running["leadership"].release()
         if "session" in running:
             await running["session"].close()
         if "api" in running:

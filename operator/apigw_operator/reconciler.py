@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -16,7 +17,7 @@ from kubernetes_asyncio.client.rest import ApiException
 
 from apigw.config import ListenConfig
 from apigw.loader import GLOBAL_FILE, ROUTES_FILE, ConfigError, parse_documents
-from apigw_operator.cluster import Cluster
+from apigw_operator.cluster import Cluster, api_message
 from apigw_operator.crds import GROUP, POLICIES, ROUTES
 from apigw_operator.health import PodReport, probe_pods
 from apigw_operator.render import POLICY, ROUTE, Rendering, ref_of, render, text_hash
@@ -67,8 +68,7 @@ class Reconciler:
             logger.error("ConfigMap %s/%s not found: nothing to render into", t.namespace, t.configmap)
             return
         config_yaml = (configmap.get("data") or {}).get(GLOBAL_FILE, "")
-        rendering = render(routes, policies, config_yaml)
-        await self._write_routes(configmap, rendering)
+        rendering = await self._write_routes(configmap, render(routes, policies, config_yaml))
         await self._roll_out(configmap, rendering)
         pods = await self.cluster.ready_pods()
         port = traffic_port(config_yaml)
@@ -76,21 +76,38 @@ class Reconciler:
         await self._write_statuses(ROUTE, ROUTES, routes, rendering, reports)
         await self._write_statuses(POLICY, POLICIES, policies, rendering, reports)
 
-    async def _write_routes(self, configmap: dict[str, Any], rendering: Rendering) -> None:
+    async def _write_routes(self, configmap: dict[str, Any], rendering: Rendering) -> Rendering:
+        """Write routes.yaml if it changed. Returns the rendering as it stands after the write: one the
+        API server refused (the ConfigMap's 1 MiB limit) counts as invalid, and the last good one stays."""
         if rendering.errors:
-            if rendering.errors != self._reported:
-                logger.error("the gateway config is invalid, routes.yaml left as it is:\n%s", "\n".join(rendering.errors))
-            self._reported = rendering.errors
-            return
-        self._reported = []
+            self._report(rendering.errors)
+            return rendering
         digest = text_hash(rendering.routes_yaml)
         current = (configmap.get("data") or {}).get(ROUTES_FILE)
         annotations = configmap["metadata"].get("annotations") or {}
         if current == rendering.routes_yaml and annotations.get(ROUTES_ANNOTATION) == digest:
-            return
+            self._report([])
+            return rendering
         patch = {"metadata": {"annotations": {ROUTES_ANNOTATION: digest}}, "data": {ROUTES_FILE: rendering.routes_yaml}}
-        await self.cluster.patch_configmap(patch)
+        try:
+            await self.cluster.patch_configmap(patch)
+        except ApiException as exc:
+            if exc.status not in (413, 422):
+                raise
+            t = self.cluster.target
+            size = len(rendering.routes_yaml.encode())
+            refused = [f"ConfigMap {t.namespace}/{t.configmap} refused routes.yaml ({size} bytes): {api_message(exc)}"]
+            self._report(refused)
+            return replace(rendering, config_hash=None, errors=refused)
+        self._report([])
         logger.info("wrote routes.yaml %s (config %s)", digest, rendering.config_hash)
+        return rendering
+
+    def _report(self, errors: list[str]) -> None:
+        """Log why routes.yaml is not written, once per change of reason (passes repeat every resync)."""
+        if errors and errors != self._reported:
+            logger.error("routes.yaml left as it is, the last good config stays in force:\n%s", "\n".join(errors))
+        self._reported = errors
 
     async def _roll_out(self, configmap: dict[str, Any], rendering: Rendering) -> None:
         """Roll the gateway only when a setting it cannot apply live changed; the first sight only records."""

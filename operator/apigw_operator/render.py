@@ -24,6 +24,11 @@ POLICY = "RateLimitPolicy"
 MAX_NAME = 63
 HEADER = "# Rendered by apigw-operator from GatewayRoute and RateLimitPolicy objects: edits are overwritten.\n"
 
+_NO_REFERENCE = {
+    # Also what a route reads when a client's misspelt `ratelimit` was pruned by the API server.
+    ROUTE: "spec.ratelimit is not set: requests to this route are not rate limited",
+    POLICY: "a policy refers to nothing",
+}
 # `routes.yaml:12: routes[3].match: ...` -> which item, and the rest of the message.
 _LOCATED = re.compile(rf"^{re.escape(ROUTES_FILE)}(?::\d+)?: (routes|policies)\[(\d+)\]\.?(\S*): (.*)$", re.S)
 
@@ -98,7 +103,7 @@ def render(routes: Iterable[Mapping[str, Any]], policies: Iterable[Mapping[str, 
         entry, problem = _entry(ref, body, settings_yaml)
         verdicts[ref] = Verdict(
             accepted=_accepted(problem, body, ref),
-            resolved_refs=Condition("ResolvedRefs", True, "ResolvedRefs", "all references resolved"),
+            resolved_refs=Condition("ResolvedRefs", True, "ResolvedRefs", _NO_REFERENCE[ref.kind]),
         )
         if entry is not None:
             entries[ref] = entry

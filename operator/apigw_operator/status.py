@@ -19,7 +19,7 @@ def programmed(verdict: Verdict, rendering: Rendering, reports: Sequence[PodRepo
         more = f" (and {len(rendering.errors) - 1} more)" if len(rendering.errors) > 1 else ""
         return Condition(
             "Programmed", False, "ConfigInvalid",
-            f"the gateway config is invalid, the last good routes.yaml stays in force: {rendering.errors[0]}{more}",
+            f"the gateway config cannot be applied, the last good routes.yaml stays in force: {rendering.errors[0]}{more}",
         )
     wanted = rendering.config_hash
     if not reports:

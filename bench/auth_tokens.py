@@ -17,9 +17,9 @@ import tempfile
 import timeit
 from pathlib import Path
 
-from apigw.auth import Authenticator
-from apigw.config import AuthConfig
-from apigw.metrics import Metrics
+from apigw.config.model import AuthConfig
+from apigw.observability.metrics import Metrics
+from apigw.policy.auth import Authenticator
 from apigw.testkit.tokens import SigningKey
 
 

@@ -47,7 +47,7 @@ from harness import (
     wrk,
 )
 
-from apigw.config import AuthConfig
+from apigw.config.model import AuthConfig
 from apigw.testkit.process import GatewayProcess
 from apigw.testkit.redis import RedisServer, free_port
 from apigw.testkit.tokens import SigningKey
@@ -269,7 +269,7 @@ def profile_notes(label: str, pid: int, args: argparse.Namespace, notes: list[st
 
 
 def _function(frame: str) -> str:
-    """`handle (apigw/pipeline.py:68)` -> `handle (apigw/pipeline.py)`: one entry per function."""
+    """`handle (apigw/pipeline/handler.py:68)` -> `handle (apigw/pipeline/handler.py)`: one entry per function."""
     name, _, where = frame.partition(" (")
     if name == "Runner.run":
         return "(event loop: uvloop's C code, I/O and callbacks)"

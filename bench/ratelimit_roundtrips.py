@@ -17,10 +17,10 @@ from collections.abc import Awaitable, Callable
 
 from redis.asyncio import Redis
 
-from apigw.config import FailureMode, Policy, RedisConfig
-from apigw.metrics import Metrics
-from apigw.ratelimit import Limiter, LimitRule, MemoryLimiter, RedisLimiter
-from apigw.redisbatch import RedisBatch
+from apigw.config.model import FailureMode, Policy, RedisConfig
+from apigw.observability.metrics import Metrics
+from apigw.policy.ratelimit import Limiter, LimitRule, MemoryLimiter, RedisLimiter
+from apigw.redis.batch import RedisBatch
 from apigw.testkit.redis import RedisServer
 
 

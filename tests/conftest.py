@@ -15,11 +15,11 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
-from apigw.loader import parse_documents
-from apigw.logs import AccessLog
-from apigw.metrics import Metrics
-from apigw.server import traffic_app
-from apigw.state import GATEWAY, Gateway
+from apigw.config.loader import parse_documents
+from apigw.observability.logs import AccessLog
+from apigw.observability.metrics import Metrics
+from apigw.pipeline.state import GATEWAY, Gateway
+from apigw.server.serve import traffic_app
 from apigw.testkit.backend import Backend
 from apigw.testkit.clock import FakeClock
 from apigw.testkit.redis import RedisServer

@@ -21,12 +21,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from apigw.auth import MAX_TOKEN_LENGTH, NO_EXP_CACHE_SECONDS, Authenticator, Claims
-from apigw.config import AuthConfig, RedisConfig
-from apigw.errors import GatewayError
-from apigw.loader import ConfigError
-from apigw.metrics import Metrics
-from apigw.redisbatch import RedisBatch
+from apigw.config.errors import ConfigError
+from apigw.config.model import AuthConfig, RedisConfig
+from apigw.http.errors import GatewayError
+from apigw.observability.metrics import Metrics
+from apigw.policy.auth import MAX_TOKEN_LENGTH, NO_EXP_CACHE_SECONDS, Authenticator, Claims
+from apigw.redis.batch import RedisBatch
 from apigw.testkit.clock import FakeClock
 from apigw.testkit.redis import RedisServer
 from apigw.testkit.tokens import SigningKey, write_jwks

@@ -18,7 +18,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from apigw.state import GATEWAY
+from apigw.pipeline.state import GATEWAY
 from apigw.testkit.backend import Backend
 from apigw.testkit.process import BackendProcess, GatewayProcess, http_status, ports, wait_until
 from apigw.testkit.redis import RedisServer
@@ -246,8 +246,8 @@ def _status_with(base: str, token: str) -> int:
 
 async def test_verified_tokens_stay_cached_across_a_reload_of_routes(gateway_client, backend, key, tmp_path) -> None:
     """An operator routes.yaml update must not send every client back through signature checks."""
-    from apigw.loader import parse_documents
-    from apigw.state import build_state
+    from apigw.config.loader import parse_documents
+    from apigw.pipeline.state import build_state
 
     config = auth_config(tmp_path, backend.url)
     client = await gateway_client(config)

@@ -7,11 +7,12 @@ import logging
 
 import pytest
 
-from apigw.breaker import CircuitBreaker, State
-from apigw.config import BreakerSettings
-from apigw.errors import GatewayError
-from apigw.loader import ConfigError, parse_documents
-from apigw.metrics import Metrics
+from apigw.config.errors import ConfigError
+from apigw.config.loader import parse_documents
+from apigw.config.model import BreakerSettings
+from apigw.http.errors import GatewayError
+from apigw.observability.metrics import Metrics
+from apigw.policy.breaker import CircuitBreaker, State
 from apigw.testkit.clock import FakeClock
 
 

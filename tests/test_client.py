@@ -1,4 +1,4 @@
-"""The backend HTTP/1.1 client (`apigw.client`) against real servers on loopback: the echo backend, and
+"""The backend HTTP/1.1 client (`apigw.upstream.client`) against real servers on loopback: the echo backend, and
 small raw servers that write exact bytes for the responses a real backend rarely sends."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from yarl import URL
 
-from apigw import client
-from apigw.client import MAX_HEAD, MAX_TRAILER_SIZE, MAX_TRAILERS, PAUSE_AT, BackendError, Pool, Response
+from apigw.upstream import client
 from apigw.testkit.backend import Backend
+from apigw.upstream.client import MAX_HEAD, MAX_TRAILER_SIZE, MAX_TRAILERS, PAUSE_AT, BackendError, Pool, Response
 
 HOST = [("Host", "backend")]
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from apigw.config import Config, config_hash, parse_duration, restart_settings
-from apigw.loader import ConfigError, load_config, parse_documents
+from apigw.config.errors import ConfigError
+from apigw.config.loader import load_config, parse_documents
+from apigw.config.model import Config, config_hash, parse_duration, restart_settings
 
 ROOT = Path(__file__).parent.parent
 INVALID = sorted((Path(__file__).parent / "configs" / "invalid").glob("*.yaml"))

@@ -7,10 +7,10 @@ import asyncio
 import pytest
 import yaml
 
-from apigw.loader import parse_documents
-from apigw.metrics import Metrics
-from apigw.server import traffic_app
-from apigw.state import Gateway
+from apigw.config.loader import parse_documents
+from apigw.observability.metrics import Metrics
+from apigw.pipeline.state import Gateway
+from apigw.server.serve import traffic_app
 from apigw.testkit.backend import Backend
 
 

@@ -14,7 +14,7 @@ from aiohttp.http_exceptions import BadHttpMessage
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from apigw.logs import GREPPED, Access, AccessLog, JSONFormatter, RepeatFilter, grep_safe
+from apigw.observability.logs import GREPPED, Access, AccessLog, JSONFormatter, RepeatFilter, grep_safe
 from apigw.testkit.clock import FakeClock
 
 RUNBOOK_GREPS = [re.compile(p) for p in ("status_code=5", "auth_status=failure", "backend_service")] + [

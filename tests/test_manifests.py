@@ -20,7 +20,7 @@ import pytest
 import yaml
 from openapi_schema_validator import OAS30Validator
 
-from apigw.loader import GLOBAL_FILE, ROUTES_FILE, parse_documents
+from apigw.config.loader import GLOBAL_FILE, ROUTES_FILE, parse_documents
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"

@@ -15,7 +15,8 @@ import pytest
 import yaml
 from aiohttp.http import SERVER_SOFTWARE
 
-from apigw.loader import ConfigError, parse_documents
+from apigw.config.errors import ConfigError
+from apigw.config.loader import parse_documents
 from apigw.testkit import route
 from apigw.testkit.process import BackendProcess, GatewayProcess, ports, wait_until
 from apigw.testkit.raw import exchange

@@ -176,7 +176,7 @@ async def test_metrics_and_health(gateway_client, backend: Backend) -> None:
     await client.get("/status/500")
     ready = await client.get("/_health/ready")
     assert ready.status == 200
-    gateway = client.app[__import__("apigw.state", fromlist=["GATEWAY"]).GATEWAY]
+    gateway = client.app[__import__("apigw.pipeline.state", fromlist=["GATEWAY"]).GATEWAY]
     assert (await ready.json())["config_hash"] == gateway.state.config_hash
     assert (await client.get("/_health/live")).status == 200
     value = gateway.metrics.registry.get_sample_value

@@ -19,10 +19,10 @@ import pytest
 from multidict import CIMultiDict
 from redis.asyncio import Redis
 
-from apigw.config import Config, FailureMode, LimitKey, Policy, RedisConfig
-from apigw.errors import GatewayError
-from apigw.metrics import Metrics
-from apigw.ratelimit import (
+from apigw.config.model import Config, FailureMode, LimitKey, Policy, RedisConfig
+from apigw.http.errors import GatewayError
+from apigw.observability.metrics import Metrics
+from apigw.policy.ratelimit import (
     Decision,
     Limiter,
     LimitRule,
@@ -31,7 +31,7 @@ from apigw.ratelimit import (
     build_limiter,
     limit_key,
 )
-from apigw.redisbatch import BATCH_LUA, RedisBatch
+from apigw.redis.batch import BATCH_LUA, RedisBatch
 from apigw.testkit.redis import RedisServer
 
 IP = "ip:10.0.0.1"

@@ -8,7 +8,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from apigw.state import GATEWAY
+from apigw.pipeline.state import GATEWAY
 from apigw.testkit.backend import Backend
 from apigw.testkit.process import GatewayProcess, ports
 from apigw.testkit.redis import RedisServer

@@ -8,8 +8,8 @@ import asyncio
 import pytest
 import redis.asyncio
 
-from apigw.config import RedisConfig
-from apigw.redisbatch import BATCH_LUA, MAX_CHECKS, RedisBatch
+from apigw.config.model import RedisConfig
+from apigw.redis.batch import BATCH_LUA, MAX_CHECKS, RedisBatch
 from apigw.testkit.redis import RedisServer
 
 

@@ -16,7 +16,7 @@ import redis.asyncio
 import uvloop
 from redis.exceptions import BusyLoadingError, InvalidResponse, MasterDownError, ReadOnlyError
 
-from apigw.redislink import RedisLink, pack
+from apigw.redis.link import RedisLink, pack
 from apigw.testkit.certs import write_self_signed
 from apigw.testkit.redis import RedisServer, free_port
 

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from apigw.state import GATEWAY
+from apigw.pipeline.state import GATEWAY
 from apigw.testkit.backend import Backend
-from apigw.testkit.redis import free_port
 from apigw.testkit.process import (
     BackendProcess,
     GatewayProcess,
@@ -19,6 +18,7 @@ from apigw.testkit.process import (
     ports,
     wait_until,
 )
+from apigw.testkit.redis import free_port
 
 
 def breaker_config(url: str, **backend: object) -> dict:
@@ -73,8 +73,8 @@ async def test_non_idempotent_requests_are_not_retried(gateway_client, backend: 
 
 
 async def test_breaker_survives_reload_for_unchanged_backend(gateway_client, backend: Backend) -> None:
-    from apigw.loader import parse_documents
-    from apigw.state import build_state
+    from apigw.config.loader import parse_documents
+    from apigw.pipeline.state import build_state
 
     config = breaker_config(backend.url, retries={"max_retries": 0})
     client = await gateway_client(config)

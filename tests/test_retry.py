@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from apigw.config import RetrySettings
-from apigw.loader import ConfigError, parse_documents
-from apigw.retry import (
+from apigw.config.errors import ConfigError
+from apigw.config.loader import parse_documents
+from apigw.config.model import RetrySettings
+from apigw.policy.retry import (
     BUDGET_WINDOW,
     CONNECT_FAILED,
     RetryBudget,

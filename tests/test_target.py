@@ -15,11 +15,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from apigw.config import Route
-from apigw.errors import GatewayError
-from apigw.pipeline import _route
-from apigw.routing import Router
-from apigw.target import BadTarget, Target, normalize_host, normalize_path, parse_target
+from apigw.config.model import Route
+from apigw.http.errors import GatewayError
+from apigw.http.target import BadTarget, Target, normalize_host, normalize_path, parse_target
+from apigw.pipeline.handler import _route
+from apigw.pipeline.routing import Router
 
 ROUTES = {
     "any": {},

@@ -7,14 +7,15 @@ import logging
 import pytest
 import yaml
 
-from apigw.breaker import State
-from apigw.config import BreakerSettings
-from apigw.loader import ConfigError, parse_documents
-from apigw.metrics import Metrics
-from apigw.state import Shared, build_state
+from apigw.config.errors import ConfigError
+from apigw.config.loader import parse_documents
+from apigw.config.model import BreakerSettings
+from apigw.observability.metrics import Metrics
+from apigw.pipeline.state import Shared, build_state
+from apigw.policy.breaker import State
 from apigw.testkit import route
 from apigw.testkit.clock import FakeClock
-from apigw.upstream import Clusters, cluster_settings
+from apigw.upstream.cluster import Clusters, cluster_settings
 
 
 def config(*routes: dict, **settings: object):

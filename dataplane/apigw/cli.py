@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
 
-from apigw.config import config_hash
-from apigw.loader import ConfigError, load_config
-from apigw.logs import setup_logging
-from apigw.metrics import Metrics
-from apigw.state import Gateway
-from apigw.tls import check_tls
+from apigw.config.errors import ConfigError
+from apigw.config.loader import load_config
+from apigw.config.model import config_hash
+from apigw.observability.logs import setup_logging
+from apigw.observability.metrics import Metrics
+from apigw.pipeline.state import Gateway
+from apigw.server.tls import check_tls
 
 DEFAULT_CONFIG = "/etc/gateway/"
 
@@ -57,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.validate:
         return validate(args.config)
-    from apigw.server import serve
+    from apigw.server.serve import run, serve
 
     setup_logging()
     if args.workers is not None and args.workers < 1:
@@ -83,12 +81,3 @@ def validate(path: Path) -> int:
         f"config_hash {config_hash(config)}"
     )
     return 0
-
-
-def run(main: Coroutine[Any, Any, int]) -> int:
-    """Run on uvloop where it is installed: a faster event loop for the same code."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from apigw.logs import setup_logging
-from apigw.server import serve
+from apigw.observability.logs import setup_logging
+from apigw.server.serve import run, serve
 from apigw.testkit.backend import Backend
 from apigw.testkit.tokens import SigningKey
 
@@ -95,6 +95,4 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--redis", metavar="URL", help="keep rate limit state in this Redis (redis://host:port/0)")
     args = parser.parse_args(argv)
     setup_logging()
-    from apigw.cli import run
-
     return run(run_demo(args.port, args.metrics_port, args.redis))

@@ -16,8 +16,8 @@ import yaml
 from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema
 
-from apigw import config
-from apigw.config import Policy, Route
+from apigw.config import model as config
+from apigw.config.model import Policy, Route
 
 GROUP = "gateway.apigw.io"
 VERSION = "v1alpha1"

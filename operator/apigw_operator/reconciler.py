@@ -15,8 +15,9 @@ from typing import Any
 import aiohttp
 from kubernetes_asyncio.client.rest import ApiException
 
-from apigw.config import ListenConfig
-from apigw.loader import GLOBAL_FILE, ROUTES_FILE, ConfigError, parse_documents
+from apigw.config.errors import ConfigError
+from apigw.config.loader import GLOBAL_FILE, ROUTES_FILE, parse_documents
+from apigw.config.model import ListenConfig
 from apigw_operator.cluster import Cluster, api_message
 from apigw_operator.crds import GROUP, POLICIES, ROUTES
 from apigw_operator.health import PodReport, probe_pods

@@ -16,8 +16,9 @@ from typing import Any
 
 import yaml
 
-from apigw.config import config_hash, restart_settings
-from apigw.loader import GLOBAL_FILE, ROUTES_FILE, ConfigError, parse_documents
+from apigw.config.errors import ConfigError
+from apigw.config.loader import GLOBAL_FILE, ROUTES_FILE, parse_documents
+from apigw.config.model import config_hash, restart_settings
 
 ROUTE = "GatewayRoute"
 POLICY = "RateLimitPolicy"

@@ -10,8 +10,9 @@ from typing import Any
 import kopf
 from aiohttp import web
 
-from apigw.config import config_hash
-from apigw.loader import ConfigError, parse_documents
+from apigw.config.errors import ConfigError
+from apigw.config.loader import parse_documents
+from apigw.config.model import config_hash
 from apigw_operator.handlers import Options, build_registry
 
 NS = "api-gateway"

@@ -47,7 +47,7 @@ def test_schemas_are_structural() -> None:
 
 
 def test_spec_fields_are_the_model_fields() -> None:
-    from apigw.config import Policy, Route
+    from apigw.config.model import Policy, Route
 
     route_spec = schema_of("GatewayRoute")["properties"]["spec"]
     policy_spec = schema_of("RateLimitPolicy")["properties"]["spec"]

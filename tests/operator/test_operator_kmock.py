@@ -6,8 +6,8 @@ from typing import Any
 
 import yaml
 
-from apigw.config import config_hash
-from apigw.loader import parse_documents
+from apigw.config.loader import parse_documents
+from apigw.config.model import config_hash
 from apigw_operator.handlers import Options
 from apigw_operator.render import render, text_hash
 from tests.operator.kube import (

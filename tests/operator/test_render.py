@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import yaml
 
-from apigw.config import config_hash
-from apigw.loader import parse_documents
+from apigw.config.loader import parse_documents
+from apigw.config.model import config_hash
 from apigw_operator.render import POLICY, ROUTE, Ref, render
 from tests.operator.kube import CONFIG_YAML, cr, route
 

@@ -24,10 +24,10 @@ from typing import Any, Protocol
 
 from redis.exceptions import RedisError
 
-from apigw.config import Config, FailureMode, LimitKey, Policy
-from apigw.errors import GatewayError
-from apigw.metrics import Metrics
-from apigw.redisbatch import RedisBatch
+from apigw.config.model import Config, FailureMode, LimitKey, Policy
+from apigw.http.errors import GatewayError
+from apigw.observability.metrics import Metrics
+from apigw.redis.batch import RedisBatch
 
 log = logging.getLogger("apigw.ratelimit")
 
@@ -153,7 +153,7 @@ class _Deferred:
 
 class _Recorder:
     """Counts and times decisions (`decision` label: allowed, limited or error). A slow Redis is logged
-    by the batch that waited for it (`redisbatch`), once per round trip, not once per decision."""
+    by the batch that waited for it (`apigw.redis.batch`), once per round trip, not once per decision."""
 
     def __init__(self, metrics: Metrics):
         self._metrics = metrics
@@ -164,7 +164,7 @@ class _Recorder:
 
 
 class RedisLimiter:
-    """GCRA in Redis, as one step of the tick's batch script (`redisbatch`): decisions of concurrent
+    """GCRA in Redis, as one step of the tick's batch script (`apigw.redis.batch`): decisions of concurrent
     requests share a round trip."""
 
     def __init__(self, batch: RedisBatch, metrics: Metrics, failure_mode: FailureMode):

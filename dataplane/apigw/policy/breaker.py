@@ -28,9 +28,9 @@ from types import TracebackType
 
 from prometheus_client import Gauge
 
-from apigw.config import BreakerSettings
-from apigw.errors import GatewayError
-from apigw.window import SlidingCount
+from apigw.config.model import BreakerSettings
+from apigw.http.errors import GatewayError
+from apigw.policy.window import SlidingCount
 
 log = logging.getLogger("apigw.breaker")
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from cryptography import x509
 
-from apigw.config import TLSFiles
-from apigw.loader import ConfigError
-from apigw.metrics import Metrics
+from apigw.config.errors import ConfigError
+from apigw.config.model import TLSFiles
+from apigw.observability.metrics import Metrics
 
 
 class ServerTLS:

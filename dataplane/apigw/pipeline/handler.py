@@ -16,17 +16,17 @@ import time
 
 from aiohttp import HttpVersion10, HttpVersion11, web
 
-from apigw import proxy
-from apigw.client import Response
-from apigw.errors import GatewayError
-from apigw.logs import Access
-from apigw.metrics import Metrics
-from apigw.ratelimit import limit_key
-from apigw.retry import CONNECT_FAILED, should_retry
-from apigw.routing import Router
-from apigw.state import GATEWAY, CompiledRoute, Gateway
-from apigw.target import BadTarget, Target, parse_target
-from apigw.upstream import Cluster
+from apigw.http.errors import GatewayError
+from apigw.http.target import BadTarget, Target, parse_target
+from apigw.observability.logs import Access
+from apigw.observability.metrics import Metrics
+from apigw.pipeline import proxy
+from apigw.pipeline.routing import Router
+from apigw.pipeline.state import GATEWAY, CompiledRoute, Gateway
+from apigw.policy.ratelimit import limit_key
+from apigw.policy.retry import CONNECT_FAILED, should_retry
+from apigw.upstream.client import Response
+from apigw.upstream.cluster import Cluster
 
 log = logging.getLogger("apigw.pipeline")
 

@@ -14,15 +14,15 @@ from typing import Any
 
 from aiohttp import web
 
-from apigw.auth import Authenticator, KeyRing, load_keys
-from apigw.config import Config, RedisConfig, Route, config_hash
-from apigw.logs import AccessLog
-from apigw.metrics import Metrics
-from apigw.proxy import Edge
-from apigw.ratelimit import Limiter, LimitRule, build_limiter
-from apigw.redisbatch import RedisBatch
-from apigw.routing import Router
-from apigw.upstream import Cluster, Clusters, cluster_settings
+from apigw.config.model import Config, RedisConfig, Route, config_hash
+from apigw.observability.logs import AccessLog
+from apigw.observability.metrics import Metrics
+from apigw.pipeline.proxy import Edge
+from apigw.pipeline.routing import Router
+from apigw.policy.auth import Authenticator, KeyRing, load_keys
+from apigw.policy.ratelimit import Limiter, LimitRule, build_limiter
+from apigw.redis.batch import RedisBatch
+from apigw.upstream.cluster import Cluster, Clusters, cluster_settings
 
 
 @dataclass(frozen=True, slots=True)

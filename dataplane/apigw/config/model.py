@@ -30,7 +30,7 @@ from pydantic import (
 )
 from redis.connection import parse_url
 
-from apigw.target import BadTarget, normalize_host, normalize_path
+from apigw.http.target import BadTarget, normalize_host, normalize_path
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -253,7 +253,7 @@ class Policy(Strict):
 
 
 def _normal_path(value: str, what: str = "") -> str:
-    """A path a route names must be in the normal form requests are matched in (see `apigw.target`)."""
+    """A path a route names must be in the normal form requests are matched in (see `apigw.http.target`)."""
     if not value.startswith("/"):
         raise ValueError(f"{what}must start with /")
     try:

@@ -14,18 +14,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from apigw.config import Backend, Config, Policy, Route, RoutesDocument
+from apigw.config.errors import ConfigError
+from apigw.config.model import Backend, Config, Policy, Route, RoutesDocument
 
 GLOBAL_FILE = "config.yaml"
 ROUTES_FILE = "routes.yaml"
-
-
-class ConfigError(Exception):
-    """A config that cannot be used; `errors` holds one located message per problem."""
-
-    def __init__(self, errors: list[str]):
-        super().__init__("\n".join(errors))
-        self.errors = errors
 
 
 CLUSTER_SETTINGS = [name for name in Backend.model_fields if name not in ("service", "url", "timeout")]

@@ -29,10 +29,10 @@ from aiohttp.http_exceptions import BadHttpMethod, BadStatusLine, HttpProcessing
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from multidict import CIMultiDict
 
-from apigw.errors import GatewayError
-from apigw.logs import Access
-from apigw.pipeline import UNROUTED, count, error_response, new_request_id
-from apigw.state import Gateway
+from apigw.http.errors import GatewayError
+from apigw.observability.logs import Access
+from apigw.pipeline.handler import UNROUTED, count, error_response, new_request_id
+from apigw.pipeline.state import Gateway
 
 log = logging.getLogger("apigw.server")
 

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 from yarl import URL
 
-from apigw.breaker import CircuitBreaker, State
-from apigw.client import Pool
-from apigw.config import Backend, BreakerSettings, Config, RetrySettings
-from apigw.metrics import Metrics
-from apigw.retry import RetryBudget
+from apigw.config.model import Backend, BreakerSettings, Config, RetrySettings
+from apigw.observability.metrics import Metrics
+from apigw.policy.breaker import CircuitBreaker, State
+from apigw.policy.retry import RetryBudget
+from apigw.upstream.client import Pool
 
 log = logging.getLogger("apigw.upstream")
 

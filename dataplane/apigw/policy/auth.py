@@ -25,7 +25,7 @@ is re-verified at least every `NO_EXP_CACHE_SECONDS`. New keys come with a new a
 Revocation list: a token is revoked while Redis holds the key `revoked:<jti>` (any value). Whoever
 revokes sets its TTL to outlive the token, e.g. `SET revoked:<jti> 1 EXAT <exp>`, so the list
 cleans itself. Tokens without `jti` cannot be revoked. The check is one EXISTS per request, cached
-token or not, sent with the other checks of its event-loop tick (`redisbatch`) and bounded by
+token or not, sent with the other checks of its event-loop tick (`apigw.redis.batch`) and bounded by
 `redis.timeout`. Without Redis there is no
 list and no check. When Redis fails, `auth.revocation.failure_mode` decides: `fail_open` accepts the
 token, `fail_closed` answers 503 `revocation_unavailable`: the token is not known to be bad, so a 401
@@ -57,11 +57,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from redis.exceptions import RedisError
 
-from apigw.config import AuthConfig, FailureMode
-from apigw.errors import GatewayError
-from apigw.loader import ConfigError
-from apigw.metrics import Metrics
-from apigw.redisbatch import RedisBatch
+from apigw.config.errors import ConfigError
+from apigw.config.model import AuthConfig, FailureMode
+from apigw.http.errors import GatewayError
+from apigw.observability.metrics import Metrics
+from apigw.redis.batch import RedisBatch
 
 log = logging.getLogger("apigw.auth")
 

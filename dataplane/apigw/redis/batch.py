@@ -17,45 +17,17 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any
 
 from redis.exceptions import ResponseError
 
-from apigw.config import RedisConfig
-from apigw.redislink import RedisLink, pack
+from apigw.config.model import RedisConfig
+from apigw.redis.link import RedisLink, pack
 
-BATCH_LUA = """
--- ARGV[1..n]: per check, its kind ('L' limit or 'R' revoked?) then its parameters; KEYS in check order.
--- A limit check ('L', interval, capacity in microseconds) returns 3 numbers: allowed 1|0, microseconds
--- until its bucket is full, microseconds until a request may pass. A revocation check ('R') returns 1|0.
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-local out = {}
-local a = 1
-for k = 1, #KEYS do
-  local key = KEYS[k]
-  if ARGV[a] == 'L' then
-    local interval = tonumber(ARGV[a + 1])
-    local capacity = tonumber(ARGV[a + 2])
-    a = a + 3
-    local tat = tonumber(redis.call('GET', key)) or now
-    if tat < now then tat = now end
-    local allow_at = tat + interval - capacity
-    if now < allow_at then
-      out[#out + 1] = 0; out[#out + 1] = tat - now; out[#out + 1] = allow_at - now
-    else
-      tat = tat + interval
-      redis.call('SET', key, string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000))
-      out[#out + 1] = 1; out[#out + 1] = tat - now; out[#out + 1] = 0
-    end
-  else
-    a = a + 1
-    out[#out + 1] = redis.call('EXISTS', key)
-  end
-end
-return out
-"""
-# `string.format`: Redis would turn a number argument into text with 14 significant digits, too few.
+BATCH_LUA = (Path(__file__).parent / "batch.lua").read_text()
+"""The batch script: GCRA steps and revocation checks, in order, on Redis's clock. GCRA's in-process twin
+is `apigw.policy.ratelimit.gcra`; tests/test_gcra_parity.py keeps the two the same."""
 BATCH_SHA = hashlib.sha1(BATCH_LUA.encode()).hexdigest()
 
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from apigw.config import Route
+from apigw.config.model import Route
 
 T = TypeVar("T")
 
@@ -75,7 +75,7 @@ class Router(Generic[T]):
         self._any_host = tables.get(None)
 
     def match(self, host: str, path: str, method: str) -> T | None:
-        """`host` and `path` in normal form (see `apigw.target`)."""
+        """`host` and `path` in normal form (see `apigw.http.target`)."""
         if self._exact_hosts or self._wildcards:
             table = self._exact_hosts.get(host)
             if table is not None:

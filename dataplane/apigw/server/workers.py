@@ -23,8 +23,8 @@ from prometheus_client import CollectorRegistry, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from apigw.config import Config
-from apigw.metrics import metrics_app
+from apigw.config.model import Config
+from apigw.observability.metrics import metrics_app
 
 log = logging.getLogger("apigw.workers")
 

@@ -2,7 +2,7 @@
 
 Bodies stream in both directions (a 100 MB upload or download is never held in memory), hop-by-hop
 headers are dropped, and the backend learns who called through X-Forwarded-* and X-Request-ID.
-Where a request goes, and with what timeouts, is its upstream cluster's (`apigw.upstream`).
+Where a request goes, and with what timeouts, is its upstream cluster's (`apigw.upstream.cluster`).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from apigw.client import BackendError, Response
-from apigw.config import ListenConfig
-from apigw.errors import GatewayError
-from apigw.target import Target
-from apigw.upstream import Cluster
+from apigw.config.model import ListenConfig
+from apigw.http.errors import GatewayError
+from apigw.http.target import Target
+from apigw.upstream.client import BackendError, Response
+from apigw.upstream.cluster import Cluster
 
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",

@@ -15,10 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from apigw.config import Config, restart_settings
-from apigw.loader import ConfigError, config_files, load_config
-from apigw.state import Gateway, GatewayState, build_state
-from apigw.tls import ServerTLS, check_tls
+from apigw.config.errors import ConfigError
+from apigw.config.loader import config_files, load_config
+from apigw.config.model import Config, restart_settings
+from apigw.pipeline.state import Gateway, GatewayState, build_state
+from apigw.server.tls import ServerTLS, check_tls
 
 log = logging.getLogger("apigw.reload")
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from apigw.config import RetrySettings
-from apigw.window import SlidingCount
+from apigw.config.model import RetrySettings
+from apigw.policy.window import SlidingCount
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 CONNECT_FAILED = "connect_failed"

@@ -1,0 +1,11 @@
+"""The one error a config can raise, from any file or check: every problem found, each located."""
+
+from __future__ import annotations
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; `errors` holds one located message per problem."""
+
+    def __init__(self, errors: list[str]):
+        super().__init__("\n".join(errors))
+        self.errors = errors

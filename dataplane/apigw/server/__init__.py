@@ -1,0 +1,1 @@
+"""Processes and listeners: serving, the connection handler, reloads, TLS, workers, debug."""

@@ -35,6 +35,10 @@ POLL_INTERVAL = 0.5
 SETTLE = 2.0
 """Seconds a file written in place must stay unchanged (inode, mtime, size) before it is loaded."""
 
+WORKER_NICENESS = 10
+"""The reload's worker process yields the CPU to traffic: where both share a core (a pod limited to one
+CPU), the kernel gives the event loop about nine tenths of it."""
+
 RETIRE_POLL = 0.5
 RETIRE_LIMIT = 3600.0
 """Pools of a removed backend close when the last request begun before the reload is done, or after
@@ -94,9 +98,9 @@ class StableFiles:
 
 @contextmanager
 def collector_paused() -> Iterator[None]:
-    """Unpickling a large config makes objects by the hundred thousand, and each full pass of the cyclic
-    collector over them holds the event loop (measured while parsing 5,000 routes in a thread: passes of
-    up to 650 ms). They are freed by reference counting, so the collector rests meanwhile."""
+    """Unpickling a large config and building its state make objects by the hundred thousand, and a full
+    pass of the cyclic collector over them holds the event loop (measured while parsing 5,000 routes in
+    a thread: passes of up to 650 ms). The collector rests until the new state is in force."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -148,26 +152,25 @@ class Reloader:
         self._reload_certificate()
         before = self.files.snapshot()
         try:
-            config, digest = await self._read()
-            if self._incomplete(before, old.config, config, reason):
-                return False
-            tls_files = config.listen.tls if self.tls is not None and config.listen.tls != self.tls.files else None
-            if tls_files is not None:
-                check_tls(tls_files)
-            state = build_state(config, gateway.shared, digest)  # fails only before it changes anything shared
-            if tls_files is not None:
-                self.tls.load(tls_files)
+            parsed = await self._parse_in_worker()
         except Exception as exc:  # ConfigError, or anything else: a reload never takes the gateway down
-            errors = exc.errors if isinstance(exc, ConfigError) else [f"{type(exc).__name__}: {exc}"]
-            gateway.metrics.config_reloads.labels("failure").inc()
-            gateway.last_reload_error = "; ".join(errors)
-            log.error(
-                "config reload (%s) rejected, keeping config %s: %s", reason, old.config_hash, errors[0],
-                extra={"fields": {"errors": errors, "config_hash": old.config_hash}},
-            )
-            self.files.in_force = before
-            return False
-        gateway.state = state
+            return self._reject(reason, old, before, exc)
+        with collector_paused():
+            try:
+                config, digest, held = await self._unpickle(*parsed)
+                if self._incomplete(before, old.config, config, reason):
+                    return False
+                tls_files = config.listen.tls if self.tls is not None and config.listen.tls != self.tls.files else None
+                if tls_files is not None:
+                    check_tls(tls_files)
+                building = time.perf_counter()
+                state = build_state(config, gateway.shared, digest)  # fails only before it changes anything shared
+                if tls_files is not None:
+                    self.tls.load(tls_files)
+            except Exception as exc:
+                return self._reject(reason, old, before, exc)
+            gateway.state = state
+            held = max(held, time.perf_counter() - building)
         gateway.last_reload_error = None
         logging.getLogger().setLevel(config.logging.level)
         gateway.metrics.config_reloads.labels("success").inc()
@@ -180,30 +183,49 @@ class Reloader:
             "config reloaded (%s) in %s ms: %s -> %s, %d routes", reason, took, old.config_hash, state.config_hash,
             len(config.routes),
             extra={"fields": {"config_hash": state.config_hash, "previous_config_hash": old.config_hash,
-                              "reload_ms": took}},
+                              "reload_ms": took, "loop_held_ms": round(held * 1000, 1)}},
         )
         return True
 
-    async def _read(self) -> tuple[Config, str]:
-        """Read, parse, validate and hash the config in a worker process, then unpickle it part by part.
+    def _reject(self, reason: str, old: GatewayState, before: Snapshot, exc: Exception) -> bool:
+        errors = exc.errors if isinstance(exc, ConfigError) else [f"{type(exc).__name__}: {exc}"]
+        self.gateway.metrics.config_reloads.labels("failure").inc()
+        self.gateway.last_reload_error = "; ".join(errors)
+        log.error(
+            "config reload (%s) rejected, keeping config %s: %s", reason, old.config_hash, errors[0],
+            extra={"fields": {"errors": errors, "config_hash": old.config_hash}},
+        )
+        self.files.in_force = before
+        return False
+
+    async def _parse_in_worker(self) -> tuple[bytes, list[bytes], str]:
+        """Read, parse, validate and hash the config in a worker process (`load_config_parts`).
 
         A thread is not enough: parsing holds the GIL, and every I/O callback of the event loop waits
         for it (measured with 5,000 routes: requests delayed by up to 2 s during a 1 s parse). A fresh
-        process per reload costs its start-up (about half a second, on the other core) and no memory
-        between reloads.
+        process per reload costs its start-up (about half a second) and no memory between reloads.
         """
-        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        pool = ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn"), initializer=os.nice, initargs=(WORKER_NICENESS,)
+        )
         try:
-            base, parts, digest = await asyncio.get_running_loop().run_in_executor(pool, load_config_parts, self.path)
+            return await asyncio.get_running_loop().run_in_executor(pool, load_config_parts, self.path)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
+
+    @staticmethod
+    async def _unpickle(base: bytes, parts: list[bytes], digest: str) -> tuple[Config, str, float]:
+        """The config from the worker's parts, a part at a time with traffic served in between; also the
+        longest a part held the event loop, in seconds."""
+        config = pickle.loads(base)
         routes: list[Route] = []
-        with collector_paused():
-            config = pickle.loads(base)
-            for part in parts:
-                await asyncio.sleep(0)
-                routes += pickle.loads(part)
-        return config.model_copy(update={"routes": routes}), digest
+        held = 0.0
+        for part in parts:
+            await asyncio.sleep(0)
+            started = time.perf_counter()
+            routes += pickle.loads(part)
+            held = max(held, time.perf_counter() - started)
+        return config.model_copy(update={"routes": routes}), digest, held
 
     def _incomplete(self, before: Snapshot, old: Config, new: Config, reason: str) -> bool:
         """True when what was read must not be served yet; the watcher loads it once the files settle.

@@ -171,6 +171,7 @@ class Reloader:
                 return self._reject(reason, old, before, exc)
             gateway.state = state
             held = max(held, time.perf_counter() - building)
+        await asyncio.sleep(0)  # traffic first, then the bookkeeping and the old state's release
         gateway.last_reload_error = None
         logging.getLogger().setLevel(config.logging.level)
         gateway.metrics.config_reloads.labels("success").inc()

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import aiohttp
 import yaml
-
 from harness import LOAD_CORE, PROXY_CORE, ROOT, env, pin, require
 
 from apigw.testkit.process import BackendProcess, GatewayProcess, ports

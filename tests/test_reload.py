@@ -4,7 +4,6 @@ file that is not served until it has settled)."""
 
 from __future__ import annotations
 
-import os
 import pickle
 import signal
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from apigw.config import config_hash
 from apigw.loader import YAML_LOADER, ConfigError, load_config, load_config_parts, parse_documents
 from apigw.reload import SETTLE, StableFiles
 from apigw.testkit.process import BackendProcess, GatewayProcess, http_status, ports, wait_until
@@ -113,6 +113,7 @@ def test_the_worker_process_hands_back_the_same_config_or_its_errors(tmp_path) -
     assert len(parts) == 3
     config = pickle.loads(base).model_copy(update={"routes": [r for part in parts for r in pickle.loads(part)]})
     assert config == load_config(path)
+    assert digest == config_hash(config)
     assert [p.name for p in config.policies] == ["p"]
 
     path.write_text("routes: [{name: broken}]\n")

@@ -7,11 +7,10 @@ together: a name defined twice or a policy that is not defined anywhere is an er
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
-
-import pickle
 
 import yaml
 from pydantic import BaseModel, ValidationError

@@ -112,10 +112,9 @@ def collector_paused() -> Iterator[None]:
 
 
 class Reloader:
-    def __init__(self, gateway: Gateway, path: Path, tls: ServerTLS | None,
-                 interval: float = POLL_INTERVAL, settle: float = SETTLE):
+    def __init__(self, gateway: Gateway, path: Path, tls: ServerTLS | None, interval: float = POLL_INTERVAL):
         self.gateway, self.path, self.tls, self.interval = gateway, path, tls, interval
-        self.files = StableFiles(self.watched_files, settle)
+        self.files = StableFiles(self.watched_files)
         self._lock = asyncio.Lock()
         """One reload at a time: a SIGHUP during a reload runs after it."""
         self._tasks: set[asyncio.Task[Any]] = set()

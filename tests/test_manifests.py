@@ -114,8 +114,17 @@ def test_schema_validation_rejects_a_misspelt_field() -> None:
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with its built-in kustomize) is not installed")
-def test_kustomize_builds_the_same_objects() -> None:
-    built = subprocess.run(["kubectl", "kustomize", str(MANIFESTS)], capture_output=True, text=True, timeout=60)
+def test_kustomize_builds_the_same_objects(tmp_path: Path) -> None:
+    # Without a kubeconfig some kubectl builds (Google Cloud SDK's) ask localhost:8080 for /version even
+    # to build locally: point them at a port where nothing listens instead.
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "none",
+        "clusters": [{"name": "none", "cluster": {"server": "https://127.0.0.1:1"}}],
+        "contexts": [{"name": "none", "context": {"cluster": "none"}}],
+    }))
+    built = subprocess.run(["kubectl", "kustomize", str(MANIFESTS), "--kubeconfig", str(kubeconfig)],
+                           capture_output=True, text=True, timeout=60)
     assert built.returncode == 0, built.stderr
     objects = [doc for doc in yaml.safe_load_all(built.stdout) if doc]
     assert sorted(objects, key=key) == sorted(OBJECTS, key=key)

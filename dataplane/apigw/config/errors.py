@@ -9,3 +9,6 @@ class ConfigError(Exception):
     def __init__(self, errors: list[str]):
         super().__init__("\n".join(errors))
         self.errors = errors
+
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[list[str]]]:
+        return ConfigError, (self.errors,)  # crosses from the reload's worker process intact

@@ -121,10 +121,11 @@ class Shared:
                 await pool.aclose()
 
 
-def build_state(config: Config, shared: Shared) -> GatewayState:
+def build_state(config: Config, shared: Shared, digest: str | None = None) -> GatewayState:
     """Compile `config` into ready objects, reusing what `shared` holds for unchanged backends.
 
     Reading files (the only step that can fail) comes first, so a failure leaves `shared` untouched.
+    `digest` is `config_hash(config)` when the caller has it (a reload computes it off the event loop).
     """
     keys = load_keys(config.auth)
     enabled = [route for route in config.routes if route.enabled]
@@ -136,7 +137,7 @@ def build_state(config: Config, shared: Shared) -> GatewayState:
     compiled = [(route, _compile(route, shared.clusters[route.backend.service], config, limit_rule(route, rules)))
                 for route in enabled]
     return GatewayState(
-        config, config_hash(config), Router(compiled), limiter, auth, Edge(config.listen, auth.stripped_headers)
+        config, digest or config_hash(config), Router(compiled), limiter, auth, Edge(config.listen, auth.stripped_headers)
     )
 
 

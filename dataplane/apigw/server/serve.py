@@ -130,7 +130,7 @@ async def serve(config_path: Path, workers: int | None = None, debug_port: int |
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
+    loop.add_signal_handler(signal.SIGHUP, reloader.request, "SIGHUP")
     watcher = asyncio.create_task(reloader.watch())
     sampler = asyncio.create_task(metrics.sample_tasks())
     gc.freeze()  # what start-up built lives as long as the process: the collector need not scan it again

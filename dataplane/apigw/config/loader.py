@@ -26,8 +26,10 @@ YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 Its nodes carry line marks as the pure-Python parser's do, so errors stay located."""
 
 
-CLUSTER_SETTINGS = [name for name in Backend.model_fields if name not in ("service", "url", "timeout")]
-"""What routes sharing a backend service must agree on: it has one upstream cluster (`timeout` is the route's)."""
+ROUTE_TIMEOUTS = ("timeout", "attempt_timeout", "request_timeout")
+CLUSTER_SETTINGS = [name for name in Backend.model_fields if name not in ("service", "url", *ROUTE_TIMEOUTS)]
+"""What routes sharing a backend service must agree on: it has one upstream cluster (how long to wait
+for an answer is the route's)."""
 
 
 def config_files(path: Path) -> list[Path]:

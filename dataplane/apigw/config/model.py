@@ -318,18 +318,53 @@ class RetrySettings(Strict):
     """...plus this many per second, so that a backend with little traffic can still be retried."""
 
 
+class BackendTLS(Strict):
+    """How an `https://` backend is checked, and how the gateway proves who it is to it."""
+
+    ca_file: Path | None = None
+    """PEM bundle the backend's certificate must chain to; none: the system's CAs."""
+    server_name: str | None = None
+    """The name sent as SNI and checked against the certificate; none: the URL's host."""
+    cert_file: Path | None = None
+    """The gateway's client certificate (PEM), for backends that ask for one; with `key_file`."""
+    key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> BackendTLS:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("give cert_file and key_file together")
+        return self
+
+
 class Backend(Strict):
     service: Name
     """The backend's name in metrics and logs (`backend_service`), and its circuit breaker's key."""
     url: AnyHttpUrl
     timeout: PositiveDuration = 30.0
-    """Time to wait for the backend's response headers, and for each chunk of its body."""
+    """The route's longest wait for the backend: for the response headers, and for each chunk of its body."""
+    attempt_timeout: PositiveDuration | None = None
+    """The route's bound on one attempt, from sending it to the response's last byte (a backend that
+    trickles never outlasts it); none: only `request_timeout` bounds it."""
+    request_timeout: PositiveDuration = 300.0
+    """The route's bound on the whole request, every attempt and the response's body included."""
     connect_timeout: PositiveDuration = 5.0
+    max_connections: PositiveInt = 1024
+    """Connections open to this backend at most (per gateway process)..."""
+    max_pending: Annotated[int, Field(ge=0)] = 1024
+    """...and requests waiting for one of them at most; beyond, 503 `upstream_overflow` at once."""
+    tls: BackendTLS | None = None
+    """For `https://` URLs: CA bundle, SNI name, client certificate."""
     circuit_breaker: BreakerSettings | None = None
     """Replaces the global `circuit_breaker` settings for this backend (settings left out take their
     defaults, not the global values). Routes sharing the service must agree on it."""
     retries: RetrySettings = RetrySettings()
     """Routes sharing the service must agree on it: the retry budget is the backend's."""
+
+    @model_validator(mode="after")
+    def _tls_for_https(self) -> Backend:
+        if self.tls is not None and self.url.scheme != "https":
+            raise ValueError("tls settings need an https:// url")
+        return self
 
     @field_validator("url")
     @classmethod

@@ -147,39 +147,46 @@ async def _call_backend(
     request: web.Request, route: CompiledRoute, target: str, headers: list[tuple[str, str]],
     body: proxy.BodyLimit | None, forwarded: proxy.Forwarded, metrics: Metrics,
 ) -> Response:
-    """Send through the cluster's circuit breaker, retrying what is safe to retry within its budget."""
+    """Send through the cluster's circuit breaker, retrying what is safe to retry within its budget and
+    the route's `request_timeout`; each attempt also within `attempt_timeout`."""
     cluster = route.cluster
     forwarded.service = cluster.service
     cluster.retry_budget.record_request()
     service = cluster.service
+    loop = asyncio.get_running_loop()
+    request_deadline = loop.time() + route.request_timeout
     retries = 0
     while True:
+        deadline = request_deadline
+        if route.attempt_timeout is not None:
+            deadline = min(deadline, loop.time() + route.attempt_timeout)
         with cluster.breaker.admit() as admission:
             try:
-                backend = await proxy.send(request, cluster, target, headers, route.timeout, body, forwarded)
+                backend = await proxy.send(request, cluster, target, headers, (route.timeout, deadline), body, forwarded)
             except GatewayError as exc:
                 metrics.backend_requests_by(service, exc.error_type).inc()
                 metrics.backend_duration_by(service).observe(forwarded.duration)
-                if exc.status < 500:  # the client's body was too large or broke off: not the backend's fault
+                if exc.status < 500 or exc.error_type == "upstream_overflow":  # not the backend's failure
                     raise
                 admission.record(False)
                 outcome = CONNECT_FAILED if exc.error_type == "backend_unreachable" else exc.error_type
-                if _may_retry(request, cluster, retries, outcome):
+                if _may_retry(request, cluster, retries, outcome, request_deadline):
                     retries += 1
                     continue
                 raise
             metrics.backend_requests_by(service, str(backend.status)).inc()
             metrics.backend_duration_by(service).observe(forwarded.duration)
             admission.record(backend.status not in BACKEND_FAILURE_STATUSES)
-        if body is None and _may_retry(request, cluster, retries, backend.status):
+        if body is None and _may_retry(request, cluster, retries, backend.status, request_deadline):
             backend.release()
             retries += 1
             continue
         return backend
 
 
-def _may_retry(request: web.Request, cluster: Cluster, retries: int, outcome: int | str) -> bool:
-    return should_retry(request.method, retries, outcome, cluster.retries) and cluster.retry_budget.can_retry()
+def _may_retry(request: web.Request, cluster: Cluster, retries: int, outcome: int | str, deadline: float) -> bool:
+    return (should_retry(request.method, retries, outcome, cluster.retries)
+            and asyncio.get_running_loop().time() < deadline and cluster.retry_budget.can_retry())
 
 
 def error_response(error: GatewayError, request_id: str) -> web.Response:

@@ -194,18 +194,20 @@ def backend_target(cluster: Cluster, path: str, query: str) -> str:
 
 
 async def send(
-    request: web.Request, cluster: Cluster, target: str, headers: list[tuple[str, str]], timeout: float,
-    body: BodyLimit | None, result: Forwarded,
+    request: web.Request, cluster: Cluster, target: str, headers: list[tuple[str, str]],
+    waits: tuple[float, float], body: BodyLimit | None, result: Forwarded,
 ) -> Response:
-    """Send the request to `cluster`; return once the response headers are in, waiting up to `timeout`
-    for them (and for each chunk of the body later).
+    """Send the request to `cluster`; return once the response headers are in. `waits` are the longest
+    wait for the backend (for the headers, and for each chunk of the body later) and the attempt's
+    deadline in event-loop time (its body included).
 
-    Raises GatewayError (502/504/413) when no response comes; `result` records what happened either way.
+    Raises GatewayError (502/503/504/413) when no response comes; `result` records what happened either way.
     """
     started = time.perf_counter()
+    timeout, deadline = waits
     try:
         backend = await cluster.pool.request(
-            request.method, target, headers, body, request.content_length, timeout, cluster.connect_timeout
+            request.method, target, headers, body, request.content_length, timeout, cluster.connect_timeout, deadline
         )
     except Exception as exc:
         result.duration = time.perf_counter() - started
@@ -263,8 +265,8 @@ async def _relay(
         while not bodiless:
             try:
                 chunk = await backend.chunk()
-            except BackendError:
-                raise StreamAborted(response, "backend_stream_aborted") from None
+            except BackendError as exc:
+                raise StreamAborted(response, "backend_timeout" if exc.kind == "timeout" else "backend_stream_aborted") from None
             if not chunk:
                 break
             await response.write(chunk)
@@ -292,6 +294,7 @@ _BACKEND_ERRORS = {
     "unreachable": (502, "backend_unreachable", "refused the connection"),
     "reset": (502, "backend_reset", "closed the connection"),
     "invalid": (502, "backend_invalid_response", "sent an invalid HTTP response"),
+    "overflow": (503, "upstream_overflow", "has no connection free (max_connections and max_pending reached)"),
 }
 
 

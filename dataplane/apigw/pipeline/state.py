@@ -40,6 +40,9 @@ class CompiledRoute:
     cluster: Cluster
     timeout: float
     """Seconds to wait for the backend's response headers, and for each chunk of its body."""
+    attempt_timeout: float | None
+    request_timeout: float
+    """Seconds: one attempt to its last byte; the whole request (see `Backend`)."""
     max_body: int
     rewrite: tuple[str, str] | None
     """(matched prefix, replacement) when the route rewrites the path."""
@@ -128,12 +131,13 @@ def build_state(config: Config, shared: Shared, digest: str | None = None) -> Ga
     `digest` is `config_hash(config)` when the caller has it (a reload computes it off the event loop).
     """
     keys = load_keys(config.auth)
+    clusters = cluster_settings(config)
     enabled = [route for route in config.routes if route.enabled]
     shared.redis_for(config.redis)
     auth = shared.authenticator_for(config, keys)
     limiter = shared.limiter_for(config)
     rules = {policy.name: LimitRule.from_policy(policy) for policy in config.policies} if limiter else {}
-    shared.retired += shared.clusters.update(cluster_settings(config))
+    shared.retired += shared.clusters.update(clusters)
     compiled = [(route, _compile(route, shared.clusters[route.backend.service], config, limit_rule(route, rules)))
                 for route in enabled]
     return GatewayState(
@@ -151,6 +155,8 @@ def _compile(route: Route, cluster: Cluster, config: Config, limit: LimitRule | 
         name=route.name,
         cluster=cluster,
         timeout=route.backend.timeout,
+        attempt_timeout=route.backend.attempt_timeout,
+        request_timeout=route.backend.request_timeout,
         max_body=int(route.max_body_size if route.max_body_size is not None else config.limits.max_body_size),
         rewrite=(matched.rstrip("/") if matched != "/" else "", route.rewrite_prefix) if route.rewrite_prefix else None,
         limit=limit,

@@ -10,6 +10,7 @@ response is parsed by llhttp (Node's parser, through httptools), and bytes pass 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections import deque
 from collections.abc import AsyncIterable
@@ -36,7 +37,8 @@ LENGTH_EXPECTED = frozenset({"POST", "PUT", "PATCH"})
 
 class BackendError(Exception):
     """No usable response. `kind`: `unreachable` (no connection), `timeout`, `reset` (the backend
-    closed the connection) or `invalid` (it sent something that is not HTTP/1.1, or over a bound)."""
+    closed the connection), `invalid` (it sent something that is not HTTP/1.1, or over a bound) or
+    `overflow` (the pool's connection and waiting limits are reached: nothing was sent)."""
 
     def __init__(self, kind: str, detail: str):
         super().__init__(detail)
@@ -44,37 +46,82 @@ class BackendError(Exception):
 
 
 class Pool:
-    """Keep-alive connections to one backend, the most recently used first."""
+    """Keep-alive connections to one backend, the most recently used first, at most `max_connections`
+    of them open; beyond, up to `max_pending` requests wait for one (first come, first served), and
+    more are refused at once (BackendError `overflow`): a slow backend cannot make the gateway open
+    connections or queue requests without bound."""
 
-    def __init__(self, url: URL):
+    def __init__(
+        self, url: URL, *, max_connections: int = 1024, max_pending: int = 1024,
+        ssl_context: ssl.SSLContext | None = None, server_hostname: str | None = None,
+    ):
         self.host = url.raw_host or ""
         self.port = url.port
-        self.ssl = ssl.create_default_context() if url.scheme == "https" else None
+        self.ssl = ssl_context or (ssl.create_default_context() if url.scheme == "https" else None)
+        self.server_hostname = server_hostname if self.ssl is not None else None
+        """The name the backend's certificate is checked against (and sent as SNI): the URL's host if None."""
+        self.max_connections = max_connections
+        self.max_pending = max_pending
+        self.open = 0
+        """Connections open or opening."""
+        self._pending: deque[asyncio.Future[_Connection | None]] = deque()
         self._idle: deque[_Connection] = deque()
         self._closed = False
         self._sweep: asyncio.TimerHandle | None = None
 
     async def request(
         self, method: str, target: str, headers: list[tuple[str, str]], body: AsyncIterable[bytes] | None,
-        length: int | None, timeout: float, connect_timeout: float,
+        length: int | None, timeout: float, connect_timeout: float, deadline: float | None = None,
     ) -> Response:
         """Send a request and return once the response's status and headers are in.
 
         `headers` must not frame the body: this sets Content-Length from `length`, or chunked
-        Transfer-Encoding for a body of unknown length. `timeout` bounds each wait for the backend.
+        Transfer-Encoding for a body of unknown length. `timeout` bounds each wait for the backend, and
+        `deadline` (event-loop time) the whole exchange, the response's body included.
         """
         head = _head(method, target, headers, body is not None, length)
         while True:
-            conn = self._reusable()
-            reused = conn is not None
-            if conn is None:
-                conn = await self._connect(connect_timeout)
+            conn, reused = await self._acquire(connect_timeout)
             try:
-                return await conn.exchange(method, head, body, length is None, timeout)
+                return await conn.exchange(method, head, body, length is None, timeout, deadline)
             except BackendError as exc:
                 stale = reused and conn.silent and exc.kind == "reset"
                 if not (stale and body is None and method in REPLAYABLE):
                     raise
+
+    async def _acquire(self, connect_timeout: float) -> tuple[_Connection, bool]:
+        """An idle connection (True), a new one (False), or, at `max_connections`, the next one freed."""
+        conn = self._reusable()
+        if conn is not None:
+            return conn, True
+        if self.open < self.max_connections:
+            return await self._connect(connect_timeout), False
+        if len(self._pending) >= self.max_pending:
+            raise BackendError("overflow", f"{self.open} connections busy and {len(self._pending)} requests waiting")
+        waiter: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
+        self._pending.append(waiter)
+        try:
+            async with asyncio.timeout(connect_timeout):
+                handed = await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                self._hand_back(waiter.result())  # handed over just as this request gave up: pass it on
+            else:
+                waiter.cancel()
+            with contextlib.suppress(ValueError):
+                self._pending.remove(waiter)
+            if isinstance(exc, TimeoutError):
+                raise BackendError("overflow", f"no connection free within {connect_timeout:g} s") from None
+            raise
+        if handed is None:  # a connection closed: its place is this request's to open
+            return await self._connect(connect_timeout), False
+        return handed, True
+
+    def _hand_back(self, conn: _Connection | None) -> None:
+        if conn is None:
+            self._slot_freed()
+        else:
+            self._put(conn)
 
     async def aclose(self) -> None:
         """Close the idle connections now, the busy ones when their response is done."""
@@ -95,21 +142,40 @@ class Pool:
 
     async def _connect(self, timeout: float) -> _Connection:
         loop = asyncio.get_running_loop()
+        self.open += 1
         try:
             async with asyncio.timeout(timeout):
                 _, conn = await loop.create_connection(
                     lambda: _Connection(self), self.host, self.port, ssl=self.ssl,
+                    server_hostname=self.server_hostname,
                 )
-        except TimeoutError:
-            raise BackendError("timeout", f"no connection within {timeout:g} s") from None
-        except OSError as exc:
-            raise BackendError("unreachable", str(exc)) from None
+        except BaseException as exc:
+            self._slot_freed()
+            if isinstance(exc, TimeoutError):
+                raise BackendError("timeout", f"no connection within {timeout:g} s") from None
+            if isinstance(exc, OSError):  # ssl.SSLError (a certificate refused) is one
+                raise BackendError("unreachable", str(exc)) from None
+            raise
         return conn
+
+    def _slot_freed(self) -> None:
+        """A connection closed (or never opened): a waiting request may open one in its place."""
+        self.open -= 1
+        while self._pending:
+            waiter = self._pending.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     def _put(self, conn: _Connection) -> None:
         if self._closed:
             conn.close()
             return
+        while self._pending:  # a request waiting for a connection gets this one at once
+            waiter = self._pending.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
         loop = asyncio.get_running_loop()
         conn.idle_since = loop.time()
         self._idle.append(conn)
@@ -167,6 +233,7 @@ class _Connection(asyncio.Protocol):
             self.response.lost()
         else:
             self.pool._forget(self)
+        self.pool._slot_freed()
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
@@ -184,11 +251,12 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
     async def exchange(
-        self, method: str, head: bytes, body: AsyncIterable[bytes] | None, chunked: bool, timeout: float
+        self, method: str, head: bytes, body: AsyncIterable[bytes] | None, chunked: bool, timeout: float,
+        deadline: float | None = None,
     ) -> Response:
         if self.closed or self.transport is None:  # the backend closed it before a byte was sent
             raise BackendError("reset", "the backend closed the connection")
-        response = self.response = Response(self, method, timeout)
+        response = self.response = Response(self, method, timeout, deadline)
         self.silent = True
         try:
             self.transport.write(head)
@@ -257,7 +325,7 @@ class Response:
     _trailers = 0
     _trailer_size = 0
 
-    def __init__(self, conn: _Connection, method: str, timeout: float):
+    def __init__(self, conn: _Connection, method: str, timeout: float, deadline: float | None = None):
         self.status = 0
         """0 until the final (non-1xx) status line and headers are in."""
         self.reason = ""
@@ -268,6 +336,7 @@ class Response:
         self.complete = False
         self._conn: _Connection | None = conn
         self._timeout = timeout
+        self._deadline = deadline
         self._parser = httptools.HttpResponseParser(self)
         self._head_only = method == "HEAD"
         self._until_eof = False
@@ -324,7 +393,10 @@ class Response:
         waiter = self._waiter = loop.create_future()
         timer = None
         if timed:
-            timer = loop.call_later(self._timeout, _expire, waiter, f"no answer within {self._timeout:g} s")
+            delay, why = self._timeout, f"no answer within {self._timeout:g} s"
+            if self._deadline is not None and self._deadline - loop.time() < delay:
+                delay, why = max(0.0, self._deadline - loop.time()), "the response outlasted its deadline"
+            timer = loop.call_later(delay, _expire, waiter, why)
         try:
             await waiter
         finally:

@@ -10,13 +10,16 @@ begun on it are done.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import ssl
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from yarl import URL
 
-from apigw.config.model import Backend, BreakerSettings, Config, RetrySettings
+from apigw.config.errors import ConfigError
+from apigw.config.model import BackendTLS, BreakerSettings, Config, RetrySettings
 from apigw.observability.metrics import Metrics
 from apigw.policy.breaker import CircuitBreaker, State
 from apigw.policy.retry import RetryBudget
@@ -27,18 +30,20 @@ log = logging.getLogger("apigw.upstream")
 
 @dataclass(frozen=True)
 class ClusterSettings:
-    """Everything that defines a cluster: a change of any of it makes a new one."""
+    """Everything that defines a cluster: a change of any of it (the TLS files' contents included)
+    makes a new one."""
 
     service: str
     url: str
     connect_timeout: float
+    max_connections: int
+    max_pending: int
     retries: RetrySettings
     breaker: BreakerSettings
-
-    @classmethod
-    def of(cls, backend: Backend, default_breaker: BreakerSettings) -> ClusterSettings:
-        return cls(backend.service, str(backend.url), backend.connect_timeout, backend.retries,
-                   backend.circuit_breaker or default_breaker)
+    tls: BackendTLS | None = None
+    tls_digest: str = ""
+    """A digest of the TLS files' contents: renewed files make a new cluster, with a new context."""
+    ssl: ssl.SSLContext | None = field(default=None, compare=False)
 
 
 class Cluster:
@@ -49,7 +54,10 @@ class Cluster:
         self.base_path = url.raw_path.rstrip("/")
         """The backend URL's own path, put before every request's path."""
         self.host_header = url.raw_authority
-        self.pool = Pool(url)
+        self.pool = Pool(
+            url, max_connections=settings.max_connections, max_pending=settings.max_pending,
+            ssl_context=settings.ssl, server_hostname=settings.tls.server_name if settings.tls else None,
+        )
         self.connect_timeout = settings.connect_timeout
         self.retries = settings.retries
         self.retry_budget = RetryBudget(settings.retries.budget_ratio, settings.retries.min_retries_per_second, clock)
@@ -61,12 +69,35 @@ class Cluster:
 
 def cluster_settings(config: Config) -> dict[str, ClusterSettings]:
     """The settings of each backend service of an enabled route (the loader made sure routes sharing a
-    service agree on them); the breaker is the backend's own or the global one."""
-    return {
-        route.backend.service: ClusterSettings.of(route.backend, config.circuit_breaker)
-        for route in config.routes
-        if route.enabled
-    }
+    service agree on them); the breaker is the backend's own or the global one. TLS files are read here,
+    before anything changes, so that one that cannot be used fails the whole load (ConfigError)."""
+    found: dict[str, ClusterSettings] = {}
+    for index, route in enumerate(config.routes):
+        backend = route.backend
+        if not route.enabled or backend.service in found:
+            continue
+        context, digest = _tls(backend.tls, f"routes[{index}].backend.tls") if backend.tls else (None, "")
+        found[backend.service] = ClusterSettings(
+            backend.service, str(backend.url), backend.connect_timeout, backend.max_connections,
+            backend.max_pending, backend.retries, backend.circuit_breaker or config.circuit_breaker,
+            backend.tls, digest, context,
+        )
+    return found
+
+
+def _tls(settings: BackendTLS, where: str) -> tuple[ssl.SSLContext, str]:
+    """The client context for an https backend, and a digest of the files it was made from."""
+    digest = hashlib.sha256()
+    try:
+        for file in (settings.ca_file, settings.cert_file, settings.key_file):
+            if file is not None:
+                digest.update(file.read_bytes())
+        context = ssl.create_default_context(cafile=settings.ca_file)
+        if settings.cert_file is not None:
+            context.load_cert_chain(settings.cert_file, settings.key_file)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise ConfigError([f"{where}: cannot use the TLS files: {exc}"]) from None
+    return context, digest.hexdigest()
 
 
 class Clusters:

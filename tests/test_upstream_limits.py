@@ -1,0 +1,204 @@
+"""Limits and deadlines of an upstream cluster, through the real traffic app to real loopback backends:
+connection and waiting limits (503 `upstream_overflow`), a deadline per attempt and per request that a
+trickling backend cannot outlast, and HTTPS backends checked against a CA, by name, with a client
+certificate."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from apigw.pipeline.state import GATEWAY
+from apigw.testkit import route
+from apigw.testkit.backend import Backend, echo_app
+from apigw.testkit.certs import write_self_signed
+from tests.conftest import access_lines
+
+
+def overflow_count(client, service: str) -> float | None:
+    return client.app[GATEWAY].metrics.registry.get_sample_value(
+        "gateway_backend_requests_total", {"backend_service": service, "status_code": "upstream_overflow"})
+
+
+async def test_beyond_max_connections_and_max_pending_requests_get_503_at_once(gateway_client, backend: Backend) -> None:
+    client = await gateway_client({"routes": [
+        {"name": "slow", "backend": {"service": "slow", "url": backend.url, "max_connections": 1, "max_pending": 1}},
+    ]})
+    first = asyncio.ensure_future(client.get("/slow?s=0.5"))
+    await asyncio.sleep(0.1)
+    second = asyncio.ensure_future(client.get("/slow?s=0.1"))  # waits for the first's connection
+    await asyncio.sleep(0.1)
+    started = time.monotonic()
+    third = await client.get("/slow?s=0.1")
+    assert third.status == 503 and time.monotonic() - started < 0.4  # refused at once, not queued
+    assert (await third.json())["error"] == "backend slow has no connection free (max_connections and max_pending reached)"
+    assert [(await first).status, (await second).status] == [200, 200]
+    assert overflow_count(client, "slow") == 1
+    assert [line["error_type"] for line in access_lines(client) if line["status_code"] == 503] == ["upstream_overflow"]
+    breaker = client.app[GATEWAY].metrics.registry.get_sample_value(
+        "gateway_circuit_breaker_state", {"backend_service": "slow"})
+    assert breaker == 0  # an overflow is the gateway's limit, not the backend's failure
+
+
+async def test_a_waiting_request_gives_up_after_connect_timeout(gateway_client, backend: Backend) -> None:
+    client = await gateway_client({"routes": [{"name": "slow", "backend": {
+        "service": "slow", "url": backend.url, "max_connections": 1, "max_pending": 5, "connect_timeout": "200ms"}}]})
+    first = asyncio.ensure_future(client.get("/slow?s=1"))
+    await asyncio.sleep(0.1)
+    waiting = await client.get("/slow?s=0")
+    assert waiting.status == 503 and (await waiting.json())["request_id"]
+    assert (await first).status == 200
+    assert (await client.get("/slow?s=0")).status == 200  # the connection is free again
+
+
+@contextlib.asynccontextmanager
+async def trickling_backend(head_first: bool) -> AsyncIterator[str]:
+    """Sends one byte every 100 ms, until the gateway hangs up: its head first (then body bytes), or
+    the head itself."""
+    handlers: set[asyncio.Task] = set()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handlers.add(asyncio.current_task())  # type: ignore[arg-type]
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n"
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            if head_first:
+                writer.write(head)
+                head = b""
+            for byte in range(10_000):
+                writer.write(head[byte:byte + 1] if byte < len(head) else b"x")
+                await writer.drain()
+                await asyncio.sleep(0.1)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    async with server:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+
+
+@pytest.mark.parametrize(("head_first", "status", "error_type"), [
+    (False, 504, "backend_timeout"),  # trickling its head: a 504, as for a silent backend
+    (True, 200, "backend_timeout"),   # trickling its body: the response is cut, never presented as whole
+])
+async def test_a_trickling_backend_cannot_outlast_the_attempt_deadline(
+    gateway_client, head_first: bool, status: int, error_type: str
+) -> None:
+    async with trickling_backend(head_first) as url:
+        client = await gateway_client({"routes": [{"name": "drip", "backend": {
+            "service": "drip", "url": url, "timeout": "5s", "attempt_timeout": "700ms"}}]})
+        started = time.monotonic()
+        resp = await client.get("/x")
+        assert resp.status == status
+        if status == 200:
+            with pytest.raises(Exception):  # noqa: B017 - aiohttp's payload error when the gateway cuts the stream
+                await resp.read()
+        took = time.monotonic() - started
+        for _ in range(50):
+            if access_lines(client):
+                break
+            await asyncio.sleep(0.05)
+    assert took < 4  # the idle timeout (5 s) never fires: every wait saw a byte
+    assert access_lines(client)[-1]["error_type"] == error_type
+
+
+async def test_retries_stop_at_the_request_deadline(gateway_client) -> None:
+    calls = 0
+
+    async def slow_503(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal calls
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                calls += 1
+                await asyncio.sleep(0.3)
+                writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(slow_503, "127.0.0.1", 0)
+    async with server:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        client = await gateway_client({"routes": [{"name": "flaky", "backend": {
+            "service": "flaky", "url": url, "request_timeout": "800ms",
+            "retries": {"max_retries": 10, "on_statuses": [503], "min_retries_per_second": 100}}}]})
+        resp = await client.get("/x")
+    assert resp.status in (503, 504)
+    assert 2 <= calls <= 4  # ~0.3 s each within 0.8 s: never the 11 attempts max_retries allows
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> dict[str, Path]:
+    files = {name: tmp_path / f"{name}.pem" for name in ("server", "server_key", "client", "client_key")}
+    write_self_signed(files["server"], files["server_key"], name="users.internal")
+    write_self_signed(files["client"], files["client_key"], name="gateway")
+    return files
+
+
+@contextlib.asynccontextmanager
+async def https_backend(pki: dict[str, Path], require_client_cert: bool) -> AsyncIterator[str]:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pki["server"], pki["server_key"])
+    if require_client_cert:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(pki["client"])
+    runner = web.AppRunner(echo_app("tls-echo"), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    try:
+        yield f"https://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    finally:
+        await runner.cleanup()
+
+
+async def test_an_https_backend_is_checked_by_ca_and_name_and_shown_a_client_certificate(
+    gateway_client, pki: dict[str, Path]
+) -> None:
+    async with https_backend(pki, require_client_cert=True) as url:
+        tls = {"ca_file": str(pki["server"]), "server_name": "users.internal",
+               "cert_file": str(pki["client"]), "key_file": str(pki["client_key"])}
+        client = await gateway_client({"routes": [
+            {"name": "good", "match": {"path_prefix": "/good"}, "backend": {"service": "good", "url": url, "tls": tls}},
+            {"name": "no-cert", "match": {"path_prefix": "/no-cert"},
+             "backend": {"service": "no-cert", "url": url, "tls": {k: tls[k] for k in ("ca_file", "server_name")}}},
+            {"name": "wrong-name", "match": {"path_prefix": "/wrong-name"},
+             "backend": {"service": "wrong-name", "url": url, "tls": {**tls, "server_name": "orders.internal"}}},
+            {"name": "system-cas", "match": {"path_prefix": "/system-cas"},
+             "backend": {"service": "system-cas", "url": url}},
+        ]})
+        good = await client.get("/good/x")
+        assert good.status == 200 and (await good.json())["server"] == "tls-echo"
+        for path in ("/no-cert/x", "/wrong-name/x", "/system-cas/x"):
+            resp = await client.get(path)
+            assert resp.status == 502, path  # refused before any request went out
+
+
+async def test_unusable_tls_files_are_a_located_config_error(tmp_path: Path, pki: dict[str, Path]) -> None:
+    import yaml
+
+    from apigw.config.errors import ConfigError
+    from apigw.config.loader import parse_documents
+    from apigw.observability.metrics import Metrics
+    from apigw.pipeline.state import Gateway
+
+    config = {"routes": [route("a", "https://users.internal:8443")]}
+    config["routes"][0]["backend"]["tls"] = {"ca_file": str(tmp_path / "missing.pem")}
+    with pytest.raises(ConfigError) as caught:
+        Gateway.create(parse_documents({"config.yaml": yaml.safe_dump(config)}), Metrics())
+    assert caught.value.errors[0].startswith("routes[0].backend.tls: cannot use the TLS files:")

@@ -9,9 +9,8 @@ config trusts 127.0.0.2 as a proxy, so a test connects from there to play the pr
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -278,19 +277,15 @@ async def test_underscored_headers_are_refused_when_configured(gateway_client, b
     assert (await client.get("/x", headers={"X-User-Id": "fine"})).status == 200
 
 
-@contextlib.asynccontextmanager
-async def raw_backend(response: bytes) -> AsyncIterator[str]:
-    """A backend on loopback that answers every request with exactly `response`, then closes; its URL."""
+def answering(response: bytes) -> raw.Handler:
+    """A backend that answers every request with exactly `response`, then closes."""
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
         writer.write(response)
         await writer.drain()
-        writer.close()
 
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    async with server:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    return answer
 
 
 async def test_hop_by_hop_headers_of_the_response_are_removed(gateway_client) -> None:
@@ -298,7 +293,7 @@ async def test_hop_by_hop_headers_of_the_response_are_removed(gateway_client) ->
     response = (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive, X-Internal-Token\r\n"
                 b"X-Internal-Token: secret\r\nKeep-Alive: timeout=5\r\nProxy-Authenticate: Basic\r\n"
                 b"Trailer: X-T\r\nUpgrade: h2c\r\nX-Kept: yes\r\n\r\nok")
-    async with raw_backend(response) as url:
+    async with raw.raw_server(answering(response)) as url:
         client = await gateway_client({"routes": [route("raw", url)]})
         resp = await client.get("/x")
         assert resp.status == 200 and await resp.read() == b"ok"
@@ -310,7 +305,7 @@ async def test_hop_by_hop_headers_of_the_response_are_removed(gateway_client) ->
 @pytest.mark.parametrize("codings", [b"gzip", b"chunked, gzip", b"gzip, chunked"])
 async def test_a_transfer_coding_other_than_chunked_is_not_passed_on(gateway_client, codings: bytes) -> None:
     """The client would get gzip bytes that no header says are gzip."""
-    async with raw_backend(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + codings + b"\r\n\r\n0\r\n\r\n") as url:
+    async with raw.raw_server(answering(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + codings + b"\r\n\r\n0\r\n\r\n")) as url:
         client = await gateway_client({"routes": [route("raw", url)]})
         resp = await client.get("/x")
         assert resp.status == 502

@@ -19,6 +19,7 @@ from apigw.pipeline.state import GATEWAY
 from apigw.testkit import route
 from apigw.testkit.backend import Backend, echo_app
 from apigw.testkit.certs import write_self_signed
+from apigw.testkit.raw import Handler, raw_server
 from tests.conftest import access_lines
 
 
@@ -58,35 +59,22 @@ async def test_a_waiting_request_gives_up_after_connect_timeout(gateway_client, 
     assert (await client.get("/slow?s=0")).status == 200  # the connection is free again
 
 
-@contextlib.asynccontextmanager
-async def trickling_backend(head_first: bool) -> AsyncIterator[str]:
+def trickling(head_first: bool) -> Handler:
     """Sends one byte every 100 ms, until the gateway hangs up: its head first (then body bytes), or
     the head itself."""
-    handlers: set[asyncio.Task] = set()
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        handlers.add(asyncio.current_task())  # type: ignore[arg-type]
         head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n"
-        try:
-            await reader.readuntil(b"\r\n\r\n")
-            if head_first:
-                writer.write(head)
-                head = b""
-            for byte in range(10_000):
-                writer.write(head[byte:byte + 1] if byte < len(head) else b"x")
-                await writer.drain()
-                await asyncio.sleep(0.1)
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
+        await reader.readuntil(b"\r\n\r\n")
+        if head_first:
+            writer.write(head)
+            head = b""
+        for byte in range(10_000):
+            writer.write(head[byte:byte + 1] if byte < len(head) else b"x")
+            await writer.drain()
+            await asyncio.sleep(0.1)
 
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    async with server:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        for task in handlers:
-            task.cancel()
-        await asyncio.gather(*handlers, return_exceptions=True)
+    return answer
 
 
 @pytest.mark.parametrize(("head_first", "status", "error_type"), [
@@ -96,7 +84,7 @@ async def trickling_backend(head_first: bool) -> AsyncIterator[str]:
 async def test_a_trickling_backend_cannot_outlast_the_attempt_deadline(
     gateway_client, head_first: bool, status: int, error_type: str
 ) -> None:
-    async with trickling_backend(head_first) as url:
+    async with raw_server(trickling(head_first)) as url:
         client = await gateway_client({"routes": [{"name": "drip", "backend": {
             "service": "drip", "url": url, "timeout": "5s", "attempt_timeout": "700ms"}}]})
         started = time.monotonic()
@@ -119,21 +107,14 @@ async def test_retries_stop_at_the_request_deadline(gateway_client) -> None:
 
     async def slow_503(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal calls
-        try:
-            while True:
-                await reader.readuntil(b"\r\n\r\n")
-                calls += 1
-                await asyncio.sleep(0.3)
-                writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            calls += 1
+            await asyncio.sleep(0.3)
+            writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
 
-    server = await asyncio.start_server(slow_503, "127.0.0.1", 0)
-    async with server:
-        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    async with raw_server(slow_503) as url:
         client = await gateway_client({"routes": [{"name": "flaky", "backend": {
             "service": "flaky", "url": url, "request_timeout": "800ms",
             "retries": {"max_retries": 10, "on_statuses": [503], "min_retries_per_second": 100}}}]})

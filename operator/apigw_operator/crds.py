@@ -26,11 +26,14 @@ POLICIES = "ratelimitpolicies"
 CONDITION_TYPES = ("Accepted", "ResolvedRefs", "Programmed")
 
 _KEPT = {
-    "type", "properties", "required", "items", "enum", "pattern", "format", "description",
+    "type", "properties", "required", "items", "enum", "pattern", "format", "description", "default",
+    "x-kubernetes-validations",
     "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength",
     "minItems", "maxItems", "anyOf", "x-kubernetes-int-or-string",
 }
 _DROPPED = {"$defs", "title", "default", "additionalProperties"}  # k8s prunes unknown fields itself
+_BYTE_SIZE = "^\\s*(\\d*\\.?\\d+)\\s*(\\w+)?"
+"""pydantic's ByteSize pattern, open at its end: anchored (`10MiB junk` is no size) where it is used."""
 
 
 class _DurationsAsStrings(GenerateJsonSchema):
@@ -73,6 +76,10 @@ def structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         node["properties"] = {k: structural(v, defs) for k, v in node["properties"].items()}
     if "items" in node:
         node["items"] = structural(node["items"], defs)
+    if node.get("format") == "path":  # pydantic's name for a file path: no OpenAPI format
+        del node["format"]
+    if node.get("pattern") == _BYTE_SIZE:
+        node["pattern"] = _BYTE_SIZE + "\\s*$"
     node = {k: v for k, v in node.items() if k not in _DROPPED}
     unknown = set(node) - _KEPT
     if unknown:
@@ -84,8 +91,40 @@ def _minimum(value: float, exclusive: bool) -> dict[str, Any]:
     return {"minimum": value, "exclusiveMinimum": True} if exclusive else {"minimum": value}
 
 
-def spec_schema(model: type[BaseModel], descriptions: dict[str, str]) -> dict[str, Any]:
-    """The model's schema minus `name` (the CR's own name stands for it)."""
+_PATH_RULE = (
+    "self.startsWith('/') && !self.contains('//') && !self.contains(';') && !self.contains('\\\\')"
+    " && !self.matches('(^|/)[.][.]?(/|$)')"
+)
+RULES: dict[str, dict[str, list[tuple[str, str]]]] = {
+    "GatewayRoute": {
+        "": [("!has(self.rewrite_prefix) || (has(self.match) && (has(self.match.path) || has(self.match.path_prefix)))",
+              "rewrite_prefix needs match.path or match.path_prefix")],
+        "match": [("!(has(self.path) && has(self.path_prefix))", "give either match.path or match.path_prefix, not both")],
+        "match.path": [(_PATH_RULE, "match.path must start with / and hold no //, no . or .. segment, no ; and no \\")],
+        "match.path_prefix": [(_PATH_RULE, "match.path_prefix must start with / and hold no //, no . or .. segment, no ; and no \\")],
+        "rewrite_prefix": [(_PATH_RULE, "rewrite_prefix must start with / and hold no //, no . or .. segment, no ; and no \\")],
+        "backend": [("!has(self.tls) || self.url.startsWith('https://')", "backend.tls needs an https:// url")],
+        "backend.tls": [("has(self.cert_file) == has(self.key_file)", "give backend.tls.cert_file and key_file together")],
+    },
+    "RateLimitPolicy": {
+        "key": [("self.type == 'client_ip' ? !has(self.name) : (has(self.name) && self.name != '')",
+                 "key type client_ip takes no name; header and claim keys need one")],
+    },
+}
+"""CEL rules (`x-kubernetes-validations`) for what the model checks beyond types and patterns, so that
+`kubectl apply` refuses such a CR at once; tests/cluster/test_cluster_crds.py applies a CR breaking each
+one and checks that the model refuses it too."""
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "GatewayRoute": {"enabled": True},
+    "RateLimitPolicy": {"key": {"type": "client_ip"}, "key.type": "client_ip"},
+}
+"""Defaults the API server writes into a CR, as the model has them, where they answer what users read
+(`kubectl get` columns): whether a route is enabled, the key a policy counts by."""
+
+
+def spec_schema(model: type[BaseModel], kind: str, descriptions: dict[str, str]) -> dict[str, Any]:
+    """The model's schema minus `name` (the CR's own name stands for it), with the kind's CEL rules and
+    defaults."""
     raw = model.model_json_schema(schema_generator=_DurationsAsStrings)
     schema = structural(raw, raw.get("$defs", {}))
     schema.pop("description", None)
@@ -93,7 +132,18 @@ def spec_schema(model: type[BaseModel], descriptions: dict[str, str]) -> dict[st
     schema["required"] = [r for r in schema["required"] if r != "name"]
     for field, text in descriptions.items():
         schema["properties"][field]["description"] = text
+    for path, rules in RULES[kind].items():
+        _at(schema, path)["x-kubernetes-validations"] = [{"rule": rule, "message": message} for rule, message in rules]
+    for path, value in DEFAULTS[kind].items():
+        _at(schema, path)["default"] = value
     return schema
+
+
+def _at(schema: dict[str, Any], path: str) -> dict[str, Any]:
+    node = schema
+    for part in filter(None, path.split(".")):
+        node = node["properties"][part]
+    return node
 
 
 def _status_schema() -> dict[str, Any]:
@@ -152,6 +202,9 @@ def _crd(kind: str, plural: str, short: str, spec: dict[str, Any], columns: list
                         *columns,
                         _condition_column("Accepted"),
                         _condition_column("Programmed"),
+                        {"name": "Reason", "type": "string",
+                         "jsonPath": '.status.conditions[?(@.status=="False")].reason',
+                         "description": "Why not: the reason of the first condition that is False."},
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],
                     "schema": {
@@ -169,7 +222,7 @@ def _crd(kind: str, plural: str, short: str, spec: dict[str, Any], columns: list
 
 def gatewayroute_crd() -> dict[str, Any]:
     spec = spec_schema(
-        Route,
+        Route, "GatewayRoute",
         {
             "ratelimit": "The name of a RateLimitPolicy in the same namespace.",
             "enabled": "false keeps the route in the config but serving no traffic.",
@@ -180,6 +233,7 @@ def gatewayroute_crd() -> dict[str, Any]:
         {"name": "Prefix", "type": "string", "jsonPath": ".spec.match.path_prefix"},
         {"name": "Path", "type": "string", "jsonPath": ".spec.match.path", "priority": 1},
         {"name": "Backend", "type": "string", "jsonPath": ".spec.backend.url"},
+        {"name": "Enabled", "type": "boolean", "jsonPath": ".spec.enabled"},
     ]
     return _crd("GatewayRoute", ROUTES, "gwr", spec, columns)
 
@@ -190,12 +244,12 @@ def ratelimitpolicy_crd() -> dict[str, Any]:
         {"name": "Period", "type": "string", "jsonPath": ".spec.period"},
         {"name": "Key", "type": "string", "jsonPath": ".spec.key.type"},
     ]
-    return _crd("RateLimitPolicy", POLICIES, "rlp", spec_schema(Policy, {}), columns)
+    return _crd("RateLimitPolicy", POLICIES, "rlp", spec_schema(Policy, "RateLimitPolicy", {}), columns)
 
 
 def manifests() -> dict[str, str]:
     """File name -> YAML text, as committed under `crds/`."""
-    header = "# Generated from dataplane/apigw/config.py by `python -m apigw_operator.crds crds/`: do not edit.\n"
+    header = "# Generated from dataplane/apigw/config/model.py by `python -m apigw_operator.crds crds/`: do not edit.\n"
     return {
         "gatewayroute.yaml": header + yaml.safe_dump(gatewayroute_crd(), sort_keys=False),
         "ratelimitpolicy.yaml": header + yaml.safe_dump(ratelimitpolicy_crd(), sort_keys=False),

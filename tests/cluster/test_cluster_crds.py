@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
+from pydantic import ValidationError
 
+from apigw.config.model import Policy, Route
 from tests.cluster.controlplane import ROOT, ControlPlane
 from tests.cluster.objects import (
     conditions,
@@ -29,15 +32,17 @@ def test_examples_apply_and_print_their_columns(cluster: ControlPlane, operators
     wait_for(lambda: summary(cluster, orders).get("Accepted") == ("True", "Accepted"), what="orders accepted")
 
     routes = cluster.kubectl("get", "gatewayroutes", "-n", "shop").stdout
-    assert routes.splitlines()[0].split() == ["NAME", "HOST", "PREFIX", "BACKEND", "ACCEPTED", "PROGRAMMED", "AGE"]
+    assert routes.splitlines()[0].split() == [
+        "NAME", "HOST", "PREFIX", "BACKEND", "ENABLED", "ACCEPTED", "PROGRAMMED", "REASON", "AGE"]
     row = table(routes)["orders"]
     assert (row["HOST"], row["PREFIX"], row["BACKEND"]) == ("api.example.com", "/orders", "http://orders.shop.svc.cluster.local:8080")
-    assert (row["ACCEPTED"], row["PROGRAMMED"]) == ("True", "False")  # no gateway pods here: Pending
+    assert (row["ENABLED"], row["ACCEPTED"], row["PROGRAMMED"]) == ("true", "True", "False")  # no gateway pods here
+    assert row["REASON"] == summary(cluster, orders)["Programmed"][1]  # why not: the first False condition's reason
     wide = table(cluster.kubectl("get", "gwr", "-n", "shop", "-o", "wide").stdout)
     assert wide["status-page"]["PATH"] == "/status" and wide["status-page"]["PREFIX"] == ""
 
     policies = cluster.kubectl("get", "ratelimitpolicies", "-n", "shop").stdout
-    assert policies.splitlines()[0].split() == ["NAME", "REQUESTS", "PERIOD", "KEY", "ACCEPTED", "PROGRAMMED", "AGE"]
+    assert policies.splitlines()[0].split() == ["NAME", "REQUESTS", "PERIOD", "KEY", "ACCEPTED", "PROGRAMMED", "REASON", "AGE"]
     assert {k: table(policies)["per-user"][k] for k in ("REQUESTS", "PERIOD", "KEY")} == {"REQUESTS": "1000", "PERIOD": "1h", "KEY": "claim"}
     everything = cluster.kubectl("get", "apigw", "-n", "shop", "-o", "name").stdout.split()
     assert sorted(everything) == sorted(
@@ -76,3 +81,55 @@ def test_crds_are_structural_and_server_side_appliable(cluster: ControlPlane) ->
         assert {c["type"]: c["status"] for c in found} == {"Established": "True", "NamesAccepted": "True"}, found
     reapplied = cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds")).stdout
     assert reapplied.count("serverside-applied") == len(crds)  # as GitOps tools apply them
+
+
+def _route(**spec: object) -> dict:
+    return gatewayroute("bad", "cel", "/orders", **spec)
+
+
+def _policy(**spec: object) -> dict:
+    policy = ratelimitpolicy("bad", "cel")
+    policy["spec"].update(spec)
+    return policy
+
+
+CEL_CASES = [
+    (_route(match={"path": "/a", "path_prefix": "/b"}), "give either match.path or match.path_prefix, not both"),
+    (_route(match={"path_prefix": "orders"}), "match.path_prefix must start with /"),
+    (_route(match={"path_prefix": "/a//b"}), "match.path_prefix must start with /"),
+    (_route(match={"path_prefix": "/a/../b"}), "match.path_prefix must start with /"),
+    (_route(match={"path": "/a;x=1"}), "match.path must start with /"),
+    (_route(match={}, rewrite_prefix="/v2"), "rewrite_prefix needs match.path or match.path_prefix"),
+    (_route(rewrite_prefix="/v2/."), "rewrite_prefix must start with /"),
+    (_route(backend={"service": "s", "url": "http://s:80", "tls": {}}), "backend.tls needs an https:// url"),
+    (_route(backend={"service": "s", "url": "https://s:443", "tls": {"cert_file": "/c.pem"}}),
+     "give backend.tls.cert_file and key_file together"),
+    (_route(max_body_size="10MiB junk"), "spec.max_body_size"),
+    (_policy(key={"type": "client_ip", "name": "x"}), "key type client_ip takes no name"),
+    (_policy(key={"type": "header"}), "header and claim keys need one"),
+]
+
+
+def test_what_only_the_model_used_to_catch_is_refused_at_apply(cluster: ControlPlane) -> None:
+    """Each CEL rule (and anchored pattern) refuses its case at `kubectl apply`, with its message; and
+    the data plane's model refuses the same spec, so the two cannot drift apart."""
+    namespace(cluster, "cel")
+    for body, message in CEL_CASES:
+        refused = cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(body), check=False)
+        assert refused.returncode == 1 and message in refused.stderr, (body["spec"], refused.stderr)
+        model = Route if body["kind"] == "GatewayRoute" else Policy
+        with pytest.raises(ValidationError):
+            model.model_validate({"name": "bad", **body["spec"]})
+
+
+def test_defaults_and_columns_answer_why(cluster: ControlPlane) -> None:
+    namespace(cluster, "cols")
+    policy = ratelimitpolicy("plain", "cols")
+    create(cluster, policy)
+    assert table(cluster.kubectl("get", "rlp", "-n", "cols").stdout)["plain"]["KEY"] == "client_ip"
+    create(cluster, gatewayroute("off", "cols", "/off", enabled=False))
+    create(cluster, gatewayroute("on", "cols", "/on"))
+    routes = cluster.kubectl("get", "gwr", "-n", "cols").stdout
+    assert routes.splitlines()[0].split() == [
+        "NAME", "HOST", "PREFIX", "BACKEND", "ENABLED", "ACCEPTED", "PROGRAMMED", "REASON", "AGE"]
+    assert (table(routes)["off"]["ENABLED"], table(routes)["on"]["ENABLED"]) == ("false", "true")

@@ -48,14 +48,14 @@ def test_create_update_invalid_dangling_delete(cluster: ControlPlane, operators)
     cluster.kubectl("label", "gatewayroute", "orders", "-n", ns, "team=shop")  # metadata only: no new generation
     assert generations(cluster, orders) == (2, {2})
 
-    # Passes the CRD schema, fails the data plane's model: excluded and told why; the others stay.
-    both = gatewayroute("both", ns, "/both")
-    both["spec"]["match"]["path"] = "/both/exact"
+    # Passes the CRD schema and its CEL rules, fails the data plane's model (a path not in normal form):
+    # excluded and told why; the others stay.
+    encoded = gatewayroute("encoded", ns, "/%62oth")
     dangling = gatewayroute("dangling", ns, "/dangling", ratelimit="missing")
-    create(cluster, both)
+    create(cluster, encoded)
     create(cluster, dangling)
-    wait_for(lambda: summary(cluster, both).get("Accepted") == ("False", "Invalid"), what="both rejected")
-    assert "spec.match" in conditions(cluster, both)["Accepted"]["message"]
+    wait_for(lambda: summary(cluster, encoded).get("Accepted") == ("False", "Invalid"), what="encoded rejected")
+    assert "spec.match.path_prefix" in conditions(cluster, encoded)["Accepted"]["message"]
     wait_for(lambda: summary(cluster, dangling).get("ResolvedRefs") == ("False", "PolicyNotFound"), what="dangling reference")
     assert "'missing' not found" in conditions(cluster, dangling)["ResolvedRefs"]["message"]
     assert route_names(cluster) == ["life.orders"]
@@ -66,7 +66,7 @@ def test_create_update_invalid_dangling_delete(cluster: ControlPlane, operators)
 
     events = json.loads(cluster.kubectl("get", "events", "-n", ns, "-o", "json").stdout)["items"]
     seen = {(e["involvedObject"]["name"], e["reason"], e["type"]) for e in events}
-    assert {("orders", "Accepted", "Normal"), ("both", "Invalid", "Warning"), ("dangling", "PolicyNotFound", "Warning")} <= seen
+    assert {("orders", "Accepted", "Normal"), ("encoded", "Invalid", "Warning"), ("dangling", "PolicyNotFound", "Warning")} <= seen
     printed = cluster.kubectl("get", "events", "-n", ns).stdout
     assert "gatewayroute/dangling" in printed and "PolicyNotFound" in printed
 

@@ -49,6 +49,17 @@ def parse_duration(value: Any) -> Any:
     raise ValueError(f"expected a duration such as 500ms, 30s or 1m, got {value!r}")
 
 
+_SIZE = re.compile(r"^\s*(\d*\.?\d+)\s*(\w+)?\s*$")
+
+
+def whole_size(value: Any) -> Any:
+    """A size text must be a size and nothing more: pydantic's ByteSize reads `10MiB junk` as 10 MiB."""
+    if isinstance(value, str) and not _SIZE.match(value):
+        raise ValueError(f"expected a size such as 1048576, 512KiB or 10MiB, got {value!r}")
+    return value
+
+
+Size = Annotated[ByteSize, BeforeValidator(whole_size)]
 Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
 PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
 Name = Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9_.]{0,61}[a-z0-9])?$")]
@@ -129,9 +140,9 @@ class ListenConfig(Strict):
 
 
 class LimitsConfig(Strict):
-    max_body_size: ByteSize = ByteSize(10 * 1024 * 1024)
+    max_body_size: Size = ByteSize(10 * 1024 * 1024)
     """Default request body limit; a route may set its own."""
-    max_request_head_size: Annotated[ByteSize, Field(ge=1024)] = ByteSize(64 * 1024)
+    max_request_head_size: Annotated[Size, Field(ge=1024)] = ByteSize(64 * 1024)
     """Request line and headers together (431 `headers_too_large` above it): what backends must accept."""
 
 
@@ -267,11 +278,14 @@ def _normal_path(value: str, what: str = "") -> str:
     return value
 
 
+RoutePath = Annotated[str, Field(max_length=1024)]
+
+
 class RouteMatch(Strict):
-    host: str | None = None
+    host: Annotated[str, Field(max_length=255)] | None = None
     """Exact host, or `*.example.com` for any subdomain. Absent: any host."""
-    path_prefix: str | None = None
-    path: str | None = None
+    path_prefix: RoutePath | None = None
+    path: RoutePath | None = None
     """Exact path. Give either `path` or `path_prefix`; neither means prefix `/`."""
     methods: list[HTTPMethod] = []
     """Empty: any method."""
@@ -387,12 +401,12 @@ class Route(Strict):
     enabled: bool = True
     match: RouteMatch = RouteMatch()
     backend: Backend
-    rewrite_prefix: str | None = None
+    rewrite_prefix: RoutePath | None = None
     """Replaces the matched path prefix before the request goes to the backend."""
     auth: RouteAuth | None = None
     ratelimit: Name | None = None
     """The name of a policy under `policies`."""
-    max_body_size: ByteSize | None = None
+    max_body_size: Size | None = None
 
     @model_validator(mode="after")
     def _rewrite_needs_prefix(self) -> Route:

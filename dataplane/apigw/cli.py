@@ -8,11 +8,10 @@ import sys
 from pathlib import Path
 
 from apigw.config.errors import ConfigError
-from apigw.config.loader import load_config
+from apigw.config.loader import check_config
 from apigw.config.model import config_hash
 from apigw.observability.logs import setup_logging
-from apigw.observability.metrics import Metrics
-from apigw.pipeline.state import Gateway
+from apigw.policy.auth import load_keys
 from apigw.server.tls import check_tls
 
 DEFAULT_CONFIG = "/etc/gateway/"
@@ -64,20 +63,39 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def validate(path: Path) -> int:
-    """Print a one-line summary and return 0, or every located error and return 1."""
+    """Print a one-line summary and return 0, or every located error and return 1.
+
+    The files the config names are read as the gateway would at start, as far as their settings parsed,
+    so that their problems come with the config's own in one report."""
+    shown = f"{path}/" if path.is_dir() else str(path)
     try:
-        config = load_config(path)
-        Gateway.create(config, Metrics())  # reads every file the config names, as the gateway would at start
-        if config.listen.tls is not None:
-            check_tls(config.listen.tls)
-    except ConfigError as exc:
-        print(f"{path}: {len(exc.errors)} error(s)", file=sys.stderr)
-        for error in exc.errors:
-            print(f"  {error}", file=sys.stderr)
-        return 1
+        checked = check_config(path)
+    except ConfigError as exc:  # a config file that cannot be read
+        return _report_errors(shown, exc.errors)
+    config = checked.config
+    file_checks = []
+    if "auth" not in checked.unparsed:
+        file_checks.append(lambda: load_keys(config.auth))
+    if "listen" not in checked.unparsed and config.listen.tls is not None:
+        file_checks.append(lambda: check_tls(config.listen.tls))
+    for check in file_checks:
+        try:
+            check()
+        except ConfigError as exc:
+            for error in exc.errors:
+                checked.add_setting_error(error)
+    if checked.errors:
+        return _report_errors(shown, checked.errors)
     enabled = sum(1 for r in config.routes if r.enabled)
     print(
-        f"{path}: OK: {len(config.routes)} routes ({enabled} enabled), {len(config.policies)} rate limit policies, "
+        f"{shown}: OK: {len(config.routes)} routes ({enabled} enabled), {len(config.policies)} rate limit policies, "
         f"config_hash {config_hash(config)}"
     )
     return 0
+
+
+def _report_errors(shown: str, errors: list[str]) -> int:
+    print(f"{shown}: {len(errors)} error(s)", file=sys.stderr)
+    for error in errors:
+        print(f"  {error}", file=sys.stderr)
+    return 1

@@ -114,14 +114,15 @@ class Checked:
         self.add(file, _line_of(self._nodes.get(file), loc), f"{self.where(file, *loc)}: {message}")
 
     def add_setting_error(self, message: str) -> None:
-        """A problem found outside the loader (a key file that cannot be read: `auth.keys[0].file: ...`),
-        located at its setting in the file holding the global settings."""
-        path, sep, rest = message.partition(": ")
-        if self._global is None or not sep or not _SETTING_PATH.fullmatch(path):
+        """A problem found outside the loader, named by its setting (`auth.keys[0].file: cannot read...`):
+        located at that setting in the file holding the global settings."""
+        setting = _SETTING_PATH.match(message)
+        if self._global is None or setting is None:
             self._found.setdefault(message, (len(self._order), 0))
             return
-        loc = tuple(int(p[1:-1]) if p.startswith("[") else p for p in _SETTING_PART.findall(path))
-        self.add_at(self._global, loc, rest)
+        loc = tuple(int(p[1:-1]) if p.startswith("[") else p for p in _SETTING_PART.findall(setting.group()))
+        line = _line_of(self._nodes[self._global], loc)
+        self.add(self._global, line, f"{self._global}:{line}: {message}" if line else f"{self._global}: {message}")
 
 
 _SETTING_PATH = re.compile(r"[a-z_]+(?:\.[a-z_]+|\[\d+\])*")

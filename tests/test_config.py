@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from apigw.config.errors import ConfigError
 from apigw.config.loader import load_config, parse_documents
@@ -117,3 +119,53 @@ def test_a_problem_shared_by_aliases_is_reported_once_per_setting() -> None:
         parse_documents({"config.yaml": text})
     errors = caught.value.errors
     assert len(errors) == len(set(errors)) == 2, errors
+
+
+_BASE = [
+    "listen: {port: 8080}",
+    "logging: {level: INFO}",
+    "routes:",
+    "  - {name: r0, match: {path_prefix: /r0}, backend: {service: s0, url: 'http://s0'}}",
+    "  - {name: r1, match: {path_prefix: /r1}, backend: {service: s1, url: 'http://s1'}, ratelimit: p0}",
+    "  - {name: r2, match: {path_prefix: /r2}, backend: {service: s2, url: 'http://s2'}}",
+    "  - {name: r3, match: {path_prefix: /r3}, backend: {service: s3, url: 'http://s3'}}",
+    "  - {name: r4, match: {path_prefix: /r4}, backend: {service: s4, url: 'http://s4'}}",
+    "  - {name: r5, match: {path_prefix: /r5}, backend: {service: s5, url: 'http://s5'}}",
+    "  - {name: r6, match: {path_prefix: /r6}, backend: {service: s6, url: 'http://s6'}}",
+    "policies:",
+    "  - {name: p0, requests: 1, period: 1s}",
+    "  - {name: p1, requests: 1, period: 1s}",
+    "  - {name: p2, requests: 1, period: 1s}",
+]
+_FAULTS = {  # line index -> the line with one fault; no fault touches an item another fault refers to
+    0: "listen: {port: banana}",
+    1: "logging: {level: LOUD}",
+    3: "  - {name: r0, match: {path_prefix: /r0}, backend: {service: s0, url: nope}}",
+    4: "  - {name: r1, match: {path_prefix: /r1}, backend: {service: s1, url: 'http://s1'}, ratelimit: px}",
+    5: "  - {name: r3, match: {path_prefix: /r2}, backend: {service: s2, url: 'http://s2'}}",
+    7: "  - {name: r4, match: {path_prefix: /r4}, backend: {service: s4, url: 'http://s4', timeout: soon}}",
+    8: "  - {name: r5, match: {path_prefix: /r3}, backend: {service: s5, url: 'http://s5'}}",
+    9: "  - {name: r6, match: {path_prefix: /r6}, backend: {service: s6, url: 'http://s6'}, auth: {}}",
+}
+"""A policy's fault would change the `defined:` list of the undefined-policy error (fixtures cover those)."""
+
+
+def _errors(faults: set[int]) -> list[str]:
+    text = "\n".join(_FAULTS[i] if i in faults else line for i, line in enumerate(_BASE))
+    try:
+        parse_documents({"config.yaml": text})
+    except ConfigError as exc:
+        return exc.errors
+    return []
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sets(st.sampled_from(sorted(_FAULTS)), min_size=1))
+def test_one_pass_reports_what_each_fault_reports_alone(faults: set[int]) -> None:
+    """Independent faults together: exactly the errors each gives alone, in line order, none twice."""
+    assert _errors(set()) == []
+    alone = {line: _errors({line}) for line in faults}
+    assert all(len(errors) == 1 for errors in alone.values()), alone
+    together = _errors(faults)
+    assert sorted(together, key=lambda e: int(e.split(":")[1])) == together
+    assert sorted(together) == sorted(e for errors in alone.values() for e in errors)

@@ -86,11 +86,13 @@ class Checked:
 
     def __init__(self, files: list[str]):
         self.config = Config()
+        self.global_file: str | None = None
+        """The file holding the global settings (`config.yaml`, or the one file), once it parsed."""
         self.unparsed: set[str] = set()
         """Global settings (`listen`, `auth`...) that did not parse: their defaults stand in for them."""
+        self.nodes: dict[str, yaml.Node | None] = {}
+        """Each file's YAML node tree, for the line of a setting."""
         self._order = {name: i for i, name in enumerate(files)}
-        self._nodes: dict[str, yaml.Node | None] = {}
-        self._global: str | None = None
         self._found: dict[str, tuple[int, int]] = {}
 
     @property
@@ -102,27 +104,24 @@ class Checked:
             raise ConfigError(self.errors)
         return self.config
 
-    def where(self, file: str, *loc: Any) -> str:
-        line = _line_of(self._nodes.get(file), loc)
-        setting = format_loc(loc) or "(top level)"
-        return f"{file}:{line}: {setting}" if line else f"{file}: {setting}"
-
     def add(self, file: str, line: int | None, message: str) -> None:
-        self._found.setdefault(message, (self._order[file], line or 0))
+        """`message` at `file:line` (or at the file alone)."""
+        where = f"{file}:{line}" if line else file
+        self._found.setdefault(f"{where}: {message}", (self._order[file], line or 0))
 
     def add_at(self, file: str, loc: tuple[Any, ...], message: str) -> None:
-        self.add(file, _line_of(self._nodes.get(file), loc), f"{self.where(file, *loc)}: {message}")
+        """`message` about the setting at `loc` in `file`."""
+        self.add(file, _line_of(self.nodes.get(file), loc), f"{format_loc(loc) or '(top level)'}: {message}")
 
     def add_setting_error(self, message: str) -> None:
         """A problem found outside the loader, named by its setting (`auth.keys[0].file: cannot read...`):
         located at that setting in the file holding the global settings."""
         setting = _SETTING_PATH.match(message)
-        if self._global is None or setting is None:
+        if self.global_file is None or setting is None:
             self._found.setdefault(message, (len(self._order), 0))
             return
         loc = tuple(int(p[1:-1]) if p.startswith("[") else p for p in _SETTING_PART.findall(setting.group()))
-        line = _line_of(self._nodes[self._global], loc)
-        self.add(self._global, line, f"{self._global}:{line}: {message}" if line else f"{self._global}: {message}")
+        self.add(self.global_file, _line_of(self.nodes[self.global_file], loc), message)
 
 
 _SETTING_PATH = re.compile(r"[a-z_]+(?:\.[a-z_]+|\[\d+\])*")
@@ -140,15 +139,14 @@ def check_documents(documents: Mapping[str, str]) -> Checked:
     parts = _Parts()
     for name, text in documents.items():
         model = RoutesDocument if Path(name).name == ROUTES_FILE else Config
-        root, data = _read_yaml(name, text, checked)
-        checked._nodes[name] = root
+        checked.nodes[name], data = _read_yaml(name, text, checked)
         if data is None:
             parts.unknown_policies = True
             parts.unknown_settings |= model is Config
             continue
         document = _validate(name, data, model, checked, parts)
-        if isinstance(document, Config) and checked._global is None:
-            checked._global = name
+        if isinstance(document, Config) and checked.global_file is None:
+            checked.global_file = name
             checked.config = document
     auth_known = not (parts.unknown_settings or "auth" in checked.unparsed)
     _check_references(parts, checked)
@@ -187,19 +185,20 @@ def _read_yaml(name: str, text: str, checked: Checked) -> tuple[yaml.Node | None
         root, data = _parse_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"{name}:{mark.line + 1}" if mark else name
         problem = getattr(exc, "problem", None) or str(exc)
-        checked.add(name, mark.line + 1 if mark else None, f"{where}: not valid YAML: {problem}")
+        checked.add(name, mark.line + 1 if mark else None, f"not valid YAML: {problem}")
         return None, None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        checked.add(name, 1, f"{name}:1: the top level must be a mapping of settings, not {type(data).__name__}")
+        checked.add(name, 1, f"the top level must be a mapping of settings, not {type(data).__name__}")
         return root, None
     return root, data
 
 
-def _validate(name: str, data: dict[str, Any], model: type[RoutesDocument], checked: Checked, parts: _Parts) -> RoutesDocument:
+def _validate(
+    name: str, data: dict[str, Any], model: type[RoutesDocument], checked: Checked, parts: _Parts
+) -> RoutesDocument:
     """The document's settings, with its routes and policies moved to `parts`; what fails is reported."""
     try:
         document = model.model_validate(data)
@@ -224,7 +223,7 @@ def _validate_parts(
     settings = {k: v for k, v in data.items() if (k,) not in failed and k not in ("routes", "policies")}
     for section, item_model, found in (("routes", Route, parts.routes), ("policies", Policy, parts.policies)):
         if (section,) in failed:
-            parts.unknown_policies = True
+            parts.unknown_policies |= section == "policies"
             continue
         for i, item in enumerate(data.get(section) or []):
             if (section, i) not in failed:

@@ -85,6 +85,20 @@ def test_validate_config_reports_key_files_with_config_errors(tmp_path: Path) ->
     ]
 
 
+def test_validate_config_reports_certificate_files_with_config_errors(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        "listen:\n  tls: {cert_file: /nonexistent/tls.crt, key_file: /nonexistent/tls.key}\n"
+        "routes: [{name: a}]\n"
+    )
+    result = run_cli("-validate-config", "--config", str(config))
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[1:] == [
+        f"  {config}:2: listen.tls.cert_file: cannot read /nonexistent/tls.crt: No such file or directory",
+        f"  {config}:3: routes[0].backend: required setting is missing",
+    ]
+
+
 def test_validate_config_uses_env_default(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text("routes: []\n")
     env = {"GATEWAY_CONFIG": str(tmp_path)}
@@ -102,6 +116,18 @@ def test_start_with_invalid_config_exits_1_with_json_error(tmp_path: Path) -> No
     line = json.loads(result.stdout.strip().splitlines()[-1])
     assert line["level"] == "error"
     assert line["errors"] == [f"{config}:1: routes[0].backend: required setting is missing"]
+
+
+def test_start_reports_key_files_with_config_errors_in_one_pass(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text("logging: {level: LOUD}\nauth:\n  keys: [{file: /nonexistent/key.pem}]\n")
+    result = run_cli("--config", str(config))
+    assert result.returncode == 1
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert line["errors"] == [
+        f"{config}:1: logging.level: Input should be 'DEBUG', 'INFO', 'WARNING' or 'ERROR' (got 'LOUD')",
+        f"{config}:3: auth.keys[0].file: cannot read /nonexistent/key.pem: No such file or directory",
+    ]
 
 
 def _write(path: Path, port: int, metrics_port: int, backend_url: str, **listen: object) -> None:

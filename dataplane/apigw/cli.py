@@ -8,11 +8,9 @@ import sys
 from pathlib import Path
 
 from apigw.config.errors import ConfigError
-from apigw.config.loader import check_config
 from apigw.config.model import config_hash
 from apigw.observability.logs import setup_logging
-from apigw.policy.auth import load_keys
-from apigw.server.tls import check_tls
+from apigw.server.config_check import check_config_and_files
 
 DEFAULT_CONFIG = "/etc/gateway/"
 
@@ -63,29 +61,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def validate(path: Path) -> int:
-    """Print a one-line summary and return 0, or every located error and return 1.
-
-    The files the config names are read as the gateway would at start, as far as their settings parsed,
-    so that their problems come with the config's own in one report."""
+    """Print a one-line summary and return 0, or every located error and return 1."""
     shown = f"{path}/" if path.is_dir() else str(path)
     try:
-        checked = check_config(path)
+        checked = check_config_and_files(path)
     except ConfigError as exc:  # a config file that cannot be read
         return _report_errors(shown, exc.errors)
-    config = checked.config
-    file_checks = []
-    if "auth" not in checked.unparsed:
-        file_checks.append(lambda: load_keys(config.auth))
-    if "listen" not in checked.unparsed and config.listen.tls is not None:
-        file_checks.append(lambda: check_tls(config.listen.tls))
-    for check in file_checks:
-        try:
-            check()
-        except ConfigError as exc:
-            for error in exc.errors:
-                checked.add_setting_error(error)
     if checked.errors:
         return _report_errors(shown, checked.errors)
+    config = checked.config
     enabled = sum(1 for r in config.routes if r.enabled)
     print(
         f"{shown}: OK: {len(config.routes)} routes ({enabled} enabled), {len(config.policies)} rate limit policies, "

@@ -108,26 +108,25 @@ def test_validate_config_uses_env_default(tmp_path: Path) -> None:
     assert str(tmp_path) in result.stdout
 
 
-def test_start_with_invalid_config_exits_1_with_json_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "text, errors",
+    [
+        ("routes: [{name: a}]\n", ["1: routes[0].backend: required setting is missing"]),
+        ("logging: {level: LOUD}\nauth:\n  keys: [{file: /nonexistent/key.pem}]\n", [
+            "1: logging.level: Input should be 'DEBUG', 'INFO', 'WARNING' or 'ERROR' (got 'LOUD')",
+            "3: auth.keys[0].file: cannot read /nonexistent/key.pem: No such file or directory",
+        ]),
+    ],
+    ids=["config", "config-and-key-file"],
+)
+def test_start_with_invalid_config_exits_1_with_every_error_in_json(tmp_path: Path, text: str, errors: list[str]) -> None:
     config = tmp_path / "gateway.yaml"
-    config.write_text("routes: [{name: a}]\n")
+    config.write_text(text)
     result = run_cli("--config", str(config))
     assert result.returncode == 1
     line = json.loads(result.stdout.strip().splitlines()[-1])
     assert line["level"] == "error"
-    assert line["errors"] == [f"{config}:1: routes[0].backend: required setting is missing"]
-
-
-def test_start_reports_key_files_with_config_errors_in_one_pass(tmp_path: Path) -> None:
-    config = tmp_path / "gateway.yaml"
-    config.write_text("logging: {level: LOUD}\nauth:\n  keys: [{file: /nonexistent/key.pem}]\n")
-    result = run_cli("--config", str(config))
-    assert result.returncode == 1
-    line = json.loads(result.stdout.strip().splitlines()[-1])
-    assert line["errors"] == [
-        f"{config}:1: logging.level: Input should be 'DEBUG', 'INFO', 'WARNING' or 'ERROR' (got 'LOUD')",
-        f"{config}:3: auth.keys[0].file: cannot read /nonexistent/key.pem: No such file or directory",
-    ]
+    assert line["errors"] == [f"{config}:{error}" for error in errors]
 
 
 def _write(path: Path, port: int, metrics_port: int, backend_url: str, **listen: object) -> None:

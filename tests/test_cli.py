@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,6 +51,54 @@ def test_validate_config_reports_every_error_with_location(tmp_path: Path) -> No
     assert "2 error(s)" in result.stderr
 
 
+def test_validate_config_prints_the_readme_example(tmp_path: Path) -> None:
+    """The README's example, byte for byte: a type error and an undefined policy, in one run."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```\n\$ (gateway -validate-config --config (/etc/gateway/))\n(.*?)```", readme, re.DOTALL)
+    assert block, "README example of -validate-config not found"
+    command, shown_dir, shown_output = block.groups()
+    config_dir = tmp_path / "etc" / "gateway"
+    shutil.copytree(ROOT / "tests" / "configs" / "readme_example", config_dir)
+    args = command.split()[1:]
+    args[args.index(shown_dir)] = f"{config_dir}/"
+    result = run_cli(*args)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.replace(str(tmp_path), "") == shown_output
+
+
+def test_validate_config_reports_key_files_with_config_errors(tmp_path: Path) -> None:
+    """A missing key file, a bad setting and an undefined policy: all three, located, in one run."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        "listen: {port: banana}\n"
+        "auth:\n  keys:\n    - file: /nonexistent/jwt-public-key.pem\n"
+        "routes:\n  - name: a\n    backend: {service: a, url: 'http://a'}\n    ratelimit: gold\n"
+    )
+    result = run_cli("-validate-config", "--config", str(config))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"{config}: 3 error(s)",
+        f"  {config}:1: listen.port: Input should be a valid integer, unable to parse string as an integer (got 'banana')",
+        f"  {config}:4: auth.keys[0].file: cannot read /nonexistent/jwt-public-key.pem: No such file or directory",
+        f"  {config}:8: routes[0].ratelimit: policy 'gold' is not defined (defined: none)",
+    ]
+
+
+def test_validate_config_reports_certificate_files_with_config_errors(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        "listen:\n  tls: {cert_file: /nonexistent/tls.crt, key_file: /nonexistent/tls.key}\n"
+        "routes: [{name: a}]\n"
+    )
+    result = run_cli("-validate-config", "--config", str(config))
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[1:] == [
+        f"  {config}:2: listen.tls.cert_file: cannot read /nonexistent/tls.crt: No such file or directory",
+        f"  {config}:3: routes[0].backend: required setting is missing",
+    ]
+
+
 def test_validate_config_uses_env_default(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text("routes: []\n")
     env = {"GATEWAY_CONFIG": str(tmp_path)}
@@ -59,14 +108,25 @@ def test_validate_config_uses_env_default(tmp_path: Path) -> None:
     assert str(tmp_path) in result.stdout
 
 
-def test_start_with_invalid_config_exits_1_with_json_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "text, errors",
+    [
+        ("routes: [{name: a}]\n", ["1: routes[0].backend: required setting is missing"]),
+        ("logging: {level: LOUD}\nauth:\n  keys: [{file: /nonexistent/key.pem}]\n", [
+            "1: logging.level: Input should be 'DEBUG', 'INFO', 'WARNING' or 'ERROR' (got 'LOUD')",
+            "3: auth.keys[0].file: cannot read /nonexistent/key.pem: No such file or directory",
+        ]),
+    ],
+    ids=["config", "config-and-key-file"],
+)
+def test_start_with_invalid_config_exits_1_with_every_error_in_json(tmp_path: Path, text: str, errors: list[str]) -> None:
     config = tmp_path / "gateway.yaml"
-    config.write_text("routes: [{name: a}]\n")
+    config.write_text(text)
     result = run_cli("--config", str(config))
     assert result.returncode == 1
     line = json.loads(result.stdout.strip().splitlines()[-1])
     assert line["level"] == "error"
-    assert line["errors"] == [f"{config}:1: routes[0].backend: required setting is missing"]
+    assert line["errors"] == [f"{config}:{error}" for error in errors]
 
 
 def _write(path: Path, port: int, metrics_port: int, backend_url: str, **listen: object) -> None:

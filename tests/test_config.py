@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from apigw.config.errors import ConfigError
 from apigw.config.loader import load_config, parse_documents
@@ -15,12 +17,15 @@ INVALID = sorted((Path(__file__).parent / "configs" / "invalid").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("case", INVALID, ids=[p.stem for p in INVALID])
-def test_invalid_config_reports_located_error(case: Path) -> None:
+def test_invalid_config_reports_exactly_its_located_errors(case: Path) -> None:
+    """Each `# error:` line heading a case is the start of one error, in order; no other error is reported."""
     text = case.read_text()
-    expected = text.splitlines()[0].removeprefix("# error: ")
+    expected = [line.removeprefix("# error: ") for line in text.splitlines() if line.startswith("# error: ")]
     with pytest.raises(ConfigError) as caught:
         parse_documents({"config.yaml": text})
-    assert any(expected in error for error in caught.value.errors), caught.value.errors
+    errors = caught.value.errors
+    assert len(errors) == len(expected), errors
+    assert all(error.startswith(start) for error, start in zip(errors, expected, strict=True)), errors
 
 
 @pytest.mark.parametrize("path", [ROOT / "examples" / "gateway.yaml", ROOT / "examples" / "configmap"])
@@ -78,3 +83,89 @@ def test_restart_settings_marks_listeners_not_routes() -> None:
     assert settings["listen.port"] == 8080
     assert settings["listen.tls"] is False
     assert not any(key.startswith(("routes", "ratelimit", "auth")) for key in settings)
+
+
+def test_both_files_errors_come_in_one_pass_in_file_then_line_order() -> None:
+    config = "routes:\n  - name: a\n    backend: {service: a, url: 'http://a'}\n    ratelimit: gold\nlisten: {port: x}\n"
+    routes = (
+        "routes:\n  - name: b\n    backend: {service: b, url: 'http://b', timeout: -1}\n"
+        "  - name: a\n    match: {path: /a}\n    backend: {service: a, url: 'http://a'}\n"
+        "policies:\n  - {name: bronze, requests: 1, period: 1s}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        parse_documents({"config.yaml": config, "routes.yaml": routes})
+    assert [e.split(": ")[0] for e in caught.value.errors] == [
+        "config.yaml:4", "config.yaml:5", "routes.yaml:3", "routes.yaml:4",
+    ]
+    assert "policy 'gold' is not defined (defined: bronze)" in caught.value.errors[0]
+    assert "routes[1].name: route 'a' is already defined in config.yaml routes[0]" in caught.value.errors[3]
+
+
+def test_a_file_that_does_not_parse_hides_only_what_may_be_in_it() -> None:
+    """config.yaml may define the policy routes.yaml names: with config.yaml unreadable as YAML, the
+    reference is not called undefined; routes.yaml's own errors still are."""
+    routes = "routes:\n  - name: a\n    backend: {service: a, url: 'http://a'}\n    ratelimit: gold\n  - name: b\n"
+    with pytest.raises(ConfigError) as caught:
+        parse_documents({"config.yaml": "listen: [\n", "routes.yaml": routes})
+    assert len(caught.value.errors) == 2, caught.value.errors
+    assert caught.value.errors[0].startswith("config.yaml:2: not valid YAML")
+    assert caught.value.errors[1] == "routes.yaml:5: routes[1].backend: required setting is missing"
+
+
+def test_a_problem_shared_by_aliases_is_reported_once_per_setting() -> None:
+    """YAML anchors make one node appear at several settings: each setting is named once, none twice."""
+    text = "routes:\n  - &r {name: a, backend: {service: a, url: nope}}\n  - *r\n"
+    with pytest.raises(ConfigError) as caught:
+        parse_documents({"config.yaml": text})
+    errors = caught.value.errors
+    assert len(errors) == len(set(errors)) == 2, errors
+
+
+_BASE = [
+    "listen: {port: 8080}",
+    "logging: {level: INFO}",
+    "routes:",
+    "  - {name: r0, match: {path_prefix: /r0}, backend: {service: s0, url: 'http://s0'}}",
+    "  - {name: r1, match: {path_prefix: /r1}, backend: {service: s1, url: 'http://s1'}, ratelimit: p0}",
+    "  - {name: r2, match: {path_prefix: /r2}, backend: {service: s2, url: 'http://s2'}}",
+    "  - {name: r3, match: {path_prefix: /r3}, backend: {service: s3, url: 'http://s3'}}",
+    "  - {name: r4, match: {path_prefix: /r4}, backend: {service: s4, url: 'http://s4'}}",
+    "  - {name: r5, match: {path_prefix: /r5}, backend: {service: s5, url: 'http://s5'}}",
+    "  - {name: r6, match: {path_prefix: /r6}, backend: {service: s6, url: 'http://s6'}}",
+    "policies:",
+    "  - {name: p0, requests: 1, period: 1s}",
+    "  - {name: p1, requests: 1, period: 1s}",
+    "  - {name: p2, requests: 1, period: 1s}",
+]
+_FAULTS = {  # line index -> the line with one fault; no fault touches an item another fault refers to
+    0: "listen: {port: banana}",
+    1: "logging: {level: LOUD}",
+    3: "  - {name: r0, match: {path_prefix: /r0}, backend: {service: s0, url: nope}}",
+    4: "  - {name: r1, match: {path_prefix: /r1}, backend: {service: s1, url: 'http://s1'}, ratelimit: px}",
+    5: "  - {name: r3, match: {path_prefix: /r2}, backend: {service: s2, url: 'http://s2'}}",
+    7: "  - {name: r4, match: {path_prefix: /r4}, backend: {service: s4, url: 'http://s4', timeout: soon}}",
+    8: "  - {name: r5, match: {path_prefix: /r3}, backend: {service: s5, url: 'http://s5'}}",
+    9: "  - {name: r6, match: {path_prefix: /r6}, backend: {service: s6, url: 'http://s6'}, auth: {}}",
+}
+"""A policy's fault would change the `defined:` list of the undefined-policy error (fixtures cover those)."""
+
+
+def _errors(faults: set[int]) -> list[str]:
+    text = "\n".join(_FAULTS[i] if i in faults else line for i, line in enumerate(_BASE))
+    try:
+        parse_documents({"config.yaml": text})
+    except ConfigError as exc:
+        return exc.errors
+    return []
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sets(st.sampled_from(sorted(_FAULTS)), min_size=1))
+def test_one_pass_reports_what_each_fault_reports_alone(faults: set[int]) -> None:
+    """Independent faults together: exactly the errors each gives alone, in line order, none twice."""
+    assert _errors(set()) == []
+    alone = {line: _errors({line}) for line in faults}
+    assert all(len(errors) == 1 for errors in alone.values()), alone
+    together = _errors(faults)
+    assert sorted(together, key=lambda e: int(e.split(":")[1])) == together
+    assert sorted(together) == sorted(e for errors in alone.values() for e in errors)

@@ -8,12 +8,9 @@ import sys
 from pathlib import Path
 
 from apigw.config.errors import ConfigError
-from apigw.config.loader import load_config
 from apigw.config.model import config_hash
 from apigw.observability.logs import setup_logging
-from apigw.observability.metrics import Metrics
-from apigw.pipeline.state import Gateway
-from apigw.server.tls import check_tls
+from apigw.server.config_check import check_config_and_files
 
 DEFAULT_CONFIG = "/etc/gateway/"
 
@@ -65,19 +62,24 @@ def main(argv: list[str] | None = None) -> int:
 
 def validate(path: Path) -> int:
     """Print a one-line summary and return 0, or every located error and return 1."""
+    shown = f"{path}/" if path.is_dir() else str(path)
     try:
-        config = load_config(path)
-        Gateway.create(config, Metrics())  # reads every file the config names, as the gateway would at start
-        if config.listen.tls is not None:
-            check_tls(config.listen.tls)
-    except ConfigError as exc:
-        print(f"{path}: {len(exc.errors)} error(s)", file=sys.stderr)
-        for error in exc.errors:
-            print(f"  {error}", file=sys.stderr)
-        return 1
+        checked = check_config_and_files(path)
+    except ConfigError as exc:  # a config file that cannot be read
+        return _report_errors(shown, exc.errors)
+    if checked.errors:
+        return _report_errors(shown, checked.errors)
+    config = checked.config
     enabled = sum(1 for r in config.routes if r.enabled)
     print(
-        f"{path}: OK: {len(config.routes)} routes ({enabled} enabled), {len(config.policies)} rate limit policies, "
+        f"{shown}: OK: {len(config.routes)} routes ({enabled} enabled), {len(config.policies)} rate limit policies, "
         f"config_hash {config_hash(config)}"
     )
     return 0
+
+
+def _report_errors(shown: str, errors: list[str]) -> int:
+    print(f"{shown}: {len(errors)} error(s)", file=sys.stderr)
+    for error in errors:
+        print(f"  {error}", file=sys.stderr)
+    return 1

@@ -8,12 +8,13 @@ together: a name defined twice or a policy that is not defined anywhere is an er
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from apigw.config.errors import ConfigError
 from apigw.config.model import Backend, Config, Policy, Route, RoutesDocument, config_hash
@@ -45,16 +46,22 @@ def config_files(path: Path) -> list[Path]:
 
 def load_config(path: Path) -> Config:
     """Read and validate the config at `path` (a file or a ConfigMap directory)."""
+    return check_config(path).result()
+
+
+def check_config(path: Path) -> Checked:
+    """Read the config at `path` and find every problem in it: what `load_config` and
+    `gateway -validate-config` report. Unreadable files are problems like any other."""
     documents: dict[str, str] = {}
-    errors = []
+    unreadable = []
     for file in config_files(path):
         try:
             documents[str(file)] = file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            errors.append(f"{file}: cannot read: {getattr(exc, 'strerror', None) or exc}")
-    if errors:
-        raise ConfigError(errors)
-    return parse_documents(documents)
+            unreadable.append(f"{file}: cannot read: {getattr(exc, 'strerror', None) or exc}")
+    if unreadable:
+        raise ConfigError(unreadable)
+    return check_documents(documents)
 
 
 def load_config_parts(path: Path, chunk: int = 50) -> tuple[bytes, list[bytes], str]:
@@ -72,61 +79,164 @@ def parse_documents(documents: Mapping[str, str]) -> Config:
 
     This is what the operator calls with the ConfigMap's two keys, so both sides agree on validity.
     """
-    errors: list[str] = []
-    parsed: list[tuple[str, BaseModel]] = []
-    nodes: dict[str, yaml.Node | None] = {}
+    return check_documents(documents).result()
+
+
+class Checked:
+    """Every problem found in a config's files, each located, in file-then-line order, none twice;
+    and the config made of the parts that parsed (whole only when there is no problem)."""
+
+    def __init__(self, files: list[str]):
+        self.config = Config()
+        self.global_file: str | None = None
+        """The file holding the global settings (`config.yaml`, or the one file), once it parsed."""
+        self.unparsed: set[str] = set()
+        """Global settings (`listen`, `auth`...) that did not parse: their defaults stand in for them."""
+        self.nodes: dict[str, yaml.Node | None] = {}
+        """Each file's YAML node tree, for the line of a setting."""
+        self._order = {name: i for i, name in enumerate(files)}
+        self._found: dict[str, tuple[int, int]] = {}
+
+    @property
+    def errors(self) -> list[str]:
+        return sorted(self._found, key=self._found.__getitem__)
+
+    def result(self) -> Config:
+        if self._found:
+            raise ConfigError(self.errors)
+        return self.config
+
+    def add(self, file: str, line: int | None, message: str) -> None:
+        """`message` at `file:line` (or at the file alone)."""
+        where = f"{file}:{line}" if line else file
+        self._found.setdefault(f"{where}: {message}", (self._order[file], line or 0))
+
+    def add_at(self, file: str, loc: tuple[Any, ...], message: str) -> None:
+        """`message` about the setting at `loc` in `file`."""
+        self.add(file, _line_of(self.nodes.get(file), loc), f"{format_loc(loc) or '(top level)'}: {message}")
+
+    def add_setting_error(self, message: str) -> None:
+        """A problem found outside the loader, named by its setting (`auth.keys[0].file: cannot read...`):
+        located at that setting in the file holding the global settings."""
+        setting = _SETTING_PATH.match(message)
+        if self.global_file is None or setting is None:
+            self._found.setdefault(message, (len(self._order), 0))
+            return
+        loc = tuple(int(p[1:-1]) if p.startswith("[") else p for p in _SETTING_PART.findall(setting.group()))
+        self.add(self.global_file, _line_of(self.nodes[self.global_file], loc), message)
+
+
+_SETTING_PATH = re.compile(r"[a-z_]+(?:\.[a-z_]+|\[\d+\])*")
+_SETTING_PART = re.compile(r"[a-z_]+|\[\d+\]")
+
+
+def check_documents(documents: Mapping[str, str]) -> Checked:
+    """Validate config texts by file name, finding every problem in one pass.
+
+    Each document is validated whole (fast when valid); one that fails is validated again item by
+    item, so that a bad route or setting hides nothing else. The cross-reference checks then run over
+    the items that parsed, and say nothing about names that may belong to an item that did not.
+    """
+    checked = Checked(list(documents))
+    parts = _Parts()
     for name, text in documents.items():
         model = RoutesDocument if Path(name).name == ROUTES_FILE else Config
-        document, nodes[name] = _validate(name, text, model, errors)
-        if document is not None:
-            parsed.append((name, document))
-    if errors:
-        raise ConfigError(errors)
-
-    def where(file: str, *loc: Any) -> str:
-        line = _line_of(nodes[file], loc)
-        return f"{file}:{line}: {format_loc(loc)}" if line else f"{file}: {format_loc(loc)}"
-
-    globals_ = [doc for _, doc in parsed if isinstance(doc, Config)]
-    base = globals_[0] if globals_ else Config()
-    routes = [(name, i, route) for name, doc in parsed for i, route in enumerate(doc.routes)]
-    policies = [(name, i, policy) for name, doc in parsed for i, policy in enumerate(doc.policies)]
-    _check_references(routes, policies, where, errors)
-    if not (base.auth.keys or base.auth.jwks_file):
-        for file, i, route in routes:
+        checked.nodes[name], data = _read_yaml(name, text, checked)
+        if data is None:
+            parts.unknown_policies = True
+            parts.unknown_settings |= model is Config
+            continue
+        document = _validate(name, data, model, checked, parts)
+        if isinstance(document, Config) and checked.global_file is None:
+            checked.global_file = name
+            checked.config = document
+    auth_known = not (parts.unknown_settings or "auth" in checked.unparsed)
+    _check_references(parts, checked)
+    base = checked.config
+    if auth_known and not (base.auth.keys or base.auth.jwks_file):
+        for file, i, route in parts.routes:
             if route.enabled and route.auth is not None:
-                errors.append(f"{where(file, 'routes', i, 'auth')}: the route checks tokens, but no key is "
-                              "configured (auth.keys or auth.jwks_file in config.yaml)")
-    if errors:
-        raise ConfigError(errors)
-    return base.model_copy(update={"routes": [r for _, _, r in routes], "policies": [p for _, _, p in policies]})
+                checked.add_at(file, ("routes", i, "auth"), "the route checks tokens, but no key is configured "
+                               "(auth.keys or auth.jwks_file in config.yaml)")
+    checked.config = base.model_copy(
+        update={"routes": [r for _, _, r in parts.routes], "policies": [p for _, _, p in parts.policies]}
+    )
+    return checked
 
 
-def _validate(
-    name: str, text: str, model: type[BaseModel], errors: list[str]
-) -> tuple[BaseModel | None, yaml.Node | None]:
+class _Parts:
+    """The routes and policies that parsed, by file and index, and what is unknown about the rest."""
+
+    def __init__(self) -> None:
+        self.routes: list[tuple[str, int, Route]] = []
+        self.policies: list[tuple[str, int, Policy]] = []
+        self.failed_policies: set[str] = set()
+        """Names of policies that did not parse: a route naming one is not told it is undefined."""
+        self.unknown_policies = False
+        """A policy (or a whole file) did not parse and its name is unknown: no reference is called undefined."""
+        self.unknown_settings = False
+        """A file that may hold the global settings did not parse."""
+
+    def may_be_defined(self, policy: str) -> bool:
+        """Whether a policy that did not parse may have this name."""
+        return self.unknown_policies or policy in self.failed_policies
+
+
+def _read_yaml(name: str, text: str, checked: Checked) -> tuple[yaml.Node | None, dict[str, Any] | None]:
     try:
         root, data = _parse_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"{name}:{mark.line + 1}" if mark else name
         problem = getattr(exc, "problem", None) or str(exc)
-        errors.append(f"{where}: not valid YAML: {problem}")
+        checked.add(name, mark.line + 1 if mark else None, f"not valid YAML: {problem}")
         return None, None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        errors.append(f"{name}:1: the top level must be a mapping of settings, not {type(data).__name__}")
-        return None, root
+        checked.add(name, 1, f"the top level must be a mapping of settings, not {type(data).__name__}")
+        return root, None
+    return root, data
+
+
+def _validate(
+    name: str, data: dict[str, Any], model: type[RoutesDocument], checked: Checked, parts: _Parts
+) -> RoutesDocument:
+    """The document's settings, with its routes and policies moved to `parts`; what fails is reported."""
     try:
-        return model.model_validate(data), root
+        document = model.model_validate(data)
     except ValidationError as exc:
+        failed: set[Any] = set()
         for error in exc.errors(include_url=False):
             loc = error["loc"]
-            line = _line_of(root, loc)
-            where = f"{name}:{line}" if line else name
-            errors.append(f"{where}: {format_loc(loc) or '(top level)'}: {_message(error)}")
-        return None, root
+            checked.add_at(name, loc, _message(error))
+            failed.add(loc[:2] if loc[:1] in (("routes",), ("policies",)) and len(loc) > 1 else loc[:1])
+        document = _validate_parts(name, data, model, failed, parts)
+        checked.unparsed |= {loc[0] for loc in failed if len(loc) == 1 and loc[0] not in ("routes", "policies")}
+        return document
+    parts.routes += [(name, i, route) for i, route in enumerate(document.routes)]
+    parts.policies += [(name, i, policy) for i, policy in enumerate(document.policies)]
+    return document
+
+
+def _validate_parts(
+    name: str, data: dict[str, Any], model: type[RoutesDocument], failed: set[Any], parts: _Parts
+) -> RoutesDocument:
+    """Validate again what did not fail: the settings without the failed ones, each route and policy alone."""
+    settings = {k: v for k, v in data.items() if (k,) not in failed and k not in ("routes", "policies")}
+    for section, item_model, found in (("routes", Route, parts.routes), ("policies", Policy, parts.policies)):
+        if (section,) in failed:
+            parts.unknown_policies |= section == "policies"
+            continue
+        for i, item in enumerate(data.get(section) or []):
+            if (section, i) not in failed:
+                found.append((name, i, item_model.model_validate(item)))
+            elif section == "policies":
+                policy_name = item.get("name") if isinstance(item, dict) else None
+                if isinstance(policy_name, str):
+                    parts.failed_policies.add(policy_name)
+                else:
+                    parts.unknown_policies = True
+    return model.model_validate(settings)
 
 
 def _parse_yaml(text: str) -> tuple[yaml.Node | None, Any]:
@@ -190,47 +300,39 @@ def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
     return line
 
 
-def _check_references(
-    routes: list[tuple[str, int, Route]],
-    policies: list[tuple[str, int, Policy]],
-    where: Callable[..., str],
-    errors: list[str],
-) -> None:
+def _check_references(parts: _Parts, checked: Checked) -> None:
     policy_names: dict[str, str] = {}
-    for file, i, policy in policies:
+    for file, i, policy in parts.policies:
         if policy.name in policy_names:
-            errors.append(f"{where(file, 'policies', i, 'name')}: policy {policy.name!r} is already defined in {policy_names[policy.name]}")
+            checked.add_at(file, ("policies", i, "name"), f"policy {policy.name!r} is already defined in {policy_names[policy.name]}")
         policy_names.setdefault(policy.name, f"{file} policies[{i}]")
 
     route_names: dict[str, str] = {}
     backends: dict[str, tuple[Backend, str]] = {}
     matches: dict[tuple[Any, ...], str] = {}
-    for file, i, route in routes:
+    for file, i, route in parts.routes:
         here = f"{file} routes[{i}]"
         if route.name in route_names:
-            errors.append(f"{where(file, 'routes', i, 'name')}: route {route.name!r} is already defined in {route_names[route.name]}")
+            checked.add_at(file, ("routes", i, "name"), f"route {route.name!r} is already defined in {route_names[route.name]}")
         route_names.setdefault(route.name, here)
-        if route.ratelimit is not None and route.ratelimit not in policy_names:
+        if route.ratelimit is not None and route.ratelimit not in policy_names and not parts.may_be_defined(route.ratelimit):
             known = ", ".join(sorted(policy_names)) or "none"
-            errors.append(f"{where(file, 'routes', i, 'ratelimit')}: policy {route.ratelimit!r} is not defined (defined: {known})")
+            checked.add_at(file, ("routes", i, "ratelimit"), f"policy {route.ratelimit!r} is not defined (defined: {known})")
         backend = route.backend
         first, first_at = backends.setdefault(backend.service, (backend, here))
         if first.url != backend.url:
-            errors.append(
-                f"{where(file, 'routes', i, 'backend', 'url')}: backend service {backend.service!r} already has url {first.url} in {first_at}"
-            )
+            checked.add_at(file, ("routes", i, "backend", "url"),
+                           f"backend service {backend.service!r} already has url {first.url} in {first_at}")
         for setting in CLUSTER_SETTINGS:
             if getattr(first, setting) != getattr(backend, setting):
-                errors.append(
-                    f"{where(file, 'routes', i, 'backend', setting)}: backend service {backend.service!r} has other "
-                    f"{setting} settings in {first_at}; routes sharing a backend must give the same"
-                )
+                checked.add_at(file, ("routes", i, "backend", setting), f"backend service {backend.service!r} has other "
+                               f"{setting} settings in {first_at}; routes sharing a backend must give the same")
         if not route.enabled:
             continue
         m = route.match
         for method in m.methods or ["*"]:
             key = (m.host, m.path, m.path_prefix or ("/" if m.path is None else None), method)
             if key in matches:
-                errors.append(f"{where(file, 'routes', i, 'match')}: same host, path and method as {matches[key]}")
+                checked.add_at(file, ("routes", i, "match"), f"same host, path and method as {matches[key]}")
                 break
             matches[key] = f"route {route.name!r} ({here})"

@@ -19,10 +19,10 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from apigw.config.errors import ConfigError
-from apigw.config.loader import load_config
 from apigw.observability.metrics import Metrics, metrics_app
 from apigw.pipeline.handler import handle
 from apigw.pipeline.state import GATEWAY, Gateway
+from apigw.server.config_check import check_config_and_files
 from apigw.server.connection import GatewayRunner
 from apigw.server.debug import debug_app
 from apigw.server.reload import Reloader
@@ -88,7 +88,7 @@ async def serve(config_path: Path, workers: int | None = None, debug_port: int |
     """
     worker = os.environ.get(WORKER_ENV) == "1"
     try:
-        config = load_config(config_path)
+        config = check_config_and_files(config_path).result()
         count = workers or config.listen.workers
         if count > 1 and not worker:
             return await supervise(config_path, config, count)

@@ -1,0 +1,165 @@
+"""Redis Sentinel against real processes (a master, a replica, three `redis-server --sentinel`): the link
+finds the master, follows `+switch-master` with no traffic at all, moves to the promoted replica after the
+master is SIGKILLed, never asks a sentinel per call, and authenticates to password-protected sentinels.
+The config side: `redis+sentinel://` URLs parsed into what the link takes, Redis Cluster refused."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from apigw.config.model import RedisConfig
+from apigw.redis.link import RedisLink, pack
+from apigw.testkit.redis import SentinelGroup
+
+
+@pytest.fixture(scope="module")
+def group() -> Iterator[SentinelGroup]:
+    """Shared by the tests that leave the master where it is; the failover tests start their own."""
+    with SentinelGroup() as group:
+        yield group
+
+
+class Moves:
+    """What the link told `on_master`."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str | None]] = []
+
+    def __call__(self, address: str, previous: str | None) -> None:
+        self.seen.append((address, previous))
+
+
+def link_for(group: SentinelGroup, moves: Moves | None = None, password: str | None = None,
+             name: str | None = None) -> RedisLink:
+    settings = RedisConfig(url=group.url.replace(f"/{group.name}/", f"/{name or group.name}/"),
+                           sentinel_password=password)
+    target = settings.sentinel()
+    assert target is not None
+    return RedisLink(target.url, pool_size=4, timeout=0.5, connect_timeout=0.5, sentinels=target.sentinels,
+                     master_name=target.master_name, sentinel_password=password, on_master=moves)
+
+
+async def eventually(predicate, timeout: float = 30, what: str = "condition") -> float:
+    """Seconds until `predicate()` is true (polled every 10 ms), bounded."""
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        await asyncio.sleep(0.01)
+    return time.monotonic() - started
+
+
+def sentinel_connections(group: SentinelGroup) -> int:
+    return sum(group.ask(s, "INFO", "stats")["total_connections_received"] for s in group.sentinels)
+
+
+async def test_the_link_uses_the_master_the_sentinels_name(group: SentinelGroup) -> None:
+    moves = Moves()
+    link = link_for(group, moves)
+    assert await link.send(pack(["SET", "where", "master"])) == b"OK"
+    assert redis.Redis(port=group.master.port).get("where") == b"master"
+    assert moves.seen == [(f"127.0.0.1:{group.master.port}", None)]
+    await link.aclose()
+
+
+async def test_calls_never_ask_a_sentinel_once_the_master_is_known(group: SentinelGroup) -> None:
+    link = link_for(group)
+    await asyncio.gather(*[link.send(pack(["PING"])) for _ in range(4)])  # pool open, subscription up
+    await asyncio.sleep(0.2)
+    before = sentinel_connections(group)
+    for _ in range(200):
+        assert await link.send(pack(["INCR", "calls"])) >= 1
+    assert sentinel_connections(group) == before + len(group.sentinels)  # only the INFO calls' own
+    await link.aclose()
+
+
+async def test_an_unknown_master_name_fails_with_what_each_sentinel_said(group: SentinelGroup) -> None:
+    link = link_for(group, name="nosuchmaster")
+    with pytest.raises(ConnectionError, match="knows no master named 'nosuchmaster'") as caught:
+        await link.send(pack(["PING"]))
+    assert str(caught.value).count("knows no master") == 3
+    await link.aclose()
+
+
+async def test_password_protected_sentinels() -> None:
+    with SentinelGroup(count=1, password="s3ntinel") as group:
+        link = link_for(group, password="s3ntinel")
+        assert await link.send(pack(["PING"])) == b"PONG"
+        await link.aclose()
+
+        wrong = link_for(group, password="nope")
+        with pytest.raises(ConnectionError, match="no sentinel named the Redis master") as caught:
+            await wrong.send(pack(["PING"]))
+        assert "nope" not in str(caught.value)
+        await wrong.aclose()
+
+
+async def test_switch_master_is_followed_without_any_traffic() -> None:
+    """A manual failover (SENTINEL FAILOVER): the subscription moves the link, no call has to fail first;
+    the connections to the old master are not used again."""
+    with SentinelGroup() as group:
+        moves = Moves()
+        link = link_for(group, moves)
+        assert await link.send(pack(["SET", "k", "before"])) == b"OK"
+        await asyncio.sleep(0.2)  # the subscription is up
+        group.ask(group.sentinels[0], "SENTINEL", "FAILOVER", group.name)
+        await eventually(lambda: len(moves.seen) == 2, what="the link moving to the new master")
+        new = f"127.0.0.1:{group.replica.port}"
+        assert moves.seen[1] == (new, f"127.0.0.1:{group.master.port}")
+        await eventually(lambda: redis.Redis(port=group.replica.port).role()[0] == b"master", what="promotion")
+        assert await link.send(pack(["SET", "k", "after"])) == b"OK"  # no READONLY from the old master
+        assert redis.Redis(port=group.replica.port).get("k") == b"after"
+        await link.aclose()
+
+
+async def test_a_killed_master_is_replaced_by_the_promoted_replica() -> None:
+    with SentinelGroup() as group:
+        moves = Moves()
+        link = link_for(group, moves)
+        assert await link.send(pack(["SET", "k", "before"])) == b"OK"
+        group.master.process.send_signal(signal.SIGKILL)
+        group.master.process.wait()
+        failures = 0
+
+        async def written() -> bool:
+            nonlocal failures
+            try:
+                return await link.send(pack(["SET", "k", "after"])) == b"OK"
+            except (ConnectionError, TimeoutError, redis.exceptions.RedisError):
+                failures += 1
+                return False
+
+        started = time.monotonic()
+        while not await written():
+            assert time.monotonic() - started < 30, "no write reached the promoted replica within 30 s"
+            await asyncio.sleep(0.01)
+        assert failures > 0  # the outage was seen, and each failure was bounded (the loop went on)
+        assert redis.Redis(port=group.replica.port).get("k") == b"after"
+        assert moves.seen[-1] == (f"127.0.0.1:{group.replica.port}", f"127.0.0.1:{group.master.port}")
+        await link.aclose()
+
+
+# --- the config side -----------------------------------------------------------------------------
+
+
+def test_sentinel_url_parts() -> None:
+    settings = RedisConfig(url="rediss+sentinel://app:pw@10.0.0.1:26380, s2 ,[::1]:26381/cache/3?ssl_cert_reqs=none",
+                           sentinel_password="x")
+    target = settings.sentinel()
+    assert target is not None
+    assert target.sentinels == (("10.0.0.1", 26380), ("s2", 26379), ("::1", 26381))
+    assert target.master_name == "cache"
+    assert target.url == "rediss://app:pw@10.0.0.1:26380/3?ssl_cert_reqs=none"
+    assert RedisConfig(url="redis://r:6379/0").sentinel() is None
+
+
+@pytest.mark.parametrize("url", ["redis-cluster://r:6379", "redis+cluster://a:1,b:2", "rediss-cluster://r"])
+def test_redis_cluster_is_refused_with_the_reason(url: str) -> None:
+    with pytest.raises(ValueError, match="Redis Cluster is not supported: .*hash slot.*redis\\+sentinel://"):
+        RedisConfig(url=url)

@@ -10,12 +10,13 @@ import signal
 import time
 from collections.abc import Iterator
 
+import hiredis
 import pytest
 import redis
 
 from apigw.config.model import RedisConfig
 from apigw.redis.link import RedisLink, pack
-from apigw.testkit.redis import SentinelGroup
+from apigw.testkit.redis import RedisServer, SentinelGroup
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +164,59 @@ def test_sentinel_url_parts() -> None:
 def test_redis_cluster_is_refused_with_the_reason(url: str) -> None:
     with pytest.raises(ValueError, match="Redis Cluster is not supported: .*hash slot.*redis\\+sentinel://"):
         RedisConfig(url=url)
+
+
+# --- what a sentinel cannot tell in time: READONLY and ROLE --------------------------------------
+
+
+class StaticSentinel:
+    """A sentinel that names `self.master` and never announces a switch: the link must find out by itself."""
+
+    def __init__(self, master: int) -> None:
+        self.master = master
+        self.asked = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        parser = hiredis.Reader()
+        try:
+            while data := await reader.read(4096):
+                parser.feed(data)
+                while (command := parser.gets()) is not False:
+                    if command[0].upper() == b"SUBSCRIBE":
+                        writer.write(b"*3\r\n$9\r\nsubscribe\r\n$14\r\n+switch-master\r\n:1\r\n")
+                    else:
+                        self.asked += 1
+                        port = str(self.master).encode()
+                        writer.write(b"*2\r\n$9\r\n127.0.0.1\r\n$%d\r\n%s\r\n" % (len(port), port))
+        finally:
+            writer.close()
+
+
+async def test_readonly_and_role_make_the_link_ask_again(redis_server: RedisServer) -> None:
+    with RedisServer(args=["--replicaof", "127.0.0.1", str(redis_server.port)]) as other:
+        sentinel = StaticSentinel(redis_server.port)
+        server = await asyncio.start_server(sentinel.serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        moves = Moves()
+        link = RedisLink(redis_server.url, pool_size=1, timeout=1.0, connect_timeout=1.0,
+                         sentinels=[("127.0.0.1", port)], master_name="m", on_master=moves)
+        assert await link.send(pack(["SET", "k", "1"])) == b"OK"
+        assert sentinel.asked == 1
+
+        # The two swap roles behind the sentinel's back; it still names the old master.
+        redis.Redis(port=other.port).replicaof("NO", "ONE")
+        redis.Redis(port=redis_server.port).replicaof("127.0.0.1", other.port)
+        with pytest.raises(redis.exceptions.ReadOnlyError):
+            await link.send(pack(["SET", "k", "2"]))  # the pooled connection to the old master
+        with pytest.raises(ConnectionError, match=f"127.0.0.1:{redis_server.port}.* is not the master now"):
+            await link.send(pack(["SET", "k", "2"]))  # asked again; ROLE says the node named is a replica
+        assert sentinel.asked == 2
+
+        sentinel.master = other.port  # the sentinels catch up
+        assert await link.send(pack(["SET", "k", "3"])) == b"OK"
+        assert redis.Redis(port=other.port).get("k") == b"3"
+        assert sentinel.asked == 3
+        assert moves.seen[-1] == (f"127.0.0.1:{other.port}", f"127.0.0.1:{redis_server.port}")
+        await link.aclose()
+        server.close()
+        await asyncio.sleep(0.1)  # the handlers see the link's connections close

@@ -9,6 +9,7 @@ import asyncio
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import hiredis
 import pytest
@@ -16,7 +17,8 @@ import redis
 
 from apigw.config.model import RedisConfig
 from apigw.redis.link import RedisLink, pack
-from apigw.testkit.redis import RedisServer, SentinelGroup
+from apigw.testkit.certs import write_self_signed
+from apigw.testkit.redis import RedisServer, SentinelGroup, SentinelServer, free_port
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +222,33 @@ async def test_readonly_and_role_make_the_link_ask_again(redis_server: RedisServ
         await link.aclose()
         server.close()
         await asyncio.sleep(0.1)  # the handlers see the link's connections close
+
+
+async def test_tls_to_the_sentinel_and_to_the_master(tmp_path: Path) -> None:
+    """rediss+sentinel://: the sentinel and the master it names are both reached over TLS, verified
+    against the URL's CA (one self-signed certificate for 127.0.0.1 serves both here)."""
+    cert, key = tmp_path / "server.pem", tmp_path / "server_key.pem"
+    write_self_signed(cert, key)
+    tls = ["--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
+           "--tls-auth-clients", "no"]
+    master_tls, sentinel_tls = free_port(), free_port()
+    with RedisServer(args=["--tls-port", str(master_tls), *tls]) as master:
+        sentinel = SentinelServer(master_tls, quorum=1, config=[
+            f"tls-port {sentinel_tls}", "tls-replication yes", "tls-auth-clients no",
+            f"tls-cert-file {cert}", f"tls-key-file {key}", f"tls-ca-cert-file {cert}",
+        ])
+        with sentinel:
+            url = f"rediss+sentinel://127.0.0.1:{sentinel_tls}/mymaster/0?ssl_ca_certs={cert}"
+            target = RedisConfig(url=url).sentinel()
+            assert target is not None
+            link = RedisLink(target.url, pool_size=1, timeout=1.0, connect_timeout=1.0, sentinels=target.sentinels,
+                             master_name=target.master_name)
+            assert await link.send(pack(["SET", "k", "over tls"])) == b"OK"
+            assert redis.Redis(port=master.port).get("k") == b"over tls"
+            await link.aclose()
+
+            untrusted = RedisLink(target.url.partition("?")[0], pool_size=1, timeout=1.0, connect_timeout=1.0,
+                                  sentinels=target.sentinels, master_name=target.master_name)
+            with pytest.raises(ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+                await untrusted.send(pack(["PING"]))  # the sentinel's certificate is not trusted
+            await untrusted.aclose()

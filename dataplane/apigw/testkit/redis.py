@@ -92,20 +92,22 @@ class SentinelServer(RedisServer):
     Sentinel rewrites its config file, so each one has its own (in its temp dir)."""
 
     def __init__(self, master_port: int, *, name: str = "mymaster", quorum: int = 2, down_after_ms: int = 1000,
-                 host: str = "127.0.0.1", password: str | None = None):
+                 host: str = "127.0.0.1", password: str | None = None, config: Sequence[str] = ()):
+        """`config`: more sentinel.conf lines (e.g. `tls-port`; the plain port stays)."""
         super().__init__()
         self.host = host
-        config = [
+        lines = [
             f"port {self.port}", f"bind {host}", f"dir {self.dir}",
             f"sentinel monitor {name} 127.0.0.1 {master_port} {quorum}",
             f"sentinel down-after-milliseconds {name} {down_after_ms}",
             f"sentinel failover-timeout {name} {max(3 * down_after_ms, 3000)}",
             f"sentinel parallel-syncs {name} 1",
             *([f"requirepass {password}"] if password else []),
+            *config,
         ]
         self.config = f"{self.dir}/sentinel.conf"
         with open(self.config, "w") as f:
-            f.write("\n".join(config) + "\n")
+            f.write("\n".join(lines) + "\n")
         self.password = password
 
     @property

@@ -15,6 +15,9 @@ import ssl
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import hiredis
+from redis.exceptions import RedisError
+
 from apigw.redis.resp import Subscription, connect, pack
 
 Address = tuple[str, int]
@@ -94,13 +97,16 @@ class Sentinel:
                                             loop.time() + self._timeout)
                 finally:
                     conn.close()
-            except (OSError, TimeoutError) as exc:
+            except (OSError, TimeoutError, RedisError) as exc:
                 problems.append(f"{host}:{port}: {exc or type(exc).__name__}")
                 continue
             if isinstance(reply, list) and len(reply) == 2:
                 self._first = index
                 return reply[0].decode(), int(reply[1])
-            problems.append(f"{host}:{port}: knows no master named {self._name!r} ({reply})")
+            if isinstance(reply, hiredis.ReplyError):
+                problems.append(f"{host}:{port}: {reply}")
+            else:
+                problems.append(f"{host}:{port}: knows no master named {self._name!r}")
         raise ConnectionError(f"no sentinel named the Redis master: {'; '.join(problems)}")
 
     async def _watch(self) -> None:
@@ -122,8 +128,8 @@ class Sentinel:
                         self._switched(message)
                 finally:
                     conn.close()
-            except (OSError, TimeoutError):
-                pass  # this sentinel is gone: the next one, after a pause
+            except (OSError, TimeoutError, RedisError):
+                pass  # this sentinel is gone, or speaks garbage: the next one, after a pause
             await asyncio.sleep(self._retry)
 
     def _switched(self, message: Any) -> None:

@@ -14,7 +14,10 @@ from pathlib import Path
 import hiredis
 import pytest
 import redis
+import yaml
 
+from apigw.config.errors import ConfigError
+from apigw.config.loader import GLOBAL_FILE, parse_documents
 from apigw.config.model import RedisConfig
 from apigw.redis.link import RedisLink, pack
 from apigw.testkit.certs import write_self_signed
@@ -252,3 +255,15 @@ async def test_tls_to_the_sentinel_and_to_the_master(tmp_path: Path) -> None:
             with pytest.raises(ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
                 await untrusted.send(pack(["PING"]))  # the sentinel's certificate is not trusted
             await untrusted.aclose()
+
+
+@pytest.mark.parametrize("url", [
+    "redis+sentinel://app:hunter2@s1:26379,s2:99999/cache/0",
+    "redis+sentinel://app:hunter2@s1:26379/",
+    "redis-cluster://app:hunter2@r:6379",
+])
+def test_a_bad_sentinel_url_error_never_shows_the_password(url: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_documents({GLOBAL_FILE: yaml.safe_dump({"redis": {"url": url}})})
+    assert caught.value.errors and all("redis.url" in error for error in caught.value.errors)
+    assert not any("hunter2" in error for error in caught.value.errors), caught.value.errors

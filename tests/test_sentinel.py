@@ -19,6 +19,7 @@ import yaml
 from apigw.config.errors import ConfigError
 from apigw.config.loader import GLOBAL_FILE, parse_documents
 from apigw.config.model import RedisConfig
+from apigw.observability.metrics import Metrics
 from apigw.redis.link import RedisLink, pack
 from apigw.testkit.certs import write_self_signed
 from apigw.testkit.redis import RedisServer, SentinelGroup, SentinelServer, free_port
@@ -267,3 +268,17 @@ def test_a_bad_sentinel_url_error_never_shows_the_password(url: str) -> None:
         parse_documents({GLOBAL_FILE: yaml.safe_dump({"redis": {"url": url}})})
     assert caught.value.errors and all("redis.url" in error for error in caught.value.errors)
     assert not any("hunter2" in error for error in caught.value.errors), caught.value.errors
+
+
+def test_master_metrics_follow_the_link() -> None:
+    """A plain URL reports its own address at once; a move sets the old address to 0 and counts a failover."""
+    metrics = Metrics()
+    value = metrics.registry.get_sample_value
+    RedisLink("redis://10.1.2.3:6380/0", pool_size=1, timeout=1, connect_timeout=1,
+              on_master=metrics.redis_master_moved)
+    assert value("gateway_redis_master_info", {"address": "10.1.2.3:6380"}) == 1
+    assert value("gateway_redis_failovers_total") == 0
+    metrics.redis_master_moved("10.1.2.4:6379", "10.1.2.3:6380")
+    assert value("gateway_redis_master_info", {"address": "10.1.2.3:6380"}) == 0
+    assert value("gateway_redis_master_info", {"address": "10.1.2.4:6379"}) == 1
+    assert value("gateway_redis_failovers_total") == 1

@@ -236,15 +236,54 @@ def test_disruption_budget_and_autoscaler_keep_pods_serving() -> None:
 
 
 def test_redis_is_where_the_gateway_looks_for_it() -> None:
+    """The gateway asks the sentinels of every Redis pod, by the headless service's stable names."""
     statefulset = get("StatefulSet", "redis")
     pod_labels = statefulset["spec"]["template"]["metadata"]["labels"]
     assert pod_labels["app"] == "redis"
-    assert get("Service", statefulset["spec"]["serviceName"])["spec"]["clusterIP"] == "None"
+    headless = get("Service", statefulset["spec"]["serviceName"])
+    assert headless["metadata"]["name"] == "redis" and headless["spec"]["clusterIP"] == "None"
+    assert {p["port"] for p in headless["spec"]["ports"]} == {6379, 26379}
+    assert container(statefulset, "redis")["ports"] == [{"name": "redis", "containerPort": 6379}]
+    assert container(statefulset, "sentinel")["ports"] == [{"name": "sentinel", "containerPort": 26379}]
+
+    target = parse_documents({GLOBAL_FILE: get("ConfigMap", "api-gateway-config")["data"][GLOBAL_FILE]}).redis.sentinel()
+    assert target is not None, "the gateway should ask the sentinels"
+    pods = [f"redis-{n}.redis.{NAMESPACE}.svc.cluster.local" for n in range(statefulset["spec"]["replicas"])]
+    assert target.sentinels == tuple((pod, 26379) for pod in pods)
+    scripts = get("ConfigMap", "redis-scripts")["data"]
+    assert f"sentinel monitor {target.master_name} " in scripts["sentinel.sh"]
+    assert f"get-master-addr-by-name {target.master_name}" in scripts["master.sh"]
+    assert f"for pod in {' '.join(pod.split('.')[0] for pod in pods)}; do" in scripts["master.sh"]
+    assert f'"$pod.redis.{NAMESPACE}.svc.cluster.local" -p 26379' in scripts["master.sh"]
+
+
+def test_redis_master_still_answers_the_runbooks_connectivity_check() -> None:
     master = get("Service", "redis-master")["spec"]
-    assert master["selector"] == {"app": "redis", "statefulset.kubernetes.io/pod-name": "redis-0"}
-    assert [p["port"] for p in master["ports"]] == [6379]
-    assert container(statefulset, "redis")["ports"][0]["containerPort"] == 6379
-    assert gateway_config()["redis"]["url"].startswith(f"redis://redis-master.{NAMESPACE}.svc.cluster.local:6379/")
+    assert master["selector"] == {"app": "redis"}
+    assert [(p["port"], p["targetPort"]) for p in master["ports"]] == [(6379, "redis")]
+
+
+def test_redis_survives_losing_a_pod() -> None:
+    """Three pods for a sentinel quorum of two; one down at a time; spread over nodes where there are several."""
+    statefulset = get("StatefulSet", "redis")
+    assert statefulset["spec"]["replicas"] == 3
+    assert "sentinel monitor mymaster $master 6379 2" in get("ConfigMap", "redis-scripts")["data"]["sentinel.sh"]
+    pdb = get("PodDisruptionBudget", "redis")["spec"]
+    assert pdb["selector"]["matchLabels"] == {"app": "redis"} and pdb["maxUnavailable"] == 1
+    spread = statefulset["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    term = spread["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+    assert term == {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {"app": "redis"}}}
+    for name in ("redis", "sentinel"):
+        requests = container(statefulset, name)["resources"]["requests"]
+        assert quantity(requests["cpu"]) > 0 and quantity(requests["memory"]) > 0
+    annotations = statefulset["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["kubectl.kubernetes.io/default-container"] == "redis"  # the runbook's logs/exec without -c
+
+
+def test_redis_start_up_scripts_are_valid_shell() -> None:
+    for name, script in get("ConfigMap", "redis-scripts")["data"].items():
+        checked = subprocess.run(["sh", "-n"], input=script, capture_output=True, text=True, timeout=10, check=False)
+        assert checked.returncode == 0, f"{name}: {checked.stderr}"
 
 
 def test_prometheus_scrapes_the_metrics_port() -> None:

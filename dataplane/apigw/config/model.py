@@ -153,6 +153,10 @@ class LoggingConfig(Strict):
 
 class RedisConfig(Strict):
     url: str = "redis://127.0.0.1:6379/0"
+    """`redis://`, `rediss://`, `unix://`, or Redis Sentinel: `redis+sentinel://[user:password@]host:26379[,host:26379
+    ...]/master-name[/db]` (`rediss+sentinel://`: TLS to the sentinels and to Redis)."""
+    sentinel_password: str | None = None
+    """The sentinels' own password (`requirepass` in sentinel.conf); the URL's credentials are Redis's."""
     pool_size: PositiveInt = 50
     timeout: PositiveDuration = 0.1
     """Bound on every Redis call: a dead or paused Redis never holds a request longer."""
@@ -162,10 +166,17 @@ class RedisConfig(Strict):
     @classmethod
     def _redis_url(cls, url: str) -> str:
         """Parsed as the client will parse it, so a bad port or host is an error here, not at start."""
-        if not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+        scheme = url.partition("://")[0].lower()
+        if "cluster" in scheme:
+            raise ValueError(
+                "Redis Cluster is not supported: each script call checks the keys of many clients and policies "
+                "at once, and Cluster runs a script only on keys of one hash slot; use Redis Sentinel "
+                "(redis+sentinel://) for high availability"
+            )
+        if not url.startswith(("redis://", "rediss://", "unix://", *SENTINEL_SCHEMES)):
+            raise ValueError("must start with redis://, rediss://, unix://, redis+sentinel:// or rediss+sentinel://")
         try:
-            params = parse_url(url)
+            params = parse_url(sentinel_target(url).url if url.startswith(SENTINEL_SCHEMES) else url)
         except ValueError as exc:
             raise ValueError(f"not a valid Redis URL: {exc}") from None
         unknown = sorted(set(params) - REDIS_URL_PARTS - REDIS_URL_OPTIONS)
@@ -174,10 +185,63 @@ class RedisConfig(Strict):
             raise ValueError(f"URL option {unknown[0]!r} is not supported (supported: {supported})")
         return url
 
+    @model_validator(mode="after")
+    def _sentinel_password_needs_sentinels(self) -> RedisConfig:
+        if self.sentinel_password is not None and self.sentinel() is None:
+            raise ValueError("sentinel_password is set but redis.url names no sentinels (redis+sentinel://...)")
+        return self
+
+    def sentinel(self) -> SentinelTarget | None:
+        """The sentinels and master name of a `redis+sentinel://` URL; None for a plain Redis URL."""
+        return sentinel_target(self.url) if self.url.startswith(SENTINEL_SCHEMES) else None
+
 
 REDIS_URL_PARTS = frozenset({"host", "port", "path", "db", "username", "password", "connection_class"})
 REDIS_URL_OPTIONS = frozenset({"ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname"})
 """What `?name=value` may set in `redis.url`: TLS for rediss:// (timeouts and pool size are settings of their own)."""
+SENTINEL_SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
+
+
+@dataclass(frozen=True)
+class SentinelTarget:
+    sentinels: tuple[tuple[str, int], ...]
+    master_name: str
+    url: str
+    """A plain Redis URL with the credentials, database and TLS options for the master (its host and port
+    are the first sentinel's: the master's own come from the sentinels)."""
+
+
+def sentinel_target(url: str) -> SentinelTarget:
+    """`redis+sentinel://[user:password@]host[:26379][,host[:26379]...]/master-name[/db][?tls options]`."""
+    scheme, _, rest = url.partition("://")
+    rest, query_mark, query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    sentinels = tuple(_host_port(item.strip()) for item in hosts.split(","))
+    master_name, _, db = path.strip("/").partition("/")
+    if not master_name:
+        raise ValueError("the master name is missing: redis+sentinel://host:26379/<master-name>[/db]")
+    if db and not db.isdigit():
+        raise ValueError(f"the database after the master name must be a number, got {db!r}")
+    host, port = sentinels[0]
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    plain = scheme.removesuffix("+sentinel")
+    return SentinelTarget(sentinels, master_name, f"{plain}://{userinfo}{at}{address}/{db or 0}{query_mark}{query}")
+
+
+def _host_port(item: str) -> tuple[str, int]:
+    """`host`, `host:port` or `[v6]:port`, the port 26379 when left out."""
+    host, port = item, "26379"
+    if item.startswith("["):
+        host, _, tail = item[1:].partition("]")
+        port = tail.removeprefix(":") or port
+    elif ":" in item:
+        host, _, port = item.rpartition(":")
+    if not host:
+        raise ValueError(f"a sentinel address has no host: {item!r}")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"a sentinel port must be 1-65535, got {port!r}")
+    return host, int(port)
 
 
 class JWTKey(Strict):

@@ -76,6 +76,15 @@ class Metrics:
             "gateway_ratelimit_duration_seconds", "Time of one rate limit decision", buckets=FAST_BUCKETS, registry=r
         )
         self.redis_errors = Counter("gateway_redis_errors", "Redis calls that failed", ["operation"], registry=r)
+        self.redis_master = Gauge(
+            "gateway_redis_master_info", "The Redis (master) address in use: 1; 0 for one used before", ["address"],
+            registry=r, multiprocess_mode="livemax",  # with workers: 1 while any worker uses it
+        )
+        self.redis_failovers = Counter(
+            "gateway_redis_failovers", "Moves of the Redis master seen (Sentinel +switch-master or re-discovery)",
+            registry=r,
+        )
+        self._redis_master_address: str | None = None
         self.breaker_state = Gauge(
             "gateway_circuit_breaker_state", "Circuit breaker state: 0 closed, 1 open, 2 half-open",
             ["backend_service"], registry=r, multiprocess_mode="livemax",  # with workers: the highest value
@@ -98,6 +107,15 @@ class Metrics:
         self.backend_requests_by = Labelled(self.backend_requests)
         self.backend_duration_by = Labelled(self.backend_duration)
         self.ratelimit_requests_by = Labelled(self.ratelimit_requests)
+
+    def redis_master_moved(self, address: str, previous: str | None) -> None:
+        """The Redis link now uses `address`; `previous` is the master it used before (None at start)."""
+        if previous is not None:
+            self.redis_failovers.inc()
+        if self._redis_master_address not in (None, address):
+            self.redis_master.labels(self._redis_master_address).set(0)
+        self._redis_master_address = address
+        self.redis_master.labels(address).set(1)
 
     async def sample_tasks(self, every: float = 1.0) -> None:
         """Keep `gateway_asyncio_tasks` current (a plain value, so it also works across workers)."""

@@ -93,7 +93,7 @@ class Shared:
     def redis_for(self, settings: RedisConfig | None) -> RedisBatch | None:
         """Redis (behind the per-tick batch) for `settings`; a new client only when they change."""
         if settings != self._redis_settings:
-            new = RedisBatch(settings) if settings else None
+            new = RedisBatch(settings, on_master=self.metrics.redis_master_moved) if settings else None
             if self.redis is not None:
                 self.retired.append(self.redis)
             self.redis, self._redis_settings = new, settings

@@ -16,7 +16,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +45,17 @@ class RedisBatch:
     """Coalesces the checks of one event-loop tick into script calls of at most `max_checks` checks on
     the Redis of `settings`; each call is bounded by `settings.timeout`."""
 
-    def __init__(self, settings: RedisConfig, slow: float = SLOW_ROUND_TRIP, max_checks: int = MAX_CHECKS):
+    def __init__(
+        self, settings: RedisConfig, slow: float = SLOW_ROUND_TRIP, max_checks: int = MAX_CHECKS,
+        on_master: Callable[[str, str | None], None] | None = None,
+    ):
+        """`on_master(address, previous)`: told the Redis address in use, and each move of the master."""
+        sentinel = settings.sentinel()
         self.link = RedisLink(
-            settings.url, pool_size=settings.pool_size, timeout=settings.timeout, connect_timeout=settings.connect_timeout
+            sentinel.url if sentinel else settings.url, pool_size=settings.pool_size, timeout=settings.timeout,
+            connect_timeout=settings.connect_timeout, on_master=on_master,
+            sentinels=sentinel.sentinels if sentinel else (), master_name=sentinel.master_name if sentinel else "",
+            sentinel_password=settings.sentinel_password,
         )
         self._slow = slow
         self._max_checks = max_checks

@@ -10,14 +10,18 @@ honoured (the config refuses the rest: `config.REDIS_URL_OPTIONS`).
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn
 
 import hiredis
 from redis.asyncio.connection import SSLConnection, parse_url
-from redis.exceptions import BusyLoadingError, InvalidResponse, MasterDownError, ReadOnlyError, ResponseError
+from redis.exceptions import BusyLoadingError, MasterDownError, ReadOnlyError, ResponseError
+
+from apigw.redis.resp import Connection, connect, pack, ssl_context
+from apigw.redis.sentinel import Address, Sentinel
+
+__all__ = ["NOT_SERVING", "RedisLink", "pack"]
 
 NOT_SERVING = {"READONLY": ReadOnlyError, "LOADING": BusyLoadingError, "MASTERDOWN": MasterDownError}
 """Error replies that say the node behind the address cannot serve us now (a replica since a failover,
@@ -30,16 +34,27 @@ class RedisLink:
     cancelled, sends an invalid reply or answers one of NOT_SERVING is closed, so a late reply can never
     answer the next command and an old master never answers READONLY forever.
 
+    With Redis Sentinel (`sentinels`), the address comes from `Sentinel`: asked when a connection is
+    opened and no master is known, followed on `+switch-master`; each new connection checks `ROLE`. A
+    move of the master closes the idle connections and retires the busy ones; calls never wait on a
+    sentinel once the master is known (one round trip per call, as without).
+
     Every call is bounded by `timeout` (seconds), and a reply that is in the socket when the deadline
-    passes still counts (`_Connection._overdue`): after a CPU-bound burst longer than the timeout, calls
+    passes still counts (`Connection._overdue`): after a CPU-bound burst longer than the timeout, calls
     that Redis answered in time would fail otherwise (and fail_closed would answer 503, Redis healthy)."""
 
-    def __init__(self, url: str, *, pool_size: int, timeout: float, connect_timeout: float):
+    def __init__(
+        self, url: str, *, pool_size: int, timeout: float, connect_timeout: float,
+        sentinels: Sequence[Address] = (), master_name: str = "", sentinel_password: str | None = None,
+        on_master: Callable[[str, str | None], None] | None = None,
+    ):
+        """With `sentinels`, the master named `master_name` by them replaces the URL's host and port (the
+        URL still gives credentials, database and TLS, TLS for the sentinels too). `on_master(address,
+        previous)` learns the address in use (`host:port`), and every change of it."""
         params = parse_url(url)
         self._path: str | None = params.get("path")
-        self._host: str = params.get("host", "127.0.0.1")
-        self._port: int = params.get("port", 6379)
-        self._ssl = _ssl_context(params) if params.get("connection_class") is SSLConnection else None
+        self._address: Address = (params.get("host", "127.0.0.1"), params.get("port", 6379))
+        self._ssl = ssl_context(params) if params.get("connection_class") is SSLConnection else None
         self._handshake = [
             pack(["AUTH", *([params["username"]] if params.get("username") else []), params["password"]])
         ] if params.get("password") else []
@@ -48,10 +63,21 @@ class RedisLink:
         self._connect_timeout = connect_timeout
         self.timeout = timeout
         self._size = pool_size
-        self._idle: list[_Connection] = []
+        self._idle: list[Connection] = []
         self._open = 0
         self._waiting: deque[asyncio.Future[None]] = deque()
         self._closed = False
+        self._generation = 0
+        """Bumped when the master moves: connections of an older generation are closed, not pooled."""
+        self._on_master = on_master
+        self._sentinel: Sentinel | None = None
+        if sentinels:
+            self._sentinel = Sentinel(
+                sentinels, master_name, handshake=[pack(["AUTH", sentinel_password])] if sentinel_password else [],
+                ssl_context=self._ssl, timeout=connect_timeout, on_change=self._master_moved,
+            )
+        elif on_master is not None:
+            on_master(self._path or f"{self._address[0]}:{self._address[1]}", None)
 
     def send(self, command: bytes) -> Awaitable[Any]:
         """Send one packed command (see `pack`); await its reply. An error reply raises ResponseError (of
@@ -71,7 +97,7 @@ class RedisLink:
             conn, reused = await self._acquire()
         return await self._finish(conn, reused, command, conn.send(command, deadline))
 
-    async def _finish(self, conn: _Connection, reused: bool, command: bytes, sent: Awaitable[Any]) -> Any:
+    async def _finish(self, conn: Connection, reused: bool, command: bytes, sent: Awaitable[Any]) -> Any:
         try:
             reply = await sent
         except ConnectionError:
@@ -89,7 +115,7 @@ class RedisLink:
         self._release(conn)
         return reply
 
-    def _refused(self, conn: _Connection, message: str) -> NoReturn:
+    def _refused(self, conn: Connection, message: str) -> NoReturn:
         not_serving = NOT_SERVING.get(message.partition(" ")[0])
         if not_serving is None:
             self._release(conn)
@@ -97,11 +123,21 @@ class RedisLink:
         conn.close()
         self._release(conn)
         self._close_idle()  # they lead to the same node; after a failover the address may lead to the new master
+        if self._sentinel is not None:
+            self._sentinel.forget(conn.address)
         raise not_serving(message)
 
     async def aclose(self) -> None:
         self._closed = True
         self._close_idle()
+        if self._sentinel is not None:
+            await self._sentinel.aclose()
+
+    def _master_moved(self, new: Address, previous: Address | None) -> None:
+        self._generation += 1
+        self._close_idle()
+        if self._on_master is not None:
+            self._on_master(f"{new[0]}:{new[1]}", previous and f"{previous[0]}:{previous[1]}")
 
     def _close_idle(self) -> None:
         while self._idle:
@@ -109,16 +145,17 @@ class RedisLink:
             self._open -= 1
             self._wake_one()  # room for a new connection
 
-    def _take_idle(self) -> tuple[_Connection | None, bool]:
+    def _take_idle(self) -> tuple[Connection | None, bool]:
         while self._idle:
             conn = self._idle.pop()
-            if not conn.closed:
+            if not conn.closed and conn.generation == self._generation:
                 return conn, True
+            conn.close()
             self._open -= 1
             self._wake_one()  # room for a new connection
         return None, False
 
-    async def _acquire(self) -> tuple[_Connection, bool]:
+    async def _acquire(self) -> tuple[Connection, bool]:
         """A connection, and whether it served before; first come, first served."""
         turn = not self._waiting
         while True:
@@ -144,8 +181,8 @@ class RedisLink:
                     self._wake_one()  # woken, then cancelled in the same turn: pass the turn on
                 raise
 
-    def _release(self, conn: _Connection) -> None:
-        if conn.closed or self._closed:
+    def _release(self, conn: Connection) -> None:
+        if conn.closed or self._closed or conn.generation != self._generation:
             conn.close()
             self._open -= 1
         else:
@@ -159,106 +196,27 @@ class RedisLink:
                 waiter.set_result(None)
                 return
 
-    async def _connect(self) -> _Connection:
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(self._connect_timeout):
-            if self._path:
-                _, conn = await loop.create_unix_connection(_Connection, self._path)
-            else:
-                _, conn = await loop.create_connection(_Connection, self._host, self._port, ssl=self._ssl)
-            try:
-                for command in self._handshake:
-                    reply = await conn.send(command, loop.time() + self._connect_timeout)
-                    if isinstance(reply, hiredis.ReplyError):
-                        raise ConnectionError(f"Redis refused the connection's set-up: {reply}")
-            except BaseException:
-                conn.close()
-                raise
-        return conn
-
-
-class _Connection(asyncio.Protocol):
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.closed = False
-        self._reader = hiredis.Reader()
-        self._reply: asyncio.Future[Any] | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def send(self, command: bytes, deadline: float) -> asyncio.Future[Any]:
-        """Write `command` now; the future of its reply fails at `deadline` (the caller is not cancelled:
-        see RedisLink)."""
-        loop = asyncio.get_running_loop()
-        reply = loop.create_future()
-        if self.closed or self.transport is None:
-            reply.set_exception(ConnectionError("the Redis connection is closed"))
-            return reply
-        self._reply = reply
-        self.transport.write(command)
-        timer = loop.call_at(deadline, self._overdue, reply, True)
-        reply.add_done_callback(lambda _: timer.cancel())
-        return reply
-
-    def _overdue(self, reply: asyncio.Future[Any], first: bool) -> None:
-        """The deadline passed. A reply may be in the socket, unread because the loop was busy (uvloop
-        runs due timers before it reads sockets): give it one loop turn (1 ms) before failing."""
-        if reply.done():
-            return
-        if first:
-            asyncio.get_running_loop().call_later(0.001, self._overdue, reply, False)
-            return
-        reply.set_exception(TimeoutError("no reply from Redis in time"))
-
-    def data_received(self, data: bytes) -> None:
-        self._reader.feed(data)
+    async def _connect(self) -> Connection:
+        if self._sentinel is None:
+            return await connect(*self._address, path=self._path, ssl_context=self._ssl, handshake=self._handshake,
+                                 timeout=self._connect_timeout)
+        address = await self._sentinel.master()
+        generation = self._generation
         try:
-            reply = self._reader.gets()
-        except hiredis.ProtocolError as exc:
-            self._fail(InvalidResponse(f"Redis sent an invalid reply: {exc}"))  # never resent: it may have run
-            return
-        if reply is False:
-            return
-        if self._reply is None or self._reply.done():
-            self._fail(ConnectionError("Redis sent a reply nobody asked for"))
-        else:
-            self._reply.set_result(reply)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(ConnectionError("Redis closed the connection"))
-
-    def _fail(self, error: Exception) -> None:
-        if self._reply is not None and not self._reply.done():
-            self._reply.set_exception(error)
-        self.close()
-
-    def close(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.close()
-
-
-def pack(parts: list[Any]) -> bytes:
-    """A command in RESP: an array of bulk strings (str as UTF-8, numbers in decimal)."""
-    out = [b"*%d\r\n" % len(parts)]
-    for part in parts:
-        data = part if isinstance(part, bytes) else str(part).encode("utf-8", "surrogatepass")
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
-
-
-def _ssl_context(params: dict[str, Any]) -> ssl.SSLContext:
-    """rediss://: the server's certificate verified against the system's CAs or `ssl_ca_certs`, and its
-    host name checked, unless the URL says otherwise; a client certificate from `ssl_certfile`/`ssl_keyfile`."""
-    context = ssl.create_default_context(cafile=params.get("ssl_ca_certs"))
-    requirement = str(params.get("ssl_cert_reqs", "required")).lower()
-    if requirement == "none" or params.get("ssl_check_hostname") is False:
-        context.check_hostname = False
-    if requirement == "none":
-        context.verify_mode = ssl.CERT_NONE
-    elif requirement == "optional":
-        context.verify_mode = ssl.CERT_OPTIONAL
-    if params.get("ssl_certfile"):
-        context.load_cert_chain(params["ssl_certfile"], params.get("ssl_keyfile"))
-    return context
+            conn = await connect(*address, path=None, ssl_context=self._ssl, handshake=self._handshake,
+                                 timeout=self._connect_timeout)
+        except (OSError, TimeoutError):
+            self._sentinel.forget(address)  # dead, or not there yet: the sentinels are asked again
+            raise
+        try:
+            role = await conn.send(pack(["ROLE"]), asyncio.get_running_loop().time() + self._connect_timeout)
+        except BaseException:
+            conn.close()
+            raise
+        if not (isinstance(role, list) and role and role[0] == b"master"):
+            conn.close()
+            self._sentinel.forget(address)
+            raise ConnectionError(f"{address[0]}:{address[1]}, the master by the sentinels, is not the master now")
+        conn.address = address
+        conn.generation = generation
+        return conn

@@ -1,4 +1,5 @@
-"""A real `redis-server` process on a free loopback port, that a fault test can stop, pause and restart."""
+"""Real `redis-server` processes on free loopback ports, that a fault test can stop, pause and restart; Sentinel
+groups (a master, a replica, sentinels) for failover tests."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
+from typing import Any
+
+import redis
 
 
 def free_port() -> int:
@@ -80,3 +84,97 @@ class RedisServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class SentinelServer(RedisServer):
+    """`redis-server --sentinel` on a free loopback port, watching the master at `master_port` as
+    `name`, with short timeouts (down after `down_after_ms`) so that a failover test stays bounded.
+    Sentinel rewrites its config file, so each one has its own (in its temp dir)."""
+
+    def __init__(self, master_port: int, *, name: str = "mymaster", quorum: int = 2, down_after_ms: int = 1000,
+                 host: str = "127.0.0.1", password: str | None = None, config: Sequence[str] = ()):
+        """`config`: more sentinel.conf lines (e.g. `tls-port`; the plain port stays)."""
+        super().__init__()
+        self.host = host
+        lines = [
+            f"port {self.port}", f"bind {host}", f"dir {self.dir}",
+            f"sentinel monitor {name} 127.0.0.1 {master_port} {quorum}",
+            f"sentinel down-after-milliseconds {name} {down_after_ms}",
+            f"sentinel failover-timeout {name} {max(3 * down_after_ms, 3000)}",
+            f"sentinel parallel-syncs {name} 1",
+            *([f"requirepass {password}"] if password else []),
+            *config,
+        ]
+        self.config = f"{self.dir}/sentinel.conf"
+        with open(self.config, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        self.password = password
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [self.binary, self.config, "--sentinel", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        ping = f"AUTH {self.password}\r\nPING\r\n" if self.password else "PING\r\n"
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2) as s:
+                    s.sendall(ping.encode())
+                    if b"+PONG" in s.recv(64):
+                        return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError(f"redis sentinel did not start on port {self.port}")
+
+
+class SentinelGroup:
+    """A master, one replica and `count` sentinels on loopback: `with SentinelGroup() as group:` starts
+    them and waits until the sentinels know the replica and each other, so that a failover can happen."""
+
+    def __init__(self, name: str = "mymaster", count: int = 3, password: str | None = None):
+        self.name = name
+        self.master = RedisServer()
+        self.replica = RedisServer(args=["--replicaof", "127.0.0.1", str(self.master.port)])
+        self.sentinels = [SentinelServer(self.master.port, name=name, password=password) for _ in range(count)]
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"{s.host}:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.name}/0"
+
+    def ask(self, sentinel: SentinelServer, *command: str) -> Any:
+        with redis.Redis(host=sentinel.host, port=sentinel.port, password=sentinel.password) as client:
+            return client.execute_command(*command)
+
+    def master_port(self) -> int:
+        """The master's port as the first sentinel names it now."""
+        return int(self.ask(self.sentinels[0], "SENTINEL", "get-master-addr-by-name", self.name)[1])
+
+    def wait_ready(self, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(len(self.ask(s, "SENTINEL", "replicas", self.name)) == 1
+                   and len(self.ask(s, "SENTINEL", "sentinels", self.name)) == len(self.sentinels) - 1
+                   for s in self.sentinels):
+                return
+            time.sleep(0.1)
+        raise RuntimeError("the sentinels did not find the replica and each other in time")
+
+    def __enter__(self) -> SentinelGroup:
+        try:
+            for server in (self.master, self.replica, *self.sentinels):
+                server.start()
+            self.wait_ready()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for server in (*self.sentinels, self.replica, self.master):
+            server.__exit__()

@@ -39,11 +39,13 @@ MEMORY_ALERT_BYTES = 800 * 1024**2
 
 
 def load_kustomization(directory: Path) -> list[dict[str, Any]]:
-    """The objects `kubectl kustomize directory` builds, for layouts that only list resources."""
+    """The objects `kubectl kustomize directory` builds, for layouts that list resources and generate
+    ConfigMaps from files without a name suffix (the Grafana dashboards)."""
     kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    unsupported = set(kustomization) - {"apiVersion", "kind", "resources"}
+    unsupported = set(kustomization) - {"apiVersion", "kind", "resources", "configMapGenerator", "generatorOptions"}
     assert not unsupported, f"{directory}: this loader (and the layout's simplicity) allows only resources, not {unsupported}"
-    objects = []
+    objects = [generated_configmap(directory, generator, kustomization.get("generatorOptions", {}))
+               for generator in kustomization.get("configMapGenerator", [])]
     for entry in kustomization["resources"]:
         path = directory / entry
         if path.is_dir():
@@ -51,6 +53,15 @@ def load_kustomization(directory: Path) -> list[dict[str, Any]]:
         else:
             objects += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
     return objects
+
+
+def generated_configmap(directory: Path, generator: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    assert options == {"disableNameSuffixHash": True}, f"{directory}: only disableNameSuffixHash is supported"
+    assert set(generator) <= {"name", "namespace", "files", "options"}, generator
+    assert set(generator.get("options", {})) <= {"labels", "annotations"}, generator
+    metadata = {"name": generator["name"], "namespace": generator["namespace"], **generator.get("options", {})}
+    data = {PurePosixPath(file).name: (directory / file).read_text() for file in generator["files"]}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data}
 
 
 OBJECTS = load_kustomization(MANIFESTS)

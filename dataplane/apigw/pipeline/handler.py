@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 
 from aiohttp import HttpVersion10, HttpVersion11, web
 
@@ -42,42 +43,57 @@ BACKEND_FAILURE_STATUSES = frozenset({502, 503, 504})
 """Backend answers that count against its circuit breaker (with timeouts and refused connections)."""
 
 
+@dataclass(slots=True)
+class Exchange:
+    """One request on its way through the pipeline: what the steps after the first need, and what its
+    access line and counts say at the end."""
+
+    request: web.Request
+    started: float
+    client_ip: str
+    trusted: bool
+    """The peer is one of `listen.trusted_proxies`."""
+    request_id: str
+    raw_path: str
+    """The path as the client sent it, for the log."""
+    route: CompiledRoute | None = None
+    auth_status: str = "none"
+    error_type: str | None = None
+    body: proxy.BodyLimit | None = None
+    forwarded: proxy.Forwarded = field(default_factory=proxy.Forwarded)
+
+
 async def handle(request: web.Request) -> web.StreamResponse:
     """Every proxied request, start to end. The state is read once: a reload during the request
     changes nothing for it."""
     gateway = request.app[GATEWAY]
     state = gateway.state
-    metrics = gateway.metrics
-    started = time.perf_counter()
     peer = request.remote or ""
     trusted = state.edge.is_trusted(peer)
-    client_ip = state.edge.client_ip(peer, request.headers) if trusted else peer
-    request_id = _request_id(request, trusted or state.edge.keep_any_request_id)
-    raw_path = request.raw_path.partition("#")[0].partition("?")[0]
-    route = None
-    forwarded = proxy.Forwarded()
-    auth_status = "none"
-    error_type = None
+    ex = Exchange(
+        request, time.perf_counter(), state.edge.client_ip(peer, request.headers) if trusted else peer, trusted,
+        _request_id(request, trusted or state.edge.keep_any_request_id),
+        request.raw_path.partition("#")[0].partition("?")[0],
+    )
     response = None
-    body = None
-    metrics.inflight.inc()
+    gateway.metrics.inflight.inc()
     state.usage.inflight += 1
     try:
         _check_head(request, state.config.limits.max_request_head_size)
         target = _target(request)
-        route = _route(state.router, target, request.method)
+        route = ex.route = _route(state.router, target, request.method)
         claims = None
         if route.auth is not None and (route.auth.required or "Authorization" in request.headers):
-            auth_status = "failure"
+            ex.auth_status = "failure"
             claims = state.auth.verify(request.headers.get("Authorization"))
         limited = None
         if route.limit is not None and state.limiter is not None:
-            key = limit_key(route.limit.key, client_ip, request.headers, claims)
+            key = limit_key(route.limit.key, ex.client_ip, request.headers, claims)
             limited = state.limiter.check(route.limit, key)  # asked now: one Redis round trip with the next step
         if claims is not None:
             await state.auth.admit(claims, route.auth.scopes)  # type: ignore[union-attr]
-            auth_status = "success"
-        response_headers = {"X-Request-ID": request_id}
+            ex.auth_status = "success"
+        response_headers = {"X-Request-ID": ex.request_id}
         if limited is not None:
             decision = await limited
             if not decision.allowed:
@@ -85,53 +101,47 @@ async def handle(request: web.Request) -> web.StreamResponse:
             response_headers.update(decision.headers())
         forwarded_claims = state.auth.forward_headers(claims).items() if claims else ()
         headers = proxy.request_headers(
-            request, route.cluster, request_id, target, trusted, state.edge, forwarded_claims
+            request, route.cluster, ex.request_id, target, trusted, state.edge, forwarded_claims
         )
-        body = proxy.request_body(request, route.max_body, state.config.listen.request_body_timeout)
+        ex.body = proxy.request_body(request, route.max_body, state.config.listen.request_body_timeout)
         backend_target = proxy.backend_target(route.cluster, route.backend_path(target.path), target.query)
-        backend = await _call_backend(request, route, backend_target, headers, body, forwarded, metrics)
+        backend = await _call_backend(ex, route, backend_target, headers, gateway.metrics)
         response = await proxy.relay(request, backend, response_headers, route.cluster.service)
     except GatewayError as exc:
-        error_type = exc.error_type
-        response = error_response(exc, request_id)
-        if exc.status == 408 or (proxy.awaits_continue(request) and (body is None or not body.invited)):
+        ex.error_type = exc.error_type
+        response = error_response(exc, ex.request_id)
+        if exc.status == 408 or (proxy.awaits_continue(request) and (ex.body is None or not ex.body.invited)):
             await _answer_and_close(request, response)  # a body stalled, or never invited: none is coming
     except proxy.StreamAborted as exc:
-        error_type = exc.error_type
+        ex.error_type = exc.error_type
         response = exc.response
         if request.transport is not None:
             request.transport.abort()
     except asyncio.CancelledError:  # the client left (aiohttp's handler_cancellation) or shutdown gave up
-        error_type = "client_disconnected"
+        ex.error_type = "client_disconnected"
         raise
     except Exception as exc:  # a bug of ours: still a JSON answer, a log line and a count, never a traceback
-        error_type = "internal_error"
-        log.error("request %s failed: %s: %s", request_id, type(exc).__name__, exc,
-                  extra={"fields": {"request_id": request_id, "error_type": error_type}})
-        response = error_response(GatewayError(500, error_type, "internal gateway error"), request_id)
+        ex.error_type = "internal_error"
+        log.error("request %s failed: %s: %s", ex.request_id, type(exc).__name__, exc,
+                  extra={"fields": {"request_id": ex.request_id, "error_type": ex.error_type}})
+        response = error_response(GatewayError(500, ex.error_type, "internal gateway error"), ex.request_id)
     finally:
-        metrics.inflight.dec()
+        gateway.metrics.inflight.dec()
         state.usage.inflight -= 1
-        _record(request, gateway, route, response, error_type, auth_status, forwarded, started, raw_path, request_id,
-                client_ip)
+        _record(gateway, ex, response)
     return response
 
 
-def _record(
-    request: web.Request, gateway: Gateway, route: CompiledRoute | None, response: web.StreamResponse | None,
-    error_type: str | None, auth_status: str, forwarded: proxy.Forwarded, started: float, raw_path: str,
-    request_id: str, client_ip: str,
-) -> None:
+def _record(gateway: Gateway, ex: Exchange, response: web.StreamResponse | None) -> None:
     """Count the request and write its access log line; a request without a response (its handler was
     cancelled) counts as 499, nginx's "client closed request"."""
-    duration = time.perf_counter() - started
-    route_name = route.name if route else UNROUTED
-    status = response.status if response is not None else 499
+    duration = time.perf_counter() - ex.started
+    route_name = ex.route.name if ex.route else UNROUTED
     gateway.metrics.duration_by(route_name).observe(duration)
     count(gateway, Access(
-        request.method, raw_path, route_name, status, client_ip, request_id, auth_status=auth_status,
-        error_type=error_type, duration=duration, backend_service=forwarded.service,
-        backend_duration=forwarded.duration,
+        ex.request.method, ex.raw_path, route_name, response.status if response is not None else 499, ex.client_ip,
+        ex.request_id, auth_status=ex.auth_status, error_type=ex.error_type, duration=duration,
+        backend_service=ex.forwarded.service, backend_duration=ex.forwarded.duration,
     ))
 
 
@@ -144,11 +154,11 @@ def count(gateway: Gateway, access: Access) -> None:
 
 
 async def _call_backend(
-    request: web.Request, route: CompiledRoute, target: str, headers: list[tuple[str, str]],
-    body: proxy.BodyLimit | None, forwarded: proxy.Forwarded, metrics: Metrics,
+    ex: Exchange, route: CompiledRoute, target: str, headers: list[tuple[str, str]], metrics: Metrics
 ) -> Response:
     """Send through the cluster's circuit breaker, retrying what is safe to retry within its budget and
     the route's `request_timeout`; each attempt also within `attempt_timeout`."""
+    request, body, forwarded = ex.request, ex.body, ex.forwarded
     cluster = route.cluster
     forwarded.service = cluster.service
     cluster.retry_budget.record_request()

@@ -48,15 +48,16 @@ class Cluster:
         self._custom = client.CustomObjectsApi(api)
         self._api = api
 
-    async def list_crs(self, plural: str) -> list[dict[str, Any]]:
+    async def any_crs(self, plural: str) -> bool:
+        """Is there at least one such CR where the operator looks? (One item listed, not all.)"""
         if not self.namespaces:
-            found = await self._custom.list_cluster_custom_object(GROUP, VERSION, plural)
-            return found["items"]
-        items = []
+            found = await self._custom.list_cluster_custom_object(GROUP, VERSION, plural, limit=1)
+            return bool(found["items"])
         for namespace in self.namespaces:
-            found = await self._custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural)
-            items += found["items"]
-        return items
+            found = await self._custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural, limit=1)
+            if found["items"]:
+                return True
+        return False
 
     async def read_configmap(self) -> dict[str, Any] | None:
         t = self.target

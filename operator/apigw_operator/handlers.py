@@ -1,7 +1,8 @@
-"""The kopf side: watches that nudge the worker, and the worker's start and stop. Nothing else.
+"""The kopf side: watches that index the CRs and nudge the worker, and the worker's start and stop.
 
-kopf watches both CR kinds; every event (create, update, delete, resume) only wakes the worker,
-which re-reads everything and writes what differs. kopf itself writes nothing to the CRs.
+kopf watches both CR kinds and keeps every CR in an in-memory index (no LIST per pass); every event
+(create, update, delete, resume) only wakes the worker, which renders from the index and writes what
+differs. kopf itself writes nothing to the CRs.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ async def _api_client() -> client.ApiClient:
     return client.ApiClient()
 
 
+def _bodies(index: kopf.Index) -> list[dict[str, Any]]:
+    return [body for store in index.values() for body in store]
+
+
 def build_registry(options: Options) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     running: dict[str, Any] = {}
@@ -51,18 +56,33 @@ def build_registry(options: Options) -> kopf.OperatorRegistry:
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
+    @kopf.index(GROUP, VERSION, ROUTES, id="route_bodies", registry=registry)
+    def route_bodies(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+        return {(namespace, name): dict(body)}
+
+    @kopf.index(GROUP, VERSION, POLICIES, id="policy_bodies", registry=registry)
+    def policy_bodies(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+        return {(namespace, name): dict(body)}
+
     @kopf.on.startup(registry=registry)
-    async def start(**_: Any) -> None:
+    async def start(route_bodies: kopf.Index, policy_bodies: kopf.Index, **_: Any) -> None:
         api = running["api"] = await _api_client()
         session = running["session"] = aiohttp.ClientSession()  # registered at once: cleanup closes it
-        reconciler = Reconciler(
-            Cluster(api, options.target, options.namespaces), session, lambda: datetime.now(UTC), options.pod_url
-        )
+        cluster = Cluster(api, options.target, options.namespaces)
+
+        def snapshot() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+            return _bodies(route_bodies), _bodies(policy_bodies)
+
+        reconciler = Reconciler(cluster, session, lambda: datetime.now(UTC), snapshot, options.pod_url)
         leadership = None
         if options.leader_election:
             identity = f"{os.environ.get('POD_NAME') or socket.gethostname()}-{uuid.uuid4().hex[:6]}"
             leadership = Leadership(api, options.target.namespace, options.lease_name, identity, lambda: worker.nudge())
-        worker = Worker(reconciler, options.resync_interval, lambda: leadership is None or leadership.leading)
+        indexed = running["indexed"] = asyncio.Event()
+        worker = Worker(reconciler, options.resync_interval, lambda: leadership is None or leadership.leading, indexed)
+        # kopf runs no event handler before its indices hold every CR; with no CR at all, none runs.
+        if not (await cluster.any_crs(ROUTES) or await cluster.any_crs(POLICIES)):
+            indexed.set()
         tasks = [asyncio.create_task(worker.run(), name="apigw-worker")]
         if leadership is not None:
             tasks.append(asyncio.create_task(leadership.campaign(), name="apigw-leadership"))
@@ -83,6 +103,7 @@ def build_registry(options: Options) -> kopf.OperatorRegistry:
     @kopf.on.event(GROUP, VERSION, ROUTES, registry=registry)
     @kopf.on.event(GROUP, VERSION, POLICIES, registry=registry)
     async def changed(**_: Any) -> None:
+        running["indexed"].set()
         running["worker"].nudge()
 
     return registry

@@ -69,6 +69,11 @@ def routes_yaml(plane: ControlPlane) -> dict[str, Any]:
     return yaml.safe_load(text) if text else {}
 
 
+def config_annotation(plane: ControlPlane) -> str | None:
+    """The hash of the config the operator wants served, as the ConfigMap names it."""
+    return (plane.api.get(CM_PATH)["metadata"].get("annotations") or {}).get("gateway.apigw.io/config-hash")
+
+
 def route_names(plane: ControlPlane) -> list[str]:
     return [r["name"] for r in routes_yaml(plane).get("routes") or []]
 

@@ -166,19 +166,22 @@ class Reconciler:
         if recorded == rendering.restart_hash:
             return None
         t = self.cluster.target
-        try:
-            if recorded is not None:
+        if recorded is not None:
+            try:
                 await self.cluster.annotate_pod_template(RESTART_ANNOTATION, rendering.restart_hash)
-                logger.info("restart settings changed (%s -> %s): rolling the gateway", recorded, rendering.restart_hash)
+            except ApiException as exc:
+                what = "not found" if exc.status == 404 else f"not patched: {api_message(exc)}"
+                why = (f"config.yaml changed settings the gateway applies only at start, but Deployment "
+                       f"{t.namespace}/{t.deployment} was {what}; retrying")
+                self._report([why])
+                reason = "DeploymentNotFound" if exc.status == 404 else "RolloutFailed"
+                await self._announce_config(configmap, "Warning", reason, why)
+                return Blocked(Condition("Programmed", False, reason, why))
+            logger.info("restart settings changed (%s -> %s): rolling the gateway", recorded, rendering.restart_hash)
+        try:
             await self.cluster.patch_configmap({"metadata": {"annotations": {RESTART_ANNOTATION: rendering.restart_hash}}})
-        except ApiException as exc:
-            what = "not found" if exc.status == 404 else f"not patched: {api_message(exc)}"
-            why = (f"config.yaml changed settings the gateway applies only at start, but Deployment "
-                   f"{t.namespace}/{t.deployment} was {what}; retrying")
-            self._report([why])
-            reason = "DeploymentNotFound" if exc.status == 404 else "RolloutFailed"
-            await self._announce_config(configmap, "Warning", reason, why)
-            return Blocked(Condition("Programmed", False, reason, why))
+        except ApiException as exc:  # the roll-out is repeated at the next pass: harmless, same annotation
+            logger.warning("could not record the restart settings on the ConfigMap: %s", api_message(exc))
         return None
 
     async def _probe(self, config_yaml: str) -> list[PodReport] | None:

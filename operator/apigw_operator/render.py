@@ -116,6 +116,8 @@ class Renderer:
 
     def __init__(self) -> None:
         self._checked: dict[Ref, tuple[tuple[str, bool], _Checked]] = {}
+        self._whole: tuple[tuple[str, str], tuple[str, str]] | None = None
+        """(config.yaml, routes.yaml) last validated whole -> (config hash, restart hash): a resync parses nothing."""
         self._base: tuple[str, Config] | None = None
         """The last valid config.yaml and its model: CRs are judged against it while config.yaml is broken."""
 
@@ -150,6 +152,9 @@ class Renderer:
             digests = {ref: text_hash(json.dumps(entries[ref], sort_keys=True, default=str)) for ref in included}
             if base_errors:
                 return Rendering(text, verdicts, errors=base_errors, digests=digests, unjudged=self._base is None)
+            if self._whole is not None and self._whole[0] == (base_yaml, text):
+                hashes = self._whole[1]
+                return Rendering(text, verdicts, config_hash=hashes[0], restart_hash=hashes[1], digests=digests)
             try:
                 config = parse_documents({GLOBAL_FILE: base_yaml, ROUTES_FILE: text})
             except ConfigError as exc:
@@ -161,6 +166,7 @@ class Renderer:
                 verdicts[ref] = Verdict(Condition("Accepted", False, "Conflicted", message), verdicts[ref].resolved_refs)
                 continue
             restart = text_hash(json.dumps(restart_settings(config), sort_keys=True, default=str))
+            self._whole = ((base_yaml, text), (config_hash(config), restart))
             return Rendering(text, verdicts, config_hash=config_hash(config), restart_hash=restart, digests=digests)
 
     def _check(self, ref: Ref, body: Mapping[str, Any], has_keys: bool) -> _Checked:

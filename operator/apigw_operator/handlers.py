@@ -22,7 +22,8 @@ from kubernetes_asyncio import client, config
 from apigw_operator.cluster import Cluster, Target
 from apigw_operator.crds import GROUP, POLICIES, ROUTES, VERSION
 from apigw_operator.leadership import Leadership
-from apigw_operator.reconciler import PodUrl, Reconciler, Worker, pod_url
+from apigw_operator.metrics import Metrics, serve
+from apigw_operator.reconciler import CONFIGMAP_LIMIT, PodUrl, Reconciler, Worker, pod_url
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,10 @@ class Options:
     leader_election: bool = True
     lease_name: str = "apigw-operator"
     pod_url: PodUrl = field(default=pod_url)
+    metrics: tuple[str, int] | None = None
+    """(host, port) of `GET /metrics`; None serves none."""
+    configmap_limit: int = CONFIGMAP_LIMIT
+    """routes.yaml is not written when the ConfigMap would exceed this many bytes."""
 
 
 async def _api_client() -> client.ApiClient:
@@ -68,12 +73,17 @@ def build_registry(options: Options) -> kopf.OperatorRegistry:
     async def start(route_bodies: kopf.Index, policy_bodies: kopf.Index, **_: Any) -> None:
         api = running["api"] = await _api_client()
         session = running["session"] = aiohttp.ClientSession()  # registered at once: cleanup closes it
-        cluster = Cluster(api, options.target, options.namespaces)
+        metrics = Metrics()
+        if options.metrics is not None:
+            running["metrics"] = await serve(metrics, *options.metrics)
+        cluster = Cluster(api, options.target, options.namespaces, metrics)
 
         def snapshot() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             return _bodies(route_bodies), _bodies(policy_bodies)
 
-        reconciler = Reconciler(cluster, session, lambda: datetime.now(UTC), snapshot, options.pod_url)
+        reconciler = Reconciler(
+            cluster, session, lambda: datetime.now(UTC), snapshot, options.pod_url, limit=options.configmap_limit
+        )
         leadership = None
         if options.leader_election:
             identity = f"{os.environ.get('POD_NAME') or socket.gethostname()}-{uuid.uuid4().hex[:6]}"
@@ -97,6 +107,8 @@ def build_registry(options: Options) -> kopf.OperatorRegistry:
             await running["leadership"].release()
         if "session" in running:
             await running["session"].close()
+        if "metrics" in running:
+            await running["metrics"].cleanup()
         if "api" in running:
             await running["api"].close()
 

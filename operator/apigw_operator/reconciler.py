@@ -9,7 +9,10 @@ in a worker thread so the event loop (kopf's watches, the liveness endpoint, the
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
+import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,7 +26,8 @@ from apigw.loader import GLOBAL_FILE, ROUTES_FILE, ConfigError, parse_documents
 from apigw_operator.cluster import Cluster, api_message
 from apigw_operator.crds import GROUP, POLICIES, ROUTES
 from apigw_operator.health import PodReport, probe_pods
-from apigw_operator.render import POLICY, ROUTE, Condition, Ref, Renderer, Rendering, ref_of, text_hash
+from apigw_operator.metrics import Metrics
+from apigw_operator.render import POLICY, ROUTE, Condition, Ref, Renderer, Rendering, entry_digests, ref_of, text_hash
 from apigw_operator.status import NOT_ACCEPTED, Served, announcements, conditions, kept, programmed
 from apigw_operator.throttle import Once, Throttle
 
@@ -32,6 +36,9 @@ CONFIG_ANNOTATION = f"{GROUP}/config-hash"
 """On the ConfigMap: the hash of the whole config (config.yaml + routes.yaml) the pods should report."""
 RESTART_ANNOTATION = f"{GROUP}/restart-hash"
 """On the ConfigMap: the restart settings last seen. On the pod template: what rolled the pods."""
+
+CONFIGMAP_LIMIT = 1024 * 1024
+"""What the API server lets a ConfigMap's data hold (keys and values, data and binaryData together)."""
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +51,13 @@ Snapshot = Callable[[], tuple[list[dict[str, Any]], list[dict[str, Any]]]]
 
 def pod_url(pod: str, ip: str, port: int) -> str:
     return f"http://{ip}:{port}"
+
+
+def configmap_size(configmap: Mapping[str, Any], data: Mapping[str, str]) -> int:
+    """The size the API server checks against its limit: every key and value, `data` replaced by `data`."""
+    size = sum(len(k) + len(v.encode()) for k, v in {**(configmap.get("data") or {}), **data}.items())
+    binary = configmap.get("binaryData") or {}
+    return size + sum(len(k) + len(base64.b64decode(v)) for k, v in binary.items())
 
 
 def traffic_port(config_yaml: str) -> int:
@@ -61,6 +75,8 @@ class Blocked:
 
     condition: Condition
     everywhere: bool = False
+    kept: Mapping[str, str] | None = None
+    """What the ConfigMap's routes.yaml holds (`entry_digests`): CRs in it as they are now are spared."""
 
 
 class Reconciler:
@@ -73,6 +89,8 @@ class Reconciler:
         pod_url: PodUrl = pod_url,
         throttle: Throttle | None = None,
         events: Once | None = None,
+        metrics: Metrics | None = None,
+        limit: int = CONFIGMAP_LIMIT,
     ):
         self.cluster = cluster
         self.session = session
@@ -81,6 +99,9 @@ class Reconciler:
         self.pod_url = pod_url
         self.throttle = throttle or Throttle(rate=50, burst=50, concurrency=10)
         self.events = events or Once(window=600)
+        self.metrics = metrics or cluster.metrics
+        self.limit = limit
+        self.metrics.config_limit.set(limit)
         self.renderer = Renderer()
         self.served = Served()
         self._reported: list[str] = []
@@ -97,6 +118,7 @@ class Reconciler:
             self._report([why])
             await self._announce_config(configmap, "Warning", "ConfigMapNotFound", why)
             blocked = Blocked(Condition("Programmed", False, "ConfigMapNotFound", why), everywhere=True)
+            self.metrics.programmed.set(0)
             await self._write_statuses(routes, policies, None, None, blocked)
             return
         config_yaml = (configmap.get("data") or {}).get(GLOBAL_FILE, "")
@@ -104,6 +126,10 @@ class Reconciler:
         blocked = await self._write_routes(configmap, rendering)
         blocked = await self._roll_out(configmap, rendering) or blocked
         reports = await self._probe(config_yaml)
+        if reports is not None:
+            wanted = rendering.config_hash
+            served = blocked is None and wanted is not None and bool(reports) and all(r.config_hash == wanted for r in reports)
+            self.metrics.programmed.set(int(served))
         await self._write_statuses(routes, policies, rendering, reports, blocked)
 
     async def _write_routes(self, configmap: dict[str, Any], rendering: Rendering) -> Blocked | None:
@@ -115,6 +141,9 @@ class Reconciler:
             message = f"the gateway config cannot be applied, the last good routes.yaml stays in force: {rendering.errors[0]}{more}"
             return Blocked(Condition("Programmed", False, "ConfigInvalid", message), everywhere=True)
         assert rendering.config_hash is not None
+        size = len(rendering.routes_yaml.encode())
+        total = configmap_size(configmap, {ROUTES_FILE: rendering.routes_yaml})
+        self.metrics.config_bytes.set(total)
         digest = text_hash(rendering.routes_yaml)
         current = (configmap.get("data") or {}).get(ROUTES_FILE)
         annotations = configmap["metadata"].get("annotations") or {}
@@ -123,10 +152,19 @@ class Reconciler:
             self._report([])
             self.served.record(rendering.config_hash, rendering.digests)
             return None
+        if total > self.limit:
+            why = (f"routes.yaml ({size} bytes) would make ConfigMap {t.namespace}/{t.configmap} {total} bytes, over its "
+                   f"limit of {self.limit}: the last good routes.yaml stays in force; remove or shrink routes")
+            self._report([why])
+            await self._announce_config(configmap, "Warning", "ConfigTooLarge", why)
+            kept = await asyncio.to_thread(entry_digests, current or "")
+            if annotations.get(CONFIG_ANNOTATION):  # the config in force holds the CRs kept as they are
+                held = {ref: d for ref, d in rendering.digests.items() if kept.get(ref.entry_key) == d}
+                self.served.record(annotations[CONFIG_ANNOTATION], held)
+            return Blocked(Condition("Programmed", False, "ConfigTooLarge", why), kept=kept)
         patch: dict[str, Any] = {"metadata": {"annotations": wanted}}
         if current != rendering.routes_yaml:
             patch["data"] = {ROUTES_FILE: rendering.routes_yaml}
-        size = len(rendering.routes_yaml.encode())
         try:
             await self.cluster.patch_configmap(patch)
         except ApiException as exc:
@@ -208,13 +246,16 @@ class Reconciler:
         present = {ref_of(kind, b) for kind, _, b in bodies}
         self._written = {ref: w for ref, w in self._written.items() if ref in present}
         writes = []
+        counts: Counter[tuple[str, str, str]] = Counter()
         for kind, plural, body in bodies:
             ref = ref_of(kind, body)
             previous = self._previous(ref, body)
             wanted = self._wanted(ref, previous, rendering, reports, blocked)
             new = conditions(wanted, previous, body["metadata"].get("generation"), now)
+            counts.update((kind, c["type"], c["status"]) for c in new)
             if new != previous:
                 writes.append(self._write_status(ref, plural, body, new, previous, now))
+        self.metrics.count_crs(dict(counts))
         failed = sum(not ok for ok in await asyncio.gather(*writes))
         if failed:
             logger.warning("%d of %d status writes failed; they are retried at the next pass", failed, len(writes))
@@ -247,8 +288,10 @@ class Reconciler:
         elif reports is None:
             state = kept(previous, "Programmed", "the gateway pods could not be listed")
         else:
-            condition = blocked.condition if blocked is not None else None
-            state = programmed(ref, verdict, rendering.digests.get(ref), reports, self.served, condition)
+            digest = rendering.digests.get(ref)
+            spared = blocked is not None and blocked.kept is not None and blocked.kept.get(ref.entry_key) == digest
+            condition = blocked.condition if blocked is not None and not spared else None
+            state = programmed(ref, verdict, digest, reports, self.served, condition)
         return [verdict.accepted, verdict.resolved_refs, state]
 
     async def _write_status(
@@ -303,9 +346,17 @@ class Worker:
             except TimeoutError:
                 pass
             self._wakeup.clear()
-            if not self.leading():
+            metrics = self.reconciler.metrics
+            leading = self.leading()
+            metrics.leader.set(int(leading))
+            if not leading:
                 continue
+            start = time.perf_counter()
             try:
                 await self.reconciler.run_once()
             except Exception:
+                metrics.passes.labels("error").inc()
                 logger.exception("reconcile failed; retrying at the next resync")
+            else:
+                metrics.passes.labels("ok").inc()
+            metrics.duration.observe(time.perf_counter() - start)

@@ -30,6 +30,7 @@ POLICY = "RateLimitPolicy"
 MAX_NAME = 63
 HEADER = "# Rendered by apigw-operator from GatewayRoute and RateLimitPolicy objects: edits are overwritten.\n"
 _DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml where present: ~3x faster
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 _NO_REFERENCE = {
     # Also what a route reads when a client's misspelt `ratelimit` was pruned by the API server.
@@ -51,6 +52,11 @@ class Ref:
     def config_name(self) -> str:
         """The name in `routes.yaml`, in metrics (`route` label) and logs: `<namespace>.<name>`."""
         return f"{self.namespace}.{self.name}"
+
+    @property
+    def entry_key(self) -> str:
+        """Its key in `entry_digests()`."""
+        return f"{'routes' if self.kind == ROUTE else 'policies'}/{self.config_name}"
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,19 @@ class Rendering:
 
 def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def entry_digest(entry: Mapping[str, Any]) -> str:
+    return text_hash(json.dumps(entry, sort_keys=True, default=str))
+
+
+def entry_digests(routes_yaml: str) -> dict[str, str]:
+    """Config name -> entry digest of what a routes.yaml holds (a route and a policy may share a name)."""
+    document = yaml.load(routes_yaml, Loader=_LOADER) or {}
+    return {
+        f"{section}/{entry['name']}": entry_digest(entry)
+        for section in ("routes", "policies") for entry in document.get(section) or [] if isinstance(entry, dict)
+    }
 
 
 def ref_of(kind: str, body: Mapping[str, Any]) -> Ref:
@@ -149,7 +168,7 @@ class Renderer:
             _resolve_policies(items, verdicts, entries)
             included = [ref for ref in entries if verdicts[ref].included]
             text = _dump(entries, included)
-            digests = {ref: text_hash(json.dumps(entries[ref], sort_keys=True, default=str)) for ref in included}
+            digests = {ref: entry_digest(entries[ref]) for ref in included}
             if base_errors:
                 return Rendering(text, verdicts, errors=base_errors, digests=digests, unjudged=self._base is None)
             if self._whole is not None and self._whole[0] == (base_yaml, text):

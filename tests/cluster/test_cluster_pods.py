@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import urllib.request
 
 from apigw.testkit.process import BackendProcess
 from apigw.testkit.redis import free_port
 from tests.cluster.conftest import DEPLOYMENT_PATH
 from tests.cluster.controlplane import ControlPlane
-from tests.cluster.objects import conditions, config_annotation, create, gatewayroute, namespace, route_names
+from tests.cluster.objects import conditions, config_annotation, create, gatewayroute, namespace, route_names, served
 from tests.cluster.parts import CM_PATH, wait_for
 
 RESTART = "gateway.apigw.io/restart-hash"
-
-
-def served(pod_ip: str, port: int) -> str:
-    with urllib.request.urlopen(f"http://{pod_ip}:{port}/_health/ready", timeout=5) as response:
-        return json.loads(response.read())["config_hash"]
 
 
 def test_programmed_only_when_every_pod_serves_the_config(cluster: ControlPlane, operators, gateway_pods) -> None:

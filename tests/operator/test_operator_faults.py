@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
 from typing import Any
 
+import aiohttp
+
+from apigw.testkit.redis import free_port
 from tests.operator.kube import CM, CONFIG_YAML, NS, GatewayPod, eventually, operator, route
-from tests.operator.test_operator_kmock import API, CM_PATH, ROUTES, data, options, settle, status, summary, writes
+from tests.operator.test_operator_kmock import (
+    API,
+    CM_PATH,
+    ROUTES,
+    data,
+    options,
+    settle,
+    status,
+    summary,
+    sync_pods,
+    writes,
+)
 
 AUTH_CONFIG = CONFIG_YAML + "auth:\n  keys:\n  - file: /etc/gateway/keys/jwt-public-key.pem\n"
 
@@ -108,3 +124,33 @@ async def test_after_a_restart_with_config_yaml_broken_crs_keep_their_verdict(cl
         assert status(cluster, "orders")["Accepted"] == accepted
         await eventually(lambda: summary(cluster, "new").get("Accepted") == ("Unknown", "Pending"))
         assert summary(cluster, "new")["Programmed"] == ("False", "ConfigInvalid")
+
+
+async def test_over_the_size_limit_keeps_the_last_good_config_and_says_so(cluster: Any, pods: dict[str, GatewayPod]) -> None:
+    cluster.objects[ROUTES, "shop", "orders"] = route("orders", "/orders")
+    cluster.objects[ROUTES, "shop", "cart"] = route("cart", "/cart")
+    port = free_port()
+    small = replace(options(pods), configmap_limit=500, metrics=("127.0.0.1", port))
+    async with operator(small):
+        await eventually(lambda: "shop.cart" in data(cluster).get("routes.yaml", ""))
+        good = data(cluster)["routes.yaml"]
+        sync_pods(cluster, pods)
+        await eventually(lambda: summary(cluster, "cart").get("Programmed") == ("True", "Programmed"))
+
+        await cluster.post(f"{API}/gatewayroutes", json=route("big", "/big", created="2025-02-01T00:00:00Z"))
+        await eventually(lambda: summary(cluster, "big").get("Programmed") == ("False", "ConfigTooLarge"))
+        message = status(cluster, "big")["Programmed"]["message"]
+        assert re.fullmatch(rf"routes.yaml \(\d+ bytes\) would make ConfigMap {NS}/{CM} \d+ bytes, over its limit of 500: .*", message)
+        assert data(cluster)["routes.yaml"] == good, "no partial config"
+        await settle(cluster, 3)
+        assert summary(cluster, "cart")["Programmed"] == ("True", "Programmed"), "CRs in the config in force are spared"
+        assert [e["involvedObject"]["kind"] for e in events(cluster, "ConfigTooLarge")] == ["ConfigMap", "GatewayRoute"]
+        async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics") as response:
+            scraped = await response.text()
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in scraped.splitlines() if line and not line.startswith("#")}
+    assert values["apigw_operator_config_limit_bytes"] == 500 and values["apigw_operator_config_bytes"] > 500
+    assert values['apigw_operator_crs{condition="Programmed",kind="GatewayRoute",status="True"}'] == 2
+    assert values['apigw_operator_crs{condition="Programmed",kind="GatewayRoute",status="False"}'] == 1
+    assert values['apigw_operator_reconcile_passes_total{result="ok"}'] >= 3 and values["apigw_operator_leader"] == 1
+    assert values['apigw_operator_api_requests_total{result="ok",verb="patch"}'] >= 1
+    assert values["apigw_operator_config_programmed"] == 0

@@ -55,10 +55,10 @@ def passes(kmock: Any) -> int:
     return sum(1 for r in kmock if r.method.value == "GET" and r.url.path == CM_PATH)
 
 
-async def settle(kmock: Any, count: int = 2) -> None:
+async def settle(kmock: Any, count: int = 2, timeout: float = 20.0) -> None:
     """Let `count` more full passes run."""
     start = passes(kmock)
-    await eventually(lambda: passes(kmock) >= start + count)
+    await eventually(lambda: passes(kmock) >= start + count, timeout)
 
 
 def sync_pods(kmock: Any, pods: dict[str, GatewayPod]) -> None:

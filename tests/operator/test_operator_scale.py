@@ -37,14 +37,14 @@ def preload(kmock: Any, pods: dict[str, GatewayPod]) -> None:
 async def test_restart_at_scale_writes_nothing_and_one_edit_writes_one_status(cluster: Any, pods: dict[str, GatewayPod]) -> None:
     preload(cluster, pods)
     async with operator(options(pods)):
-        await settle(cluster, 3)
+        await settle(cluster, 3, timeout=120)
         assert writes(cluster) == [], "a restart over an unchanged cluster writes nothing"
 
         await cluster.patch(f"{API}/gatewayroutes/r7", json={"spec": {"match": {"path_prefix": "/v2/r7"}}})
         await eventually(lambda: "/v2/r7" in data(cluster)["routes.yaml"], timeout=60)
         sync_pods(cluster, pods)
         await eventually(lambda: summary(cluster, "r7")["Programmed"] == ("True", "Programmed"), timeout=60)
-        await settle(cluster, 3)
+        await settle(cluster, 3, timeout=120)
     sent = [(path, body) for _, path, body in writes(cluster) if not path.endswith("/gatewayroutes/r7")]
     statuses = [path for path, _ in sent if path.endswith("/status")]
     assert statuses and set(statuses) == {f"{API}/gatewayroutes/r7/status"}, "only the edited CR's status"

@@ -2,7 +2,7 @@
 (in a worker thread), while a liveness endpoint on the same event loop is polled every 50 ms.
 
 Prints the render time of a cold pass (nothing remembered), a resync (nothing changed) and a pass
-after one edit, and the liveness endpoint's worst answer time during each.
+after one edit, the liveness endpoint's worst answer time during each, and the peak RSS.
 
     PYTHONPATH=dataplane:operator python bench/operator_render.py [--routes 5000] [--conflicts 50]
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import resource
 import time
 
 import aiohttp
@@ -82,6 +83,7 @@ async def main() -> None:
         for label, bodies in (("cold pass", routes), ("resync, nothing changed", routes), ("one route edited", edited)):
             took, worst = await measured(renderer, bodies, url, session)
             print(f"{label:>26}: render {took:.2f} s, liveness worst {worst * 1000:.0f} ms")
+    print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     await runner.cleanup()
 
 

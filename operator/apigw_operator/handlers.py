@@ -81,18 +81,19 @@ def build_registry(options: Options) -> kopf.OperatorRegistry:
         def snapshot() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             return _bodies(route_bodies), _bodies(policy_bodies)
 
+        def leading() -> bool:
+            return leadership is None or leadership.leading
+
         reconciler = Reconciler(
-            cluster, session, lambda: datetime.now(UTC), snapshot, options.pod_url, limit=options.configmap_limit
+            cluster, session, lambda: datetime.now(UTC), snapshot, options.pod_url,
+            limit=options.configmap_limit, leading=leading,
         )
         leadership = None
         if options.leader_election:
             identity = f"{os.environ.get('POD_NAME') or socket.gethostname()}-{uuid.uuid4().hex[:6]}"
             leadership = Leadership(api, options.target.namespace, options.lease_name, identity, lambda: worker.nudge())
         indexed = running["indexed"] = asyncio.Event()
-        worker = Worker(reconciler, options.resync_interval, lambda: leadership is None or leadership.leading, indexed)
-        # kopf runs no event handler before its indices hold every CR; with no CR at all, none runs.
-        if not (await cluster.any_crs(ROUTES) or await cluster.any_crs(POLICIES)):
-            indexed.set()
+        worker = Worker(reconciler, options.resync_interval, leading, indexed)
         tasks = [asyncio.create_task(worker.run(), name="apigw-worker")]
         if leadership is not None:
             tasks.append(asyncio.create_task(leadership.campaign(), name="apigw-leadership"))

@@ -91,6 +91,7 @@ class Reconciler:
         events: Once | None = None,
         metrics: Metrics | None = None,
         limit: int = CONFIGMAP_LIMIT,
+        leading: Callable[[], bool] = lambda: True,
     ):
         self.cluster = cluster
         self.session = session
@@ -101,6 +102,8 @@ class Reconciler:
         self.events = events or Once(window=600)
         self.metrics = metrics or cluster.metrics
         self.limit = limit
+        self.leading = leading
+        """Checked before every status write: a replica that lost the Lease mid-pass stops writing."""
         self.metrics.config_limit.set(limit)
         self.renderer = Renderer()
         self.served = Served()
@@ -298,6 +301,8 @@ class Reconciler:
         self, ref: Ref, plural: str, body: Mapping[str, Any], new: list[dict[str, Any]], previous: list[dict[str, Any]], now: str
     ) -> bool:
         meta = body["metadata"]
+        if not self.leading():
+            return True
         try:
             await self.throttle.run(lambda: self.cluster.patch_status(plural, meta["namespace"], meta["name"], {"conditions": new}))
         except ApiException as exc:
@@ -338,8 +343,23 @@ class Worker:
     def nudge(self) -> None:
         self._wakeup.set()
 
+    async def _indexed(self) -> None:
+        """kopf runs no event handler before its indices hold every CR, so the first event says the index
+        is whole; with no CR at all there is none: then an empty LIST says it."""
+        cluster = self.reconciler.cluster
+        while not self.ready.is_set():
+            try:
+                if not (await cluster.any_crs(ROUTES) or await cluster.any_crs(POLICIES)):
+                    return
+            except ApiException as exc:
+                logger.warning("could not list the CRs: %s; retrying", api_message(exc))
+            try:
+                await asyncio.wait_for(self.ready.wait(), 2)
+            except TimeoutError:
+                pass
+
     async def run(self) -> None:
-        await self.ready.wait()
+        await self._indexed()
         while True:
             try:
                 await asyncio.wait_for(self._wakeup.wait(), self.interval)

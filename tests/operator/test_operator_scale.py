@@ -47,7 +47,9 @@ async def test_restart_at_scale_writes_nothing_and_one_edit_writes_one_status(cl
         await settle(cluster, 3, timeout=120)
     sent = [(path, body) for _, path, body in writes(cluster) if not path.endswith("/gatewayroutes/r7")]
     statuses = [path for path, _ in sent if path.endswith("/status")]
-    assert statuses and set(statuses) == {f"{API}/gatewayroutes/r7/status"}, "only the edited CR's status"
-    assert 1 <= len(statuses) <= 2, statuses  # Pending (unless the pods were quicker), then Programmed
+    assert set(statuses) <= {f"{API}/gatewayroutes/r7/status"}, "only the edited CR's status"
+    # Pending then Programmed; none when the pods reloaded before the pass asked them (its old status
+    # already said Programmed, and it is served as it is now).
+    assert len(statuses) <= 2, statuses
     assert [path for path, _ in sent if path == CM_PATH] == [CM_PATH]
     assert len(sent) <= 5, sent  # the ConfigMap, <= 2 statuses, <= 2 Events

@@ -49,6 +49,19 @@ async def _api_client() -> client.ApiClient:
     return client.ApiClient()
 
 
+_KEPT_METADATA = ("name", "namespace", "uid", "creationTimestamp", "generation", "resourceVersion")
+
+
+def _kept(body: kopf.Body) -> dict[str, Any]:
+    """What a pass reads of a CR (not managedFields, annotations, ...): 5,000 of them stay in memory."""
+    meta = body.get("metadata") or {}
+    return {
+        "apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+        "metadata": {k: meta[k] for k in _KEPT_METADATA if k in meta},
+        "spec": body.get("spec"), "status": body.get("status"),
+    }
+
+
 def _bodies(index: kopf.Index) -> list[dict[str, Any]]:
     return [body for store in index.values() for body in store]
 
@@ -63,11 +76,11 @@ def build_registry(options: Options) -> kopf.OperatorRegistry:
 
     @kopf.index(GROUP, VERSION, ROUTES, id="route_bodies", registry=registry)
     def route_bodies(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
-        return {(namespace, name): dict(body)}
+        return {(namespace, name): _kept(body)}
 
     @kopf.index(GROUP, VERSION, POLICIES, id="policy_bodies", registry=registry)
     def policy_bodies(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
-        return {(namespace, name): dict(body)}
+        return {(namespace, name): _kept(body)}
 
     @kopf.on.startup(registry=registry)
     async def start(route_bodies: kopf.Index, policy_bodies: kopf.Index, **_: Any) -> None:

@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from apigw.config import Config, Policy, Route, config_hash, restart_settings
-from apigw.loader import GLOBAL_FILE, ROUTES_FILE, ConfigError, parse_documents
+from apigw.loader import CLUSTER_SETTINGS, GLOBAL_FILE, ROUTES_FILE, ConfigError, parse_documents
 
 ROUTE = "GatewayRoute"
 POLICY = "RateLimitPolicy"
@@ -279,7 +279,7 @@ def _claim(
     if ("route", model.name) in names:
         return f"metadata.name: the config name {model.name!r} is already defined by {names['route', model.name]}"
     backend = model.backend
-    cluster = backend.model_dump(exclude={"service", "timeout"})  # what one upstream cluster must agree on
+    cluster = {"url": backend.url, **{s: getattr(backend, s) for s in CLUSTER_SETTINGS}}  # the loader's own list
     first = backends.get(backend.service)
     if first is not None and first[0] != cluster:
         if first[0]["url"] != cluster["url"]:

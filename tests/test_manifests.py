@@ -353,12 +353,20 @@ def test_operator_rbac_is_least_privilege() -> None:
 
 
 def test_operator_deployment_runs_as_documented() -> None:
-    """POD_NAME names the Lease holder; the liveness probe is kopf's endpoint the flag sets."""
+    """POD_NAME names the Lease holder; the liveness probe is kopf's endpoint the flag sets; the metrics
+    port is the one the flag sets and the Service and ServiceMonitor scrape."""
     container = get("Deployment", "api-gateway-operator")["spec"]["template"]["spec"]["containers"][0]
     assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in container["env"]
-    assert container["args"] == ["--liveness", "http://0.0.0.0:8081/healthz"]
+    assert container["args"] == ["--liveness", "http://0.0.0.0:8081/healthz", "--metrics", "0.0.0.0:9091"]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "liveness"}
     assert {"name": "liveness", "containerPort": 8081} in container["ports"]
+    assert {"name": "metrics", "containerPort": 9091} in container["ports"]
+    service = get("Service", "api-gateway-operator-metrics")["spec"]
+    assert service["ports"] == [{"name": "metrics", "port": 9091, "targetPort": "metrics"}]
+    assert service["selector"] == get("Deployment", "api-gateway-operator")["spec"]["selector"]["matchLabels"]
+    monitor = get("ServiceMonitor", "api-gateway-operator")["spec"]
+    assert monitor["selector"]["matchLabels"] == get("Service", "api-gateway-operator-metrics")["metadata"]["labels"]
+    assert [e["port"] for e in monitor["endpoints"]] == ["metrics"]
 
 
 def test_operator_runs_under_its_bound_service_account() -> None:

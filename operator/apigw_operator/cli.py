@@ -9,6 +9,7 @@ import kopf
 
 from apigw_operator.cluster import Target
 from apigw_operator.handlers import Options, build_registry
+from apigw_operator.reconciler import CONFIGMAP_LIMIT
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespace]:
@@ -20,6 +21,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     parser.add_argument("--pod-selector", default=Target.pod_selector)
     parser.add_argument("--resync-interval", type=float, default=Options.resync_interval, help="seconds between full passes")
     parser.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", help="kopf's liveness endpoint URL")
+    parser.add_argument("--metrics", default="0.0.0.0:9091", help="HOST:PORT of the operator's Prometheus /metrics")
+    parser.add_argument("--configmap-limit", type=int, default=CONFIGMAP_LIMIT,
+                        help="bytes the ConfigMap may hold (the API server's limit); a larger routes.yaml is not written")
     parser.add_argument("--no-leader-election", action="store_true", help="write without holding the Lease (one replica only)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -29,8 +33,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
         namespaces=tuple(args.namespace),
         resync_interval=args.resync_interval,
         leader_election=not args.no_leader_election,
+        metrics=_address(args.metrics),
+        configmap_limit=args.configmap_limit,
     )
     return options, args
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host or "0.0.0.0", int(port)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.rest import ApiException
 
 from apigw_operator.crds import GROUP, VERSION
+from apigw_operator.metrics import Metrics
+
+T = TypeVar("T")
 
 MERGE = "application/merge-patch+json"
 
@@ -39,8 +42,9 @@ class Target:
 
 
 class Cluster:
-    def __init__(self, api: client.ApiClient, target: Target, namespaces: Sequence[str] = ()):
+    def __init__(self, api: client.ApiClient, target: Target, namespaces: Sequence[str] = (), metrics: Metrics | None = None):
         self.target = target
+        self.metrics = metrics or Metrics()
         self.namespaces = namespaces
         """Where to list CRs; empty means all namespaces."""
         self._core = client.CoreV1Api(api)
@@ -48,20 +52,31 @@ class Cluster:
         self._custom = client.CustomObjectsApi(api)
         self._api = api
 
-    async def list_crs(self, plural: str) -> list[dict[str, Any]]:
+    async def _counted(self, verb: str, call: Awaitable[T]) -> T:
+        """Every request lands in `apigw_operator_api_requests_total{verb,result}`."""
+        try:
+            result = await call
+        except ApiException as exc:
+            self.metrics.requests.labels(verb, str(exc.status)).inc()
+            raise
+        self.metrics.requests.labels(verb, "ok").inc()
+        return result
+
+    async def any_crs(self, plural: str) -> bool:
+        """Is there at least one such CR where the operator looks? (One item listed, not all.)"""
         if not self.namespaces:
-            found = await self._custom.list_cluster_custom_object(GROUP, VERSION, plural)
-            return found["items"]
-        items = []
+            found = await self._counted("list", self._custom.list_cluster_custom_object(GROUP, VERSION, plural, limit=1))
+            return bool(found["items"])
         for namespace in self.namespaces:
-            found = await self._custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural)
-            items += found["items"]
-        return items
+            found = await self._counted("list", self._custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural, limit=1))
+            if found["items"]:
+                return True
+        return False
 
     async def read_configmap(self) -> dict[str, Any] | None:
         t = self.target
         try:
-            found = await self._core.read_namespaced_config_map(t.configmap, t.namespace)
+            found = await self._counted("get", self._core.read_namespaced_config_map(t.configmap, t.namespace))
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -70,17 +85,17 @@ class Cluster:
 
     async def patch_configmap(self, patch: dict[str, Any]) -> None:
         t = self.target
-        await self._core.patch_namespaced_config_map(t.configmap, t.namespace, patch, _content_type=MERGE)
+        await self._counted("patch", self._core.patch_namespaced_config_map(t.configmap, t.namespace, patch, _content_type=MERGE))
 
     async def annotate_pod_template(self, key: str, value: str) -> None:
         t = self.target
         patch = {"spec": {"template": {"metadata": {"annotations": {key: value}}}}}
-        await self._apps.patch_namespaced_deployment(t.deployment, t.namespace, patch, _content_type=MERGE)
+        await self._counted("patch", self._apps.patch_namespaced_deployment(t.deployment, t.namespace, patch, _content_type=MERGE))
 
     async def patch_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
-        await self._custom.patch_namespaced_custom_object_status(
+        await self._counted("patch", self._custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, namespace, plural, name, {"status": status}, _content_type=MERGE
-        )
+        ))
 
     async def post_event(self, body: dict[str, Any], event_type: str, reason: str, message: str, now: str) -> None:
         meta = body["metadata"]
@@ -98,12 +113,12 @@ class Cluster:
             "lastTimestamp": now,
             "count": 1,
         }
-        await self._core.create_namespaced_event(meta["namespace"], event)
+        await self._counted("create", self._core.create_namespaced_event(meta["namespace"], event))
 
     async def ready_pods(self) -> dict[str, str]:
         """Ready gateway pods: name -> pod IP."""
         t = self.target
-        pods = await self._core.list_namespaced_pod(t.namespace, label_selector=t.pod_selector)
+        pods = await self._counted("list", self._core.list_namespaced_pod(t.namespace, label_selector=t.pod_selector))
         return {
             pod.metadata.name: pod.status.pod_ip
             for pod in pods.items

@@ -1,7 +1,8 @@
-"""The kopf side: watches that nudge the worker, and the worker's start and stop. Nothing else.
+"""The kopf side: watches that index the CRs and nudge the worker, and the worker's start and stop.
 
-kopf watches both CR kinds; every event (create, update, delete, resume) only wakes the worker,
-which re-reads everything and writes what differs. kopf itself writes nothing to the CRs.
+kopf watches both CR kinds and keeps every CR in an in-memory index (no LIST per pass); every event
+(create, update, delete, resume) only wakes the worker, which renders from the index and writes what
+differs. kopf itself writes nothing to the CRs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from kubernetes_asyncio import client, config
 from apigw_operator.cluster import Cluster, Target
 from apigw_operator.crds import GROUP, POLICIES, ROUTES, VERSION
 from apigw_operator.leadership import Leadership
-from apigw_operator.reconciler import PodUrl, Reconciler, Worker, pod_url
+from apigw_operator.metrics import Metrics, serve
+from apigw_operator.reconciler import CONFIGMAP_LIMIT, PodUrl, Reconciler, Worker, pod_url
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,10 @@ class Options:
     leader_election: bool = True
     lease_name: str = "apigw-operator"
     pod_url: PodUrl = field(default=pod_url)
+    metrics: tuple[str, int] | None = None
+    """(host, port) of `GET /metrics`; None serves none."""
+    configmap_limit: int = CONFIGMAP_LIMIT
+    """routes.yaml is not written when the ConfigMap would exceed this many bytes."""
 
 
 async def _api_client() -> client.ApiClient:
@@ -43,6 +49,23 @@ async def _api_client() -> client.ApiClient:
     return client.ApiClient()
 
 
+_KEPT_METADATA = ("name", "namespace", "uid", "creationTimestamp", "generation", "resourceVersion")
+
+
+def _kept(body: kopf.Body) -> dict[str, Any]:
+    """What a pass reads of a CR (not managedFields, annotations, ...): 5,000 of them stay in memory."""
+    meta = body.get("metadata") or {}
+    return {
+        "apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+        "metadata": {k: meta[k] for k in _KEPT_METADATA if k in meta},
+        "spec": body.get("spec"), "status": body.get("status"),
+    }
+
+
+def _bodies(index: kopf.Index) -> list[dict[str, Any]]:
+    return [body for store in index.values() for body in store]
+
+
 def build_registry(options: Options) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     running: dict[str, Any] = {}
@@ -51,18 +74,39 @@ def build_registry(options: Options) -> kopf.OperatorRegistry:
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
+    @kopf.index(GROUP, VERSION, ROUTES, id="route_bodies", registry=registry)
+    def route_bodies(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+        return {(namespace, name): _kept(body)}
+
+    @kopf.index(GROUP, VERSION, POLICIES, id="policy_bodies", registry=registry)
+    def policy_bodies(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+        return {(namespace, name): _kept(body)}
+
     @kopf.on.startup(registry=registry)
-    async def start(**_: Any) -> None:
+    async def start(route_bodies: kopf.Index, policy_bodies: kopf.Index, **_: Any) -> None:
         api = running["api"] = await _api_client()
         session = running["session"] = aiohttp.ClientSession()  # registered at once: cleanup closes it
+        metrics = Metrics()
+        if options.metrics is not None:
+            running["metrics"] = await serve(metrics, *options.metrics)
+        cluster = Cluster(api, options.target, options.namespaces, metrics)
+
+        def snapshot() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+            return _bodies(route_bodies), _bodies(policy_bodies)
+
+        def leading() -> bool:
+            return leadership is None or leadership.leading
+
         reconciler = Reconciler(
-            Cluster(api, options.target, options.namespaces), session, lambda: datetime.now(UTC), options.pod_url
+            cluster, session, lambda: datetime.now(UTC), snapshot, options.pod_url,
+            limit=options.configmap_limit, leading=leading,
         )
         leadership = None
         if options.leader_election:
             identity = f"{os.environ.get('POD_NAME') or socket.gethostname()}-{uuid.uuid4().hex[:6]}"
             leadership = Leadership(api, options.target.namespace, options.lease_name, identity, lambda: worker.nudge())
-        worker = Worker(reconciler, options.resync_interval, lambda: leadership is None or leadership.leading)
+        indexed = running["indexed"] = asyncio.Event()
+        worker = Worker(reconciler, options.resync_interval, leading, indexed)
         tasks = [asyncio.create_task(worker.run(), name="apigw-worker")]
         if leadership is not None:
             tasks.append(asyncio.create_task(leadership.campaign(), name="apigw-leadership"))
@@ -77,12 +121,15 @@ def build_registry(options: Options) -> kopf.OperatorRegistry:
             await running["leadership"].release()
         if "session" in running:
             await running["session"].close()
+        if "metrics" in running:
+            await running["metrics"].cleanup()
         if "api" in running:
             await running["api"].close()
 
     @kopf.on.event(GROUP, VERSION, ROUTES, registry=registry)
     @kopf.on.event(GROUP, VERSION, POLICIES, registry=registry)
     async def changed(**_: Any) -> None:
+        running["indexed"].set()
         running["worker"].nudge()
 
     return registry

@@ -1,14 +1,20 @@
-"""One level-triggered pass: read all CRs and the ConfigMap, render, write only what differs.
+"""One level-triggered pass: the CRs (kept in memory from kopf's watch) and the ConfigMap in, render,
+write only what differs.
 
-Reads are fresh every pass (no cache to go stale), so a pass after a no-op is itself a no-op.
+A pass never aborts for one object: whatever fails (a ConfigMap or Deployment write, one status write,
+an Event) is logged and reported on the CRs' Programmed condition, and the pass goes on. Rendering runs
+in a worker thread so the event loop (kopf's watches, the liveness endpoint, the Lease) keeps answering.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -21,21 +27,38 @@ from apigw.config.model import ListenConfig
 from apigw_operator.cluster import Cluster, api_message
 from apigw_operator.crds import GROUP, POLICIES, ROUTES
 from apigw_operator.health import PodReport, probe_pods
-from apigw_operator.render import POLICY, ROUTE, Rendering, ref_of, render, text_hash
-from apigw_operator.status import announcements, conditions, programmed
+from apigw_operator.metrics import Metrics
+from apigw_operator.render import POLICY, ROUTE, Condition, Ref, Renderer, Rendering, entry_digests, ref_of, text_hash
+from apigw_operator.status import NOT_ACCEPTED, Served, announcements, conditions, kept, programmed
+from apigw_operator.throttle import Once, Throttle
 
 ROUTES_ANNOTATION = f"{GROUP}/routes-hash"
+CONFIG_ANNOTATION = f"{GROUP}/config-hash"
+"""On the ConfigMap: the hash of the whole config (config.yaml + routes.yaml) the pods should report."""
 RESTART_ANNOTATION = f"{GROUP}/restart-hash"
 """On the ConfigMap: the restart settings last seen. On the pod template: what rolled the pods."""
+
+CONFIGMAP_LIMIT = 1024 * 1024
+"""What the API server lets a ConfigMap's data hold (keys and values, data and binaryData together)."""
 
 logger = logging.getLogger(__name__)
 
 PodUrl = Callable[[str, str, int], str]
 """(pod name, pod IP, traffic port) -> the base URL of its traffic listener."""
 
+Snapshot = Callable[[], tuple[list[dict[str, Any]], list[dict[str, Any]]]]
+"""() -> (GatewayRoute bodies, RateLimitPolicy bodies) as the watch last saw them."""
+
 
 def pod_url(pod: str, ip: str, port: int) -> str:
     return f"http://{ip}:{port}"
+
+
+def configmap_size(configmap: Mapping[str, Any], data: Mapping[str, str]) -> int:
+    """The size the API server checks against its limit: every key and value, `data` replaced by `data`."""
+    size = sum(len(k) + len(v.encode()) for k, v in {**(configmap.get("data") or {}), **data}.items())
+    binary = configmap.get("binaryData") or {}
+    return size + sum(len(k) + len(base64.b64decode(v)) for k, v in binary.items())
 
 
 def traffic_port(config_yaml: str) -> int:
@@ -46,63 +69,121 @@ def traffic_port(config_yaml: str) -> int:
         return ListenConfig().port
 
 
+@dataclass(frozen=True)
+class Blocked:
+    """Why the config of this pass is not in force: stands on Programmed of every CR the pods do not
+    serve yet, or of every CR (`everywhere`) when no config can be judged served."""
+
+    condition: Condition
+    everywhere: bool = False
+    kept: Mapping[str, str] | None = None
+    """What the ConfigMap's routes.yaml holds (`entry_digests`): CRs in it as they are now are spared."""
+
+
 class Reconciler:
     def __init__(
         self,
         cluster: Cluster,
         session: aiohttp.ClientSession,
         clock: Callable[[], datetime],
+        crs: Snapshot,
         pod_url: PodUrl = pod_url,
+        throttle: Throttle | None = None,
+        events: Once | None = None,
+        metrics: Metrics | None = None,
+        limit: int = CONFIGMAP_LIMIT,
+        leading: Callable[[], bool] = lambda: True,
     ):
         self.cluster = cluster
         self.session = session
         self.clock = clock
+        self.crs = crs
         self.pod_url = pod_url
+        self.throttle = throttle or Throttle(rate=50, burst=50, concurrency=10)
+        self.events = events or Once(window=600)
+        self.metrics = metrics or cluster.metrics
+        self.limit = limit
+        self.leading = leading
+        """Checked before every status write: a replica that lost the Lease mid-pass stops writing."""
+        self.metrics.config_limit.set(limit)
+        self.renderer = Renderer()
+        self.served = Served()
         self._reported: list[str] = []
+        self._written: dict[Ref, tuple[str | None, list[dict[str, Any]]]] = {}
+        """What this replica last wrote to each CR's status (by uid): newer than the watch may show yet."""
 
     async def run_once(self) -> None:
-        routes = await self.cluster.list_crs(ROUTES)
-        policies = await self.cluster.list_crs(POLICIES)
+        routes, policies = self.crs()
         configmap = await self.cluster.read_configmap()
         if configmap is None:
             t = self.cluster.target
-            logger.error("ConfigMap %s/%s not found: nothing to render into", t.namespace, t.configmap)
+            why = (f"ConfigMap {t.namespace}/{t.configmap} not found: it holds config.yaml, which people own; "
+                   "routes.yaml is written into it once it exists")
+            self._report([why])
+            await self._announce_config(configmap, "Warning", "ConfigMapNotFound", why)
+            blocked = Blocked(Condition("Programmed", False, "ConfigMapNotFound", why), everywhere=True)
+            self.metrics.programmed.set(0)
+            await self._write_statuses(routes, policies, None, None, blocked)
             return
         config_yaml = (configmap.get("data") or {}).get(GLOBAL_FILE, "")
-        rendering = await self._write_routes(configmap, render(routes, policies, config_yaml))
-        await self._roll_out(configmap, rendering)
-        pods = await self.cluster.ready_pods()
-        port = traffic_port(config_yaml)
-        reports = await probe_pods(self.session, {pod: self.pod_url(pod, ip, port) for pod, ip in pods.items()})
-        await self._write_statuses(ROUTE, ROUTES, routes, rendering, reports)
-        await self._write_statuses(POLICY, POLICIES, policies, rendering, reports)
+        rendering = await asyncio.to_thread(self.renderer.render, routes, policies, config_yaml)
+        blocked = await self._write_routes(configmap, rendering)
+        blocked = await self._roll_out(configmap, rendering) or blocked
+        reports = await self._probe(config_yaml)
+        if reports is not None:
+            wanted = rendering.config_hash
+            served = blocked is None and wanted is not None and bool(reports) and all(r.config_hash == wanted for r in reports)
+            self.metrics.programmed.set(int(served))
+        await self._write_statuses(routes, policies, rendering, reports, blocked)
 
-    async def _write_routes(self, configmap: dict[str, Any], rendering: Rendering) -> Rendering:
-        """Write routes.yaml if it changed. Returns the rendering as it stands after the write: one the
-        API server refused (the ConfigMap's 1 MiB limit) counts as invalid, and the last good one stays."""
+    async def _write_routes(self, configmap: dict[str, Any], rendering: Rendering) -> Blocked | None:
+        """Write routes.yaml (and the config hash) if either changed; the last good one stays otherwise."""
+        t = self.cluster.target
         if rendering.errors:
             self._report(rendering.errors)
-            return rendering
+            more = f" (and {len(rendering.errors) - 1} more)" if len(rendering.errors) > 1 else ""
+            message = f"the gateway config cannot be applied, the last good routes.yaml stays in force: {rendering.errors[0]}{more}"
+            return Blocked(Condition("Programmed", False, "ConfigInvalid", message), everywhere=True)
+        assert rendering.config_hash is not None
+        size = len(rendering.routes_yaml.encode())
+        total = configmap_size(configmap, {ROUTES_FILE: rendering.routes_yaml})
+        self.metrics.config_bytes.set(total)
         digest = text_hash(rendering.routes_yaml)
         current = (configmap.get("data") or {}).get(ROUTES_FILE)
         annotations = configmap["metadata"].get("annotations") or {}
-        if current == rendering.routes_yaml and annotations.get(ROUTES_ANNOTATION) == digest:
+        wanted = {ROUTES_ANNOTATION: digest, CONFIG_ANNOTATION: rendering.config_hash}
+        if current == rendering.routes_yaml and all(annotations.get(k) == v for k, v in wanted.items()):
             self._report([])
-            return rendering
-        patch = {"metadata": {"annotations": {ROUTES_ANNOTATION: digest}}, "data": {ROUTES_FILE: rendering.routes_yaml}}
+            self.served.record(rendering.config_hash, rendering.digests)
+            return None
+        if total > self.limit:
+            why = (f"routes.yaml ({size} bytes) would make ConfigMap {t.namespace}/{t.configmap} {total} bytes, over its "
+                   f"limit of {self.limit}: the last good routes.yaml stays in force; remove or shrink routes")
+            self._report([why])
+            await self._announce_config(configmap, "Warning", "ConfigTooLarge", why)
+            kept = await asyncio.to_thread(entry_digests, current or "")
+            if annotations.get(CONFIG_ANNOTATION):  # the config in force holds the CRs kept as they are
+                held = {ref: d for ref, d in rendering.digests.items() if kept.get(ref.entry_key) == d}
+                self.served.record(annotations[CONFIG_ANNOTATION], held)
+            return Blocked(Condition("Programmed", False, "ConfigTooLarge", why), kept=kept)
+        patch: dict[str, Any] = {"metadata": {"annotations": wanted}}
+        if current != rendering.routes_yaml:
+            patch["data"] = {ROUTES_FILE: rendering.routes_yaml}
         try:
             await self.cluster.patch_configmap(patch)
         except ApiException as exc:
-            if exc.status not in (413, 422):
-                raise
-            t = self.cluster.target
-            size = len(rendering.routes_yaml.encode())
-            refused = [f"ConfigMap {t.namespace}/{t.configmap} refused routes.yaml ({size} bytes): {api_message(exc)}"]
-            self._report(refused)
-            return replace(rendering, config_hash=None, errors=refused)
+            if exc.status in (413, 422):
+                reason, why = "ConfigInvalid", f"ConfigMap {t.namespace}/{t.configmap} refused routes.yaml ({size} bytes): {api_message(exc)}"
+            elif exc.status == 404:
+                reason, why = "ConfigMapNotFound", f"ConfigMap {t.namespace}/{t.configmap} not found when writing routes.yaml"
+            else:
+                reason, why = "ConfigWriteFailed", f"writing routes.yaml to ConfigMap {t.namespace}/{t.configmap} failed: {api_message(exc)}; retrying"
+            self._report([why])
+            return Blocked(Condition("Programmed", False, reason, why))
         self._report([])
-        logger.info("wrote routes.yaml %s (config %s)", digest, rendering.config_hash)
-        return rendering
+        self.served.record(rendering.config_hash, rendering.digests)
+        logger.info("wrote routes.yaml %s (%d bytes, config %s)", digest, size, rendering.config_hash)
+        return None
 
     def _report(self, errors: list[str]) -> None:
         """Log why routes.yaml is not written, once per change of reason (passes repeat every resync)."""
@@ -110,61 +191,193 @@ class Reconciler:
             logger.error("routes.yaml left as it is, the last good config stays in force:\n%s", "\n".join(errors))
         self._reported = errors
 
-    async def _roll_out(self, configmap: dict[str, Any], rendering: Rendering) -> None:
+    async def _announce_config(self, configmap: dict[str, Any] | None, event_type: str, reason: str, message: str) -> None:
+        """One Event on the ConfigMap for what concerns the whole config (not one per CR)."""
+        t = self.cluster.target
+        if not self.events(("ConfigMap", reason)):
+            return
+        meta = (configmap or {}).get("metadata") or {"name": t.configmap, "namespace": t.namespace}
+        body = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta}
+        await self._post_event(body, event_type, reason, message, self._now())
+
+    async def _roll_out(self, configmap: dict[str, Any], rendering: Rendering) -> Blocked | None:
         """Roll the gateway only when a setting it cannot apply live changed; the first sight only records."""
         if rendering.restart_hash is None:
-            return
+            return None
         recorded = (configmap["metadata"].get("annotations") or {}).get(RESTART_ANNOTATION)
         if recorded == rendering.restart_hash:
-            return
+            return None
+        t = self.cluster.target
         if recorded is not None:
-            await self.cluster.annotate_pod_template(RESTART_ANNOTATION, rendering.restart_hash)
+            try:
+                await self.cluster.annotate_pod_template(RESTART_ANNOTATION, rendering.restart_hash)
+            except ApiException as exc:
+                what = "not found" if exc.status == 404 else f"not patched: {api_message(exc)}"
+                why = (f"config.yaml changed settings the gateway applies only at start, but Deployment "
+                       f"{t.namespace}/{t.deployment} was {what}; retrying")
+                self._report([why])
+                reason = "DeploymentNotFound" if exc.status == 404 else "RolloutFailed"
+                await self._announce_config(configmap, "Warning", reason, why)
+                return Blocked(Condition("Programmed", False, reason, why))
             logger.info("restart settings changed (%s -> %s): rolling the gateway", recorded, rendering.restart_hash)
-        await self.cluster.patch_configmap({"metadata": {"annotations": {RESTART_ANNOTATION: rendering.restart_hash}}})
+        try:
+            await self.cluster.patch_configmap({"metadata": {"annotations": {RESTART_ANNOTATION: rendering.restart_hash}}})
+        except ApiException as exc:  # the roll-out is repeated at the next pass: harmless, same annotation
+            logger.warning("could not record the restart settings on the ConfigMap: %s", api_message(exc))
+        return None
+
+    async def _probe(self, config_yaml: str) -> list[PodReport] | None:
+        """What the ready pods serve; None when the pods cannot be listed (Programmed then stays as it is)."""
+        try:
+            pods = await self.cluster.ready_pods()
+        except ApiException as exc:
+            logger.warning("could not list the gateway pods: %s", api_message(exc))
+            return None
+        port = traffic_port(config_yaml)
+        return await probe_pods(self.session, {pod: self.pod_url(pod, ip, port) for pod, ip in pods.items()})
 
     async def _write_statuses(
-        self, kind: str, plural: str, bodies: Sequence[dict[str, Any]], rendering: Rendering, reports: list[PodReport]
+        self,
+        routes: Sequence[Mapping[str, Any]],
+        policies: Sequence[Mapping[str, Any]],
+        rendering: Rendering | None,
+        reports: list[PodReport] | None,
+        blocked: Blocked | None,
     ) -> None:
-        now = self.clock().strftime("%Y-%m-%dT%H:%M:%SZ")
-        for body in bodies:
-            verdict = rendering.verdicts[ref_of(kind, body)]
-            wanted = [verdict.accepted, verdict.resolved_refs, programmed(verdict, rendering, reports)]
-            previous = (body.get("status") or {}).get("conditions") or []
+        """Write every status that changed, throttled, all at once; one failure skips only its CR."""
+        now = self._now()
+        bodies = [(POLICY, POLICIES, b) for b in policies] + [(ROUTE, ROUTES, b) for b in routes]
+        present = {ref_of(kind, b) for kind, _, b in bodies}
+        self._written = {ref: w for ref, w in self._written.items() if ref in present}
+        writes = []
+        counts: Counter[tuple[str, str, str]] = Counter()
+        for kind, plural, body in bodies:
+            ref = ref_of(kind, body)
+            previous = self._previous(ref, body)
+            wanted = self._wanted(ref, previous, rendering, reports, blocked)
             new = conditions(wanted, previous, body["metadata"].get("generation"), now)
-            if new == previous:
-                continue
+            counts.update((kind, c["type"], c["status"]) for c in new)
+            if new != previous:
+                writes.append(self._write_status(ref, plural, body, new, previous, now))
+        self.metrics.count_crs(dict(counts))
+        failed = sum(not ok for ok in await asyncio.gather(*writes))
+        if failed:
+            logger.warning("%d of %d status writes failed; they are retried at the next pass", failed, len(writes))
+
+    def _previous(self, ref: Ref, body: Mapping[str, Any]) -> list[dict[str, Any]]:
+        uid = body["metadata"].get("uid")
+        mine = self._written.get(ref)
+        if mine is not None and mine[0] == uid:
+            return mine[1]
+        return list((body.get("status") or {}).get("conditions") or [])
+
+    def _wanted(
+        self,
+        ref: Ref,
+        previous: list[dict[str, Any]],
+        rendering: Rendering | None,
+        reports: list[PodReport] | None,
+        blocked: Blocked | None,
+    ) -> list[Condition]:
+        if rendering is None or rendering.unjudged:  # nothing to judge by: keep the last valid verdict
+            accepted = kept(previous, "Accepted", "waiting for a valid config.yaml to judge it by")
+            refs = kept(previous, "ResolvedRefs", "waiting for a valid config.yaml to judge it by")
+            if accepted.status is False or refs.status is False:
+                return [accepted, refs, NOT_ACCEPTED]
+            assert blocked is not None  # no rendering, or one without a valid config.yaml
+            return [accepted, refs, blocked.condition]
+        verdict = rendering.verdicts[ref]
+        if blocked is not None and blocked.everywhere and verdict.included:
+            state = blocked.condition
+        elif reports is None:
+            state = kept(previous, "Programmed", "the gateway pods could not be listed")
+        else:
+            digest = rendering.digests.get(ref)
+            spared = blocked is not None and blocked.kept is not None and blocked.kept.get(ref.entry_key) == digest
+            condition = blocked.condition if blocked is not None and not spared else None
+            state = programmed(ref, verdict, digest, reports, self.served, condition)
+        return [verdict.accepted, verdict.resolved_refs, state]
+
+    async def _write_status(
+        self, ref: Ref, plural: str, body: Mapping[str, Any], new: list[dict[str, Any]], previous: list[dict[str, Any]], now: str
+    ) -> bool:
+        meta = body["metadata"]
+        if not self.leading():
+            return True
+        try:
+            await self.throttle.run(lambda: self.cluster.patch_status(plural, meta["namespace"], meta["name"], {"conditions": new}))
+        except ApiException as exc:
+            self._written.pop(ref, None)
+            if exc.status == 404:  # deleted since the watch saw it: nothing to report on
+                return True
+            logger.warning("could not write the status of %s %s/%s: %s", ref.kind, ref.namespace, ref.name, api_message(exc))
+            return False
+        self._written[ref] = (meta.get("uid"), new)
+        for event_type, reason, message in announcements(new, previous):
+            if self.events((meta.get("uid"), reason)):
+                await self._post_event(body, event_type, reason, message, now)
+        return True
+
+    async def _post_event(self, body: Mapping[str, Any], event_type: str, reason: str, message: str, now: str) -> None:
+        try:
+            await self.throttle.run(lambda: self.cluster.post_event(body, event_type, reason, message, now))
+        except ApiException as exc:  # an Event is a courtesy: the status already says it
             meta = body["metadata"]
-            await self.cluster.patch_status(plural, meta["namespace"], meta["name"], {"conditions": new})
-            for event_type, reason, message in announcements(new, previous):
-                try:
-                    await self.cluster.post_event(body, event_type, reason, message, now)
-                except ApiException as exc:  # an Event is a courtesy: the status above already says it
-                    logger.warning("could not post an Event on %s/%s: %s", meta["namespace"], meta["name"], exc.reason)
+            logger.warning("could not post an Event on %s/%s: %s", meta["namespace"], meta["name"], exc.reason)
+
+    def _now(self) -> str:
+        return self.clock().strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class Worker:
-    """Runs passes one at a time: on a nudge (any CR event) or every `interval` seconds."""
+    """Runs passes one at a time: on a nudge (any CR event) or every `interval` seconds, once `ready`
+    (kopf has listed every CR into its index)."""
 
-    def __init__(self, reconciler: Reconciler, interval: float, leading: Callable[[], bool]):
+    def __init__(self, reconciler: Reconciler, interval: float, leading: Callable[[], bool], ready: asyncio.Event):
         self.reconciler = reconciler
         self.interval = interval
         self.leading = leading
+        self.ready = ready
         self._wakeup = asyncio.Event()
         self._wakeup.set()
 
     def nudge(self) -> None:
         self._wakeup.set()
 
+    async def _indexed(self) -> None:
+        """kopf runs no event handler before its indices hold every CR, so the first event says the index
+        is whole; with no CR at all there is none: then an empty LIST says it."""
+        cluster = self.reconciler.cluster
+        while not self.ready.is_set():
+            try:
+                if not (await cluster.any_crs(ROUTES) or await cluster.any_crs(POLICIES)):
+                    return
+            except ApiException as exc:
+                logger.warning("could not list the CRs: %s; retrying", api_message(exc))
+            try:
+                await asyncio.wait_for(self.ready.wait(), 2)
+            except TimeoutError:
+                pass
+
     async def run(self) -> None:
+        await self._indexed()
         while True:
             try:
                 await asyncio.wait_for(self._wakeup.wait(), self.interval)
             except TimeoutError:
                 pass
             self._wakeup.clear()
-            if not self.leading():
+            metrics = self.reconciler.metrics
+            leading = self.leading()
+            metrics.leader.set(int(leading))
+            if not leading:
                 continue
+            start = time.perf_counter()
             try:
                 await self.reconciler.run_once()
             except Exception:
+                metrics.passes.labels("error").inc()
                 logger.exception("reconcile failed; retrying at the next resync")
+            else:
+                metrics.passes.labels("ok").inc()
+            metrics.duration.observe(time.perf_counter() - start)

@@ -1,4 +1,10 @@
-"""CR status from verdicts and pod reports: conditions, their transition times, and what to announce."""
+"""CR status from verdicts and pod reports: conditions, their transition times, and what to announce.
+
+A Programmed message names no config hash (that changes with every edit of any CR): a CR whose own
+entry did not change keeps the same status while the pods move on to the next config, so one route edit
+rewrites one status. The hash of the config the pods should serve is on the ConfigMap
+(`gateway.apigw.io/config-hash`) and in the operator's log.
+"""
 
 from __future__ import annotations
 
@@ -6,34 +12,81 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from apigw_operator.health import PodReport
-from apigw_operator.render import Condition, Rendering, Verdict
+from apigw_operator.render import Condition, Ref, Verdict
 
 _STATUS = {True: "True", False: "False", None: "Unknown"}
+NOT_ACCEPTED = Condition("Programmed", False, "NotAccepted", "not in the gateway config: see Accepted and ResolvedRefs")
 
 
-def programmed(verdict: Verdict, rendering: Rendering, reports: Sequence[PodReport]) -> Condition:
-    """True only when every ready gateway pod serves the config holding this CR."""
+class Served:
+    """Which configs hold each CR as it is now: configs are numbered in the order they were written, and
+    each CR remembers its entry's digest and the first config that held that entry."""
+
+    def __init__(self, keep: int = 64):
+        self.keep = keep
+        self._order: dict[str, int] = {}
+        self._since: dict[Ref, tuple[str, int]] = {}
+
+    def record(self, config_hash: str, digests: Mapping[Ref, str]) -> None:
+        """`config_hash` is now the config in the ConfigMap, holding the entries `digests`."""
+        latest = max(self._order.values(), default=0)
+        if self._order.get(config_hash) != latest or not self._order:
+            self._order.pop(config_hash, None)  # a revert: the same content again, as the newest
+            self._order[config_hash] = latest + 1
+            while len(self._order) > self.keep:
+                del self._order[next(iter(self._order))]
+        number = self._order[config_hash]
+        self._since = {
+            ref: since if since is not None and since[0] == digest else (digest, number)
+            for ref, digest in digests.items()
+            for since in [self._since.get(ref)]
+        }
+
+    def holds(self, config_hash: str | None, ref: Ref, digest: str | None) -> bool:
+        """Does the config `config_hash` hold the CR's entry as it is now (`digest`)?"""
+        number = self._order.get(config_hash or "")
+        since = self._since.get(ref)
+        return number is not None and since is not None and since[0] == digest and number >= since[1]
+
+
+def programmed(
+    ref: Ref,
+    verdict: Verdict,
+    digest: str | None,
+    reports: Sequence[PodReport],
+    served: Served,
+    blocked: Condition | None = None,
+) -> Condition:
+    """True only when every ready gateway pod serves a config holding this CR as it is now.
+
+    `blocked` says why the current config did not reach the ConfigMap: it stands on every CR the pods
+    do not serve yet (those they serve are Programmed all the same).
+    """
     if not verdict.included:
-        return Condition("Programmed", False, "NotAccepted", "not in the gateway config: see Accepted and ResolvedRefs")
-    if rendering.config_hash is None:
-        more = f" (and {len(rendering.errors) - 1} more)" if len(rendering.errors) > 1 else ""
-        return Condition(
-            "Programmed", False, "ConfigInvalid",
-            f"the gateway config cannot be applied, the last good routes.yaml stays in force: {rendering.errors[0]}{more}",
-        )
-    wanted = rendering.config_hash
+        return NOT_ACCEPTED
+    serving = [r for r in reports if served.holds(r.config_hash, ref, digest)]
+    if reports and len(serving) == len(reports):
+        return Condition("Programmed", True, "Programmed", f"{len(serving)}/{len(reports)} pods serve its current spec")
+    if blocked is not None:
+        return blocked
     if not reports:
-        return Condition("Programmed", False, "Pending", f"no ready gateway pods to serve config {wanted}")
-    serving = sum(r.config_hash == wanted for r in reports)
-    message = f"{serving}/{len(reports)} pods serve config {wanted}"
-    if serving == len(reports):
-        return Condition("Programmed", True, "Programmed", message)
-    others = [r for r in reports if r.config_hash != wanted]
+        return Condition("Programmed", False, "Pending", "no ready gateway pods to serve it")
+    message = f"{len(serving)}/{len(reports)} pods serve its current spec"
+    others = [r for r in reports if r not in serving]
     notes = "; ".join(f"{r.pod}: {r.problem}" for r in others if r.problem)
     message += f" ({notes})" if notes else ""
     if any(r.rejected for r in others):
         return Condition("Programmed", False, "Rejected", message)
     return Condition("Programmed", False, "Pending", message)
+
+
+def kept(previous: Sequence[Mapping[str, Any]], type_: str, unknown: str) -> Condition:
+    """A condition as the status holds it (a verdict kept while config.yaml is broken), else Unknown."""
+    for c in previous:
+        if c.get("type") == type_:
+            status = {"True": True, "False": False}.get(c.get("status", ""))
+            return Condition(type_, status, c.get("reason", ""), c.get("message", ""))
+    return Condition(type_, None, "Pending", unknown)
 
 
 def conditions(

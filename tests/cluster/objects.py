@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import urllib.request
 from typing import Any
 
 import yaml
@@ -67,6 +69,17 @@ def routes_yaml(plane: ControlPlane) -> dict[str, Any]:
     """The operator's routes.yaml in the ConfigMap, parsed ({} while it has written none)."""
     text = (plane.api.get(CM_PATH).get("data") or {}).get("routes.yaml")
     return yaml.safe_load(text) if text else {}
+
+
+def served(pod_ip: str, port: int) -> str:
+    """The hash of the config a gateway pod serves, from its `/_health/ready`."""
+    with urllib.request.urlopen(f"http://{pod_ip}:{port}/_health/ready", timeout=5) as response:
+        return json.loads(response.read())["config_hash"]
+
+
+def config_annotation(plane: ControlPlane) -> str | None:
+    """The hash of the config the operator wants served, as the ConfigMap names it."""
+    return (plane.api.get(CM_PATH)["metadata"].get("annotations") or {}).get("gateway.apigw.io/config-hash")
 
 
 def route_names(plane: ControlPlane) -> list[str]:

@@ -57,7 +57,8 @@ class OperatorProcess:
         self.env = {**ENV, "KUBECONFIG": str(kubeconfig), "POD_NAME": name}
         self.env.pop("KUBERNETES_SERVICE_HOST", None)
         self.liveness = f"http://127.0.0.1:{free_port()}/healthz"
-        self.args = ["--liveness", self.liveness, "--resync-interval", "2", *args]
+        self.metrics = f"127.0.0.1:{free_port()}"
+        self.args = ["--liveness", self.liveness, "--metrics", self.metrics, "--resync-interval", "2", *args]
         self.log_path = plane.dir / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import urllib.request
+
 from tests.cluster.controlplane import ControlPlane
-from tests.cluster.objects import conditions, create, gatewayroute, namespace, route_names, summary
+from tests.cluster.objects import conditions, create, gatewayroute, namespace, requests_by, route_names, summary
 from tests.cluster.parts import wait_for
 
 
@@ -19,7 +22,7 @@ def test_namespace_mode_renders_only_its_namespaces(cluster: ControlPlane, opera
     assert conditions(cluster, outside) == {}
 
 
-def test_configmap_over_1mib_is_refused_and_reported(cluster: ControlPlane, operators) -> None:
+def test_configmap_over_1mib_is_not_written_and_reported(cluster: ControlPlane, operators) -> None:
     ns = namespace(cluster, "big")
     small = gatewayroute("small", ns, "/small")
     create(cluster, small)
@@ -35,10 +38,16 @@ def test_configmap_over_1mib_is_refused_and_reported(cluster: ControlPlane, oper
 
     def reported() -> dict:
         found = conditions(cluster, bulky[-1]).get("Programmed", {})
-        return found if found.get("reason") == "ConfigInvalid" else {}
-    refused = wait_for(reported, what="Programmed says the ConfigMap was refused")
-    assert "1048576" in refused["message"], refused
+        return found if found.get("reason") == "ConfigTooLarge" else {}
+    refused = wait_for(reported, what="Programmed says the config is too large")
+    assert re.search(r"would make ConfigMap api-gateway/api-gateway-config \d+ bytes, over its limit of 1048576", refused["message"])
     assert summary(cluster, bulky[-1])["Accepted"] == ("True", "Accepted")
-    assert summary(cluster, small)["Programmed"] == ("False", "ConfigInvalid")
+    assert summary(cluster, small)["Programmed"] == ("False", "Pending"), "in the config in force: not blamed"
     assert route_names(cluster) == ["big.small"]  # the last good routes.yaml stays in force
-    assert operator.log_text().count("1048576") == 1, "the refusal is logged once, not on every pass"
+    assert operator.log_text().count("1048576") == 1, "logged once, not on every pass"
+    with urllib.request.urlopen(f"http://{operator.metrics}/metrics", timeout=5) as response:
+        scraped = response.read().decode()
+    size = float(re.search(r"^apigw_operator_config_bytes (\S+)$", scraped, re.MULTILINE).group(1))
+    assert size > 1048576 and "apigw_operator_config_limit_bytes 1.048576e+06" in scraped
+    refusals = [r for r in requests_by(cluster, operator.credential) if r.get("responseStatus", {}).get("code") == 422]
+    assert refusals == [], "the size is checked before writing: the API server refuses nothing"

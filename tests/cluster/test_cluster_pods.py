@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import urllib.request
 
 from apigw.testkit.process import BackendProcess
 from apigw.testkit.redis import free_port
 from tests.cluster.conftest import DEPLOYMENT_PATH
 from tests.cluster.controlplane import ControlPlane
-from tests.cluster.objects import conditions, create, gatewayroute, namespace, route_names
+from tests.cluster.objects import conditions, config_annotation, create, gatewayroute, namespace, route_names, served
 from tests.cluster.parts import CM_PATH, wait_for
 
 RESTART = "gateway.apigw.io/restart-hash"
-
-
-def served(pod_ip: str, port: int) -> str:
-    with urllib.request.urlopen(f"http://{pod_ip}:{port}/_health/ready", timeout=5) as response:
-        return json.loads(response.read())["config_hash"]
 
 
 def test_programmed_only_when_every_pod_serves_the_config(cluster: ControlPlane, operators, gateway_pods) -> None:
@@ -35,7 +29,8 @@ def test_programmed_only_when_every_pod_serves_the_config(cluster: ControlPlane,
             return conditions(cluster, orders).get("Programmed", {})
         done = wait_for(lambda: programmed().get("status") == "True" and programmed(), what="Programmed")
         config = served(pods[0].ip, port)
-        assert served(pods[1].ip, port) == config and done["message"] == f"2/2 pods serve config {config}"
+        assert served(pods[1].ip, port) == config and done["message"] == "2/2 pods serve its current spec"
+        assert config_annotation(cluster) == config, "the ConfigMap names the config the pods should serve"
         with urllib.request.urlopen(f"http://{pods[1].ip}:{port}/orders/1", timeout=5) as response:
             assert response.status == 200  # the pod routes by the CR, to the backend
 
@@ -43,10 +38,11 @@ def test_programmed_only_when_every_pod_serves_the_config(cluster: ControlPlane,
         cluster.kubectl("patch", "gatewayroute", "orders", "-n", ns, "--type", "merge", "-p", '{"spec":{"max_body_size":"2MiB"}}')
         pending = wait_for(lambda: programmed().get("message", "").startswith("1/2 ") and programmed(), what="1/2 pods")
         new = served(pods[0].ip, port)
-        assert new != config and pending["message"] == f"1/2 pods serve config {new}" and pending["reason"] == "Pending"
+        assert new != config and pending["message"] == "1/2 pods serve its current spec" and pending["reason"] == "Pending"
         assert served(pods[1].ip, port) == config
         pods[1].release()
-        wait_for(lambda: programmed().get("message") == f"2/2 pods serve config {new}", what="both pods serve the new config")
+        wait_for(lambda: programmed().get("message") == "2/2 pods serve its current spec", what="both pods serve the new config")
+        assert config_annotation(cluster) == new
         assert programmed()["status"] == "True"
 
 

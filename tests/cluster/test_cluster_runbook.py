@@ -13,7 +13,7 @@ import subprocess
 from apigw.testkit.redis import free_port
 from tests.cluster.conftest import DEPLOYMENT_PATH
 from tests.cluster.controlplane import ROOT, ControlPlane
-from tests.cluster.objects import conditions, create, gatewayroute, table
+from tests.cluster.objects import conditions, config_annotation, create, gatewayroute, served, table
 from tests.cluster.parts import CM_PATH, NS, wait_for
 from tests.test_runbook import runbook_commands
 
@@ -61,9 +61,11 @@ def test_runbook_kubectl_commands(cluster: ControlPlane, operators, gateway_pods
     editor.write_text('#!/bin/sh\nsed -i "s/failure_mode: fail_closed/failure_mode: fail_open/" "$1"\n')
     editor.chmod(0o755)
     generation = cluster.api.get(DEPLOYMENT_PATH)["metadata"]["generation"]
+    before = config_annotation(cluster)
     run(cluster, "kubectl edit configmap api-gateway-config -n api-gateway", editor=str(editor))
-    wait_for(lambda: conditions(cluster, route)["Programmed"]["message"] not in (programmed, ""), what="new config programmed")
-    wait_for(lambda: conditions(cluster, route)["Programmed"]["status"] == "True", what="pods serve the edit")
+    wait_for(lambda: config_annotation(cluster) not in (before, None), what="the operator saw the edit")
+    wait_for(lambda: all(served(pod.ip, port) == config_annotation(cluster) for pod in pods), what="pods serve the edit")
+    assert conditions(cluster, route)["Programmed"]["message"] == programmed, "the route itself did not change"
     assert "failure_mode: fail_open" in cluster.api.get(CM_PATH)["data"]["config.yaml"]
     assert cluster.api.get(DEPLOYMENT_PATH)["metadata"]["generation"] == generation
 

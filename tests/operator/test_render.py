@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from apigw.config.errors import ConfigError
 from apigw.config.loader import parse_documents
 from apigw.config.model import config_hash
 from apigw_operator.render import POLICY, ROUTE, Ref, render
@@ -146,3 +150,48 @@ def test_pods_are_probed_on_the_configured_traffic_port() -> None:
     assert pod_url("gw-0", "10.0.0.7", traffic_port("listen: {port: 8181}\n")) == "http://10.0.0.7:8181"
     assert traffic_port("") == 8080
     assert traffic_port("listen: [broken\n") == 8080
+
+
+def test_routes_sharing_a_backend_may_differ_in_timeout_but_not_in_cluster_settings() -> None:
+    one = route("one", "/one", created="2025-01-01T00:00:00Z")
+    slower = route("slower", "/slower", created="2025-01-02T00:00:00Z")
+    slower["spec"]["backend"] = {"service": "one", "url": "http://one.shop:8080", "timeout": "90s"}
+    other = route("other", "/other", created="2025-01-03T00:00:00Z")
+    other["spec"]["backend"] = {"service": "one", "url": "http://one.shop:8080", "connect_timeout": "1s"}
+    result = render([one, slower, other], [], CONFIG_YAML)
+    assert verdict(result, "slower").included, "a route's own timeout"
+    assert verdict(result, "other").accepted.message.startswith(
+        "spec.backend.connect_timeout: backend service 'one' has other connect_timeout settings in route 'shop.one'"
+    )
+
+
+_paths = st.sampled_from(["/a", "/b", "/a/x"])
+_specs = st.fixed_dictionaries({
+    "match": st.fixed_dictionaries({}, optional={
+        "path_prefix": _paths,
+        "host": st.sampled_from(["a.example", "*.example"]),
+        "methods": st.lists(st.sampled_from(["GET", "POST"]), min_size=1, max_size=2, unique=True),
+    }),
+    "backend": st.fixed_dictionaries(
+        {"service": st.sampled_from(["s1", "s2"]), "url": st.sampled_from(["http://one:80", "http://two:80"])},
+        optional={"timeout": st.sampled_from(["1s", "2s"]), "connect_timeout": st.sampled_from(["1s", "2s"])},
+    ),
+}, optional={"enabled": st.booleans()})
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_specs, min_size=1, max_size=6))
+def test_the_conflict_index_finds_what_the_loader_finds(specs: list[dict]) -> None:
+    """The operator's index agrees with the loader: every conflict is found by the index (its messages
+    name the CR; the loader's would name `routes.yaml routes[i]`), and each CR it excludes would make
+    the loader refuse the config if it were added back."""
+    bodies = [cr("GatewayRoute", f"r{i}", spec, created=f"2025-01-0{i + 1}T00:00:00Z") for i, spec in enumerate(specs)]
+    result = render(bodies, [], CONFIG_YAML)
+    assert result.errors == [] and result.config_hash is not None
+    for ref, v in result.verdicts.items():
+        if v.accepted.reason == "Conflicted":
+            assert "(GatewayRoute shop/r" in v.accepted.message, v.accepted.message
+            document = rendered(result.routes_yaml)
+            document["routes"].append({"name": ref.config_name, **specs[int(ref.name[1:])]})
+            with pytest.raises(ConfigError):
+                parse_documents({"config.yaml": CONFIG_YAML, "routes.yaml": yaml.safe_dump(document)})

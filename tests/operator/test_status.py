@@ -3,35 +3,54 @@
 from __future__ import annotations
 
 from apigw_operator.health import PodReport
-from apigw_operator.render import Condition, Rendering, Verdict
-from apigw_operator.status import announcements, conditions, programmed
+from apigw_operator.render import Condition, Ref, Verdict
+from apigw_operator.status import Served, announcements, conditions, programmed
 
 OK = Verdict(Condition("Accepted", True, "Accepted", "valid"), Condition("ResolvedRefs", True, "ResolvedRefs", "ok"))
-GOOD = Rendering("routes: []\n", {}, config_hash="9f2c000000000000", restart_hash="r")
+A, B = Ref("GatewayRoute", "shop", "a"), Ref("GatewayRoute", "shop", "b")
 
 
-def test_programmed_counts_pods_serving_the_config() -> None:
-    reports = [PodReport("a", "9f2c000000000000"), PodReport("b", "9f2c000000000000"), PodReport("c", "old")]
-    assert programmed(OK, GOOD, reports) == Condition("Programmed", False, "Pending", "2/3 pods serve config 9f2c000000000000")
-    assert programmed(OK, GOOD, reports[:2]) == Condition("Programmed", True, "Programmed", "2/2 pods serve config 9f2c000000000000")
+def history() -> Served:
+    """Config c1 holds a and b; c2 holds a unchanged and b edited."""
+    served = Served()
+    served.record("c1", {A: "a1", B: "b1"})
+    served.record("c2", {A: "a1", B: "b2"})
+    return served
+
+
+def test_an_unchanged_cr_is_served_by_every_config_since_its_last_edit() -> None:
+    served = history()
+    assert served.holds("c1", A, "a1") and served.holds("c2", A, "a1")
+    assert not served.holds("c1", B, "b2") and served.holds("c2", B, "b2")
+    assert not served.holds("unknown", A, "a1") and not served.holds(None, A, "a1")
+    served.record("c1", {A: "a1", B: "b1"})  # a revert: c1 is the newest config again
+    assert served.holds("c1", B, "b1") and not served.holds("c2", B, "b1")
+
+
+def test_programmed_counts_pods_serving_the_cr_as_it_is_and_names_no_hash() -> None:
+    served = history()
+    reports = [PodReport("p", "c2"), PodReport("q", "c2"), PodReport("r", "c1")]
+    assert programmed(A, OK, "a1", reports, served) == Condition("Programmed", True, "Programmed", "3/3 pods serve its current spec")
+    assert programmed(B, OK, "b2", reports, served) == Condition("Programmed", False, "Pending", "2/3 pods serve its current spec")
 
 
 def test_a_pod_that_rejected_the_config_keeps_it_false_with_its_reason() -> None:
-    reports = [PodReport("a", "9f2c000000000000"), PodReport("b", "old", "routes.yaml:3: routes[0].backend.url: bad", rejected=True)]
-    result = programmed(OK, GOOD, reports)
+    reports = [PodReport("p", "c2"), PodReport("q", "c1", "routes.yaml:3: routes[0].backend.url: bad", rejected=True)]
+    result = programmed(B, OK, "b2", reports, history())
     assert (result.status, result.reason) == (False, "Rejected")
-    assert result.message == "1/2 pods serve config 9f2c000000000000 (b: routes.yaml:3: routes[0].backend.url: bad)"
+    assert result.message == "1/2 pods serve its current spec (q: routes.yaml:3: routes[0].backend.url: bad)"
 
 
-def test_no_pods_unreachable_pods_invalid_config_and_excluded_cr() -> None:
-    assert programmed(OK, GOOD, []).reason == "Pending"
-    unreachable = programmed(OK, GOOD, [PodReport("a", None, "health endpoint not answering: refused")])
-    assert (unreachable.reason, unreachable.message) == ("Pending", "0/1 pods serve config 9f2c000000000000 (a: health endpoint not answering: refused)")
-    broken = Rendering("", {}, errors=["config.yaml:1: not valid YAML", "another"])
-    assert programmed(OK, broken, []).reason == "ConfigInvalid"
-    assert programmed(OK, broken, []).message.endswith("config.yaml:1: not valid YAML (and 1 more)")
+def test_no_pods_unreachable_pods_blocked_config_and_excluded_cr() -> None:
+    served = history()
+    assert programmed(A, OK, "a1", [], served).reason == "Pending"
+    unreachable = programmed(A, OK, "a1", [PodReport("p", None, "health endpoint not answering: refused")], served)
+    assert (unreachable.reason, unreachable.message) == ("Pending", "0/1 pods serve its current spec (p: health endpoint not answering: refused)")
+    too_big = Condition("Programmed", False, "ConfigTooLarge", "x")
+    assert programmed(B, OK, "b3", [PodReport("p", "c2")], served, too_big) == too_big
+    assert programmed(A, OK, "a1", [PodReport("p", "c2")], served, too_big).reason == "Programmed", "served CRs stay Programmed"
     excluded = Verdict(Condition("Accepted", False, "Invalid", "x"), OK.resolved_refs)
-    assert programmed(excluded, GOOD, [PodReport("a", "9f2c000000000000")]).reason == "NotAccepted"
+    assert programmed(A, excluded, None, [PodReport("p", "c2")], served).reason == "NotAccepted"
 
 
 def test_transition_time_moves_only_when_status_flips() -> None:

@@ -271,7 +271,7 @@ class AuthConfig(Strict):
     required_claims: list[str] = ["exp"]
     """Claims every token must carry (else 401 `missing_claim`); `[]` accepts tokens that never expire."""
     clock_skew: Duration = 30.0
-    revocation: RevocationConfig = RevocationConfig()
+    revocation: RevocationConfig = Field(default_factory=RevocationConfig)
     forward_claims: dict[str, Annotated[str, Field(pattern=r"^[A-Za-z0-9-]+$")]] = {}
     """Claim name -> request header carrying it to the backend (client-sent copies are stripped)."""
     cache_size: Annotated[int, Field(ge=0)] = 10_000
@@ -324,7 +324,7 @@ class Policy(Strict):
     period: PositiveDuration
     burst: Annotated[int, Field(ge=0)] = 0
     """Extra requests allowed at once on top of the steady rate."""
-    key: LimitKey = LimitKey()
+    key: LimitKey = Field(default_factory=LimitKey)
 
 
 def _normal_path(value: str, what: str = "") -> str:
@@ -435,7 +435,7 @@ class Backend(Strict):
     circuit_breaker: BreakerSettings | None = None
     """Replaces the global `circuit_breaker` settings for this backend (settings left out take their
     defaults, not the global values). Routes sharing the service must agree on it."""
-    retries: RetrySettings = RetrySettings()
+    retries: RetrySettings = Field(default_factory=RetrySettings)
     """Routes sharing the service must agree on it: the retry budget is the backend's."""
 
     @model_validator(mode="after")
@@ -463,7 +463,7 @@ class RouteAuth(Strict):
 class Route(Strict):
     name: Name
     enabled: bool = True
-    match: RouteMatch = RouteMatch()
+    match: RouteMatch = Field(default_factory=RouteMatch)
     backend: Backend
     rewrite_prefix: RoutePath | None = None
     """Replaces the matched path prefix before the request goes to the backend."""
@@ -491,14 +491,14 @@ class RoutesDocument(Strict):
 class Config(RoutesDocument):
     """The whole config: global settings plus routes and policies."""
 
-    listen: ListenConfig = ListenConfig()
-    limits: LimitsConfig = LimitsConfig()
-    logging: LoggingConfig = LoggingConfig()
+    listen: ListenConfig = Field(default_factory=ListenConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
     redis: RedisConfig | None = None
     """Absent: limiter state is kept in-process (per replica; for `gateway demo` and development)."""
-    auth: AuthConfig = AuthConfig()
-    ratelimit: RateLimitSettings = RateLimitSettings()
-    circuit_breaker: BreakerSettings = BreakerSettings()
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    ratelimit: RateLimitSettings = Field(default_factory=RateLimitSettings)
+    circuit_breaker: BreakerSettings = Field(default_factory=BreakerSettings)
 
 
 def config_hash(config: Config) -> str:

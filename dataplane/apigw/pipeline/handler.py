@@ -200,9 +200,14 @@ def _may_retry(request: web.Request, cluster: Cluster, retries: int, outcome: in
 
 
 def error_response(error: GatewayError, request_id: str) -> web.Response:
-    body = json.dumps({"error": error.message, "request_id": request_id})
     headers = {**error.headers, "X-Request-ID": request_id}
-    return web.Response(status=error.status, body=body, content_type="application/json", headers=headers)
+    return web.Response(status=error.status, body=error_body(error, request_id), content_type="application/json",
+                        headers=headers)
+
+
+def error_body(error: GatewayError, request_id: str) -> bytes:
+    """The JSON every answer of the gateway's own carries."""
+    return json.dumps({"error": error.message, "request_id": request_id}).encode()
 
 
 async def _answer_and_close(request: web.Request, response: web.StreamResponse) -> None:

@@ -122,12 +122,10 @@ class Edge:
             return False
         return any(ip in network for network in self.trusted_networks)
 
-    def client_ip(self, peer: str, headers: CIMultiDictProxy[str]) -> str:
-        """The peer, or behind trusted proxies the rightmost X-Forwarded-For entry that is not one of
-        them; an entry that is no IP address ends the walk at the proxy that sent it."""
-        client = peer
-        if not self.is_trusted(peer):
-            return client
+    def client_ip(self, trusted_peer: str, headers: CIMultiDictProxy[str]) -> str:
+        """Behind trusted proxies (the peer is one), the rightmost X-Forwarded-For entry that is not one
+        of them; an entry that is no IP address ends the walk at the proxy that sent it."""
+        client = trusted_peer
         hops = ",".join(headers.getall("X-Forwarded-For", ())).split(",")
         for hop in reversed(hops):
             hop = hop.strip()
@@ -240,15 +238,18 @@ async def _relay(
 ) -> web.StreamResponse:
     bodiless = request.method == "HEAD" or backend.status in (204, 304)
     drop = HOP_BY_HOP if bodiless else _RESPONSE_DROP  # a HEAD answer keeps the length of the body it omits
-    named = [token.strip().lower() for k, v in backend.headers if k.lower() == "connection" for token in v.split(",")]
-    if named:
-        drop = drop | set(named)
-    codings = [token.strip().lower() for k, v in backend.headers if k.lower() == "transfer-encoding"
-               for token in v.split(",")]
-    if codings and codings != ["chunked"]:  # e.g. gzip: the client would get bytes nothing says are gzip
-        raise GatewayError(502, "backend_invalid_response",
-                           f"backend {service} sent a transfer coding the gateway does not pass on")
-    headers = CIMultiDict([(k, v) for k, v in backend.headers if k.lower() not in drop])
+    kept, named = [], set()
+    for name, value in backend.headers:
+        lower = name.lower()
+        if lower == "connection":
+            named.update(token.strip().lower() for token in value.split(","))
+        elif lower == "transfer-encoding" and value.strip().lower() != "chunked":
+            # e.g. gzip: the client would get bytes nothing says are gzip
+            raise GatewayError(502, "backend_invalid_response",
+                               f"backend {service} sent a transfer coding the gateway does not pass on")
+        if lower not in drop:
+            kept.append((name, value))
+    headers = CIMultiDict([(k, v) for k, v in kept if k.lower() not in named] if named else kept)
     headers.update(extra_headers)
     length = backend.content_length
     if not bodiless and length is not None and length <= SMALL_BODY:

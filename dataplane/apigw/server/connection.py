@@ -19,7 +19,6 @@ aiohttp offers no supported hook for any of this; what is used of its internals 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from typing import Any
 
@@ -31,7 +30,7 @@ from multidict import CIMultiDict
 
 from apigw.http.errors import GatewayError
 from apigw.observability.logs import Access
-from apigw.pipeline.handler import UNROUTED, count, error_response, new_request_id
+from apigw.pipeline.handler import UNROUTED, count, error_body, error_response, new_request_id
 from apigw.pipeline.state import Gateway
 
 log = logging.getLogger("apigw.server")
@@ -142,7 +141,7 @@ class _Handler(RequestHandler):
             return
         error = GatewayError(408, "request_head_timeout", f"the request head took longer than {self._head_timeout:g}s")
         request_id = new_request_id()
-        body = json.dumps({"error": error.message, "request_id": request_id}).encode()
+        body = error_body(error, request_id)
         server = self._gateway.state.config.listen.server_header
         self.transport.write(
             b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"

@@ -143,14 +143,15 @@ class Pool:
     async def _connect(self, timeout: float) -> _Connection:
         loop = asyncio.get_running_loop()
         self.open += 1
+        conn = _Connection(self)
         try:
             async with asyncio.timeout(timeout):
-                _, conn = await loop.create_connection(
-                    lambda: _Connection(self), self.host, self.port, ssl=self.ssl,
-                    server_hostname=self.server_hostname,
+                await loop.create_connection(
+                    lambda: conn, self.host, self.port, ssl=self.ssl, server_hostname=self.server_hostname,
                 )
         except BaseException as exc:
-            self._slot_freed()
+            if conn.transport is None:  # else it was made, and its connection_lost frees the slot
+                self._slot_freed()
             if isinstance(exc, TimeoutError):
                 raise BackendError("timeout", f"no connection within {timeout:g} s") from None
             if isinstance(exc, OSError):  # ssl.SSLError (a certificate refused) is one

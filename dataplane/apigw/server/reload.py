@@ -27,7 +27,7 @@ from typing import Any
 from apigw.config.errors import ConfigError
 from apigw.config.loader import config_files, load_config_parts
 from apigw.config.model import Config, Route, restart_settings
-from apigw.pipeline.state import Gateway, GatewayState, build_state
+from apigw.pipeline.state import Gateway, GatewayState, build_steps
 from apigw.server.tls import ServerTLS, check_tls
 
 log = logging.getLogger("apigw.reload")
@@ -175,15 +175,14 @@ class Reloader:
                 tls_files = config.listen.tls if self.tls is not None and config.listen.tls != self.tls.files else None
                 if tls_files is not None:
                     check_tls(tls_files)
-                building = time.perf_counter()
-                state = build_state(config, gateway.shared, digest)  # fails only before it changes anything shared
+                state, built_in = await self._build(config, digest)
+                held = max(held, built_in)
                 if tls_files is not None:
                     self.tls.load(tls_files)
             except Exception as exc:
                 return self._reject(reason, old, before, exc)
             gateway.state = state
             keep_out_of_collections()
-            held = max(held, time.perf_counter() - building)
             await asyncio.sleep(0)  # traffic first, then the bookkeeping and the old state's release
         gateway.last_reload_error = None
         logging.getLogger().setLevel(config.logging.level)
@@ -240,6 +239,20 @@ class Reloader:
             routes += pickle.loads(part)
             held = max(held, time.perf_counter() - started)
         return config.model_copy(update={"routes": routes}), digest, held
+
+    async def _build(self, config: Config, digest: str) -> tuple[GatewayState, float]:
+        """The state for `config`, built a step at a time with traffic served in between; also the longest
+        a step held the event loop, in seconds. Fails, if at all, before it changes anything shared."""
+        steps = build_steps(config, self.gateway.shared, digest)
+        held = 0.0
+        while True:
+            started = time.perf_counter()
+            try:
+                next(steps)
+            except StopIteration as built:
+                return built.value, max(held, time.perf_counter() - started)
+            held = max(held, time.perf_counter() - started)
+            await asyncio.sleep(0)
 
     def _incomplete(self, before: Snapshot, old: Config, new: Config, reason: str) -> bool:
         """True when what was read must not be served yet; the watcher loads it once the files settle.

@@ -4,8 +4,10 @@ file that is not served until it has settled)."""
 
 from __future__ import annotations
 
+import gc
 import pickle
 import signal
+import weakref
 from pathlib import Path
 
 import pytest
@@ -14,8 +16,11 @@ import yaml
 from apigw.config.errors import ConfigError
 from apigw.config.loader import YAML_LOADER, load_config, load_config_parts, parse_documents
 from apigw.config.model import config_hash
-from apigw.server.reload import SETTLE, StableFiles
+from apigw.observability.metrics import Metrics
+from apigw.pipeline.state import Gateway
+from apigw.server.reload import SETTLE, Reloader, StableFiles
 from apigw.testkit.process import BackendProcess, GatewayProcess, http_status, ports, wait_until
+from apigw.testkit.tokens import SigningKey
 
 
 def publish(volume: Path, version: str, text: str) -> Path:
@@ -180,3 +185,40 @@ def test_an_empty_file_under_sighup_is_served_only_once_it_has_settled(tmp_path)
     assert deferred[0]["msg"].startswith("config reload (SIGHUP) deferred: the new config has no routes (1 in force)")
     assert any(line["msg"].startswith("config reload drops 1 of 1 routes") for line in lines)
     assert any(line["msg"].startswith("config reloaded (file change)") for line in lines)
+
+
+def every_feature(tmp_path: Path, timeout: str) -> str:
+    """A config using each kind of setting the state compiles: keys, policies, hosts, methods, rewrites."""
+    key_file = SigningKey("ec").write_public_pem(tmp_path / "key.pem")
+    routes = [
+        {"name": f"r{i}", "match": {"host": f"h{i % 3}.example.com", "path_prefix": f"/r{i}", "methods": ["GET"]},
+         "backend": {"service": f"s{i % 4}", "url": "http://127.0.0.1:1", "timeout": timeout},
+         "auth": {"required": i % 2 == 0, "scopes": ["read"]}, "ratelimit": "p", "rewrite_prefix": "/v1/"}
+        for i in range(40)
+    ]
+    routes.append({"name": "exact", "match": {"path": "/x"}, "backend": {"service": "s0", "url": "http://127.0.0.1:1"}})
+    return yaml.safe_dump({"auth": {"keys": [{"file": str(key_file)}]},
+                           "policies": [{"name": "p", "requests": 5, "period": "1s"}], "routes": routes})
+
+
+async def test_a_replaced_state_is_freed_by_reference_counting_alone(tmp_path) -> None:
+    """What makes freezing the state in force safe (`keep_out_of_collections`): no reference cycle keeps a
+    replaced state alive, so it is freed without the cyclic collector, which never sees it."""
+    path = tmp_path / "gw.yaml"
+    path.write_text(every_feature(tmp_path, "5s"))
+    gateway = Gateway.create(load_config(path), Metrics())
+    reloader = Reloader(gateway, path, None)
+    try:
+        for version in range(2):
+            replaced = weakref.ref(gateway.state)
+            path.write_text(every_feature(tmp_path, f"{6 + version}s"))
+            gc.disable()
+            try:
+                assert await reloader.reload("test")
+                assert replaced() is None, gc.get_referrers(replaced())
+            finally:
+                gc.enable()
+    finally:
+        gc.unfreeze()
+        await reloader.close()
+        await gateway.shared.close()

@@ -27,7 +27,7 @@ from typing import Any
 from apigw.config.errors import ConfigError
 from apigw.config.loader import config_files, load_config_parts
 from apigw.config.model import Config, Route, restart_settings
-from apigw.pipeline.state import Gateway, GatewayState, build_state
+from apigw.pipeline.state import Gateway, GatewayState, build_steps
 from apigw.server.tls import ServerTLS, check_tls
 
 log = logging.getLogger("apigw.reload")
@@ -101,8 +101,7 @@ class StableFiles:
 def collector_paused() -> Iterator[None]:
     """Unpickling a large config and building its state make objects by the hundred thousand, and the
     cyclic collector's passes over them hold the event loop (measured while parsing 5,000 routes in a
-    thread: passes of up to 650 ms). The collector rests until the new state is in force; the reload
-    runs the passes it needs at points of its choosing."""
+    thread: passes of up to 650 ms). The collector rests until the new state is in force."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -110,6 +109,18 @@ def collector_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+def keep_out_of_collections() -> None:
+    """Move every object alive now, the state in force among them, out of the cyclic collector's reach.
+
+    A config of 5,000 routes is some 110,000 objects; after a reload the collector's next full pass would
+    walk them all, and each later one again (measured: 110 ms holding the event loop). A config holds no
+    reference cycle (a test checks that a replaced state is freed by reference counting alone), so frozen
+    objects are still freed when their last reference goes. Only garbage cycles alive now would never be
+    collected; requests make none (measured: 0 after 500 requests answered 200, 401, 404, 429, 502, 503).
+    """
+    gc.freeze()
 
 
 class Reloader:
@@ -161,18 +172,17 @@ class Reloader:
                 config, digest, held = await self._unpickle(*parsed)
                 if self._incomplete(before, old.config, config, reason):
                     return False
-                held = max(held, await self._age_new_objects())
                 tls_files = config.listen.tls if self.tls is not None and config.listen.tls != self.tls.files else None
                 if tls_files is not None:
                     check_tls(tls_files)
-                building = time.perf_counter()
-                state = build_state(config, gateway.shared, digest)  # fails only before it changes anything shared
+                state, built_in = await self._build(config, digest)
+                held = max(held, built_in)
                 if tls_files is not None:
                     self.tls.load(tls_files)
             except Exception as exc:
                 return self._reject(reason, old, before, exc)
             gateway.state = state
-            held = max(held, time.perf_counter() - building)
+            keep_out_of_collections()
             await asyncio.sleep(0)  # traffic first, then the bookkeeping and the old state's release
         gateway.last_reload_error = None
         logging.getLogger().setLevel(config.logging.level)
@@ -230,16 +240,19 @@ class Reloader:
             held = max(held, time.perf_counter() - started)
         return config.model_copy(update={"routes": routes}), digest, held
 
-    @staticmethod
-    async def _age_new_objects() -> float:
-        """Run the collector's young passes over the unpickled config now, in a loop step of their own,
-        so they do not land in the middle of building the state; the seconds they took."""
-        await asyncio.sleep(0)
-        started = time.perf_counter()
-        gc.collect(1)
-        took = time.perf_counter() - started
-        await asyncio.sleep(0)
-        return took
+    async def _build(self, config: Config, digest: str) -> tuple[GatewayState, float]:
+        """The state for `config`, built a step at a time with traffic served in between; also the longest
+        a step held the event loop, in seconds. Fails, if at all, before it changes anything shared."""
+        steps = build_steps(config, self.gateway.shared, digest)
+        held = 0.0
+        while True:
+            started = time.perf_counter()
+            try:
+                next(steps)
+            except StopIteration as built:
+                return built.value, max(held, time.perf_counter() - started)
+            held = max(held, time.perf_counter() - started)
+            await asyncio.sleep(0)
 
     def _incomplete(self, before: Snapshot, old: Config, new: Config, reason: str) -> bool:
         """True when what was read must not be served yet; the watcher loads it once the files settle.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import urllib.error
 from pathlib import Path
@@ -14,6 +15,8 @@ from apigw.server.health import WorkersHealth, status_path
 from apigw.testkit.process import BackendProcess, GatewayProcess, http_status, ports, wait_until
 from apigw.testkit.raw import Answer, exchange
 from apigw.testkit.redis import RedisServer
+
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def _config(port: int, metrics_port: int, backend: str, redis: str) -> dict:
@@ -58,6 +61,10 @@ def test_traffic_port_says_status_and_hash_and_the_metrics_port_says_why(tmp_pat
             down = gateway.details()
             assert down["status"] == "ready", "Redis down does not make the pod unready"
             assert down["redis"]["state"] == "down" and "Connection" in down["redis"]["error"]
+            shown = re.search(r"\$ curl -s http://localhost:9090/_health/ready\n(\{.*\})\n", README.read_text())
+            assert shown, "README's example of the metrics port's /_health/ready not found"
+            example = json.loads(shown.group(1))
+            assert example.keys() == down.keys() and example["redis"].keys() == down["redis"].keys()
 
             gateway.signal(signal.SIGTERM)  # drain_delay 2s: both ports say draining meanwhile
             wait_until(lambda: http_status(f"{gateway.url}/_health/ready") == 503, what="draining")

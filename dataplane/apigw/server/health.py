@@ -116,7 +116,9 @@ def read_status(directory: Path, pid: int) -> dict[str, Any] | None:
 
 
 class WorkersHealth:
-    """The supervisor's `/_health/ready`, from the status files of its live workers."""
+    """The supervisor's `/_health/ready`, from the status files of its live workers. Workers serving
+    different configs (for a moment at each reload: each watches the files itself) are ready all the
+    same: `config_hash` is then null and `problem` says which worker serves which."""
 
     def __init__(self, directory: Path, live_pids: Callable[[], list[int]], stopping: Callable[[], bool]):
         self.directory, self.live_pids, self.stopping = directory, live_pids, stopping

@@ -191,10 +191,11 @@ def test_sighup_reloads_and_bad_config_keeps_the_old_one(tmp_path: Path, backend
 
         path.write_text("routes: [{name: broken}]\n")
         gateway.signal(signal.SIGHUP)
-        wait_until(lambda: gateway.ready()["last_reload_error"] is not None)
-        ready = gateway.ready()
-        assert ready["config_hash"] == second
-        assert "routes[0].backend: required setting is missing" in ready["last_reload_error"]
+        wait_until(lambda: gateway.details()["last_reload_error"] is not None)
+        details = gateway.details()
+        assert details["config_hash"] == second
+        assert "routes[0].backend: required setting is missing" in details["last_reload_error"]
+        assert gateway.ready() == {"status": "ready", "config_hash": second}
         with urllib.request.urlopen(f"{gateway.url}/only/x", timeout=5) as response:
             assert response.status == 200
         metrics = gateway.metrics()

@@ -179,6 +179,18 @@ def test_gateway_deployment_and_service_match_the_runbook() -> None:
     assert service_ports == {80: 8080, 443: 8443, 9090: 9090}
 
 
+def test_container_ports_are_where_config_yaml_listens() -> None:
+    """The probes use the named ports, and the operator asks each pod's IP on config.yaml's metrics port
+    for `/_health/ready`: each named port must be one the gateway listens on."""
+    from apigw_operator.reconciler import metrics_port
+
+    data = get("ConfigMap", "api-gateway-config")["data"]
+    listen = parse_documents(data).listen
+    ports = {p["name"]: p["containerPort"] for p in container(get("Deployment", "api-gateway"), "gateway")["ports"]}
+    assert ports == {"http": listen.port, "https": listen.tls_port, "metrics": listen.metrics_port}
+    assert metrics_port(data[GLOBAL_FILE]) == ports["metrics"]
+
+
 def test_probes_use_the_health_paths() -> None:
     gateway = container(get("Deployment", "api-gateway"), "gateway")
     assert gateway["livenessProbe"]["httpGet"] == {"path": "/_health/live", "port": "http"}

@@ -56,7 +56,7 @@ def test_tls_served_and_renewed_without_restart(tmp_path: Path) -> None:
         while served_certificate(tls_port).serial_number != third.serial_number:
             assert time.monotonic() < deadline, "renewed certificate not served while the config is invalid"
             time.sleep(0.1)
-        assert gateway.ready()["last_reload_error"] is not None
+        assert gateway.details()["last_reload_error"] is not None
 
 
 def test_validate_config_checks_certificate_files(tmp_path: Path) -> None:

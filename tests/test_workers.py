@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -35,12 +34,11 @@ def test_two_workers_share_the_port_and_the_metrics(tmp_path: Path) -> None:
         gateway = GatewayProcess(config, port, metrics_port)
         gateway.start()
         try:
-            pids = set()
-            deadline = time.monotonic() + 20
-            while len(pids) < 2 and time.monotonic() < deadline:
-                pids.add(gateway.ready()["pid"])
-            assert len(pids) == 2, "both workers answer on the shared port"
+            wait_until(lambda: len(_worker_pids(gateway)) == 2, timeout=20, what="both workers ready")
+            pids = _worker_pids(gateway)
             assert gateway.process is not None and gateway.process.pid not in pids
+            assert all(_listens(pid, port) for pid in pids), "both workers listen on the shared port"
+            assert not _listens(gateway.process.pid, port), "the supervisor serves no traffic"
 
             for _ in range(60):
                 assert http_status(f"{gateway.url}/x") == 200
@@ -59,14 +57,74 @@ def test_two_workers_share_the_port_and_the_metrics(tmp_path: Path) -> None:
     assert "starting it again" in gateway.log_text()
 
 
-def _worker_pids(gateway: GatewayProcess) -> set[int]:
-    pids = set()
-    for _ in range(40):
+def test_metrics_port_health_answers_for_every_worker(tmp_path: Path) -> None:
+    """The supervisor has no config: its `/_health/ready` is what each worker reports, put together."""
+    port, metrics_port = ports()
+    config = tmp_path / "gw.yaml"
+
+    def write(prefix: str) -> None:
+        config.write_text(yaml.safe_dump({
+            "listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port, "workers": 2},
+            "routes": [{"name": "echo", "match": {"path_prefix": prefix},
+                        "backend": {"service": "echo", "url": "http://127.0.0.1:9"}}],
+        }))
+
+    write("/a")
+    gateway = GatewayProcess(config, port, metrics_port)
+    gateway.start()
+    try:
+        wait_until(lambda: len(_worker_pids(gateway)) == 2, timeout=20, what="both workers ready")
+        first = gateway.ready()["config_hash"]
+        details = gateway.details()
+        assert details["status"] == "ready" and details["config_hash"] == first and details["problem"] is None
+        assert details["pid"] == gateway.process.pid
+        assert [(w["status"], w["config_hash"], w["last_reload_error"]) for w in details["workers"]] == [
+            ("ready", first, None), ("ready", first, None)]
+
+        config.write_text("routes: [{name: broken}]\n")  # both workers see the file change and reject it
+        wait_until(lambda: all(w["last_reload_error"] for w in gateway.details()["workers"]), what="both rejected")
+        details = gateway.details()
+        assert "routes[0].backend: required setting is missing" in details["last_reload_error"]
+        assert details["config_hash"] == first and details["status"] == "ready"
+        for _ in range(10):  # whichever worker answers
+            assert gateway.ready() == {"status": "ready", "config_hash": first}
+
+        stopped, running = sorted(_worker_pids(gateway))
+        os.kill(stopped, signal.SIGSTOP)  # it cannot reload: the workers disagree until it can
         try:
-            pids.add(gateway.ready()["pid"])
-        except OSError:
-            pass
-    return pids
+            write("/b")
+            wait_until(lambda: gateway.details()["config_hash"] is None, what="the workers disagree")
+            details = gateway.details()
+            second = {w["pid"]: w["config_hash"] for w in details["workers"]}[running]
+            assert second != first
+            problem = details["problem"]
+            assert problem.startswith("workers serve different configs: ")
+            assert f"pid {stopped} {first}" in problem and f"pid {running} {second}" in problem
+        finally:
+            os.kill(stopped, signal.SIGCONT)
+        wait_until(lambda: gateway.details()["config_hash"] == second, what="both serve the new config")
+        assert gateway.details()["problem"] is None and gateway.details()["last_reload_error"] is None
+    finally:
+        assert gateway.stop() == 0
+
+
+def _worker_pids(gateway: GatewayProcess) -> set[int]:
+    """The workers the supervisor reports ready on the metrics port; none while it is not ready."""
+    try:
+        details = gateway.details()
+    except OSError:
+        return set()
+    return {worker["pid"] for worker in details["workers"]}
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Whether process `pid` holds a listening TCP socket on `port` (/proc/net/tcp's inode in its fds)."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # 0A: LISTEN
+            inodes.add(f"socket:[{fields[9]}]")
+    return any(os.readlink(fd) in inodes for fd in Path(f"/proc/{pid}/fd").iterdir())
 
 
 def test_workers_flag_must_be_positive(tmp_path: Path) -> None:

@@ -1,4 +1,10 @@
-"""Asking the gateway pods which config they serve (`GET /_health/ready`), for `Programmed`."""
+"""Asking the gateway pods which config they serve, for `Programmed`: `GET /_health/ready` on each pod's
+metrics port, whose body has the details (the traffic port's has only the status and the hash).
+
+A pod's problem is its `last_reload_error` (the pod rejected the config: `Rejected`), else its
+`problem` (with `--workers`: workers that serve different configs or are not ready yet), else why it
+could not be asked.
+"""
 
 from __future__ import annotations
 
@@ -14,13 +20,13 @@ class PodReport:
     pod: str
     config_hash: str | None
     problem: str | None = None
-    """The pod's `last_reload_error`, or why it could not be asked."""
+    """The pod's `last_reload_error`, its `problem`, or why it could not be asked."""
     rejected: bool = False
     """True when the problem is the pod's own failed reload (not a failed request)."""
 
 
 async def probe_pods(session: aiohttp.ClientSession, targets: Mapping[str, str], timeout: float = 2.0) -> list[PodReport]:
-    """Ask every pod (name -> base URL such as `http://10.0.0.7:8080`) at once."""
+    """Ask every pod (name -> base URL of its metrics listener, such as `http://10.0.0.7:9090`) at once."""
     return list(await asyncio.gather(*(_probe(session, pod, url, timeout) for pod, url in sorted(targets.items()))))
 
 
@@ -33,4 +39,4 @@ async def _probe(session: aiohttp.ClientSession, pod: str, url: str, timeout: fl
     if not isinstance(body, dict):
         return PodReport(pod, None, "health endpoint answered no JSON object")
     error = body.get("last_reload_error")
-    return PodReport(pod, body.get("config_hash"), error, rejected=error is not None)
+    return PodReport(pod, body.get("config_hash"), error or body.get("problem"), rejected=error is not None)

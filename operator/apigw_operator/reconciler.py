@@ -44,7 +44,7 @@ CONFIGMAP_LIMIT = 1024 * 1024
 logger = logging.getLogger(__name__)
 
 PodUrl = Callable[[str, str, int], str]
-"""(pod name, pod IP, traffic port) -> the base URL of its traffic listener."""
+"""(pod name, pod IP, metrics port) -> the base URL of its metrics listener."""
 
 Snapshot = Callable[[], tuple[list[dict[str, Any]], list[dict[str, Any]]]]
 """() -> (GatewayRoute bodies, RateLimitPolicy bodies) as the watch last saw them."""
@@ -61,12 +61,13 @@ def configmap_size(configmap: Mapping[str, Any], data: Mapping[str, str]) -> int
     return size + sum(len(k) + len(base64.b64decode(v)) for k, v in binary.items())
 
 
-def traffic_port(config_yaml: str) -> int:
-    """`listen.port` of config.yaml, where the pods answer `/_health/ready`; the default if it is invalid."""
+def metrics_port(config_yaml: str) -> int:
+    """`listen.metrics_port` of config.yaml, where the pods answer `/_health/ready` with the details (the
+    traffic port's answer has no `last_reload_error`); the default if config.yaml is invalid."""
     try:
-        return parse_documents({GLOBAL_FILE: config_yaml}).listen.port
+        return parse_documents({GLOBAL_FILE: config_yaml}).listen.metrics_port
     except ConfigError:
-        return ListenConfig().port
+        return ListenConfig().metrics_port
 
 
 @dataclass(frozen=True)
@@ -233,7 +234,7 @@ class Reconciler:
         except ApiException as exc:
             logger.warning("could not list the gateway pods: %s", api_message(exc))
             return None
-        port = traffic_port(config_yaml)
+        port = metrics_port(config_yaml)
         return await probe_pods(self.session, {pod: self.pod_url(pod, ip, port) for pod, ip in pods.items()})
 
     async def _write_statuses(

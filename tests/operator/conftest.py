@@ -8,7 +8,7 @@ import pytest
 import yaml
 from kubernetes_asyncio.config import kube_config
 
-from tests.operator.kube import CM, CONFIG_YAML, NS, GatewayPod
+from tests.operator.kube import CM, NS, GatewayPod, configmap, gateway_pod
 
 
 @pytest.fixture
@@ -32,10 +32,7 @@ def cluster(kmock: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
             "kind": kind, "singular": kind.lower(), "namespaced": True,
             "verbs": {"list", "watch", "get", "patch", "create", "delete"}, "subresources": {"status"},
         }
-    kmock.objects["v1/configmaps", NS, CM] = {
-        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": CM, "namespace": NS},
-        "data": {"config.yaml": CONFIG_YAML, "routes.yaml": ""},
-    }
+    kmock.objects["v1/configmaps", NS, CM] = configmap()
     kmock.objects["apps/v1/deployments", NS, "api-gateway"] = {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "api-gateway", "namespace": NS},
         "spec": {
@@ -44,11 +41,7 @@ def cluster(kmock: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
         },
     }
     for name in ("api-gateway-a", "api-gateway-b"):
-        kmock.objects["v1/pods", NS, name] = {
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": NS, "labels": {"app": "api-gateway"}},
-            "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]},
-        }
+        kmock.objects["v1/pods", NS, name] = gateway_pod(name)
     return kmock
 
 

@@ -20,6 +20,23 @@ CM = "api-gateway-config"
 CONFIG_YAML = "listen:\n  port: 8080\nratelimit:\n  failure_mode: fail_closed\n"
 
 
+def configmap(config_yaml: str = CONFIG_YAML) -> dict[str, Any]:
+    """The gateway's ConfigMap as people apply it: config.yaml, routes.yaml left to the operator."""
+    return {
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": CM, "namespace": NS},
+        "data": {"config.yaml": config_yaml, "routes.yaml": ""},
+    }
+
+
+def gateway_pod(name: str, ip: str = "127.0.0.1") -> dict[str, Any]:
+    """A ready pod of the gateway Deployment at `ip`."""
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS, "labels": {"app": "api-gateway"}},
+        "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]},
+    }
+
+
 def cr(kind: str, name: str, spec: dict[str, Any], created: str = "2025-01-01T00:00:00Z", namespace: str = "shop", generation: int = 1) -> dict[str, Any]:
     return {
         "apiVersion": "gateway.apigw.io/v1alpha1",
@@ -38,11 +55,13 @@ def route(name: str, prefix: str, created: str = "2025-01-01T00:00:00Z", **extra
 
 
 class GatewayPod:
-    """Answers `/_health/ready` like a gateway pod: the hash of the config it loaded last."""
+    """Answers `/_health/ready` like a gateway pod's metrics port: the hash of the config it loaded last,
+    and the error of a reload it rejected (or, like a supervisor of workers, a `problem`)."""
 
     def __init__(self) -> None:
         self.config_hash: str | None = None
         self.last_reload_error: str | None = None
+        self.problem: str | None = None
         self.url = ""
         self._runner: web.AppRunner | None = None
 
@@ -55,18 +74,21 @@ class GatewayPod:
             self.last_reload_error = exc.errors[0]
 
     async def _ready(self, request: web.Request) -> web.Response:
-        body = {"status": "ready", "config_hash": self.config_hash, "last_reload_error": self.last_reload_error}
+        body = {"status": "ready", "config_hash": self.config_hash, "last_reload_error": self.last_reload_error,
+                "pid": 1, "redis": None}
+        if self.problem is not None:
+            body["problem"] = self.problem
         return web.json_response(body)
 
-    async def start(self) -> None:
+    async def start(self, ip: str = "127.0.0.1", port: int = 0) -> None:
         app = web.Application()
         app.router.add_get("/_health/ready", self._ready)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, ip, port)
         await site.start()
         port = self._runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"http://{ip}:{port}"
 
     async def stop(self) -> None:
         if self._runner:

@@ -1,4 +1,4 @@
-"""Reading pods' `/_health/ready` over real HTTP on loopback."""
+"""Reading pods' `/_health/ready` (their metrics port's, with the details) over real HTTP on loopback."""
 
 from __future__ import annotations
 
@@ -28,3 +28,16 @@ async def test_probe_reads_hash_and_reload_error_and_survives_a_dead_pod() -> No
     assert reports[1] == PodReport("b", "old", "config.yaml:2: listen.port: bad", rejected=True)
     assert reports[2].pod == "c" and reports[2].config_hash is None and not reports[2].rejected
     assert reports[2].problem.startswith("health endpoint not answering")
+
+
+async def test_a_supervisor_problem_is_reported_but_is_no_rejection() -> None:
+    """With `--workers`, workers serving different configs leave `config_hash` null and say so in `problem`."""
+    pod = GatewayPod()
+    await pod.start()
+    pod.problem = "workers serve different configs: pid 7 aaaa, pid 8 bbbb"
+    try:
+        async with aiohttp.ClientSession() as session:
+            [report] = await probe_pods(session, {"a": pod.url})
+    finally:
+        await pod.stop()
+    assert report == PodReport("a", None, "workers serve different configs: pid 7 aaaa, pid 8 bbbb", rejected=False)

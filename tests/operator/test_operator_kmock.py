@@ -8,6 +8,7 @@ import yaml
 
 from apigw.config.loader import parse_documents
 from apigw.config.model import config_hash
+from apigw.testkit.redis import free_port
 from apigw_operator.handlers import Options
 from apigw_operator.render import render, text_hash
 from tests.operator.kube import (
@@ -15,8 +16,10 @@ from tests.operator.kube import (
     CONFIG_YAML,
     NS,
     GatewayPod,
+    configmap,
     cr,
     eventually,
+    gateway_pod,
     operator,
     route,
 )
@@ -30,6 +33,7 @@ POLICY = cr("RateLimitPolicy", "per-client", {"requests": 100, "period": "1m"})
 
 
 def options(pods: dict[str, GatewayPod]) -> Options:
+    """Each stand-in pod at its own URL, whatever port the operator would ask."""
     return Options(resync_interval=0.2, leader_election=False, pod_url=lambda pod, ip, port: pods[pod].url)
 
 
@@ -226,3 +230,33 @@ async def test_broken_config_yaml_keeps_last_good_routes_and_pod_rejection_shows
         await eventually(lambda: summary(cluster, "cart").get("Programmed") == ("False", "Rejected"))
         assert status(cluster, "cart")["Programmed"]["message"].startswith("0/2 pods serve its current spec ")
         assert "api-gateway-b: config.yaml:2: listen.port" in status(cluster, "cart")["Programmed"]["message"]
+
+
+async def test_pods_are_asked_on_the_metrics_port_config_yaml_names(cluster: Any) -> None:
+    """The operator's own pod URLs: the pod's IP and `listen.metrics_port`, whose `/_health/ready` carries
+    `last_reload_error`. Nothing listens on the traffic port here: every answer comes from the metrics port."""
+    metrics_port = free_port()
+    config_yaml = f"listen:\n  port: {free_port()}\n  metrics_port: {metrics_port}\n"
+    cluster.objects["v1/configmaps", NS, CM] = configmap(config_yaml)
+    pods = {"api-gateway-a": GatewayPod(), "api-gateway-b": GatewayPod()}
+    for (name, pod), ip in zip(pods.items(), ("127.0.0.2", "127.0.0.3"), strict=True):
+        cluster.objects["v1/pods", NS, name] = gateway_pod(name, ip)
+        await pod.start(ip, metrics_port)
+    cluster.objects[ROUTES, "shop", "orders"] = route("orders", "/orders")
+    try:
+        async with operator(Options(resync_interval=0.2, leader_election=False)):
+            await eventually(lambda: "shop.orders" in data(cluster).get("routes.yaml", ""))
+            sync_pods(cluster, pods)
+            await eventually(lambda: summary(cluster, "orders").get("Programmed") == ("True", "Programmed"))
+            assert status(cluster, "orders")["Programmed"]["message"] == "2/2 pods serve its current spec"
+
+            await cluster.post(f"{API}/gatewayroutes", json=route("cart", "/cart", created="2025-02-01T00:00:00Z"))
+            await eventually(lambda: "shop.cart" in data(cluster)["routes.yaml"])
+            pods["api-gateway-a"].load(data(cluster))
+            pods["api-gateway-b"].last_reload_error = "/etc/gateway/routes.yaml:9: routes[1].backend.url: bad"
+            await eventually(lambda: summary(cluster, "cart").get("Programmed") == ("False", "Rejected"))
+            assert status(cluster, "cart")["Programmed"]["message"] == (
+                "1/2 pods serve its current spec (api-gateway-b: /etc/gateway/routes.yaml:9: routes[1].backend.url: bad)")
+    finally:
+        for pod in pods.values():
+            await pod.stop()

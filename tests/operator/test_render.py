@@ -144,12 +144,13 @@ def test_restart_hash_moves_only_with_restart_settings() -> None:
     assert render([], [], CONFIG_YAML.replace("8080", "8081")).restart_hash != base
 
 
-def test_pods_are_probed_on_the_configured_traffic_port() -> None:
-    from apigw_operator.reconciler import pod_url, traffic_port
+def test_pods_are_probed_on_the_configured_metrics_port() -> None:
+    from apigw_operator.reconciler import metrics_port, pod_url
 
-    assert pod_url("gw-0", "10.0.0.7", traffic_port("listen: {port: 8181}\n")) == "http://10.0.0.7:8181"
-    assert traffic_port("") == 8080
-    assert traffic_port("listen: [broken\n") == 8080
+    assert pod_url("gw-0", "10.0.0.7", metrics_port("listen: {port: 8181, metrics_port: 9191}\n")) == "http://10.0.0.7:9191"
+    assert metrics_port("listen: {port: 8181}\n") == 9090
+    assert metrics_port("") == 9090
+    assert metrics_port("listen: [broken\n") == 9090
 
 
 def test_routes_sharing_a_backend_may_differ_in_timeout_but_not_in_cluster_settings() -> None:

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,22 @@ SLOW_ROUND_TRIP = 0.05
 log = logging.getLogger("apigw.ratelimit")
 
 
+@dataclass
+class Seen:
+    """Redis as the latest round trip found it, for the health details: `up`, `down` (with the error),
+    or `unknown` before the first; `since` is the wall-clock time the state began."""
+
+    state: str = "unknown"
+    error: str | None = None
+    since: float = field(default_factory=time.time)
+
+    def round_trip(self, error: BaseException | None) -> None:
+        state = "up" if error is None else "down"
+        if state != self.state:
+            self.state, self.since = state, time.time()
+        self.error = None if error is None else f"{type(error).__name__}: {error}".removesuffix(": ")
+
+
 class RedisBatch:
     """Coalesces the checks of one event-loop tick into script calls of at most `max_checks` checks on
     the Redis of `settings`; each call is bounded by `settings.timeout`."""
@@ -63,6 +80,7 @@ class RedisBatch:
         self._args: list[Any] = []
         self._waiters: list[tuple[asyncio.Future[Any], int]] = []
         self.round_trips = 0
+        self.seen = Seen()
         self._sending: set[asyncio.Task[None]] = set()
 
     def limit(self, key: str, interval: int, capacity: int) -> asyncio.Future[tuple[int, int, int]]:
@@ -108,10 +126,13 @@ class RedisBatch:
         try:
             replies = await self._replies(sent, keys, args)
         except BaseException as error:  # every waiter learns of it, cancellation included
+            if isinstance(error, Exception):  # not a cancellation at shutdown
+                self.seen.round_trip(error)
             _fail(waiters, error if isinstance(error, Exception) else ConnectionError("cancelled"))
             if not isinstance(error, Exception):
                 raise
             return
+        self.seen.round_trip(None)
         elapsed = time.perf_counter() - started
         if elapsed > self._slow:  # timed from send to reply
             duration_ms = round(elapsed * 1000, 1)

@@ -25,30 +25,16 @@ from apigw.pipeline.state import GATEWAY, Gateway
 from apigw.server.config_check import check_config_and_files
 from apigw.server.connection import GatewayRunner
 from apigw.server.debug import debug_app
+from apigw.server.health import StatusFile, live, ready, with_details
 from apigw.server.reload import Reloader
 from apigw.server.tls import ServerTLS
-from apigw.server.workers import WORKER_ENV, supervise
+from apigw.server.workers import METRICS_DIR_ENV, WORKER_ENV, supervise
 
 log = logging.getLogger("apigw.server")
 
 BACKLOG = 4096
 """Connections the kernel queues before they are accepted (capped by net.core.somaxconn). aiohttp's
 128 drops SYNs when a thousand clients connect at once, and each dropped one waits a second or more."""
-
-
-async def live(request: web.Request) -> web.Response:
-    return web.json_response({"status": "alive"})
-
-
-async def ready(request: web.Request) -> web.Response:
-    gateway = request.app[GATEWAY]
-    body = {
-        "status": "draining" if gateway.draining else "ready",
-        "config_hash": gateway.state.config_hash,
-        "last_reload_error": gateway.last_reload_error,
-        "pid": os.getpid(),
-    }
-    return web.json_response(body, status=503 if gateway.draining else 200)
 
 
 async def _backend_pools(app: web.Application) -> AsyncIterator[None]:
@@ -104,7 +90,7 @@ async def serve(config_path: Path, workers: int | None = None, debug_port: int |
     await runner.setup()
     runners = [runner]
     sites = [web.TCPSite(runner, listen.address, listen.port, backlog=BACKLOG, reuse_port=worker)]
-    side_apps = [] if worker else [(metrics_app(metrics.registry), listen.address, listen.metrics_port)]
+    side_apps = [] if worker else [(with_details(metrics_app(metrics.registry), gateway), listen.address, listen.metrics_port)]
     if debug_port is not None and not worker:  # workers: the supervisor serves metrics; py-spy for debugging
         side_apps.append((debug_app(), "127.0.0.1", debug_port))
     for app, address, port in side_apps:
@@ -133,6 +119,9 @@ async def serve(config_path: Path, workers: int | None = None, debug_port: int |
     loop.add_signal_handler(signal.SIGHUP, reloader.request, "SIGHUP")
     watcher = asyncio.create_task(reloader.watch())
     sampler = asyncio.create_task(metrics.sample_tasks())
+    background = [watcher, sampler]
+    if worker:  # the supervisor answers the metrics port's health from this file
+        background.append(asyncio.create_task(StatusFile(Path(os.environ[METRICS_DIR_ENV]), gateway).keep_current()))
     gc.freeze()  # what start-up built lives as long as the process: the collector need not scan it again
     log.info(
         "gateway serving %d routes on %s:%d (metrics :%d), config %s", len(config.routes), listen.address,
@@ -145,8 +134,8 @@ async def serve(config_path: Path, workers: int | None = None, debug_port: int |
     listen = gateway.state.config.listen
     log.info("draining: not ready, finishing in-flight requests (up to %ss)", listen.drain_delay + listen.drain_timeout)
     await asyncio.sleep(listen.drain_delay)
-    watcher.cancel()
-    sampler.cancel()
+    for task in background:
+        task.cancel()
     for each in runners:
         await each.cleanup()
     await reloader.close()

@@ -2,8 +2,10 @@
 
 Python serves one core per process; workers use the others. The supervisor starts the workers with
 prometheus-client's multiprocess mode on, serves the merged `/metrics` (with `process_*` summed over
-itself and its workers, so CPU and memory alerts see the whole pod), forwards SIGHUP, restarts a worker
-that dies, and on SIGTERM lets every worker drain and exits 0 once they all did.
+itself and its workers, so CPU and memory alerts see the whole pod) and the metrics port's
+`/_health/ready` (from the status files the workers keep in the same directory: `apigw.server.health`),
+forwards SIGHUP, restarts a worker that dies, and on SIGTERM lets every worker drain and exits 0 once
+they all did.
 Each worker keeps its own breakers and in-process state; Redis-backed limits are shared as always.
 """
 
@@ -25,11 +27,14 @@ from prometheus_client.registry import Collector
 
 from apigw.config.model import Config
 from apigw.observability.metrics import metrics_app
+from apigw.server.health import WorkersHealth, status_path
 
 log = logging.getLogger("apigw.workers")
 
 WORKER_ENV = "APIGW_WORKER"
 """Set in a worker's environment: serve traffic on a shared port, leave /metrics to the supervisor."""
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+"""The directory of the workers' metric files and status files."""
 RESTART_DELAY = 1.0
 
 
@@ -58,14 +63,21 @@ class _Workers(Collector):
 
 async def supervise(config_path: Path, config: Config, count: int) -> int:
     with tempfile.TemporaryDirectory(prefix="apigw-metrics-") as metrics_dir:
-        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir, WORKER_ENV: "1"}
+        env = {**os.environ, METRICS_DIR_ENV: metrics_dir, WORKER_ENV: "1"}
         command = [sys.executable, "-m", "apigw", "--config", str(config_path)]
         pids: list[int] = []
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=metrics_dir)
         registry.register(_Workers(pids))
+        stopping = asyncio.Event()
+        processes: dict[int, asyncio.subprocess.Process] = {}
 
-        runner = web.AppRunner(metrics_app(registry), access_log=None, shutdown_timeout=1)
+        app = metrics_app(registry)
+        health = WorkersHealth(
+            Path(metrics_dir), lambda: [p.pid for p in processes.values() if p.returncode is None], stopping.is_set
+        )
+        app.router.add_get("/_health/ready", health.handle)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
         await runner.setup()
         try:
             await web.TCPSite(runner, config.listen.address, config.listen.metrics_port).start()
@@ -73,9 +85,6 @@ async def supervise(config_path: Path, config: Config, count: int) -> int:
             log.error("cannot listen: %s", exc)
             await runner.cleanup()
             return 1
-
-        stopping = asyncio.Event()
-        processes: dict[int, asyncio.subprocess.Process] = {}
 
         def broadcast(sig: signal.Signals) -> None:
             for process in processes.values():
@@ -98,6 +107,7 @@ async def supervise(config_path: Path, config: Config, count: int) -> int:
                 pids[:] = [p.pid for p in processes.values()]
                 code = await process.wait()
                 multiprocess.mark_process_dead(process.pid, metrics_dir)
+                status_path(Path(metrics_dir), process.pid).unlink(missing_ok=True)
                 if stopping.is_set():
                     return code
                 log.error("worker %d (pid %d) exited with %d; starting it again", slot, process.pid, code,

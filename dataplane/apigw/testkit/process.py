@@ -52,8 +52,12 @@ class GatewayProcess:
         raise RuntimeError(f"gateway not ready after {timeout}s:\n{self.log_text()}")
 
     def ready(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"{self.url}/_health/ready", timeout=2) as response:
-            return json.loads(response.read())
+        """The traffic port's `/_health/ready`: status and config hash."""
+        return _json(f"{self.url}/_health/ready")
+
+    def details(self) -> dict[str, Any]:
+        """The metrics port's `/_health/ready`: with the last reload error, the pid(s), Redis."""
+        return _json(f"http://127.0.0.1:{self.metrics_port}/_health/ready")
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as response:
@@ -88,6 +92,11 @@ class GatewayProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=2) as response:
+        return json.loads(response.read())
 
 
 def ports() -> tuple[int, int]:

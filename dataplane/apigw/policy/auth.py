@@ -8,15 +8,15 @@ keys configured without a kid; a token without a `kid` with every key.
 
 Tokens are parsed and verified here with `cryptography`, on a path prepared at config load (each key's
 verifier per algorithm, by kid): the three base64url segments decoded strictly (the URL-safe alphabet,
-canonical, `=` padding tolerated as PyJWT does), the header parsed, its `alg` and `kid` picking the
-verifiers, the signature checked, and only then the claims parsed, as a JSON object. A name given twice
-in a JSON object keeps its last value, as RFC 7515 4 and RFC 7519 4 allow (the signature covers the bytes,
-so only the issuer can write such a token). Time
-claims (`exp`, `nbf`, `iat`, with `auth.clock_skew`) are checked with the clock passed in, so that fresh
-verification and the cache follow one clock.
+canonical, right `=` padding tolerated as PyJWT does), the header parsed, its `alg` and `kid` picking the
+verifiers, the signature checked, and only then the claims parsed, as a JSON object. A name given twice in
+a JSON object keeps its last value, as RFC 7515 4 and RFC 7519 4 allow (the signature covers the bytes, so
+only the issuer can write such a token). `iss` and `aud` are checked as PyJWT did (`bad_issuer`,
+`bad_audience`); time claims (`exp`, `nbf`, `iat`, with `auth.clock_skew`) with the clock passed in, so
+that fresh verification and the cache follow one clock.
 
-What a token must be beyond its signature is checked here too, once per distinct token (the cache
-holds only tokens that passed): no `crit` header (RFC 7515 4.1.11: a token naming extensions the
+What a token must be beyond its signature is checked here too, once per distinct token (the verified-token
+cache holds only tokens that passed): no `crit` header (RFC 7515 4.1.11: a token naming extensions the
 verifier does not understand is invalid, and the gateway understands none); every claim of
 `auth.required_claims` present (default `exp`: a token that never expires is refused); the registered
 claims of their types (`iss`, `sub`, `jti` strings; `exp`, `nbf`, `iat` numbers; `aud` and the scope

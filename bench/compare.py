@@ -8,8 +8,8 @@ Rows: `direct` (wrk to the backend), `nginx` (nginx reverse proxy, keepalive ups
 auth, no rate limit, no access log), `cold` and `warm` (the gateway with RS256 JWT auth, a Redis rate
 limit that never denies, metrics and access log; `cold`: every request a different token, so the
 verified-token cache misses; `warm`: one token, so it hits). `latency` adds a second table: latency over
-direct at light load. `--profile FILE` samples the gateway with py-spy during an extra warm run and
-prints the functions with the most own time. See bench/README.md for how to read the output.
+direct at light load. `--profile FILE` samples the gateway with py-spy during an extra warm run (and a cold
+one, when `cold` is a row) and prints the functions with the most own time. See bench/README.md for how to read the output.
 """
 
 from __future__ import annotations
@@ -331,8 +331,9 @@ def gateway_on(
     key.write_public_pem(tmp / "jwt.pem")
     warm = (f"Authorization: Bearer {key.token(ttl=3600, sub='warm')}",)
     loads: dict[str, dict[str, object]] = {"warm": {"headers": warm}}
-    if "cold" in args.rows:
-        loads["cold"] = {"script": cycling_tokens(key, args.tokens, tmp, notes)}
+    cold = cycling_tokens(key, args.tokens, tmp, notes) if "cold" in args.rows else None
+    if cold is not None:
+        loads["cold"] = {"script": cold}
     with RedisServer() as server:
         pin(server.process.pid, LOAD_CORE)
         client = redis.Redis(port=server.port)
@@ -349,6 +350,8 @@ def gateway_on(
                 light = light_load(args, tmp, backend_url + "/", url, warm, rows)
             if args.profile:
                 profile_notes("gateway on warm", pid, args, notes, lambda: wrk(url, 5, args.connections, headers=warm))
+                if cold is not None:
+                    profile_notes("gateway on cold", pid, args, notes, lambda: wrk(url, 5, args.connections, script=cold))
         finally:
             gateway.stop()
     return light
@@ -437,7 +440,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {','.join(ROWS)}")
     parser.add_argument("--tokens", type=int, default=20_000, help="distinct tokens for the cold row")
-    parser.add_argument("--profile", type=Path, help="py-spy the warm gateway 5 s; raw samples to this file")
+    parser.add_argument("--profile", type=Path, help="py-spy the warm (and cold) gateway 5 s; raw samples to this file")
     args = parser.parse_args()
     args.rows = args.rows.split(",")
     unknown = set(args.rows) - set(ROWS)

@@ -8,7 +8,6 @@ import hashlib
 import hmac
 import json
 import logging
-import random
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import pytest
 import redis.asyncio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -122,13 +122,27 @@ async def rejected(auth: Authenticator, authorization: str | None, scopes: tuple
     return caught.value
 
 
+B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
 def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
+def raw_signed(key: SigningKey, header: bytes, payload: bytes, algorithm: str | None = None) -> str:
+    """A token `key` signed (with `algorithm`, by default its own) over exactly these header and payload bytes."""
+    signing_input = f"{b64(header)}.{b64(payload)}"
+    signature = jwt.get_algorithm_by_name(algorithm or key.algorithm).sign(signing_input.encode(), key.private_key)
+    return f"{signing_input}.{b64(signature)}"
+
+
 def hand_made(header: dict[str, Any], payload: dict[str, Any], secret: bytes = b"") -> str:
     """A token built without PyJWT's guards, HMAC-SHA256 signed with `secret`."""
-    signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(payload).encode())}"
+    return hmac_signed(json.dumps(header).encode(), payload, secret)
+
+
+def hmac_signed(header: bytes, payload: dict[str, Any], secret: bytes) -> str:
+    signing_input = f"{b64(header)}.{b64(json.dumps(payload).encode())}"
     signature = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
     return f"{signing_input}.{b64(signature)}"
 
@@ -178,6 +192,10 @@ def _hostile_tokens(rsa_key: SigningKey, ec_key: SigningKey, now: float) -> dict
     claims = {"sub": "mallory", "exp": int(now) + 300}
     padded = rsa_key.token(now=now, padding="x" * MAX_TOKEN_LENGTH)
     other_signature = rsa_key.token(now=now).split(".")[2]
+    rs256 = json.dumps({"alg": "RS256", "kid": "rsa-1"}).encode()
+    stray = B64URL[B64URL.index(signature[-1]) + 1]  # 256 bytes end in one: the last character's low 4 bits are spare
+    not_utf8, tab = b'{"alg":"RS256","sub":"\xff"}', "\t"
+    none_last, rs256_last = b'{"alg":"RS256","alg":"none"}', b'{"alg":"HS256","alg":"RS256"}'
     return {
         "alg none": (f"Bearer {jwt.encode(claims, None, algorithm='none')}", "disallowed_alg"),
         "alg none, kid set": (f"Bearer {hand_made({'alg': 'none', 'kid': 'rsa-1'}, claims)}", "disallowed_alg"),
@@ -206,6 +224,41 @@ def _hostile_tokens(rsa_key: SigningKey, ec_key: SigningKey, now: float) -> dict
         "signed by another key with the same kid": (
             f"Bearer {SigningKey('rsa', kid='rsa-1').token(now=now)}", "bad_signature"
         ),
+        # the parser: segments, base64url, JSON
+        "four segments": (f"Bearer {valid}.{signature}", "malformed"),
+        "three empty segments": ("Bearer ..", "malformed"),
+        "empty signature": (f"Bearer {header}.{payload}.", "bad_signature"),
+        "a + of the standard alphabet": (f"Bearer {header}.{payload}.+{signature[1:]}", "malformed"),
+        "a / of the standard alphabet": (f"Bearer {header}.{payload}./{signature[1:]}", "malformed"),
+        "padding one = short": (f"Bearer {header}.{payload}.{signature}=", "malformed"),
+        "padding one = too many": (f"Bearer {header}.{payload}.{signature}===", "malformed"),
+        "padding inside a segment": (f"Bearer {header}.{payload}.{signature[:2]}=={signature[2:]}", "malformed"),
+        "a stray bit in the last character": (f"Bearer {header}.{payload}.{signature[:-1]}{stray}", "malformed"),
+        "a space inside": (f"Bearer {header}.{payload}. {signature}", "malformed"),
+        "a tab inside": (f"Bearer {header}.{payload}{tab}.{signature}", "malformed"),
+        "a non-ASCII character": (f"Bearer {header}.{payload}.{signature[:-1]}é", "malformed"),
+        "header nested deeper than the JSON parser goes": (f"Bearer {b64(b'[' * 4000)}.{payload}.{signature}", "malformed"),
+        "header a big object within the size limit": (
+            f"Bearer {b64(json.dumps({'alg': 'RS256', 'x': 'a' * 5000}).encode())}.{payload}.{signature}",
+            "bad_signature",
+        ),
+        "header naming alg twice, none last": (f"Bearer {b64(none_last)}.{payload}.{signature}", "disallowed_alg"),
+        "header naming alg twice, HS256 signed, RS256 last": (
+            f"Bearer {hmac_signed(rs256_last, claims, rsa_key.public_pem)}", "bad_signature"
+        ),
+        "header not UTF-8": (f"Bearer {b64(not_utf8)}.{payload}.{signature}", "malformed"),
+        "payload not JSON, validly signed": (f"Bearer {raw_signed(rsa_key, rs256, b'hello')}", "malformed"),
+        "payload not UTF-8, validly signed": (f"Bearer {raw_signed(rsa_key, rs256, not_utf8)}", "malformed"),
+        "payload a JSON array, validly signed": (f"Bearer {raw_signed(rsa_key, rs256, b'[1]')}", "malformed"),
+        "payload a JSON string, validly signed": (f"Bearer {raw_signed(rsa_key, rs256, json.dumps('x').encode())}", "malformed"),
+        "payload JSON with trailing data, validly signed": (
+            f"Bearer {raw_signed(rsa_key, rs256, json.dumps(claims).encode() + b' {}')}", "malformed"
+        ),
+        "payload not JSON, signature not its own": (f"Bearer {header}.{b64(b'hello')}.{signature}", "bad_signature"),
+        "PS256 signature under an RS256 header": (
+            f"Bearer {raw_signed(rsa_key, rs256, json.dumps(claims).encode(), algorithm='PS256')}", "bad_signature"
+        ),
+        "EdDSA header naming the RSA key": (f"Bearer {hand_made({'alg': 'EdDSA', 'kid': 'rsa-1'}, claims)}", "disallowed_alg"),
     }
 
 
@@ -233,22 +286,78 @@ async def test_a_huge_token_is_rejected_before_decoding(make_auth, clock, rsa_ke
     assert auth.cache.misses == 0  # every decode follows a cache miss
 
 
-async def test_mangled_tokens_are_rejected_with_a_401_or_carry_the_signed_claims(make_auth, clock, rsa_key):
-    """A mangled token either fails cleanly or, when the change is one base64 leaves no trace of
-    (a character replaced by itself, the spare bits of a last character), verifies to the same claims."""
-    auth = make_auth(rsa_key, cache_size=0)
-    token = rsa_key.token(now=clock.now)
-    signed = dict(await authenticate(auth, f"Bearer {token}", ()))
-    rng = random.Random(3)
-    alphabet = "ABCxyz019-_.=+/ {}\"\\\x00é"
-    for _ in range(300):
-        chars = list(token)
-        for _ in range(rng.randint(1, 5)):
-            chars[rng.randrange(len(chars))] = rng.choice(alphabet)
-        try:
-            assert dict(await authenticate(auth, "Bearer " + "".join(chars), ())) == signed
-        except GatewayError as exc:
-            assert exc.status == 401
+MANGLING = st.lists(
+    st.tuples(st.sampled_from(["replace", "insert", "delete"]), st.integers(min_value=0),
+              st.sampled_from(B64URL[:4] + B64URL[-6:] + ".=+/ \t\x00{}\"\\é\u2028")),
+    min_size=1, max_size=4,
+)
+
+
+@given(edits=MANGLING)
+@settings(max_examples=300, deadline=None)
+def test_any_change_to_a_valid_token_is_refused_unless_only_padding_differs(claims_auth, edits):
+    """The rule: a valid token with characters replaced, inserted or removed is a 401, unless all that then
+    differs is right `=` padding after the signature (or whitespace around the token), when it carries the
+    same claims: one token, one spelling, whatever a lenient base64 or JSON reader would accept."""
+    auth, key = claims_auth
+    claims = {"sub": "alice", "exp": int(NOW) + 60}
+    token = key.signed(claims)
+    chars = list(token)
+    for edit, at, char in edits:
+        at %= len(chars) + 1
+        if edit == "insert":
+            chars.insert(at, char)
+        elif at < len(chars):
+            chars[at:at + 1] = [char] if edit == "replace" else []
+    mangled = "".join(chars)
+    try:
+        verified = auth.verify(f"Bearer {mangled}")
+    except GatewayError as exc:
+        assert (exc.status, exc.error_type) in {(401, "malformed"), (401, "bad_signature"), (401, "disallowed_alg"),
+                                                (401, "unknown_kid"), (401, "missing_token")}
+        return
+    assert mangled.strip().rstrip("=") == token
+    assert dict(verified) == claims
+
+
+async def test_right_base64_padding_is_tolerated_where_the_signature_allows(make_auth, clock, rsa_key):
+    """Some issuers pad segments with `=` (PyJWT accepts it too). Right padding decodes, but the signature
+    covers the header and payload as sent: padding added to them afterwards is a bad signature."""
+    auth = make_auth(rsa_key)
+    tokens = (rsa_key.token(now=clock.now, sub=sub) for sub in ("p", "pa", "pad"))
+    header, payload, signature = next(t.split(".") for t in tokens if len(t.split(".")[1]) % 4)
+    assert len(signature) % 4 == 2
+    assert await authenticate(auth, f"Bearer {header}.{payload}.{signature}==", ())
+    padded = payload + "=" * (-len(payload) % 4)
+    assert (await rejected(auth, f"Bearer {header}.{padded}.{signature}")).error_type == "bad_signature"
+
+
+async def test_an_ecdsa_signature_must_be_r_and_s_of_the_curve_size(make_auth, clock, ec_key):
+    """RFC 7518 3.4: R || S, 32 bytes each for P-256; DER (what some libraries emit by mistake), a byte more
+    or less, or zeros are a bad signature, never an exception."""
+    auth = make_auth(ec_key)
+    token = ec_key.token(now=clock.now)
+    header, payload, signature = token.split(".")
+    raw = base64.urlsafe_b64decode(signature + "==")
+    der = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
+    for variant in (der, raw[:-1], raw + b"\0", b"\0" + raw, bytes(64), raw[32:] + raw[:32]):
+        error = await rejected(auth, f"Bearer {header}.{payload}.{b64(variant)}")
+        assert error.error_type == "bad_signature"
+    assert await authenticate(auth, f"Bearer {token}", ())
+
+
+ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"]
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+async def test_every_algorithm_verifies_with_its_key_and_no_other(tmp_path, clock, metrics, algorithm):
+    kind = {"R": "rsa", "P": "rsa", "E": "ec", "Ed": "ed25519"}[algorithm[:2] if algorithm == "EdDSA" else algorithm[0]]
+    key, impostor = (SigningKey(kind, algorithm=algorithm) for _ in range(2))
+    config = AuthConfig.model_validate({"keys": [{"file": key.write_public_pem(tmp_path / "key.pem")}],
+                                        "algorithms": ALGORITHMS})
+    auth = Authenticator.build(config, metrics, None, clock=clock)
+    assert (await authenticate(auth, f"Bearer {key.token(now=clock.now, sub=algorithm)}", ()))["sub"] == algorithm
+    assert (await rejected(auth, f"Bearer {impostor.token(now=clock.now)}")).error_type == "bad_signature"
 
 
 @pytest.mark.parametrize(
@@ -554,10 +663,12 @@ async def test_rotation_by_kid_and_reload_after_the_file_is_replaced(tmp_path, m
 
     successor = SigningKey("rsa", kid="rsa-1")
     successor.write_public_pem(tmp_path / "rsa-1.pem")
+    new_token = f"Bearer {successor.token(now=clock.now)}"
     assert await authenticate(auth, old_token, ())  # until reloaded, the keys in force stay
-    auth = make_auth(rsa_key, ec_key, write=False)  # what a reload does: keys read afresh, a new cache
+    assert (await rejected(auth, new_token)).error_type == "bad_signature"
+    auth = make_auth(rsa_key, ec_key, write=False)  # what a reload does: keys read afresh, new caches
     assert (await rejected(auth, old_token)).error_type == "bad_signature"  # the cached verdict went with the key
-    assert await authenticate(auth, f"Bearer {successor.token(now=clock.now)}", ())
+    assert await authenticate(auth, new_token, ())  # and so did the refusal
     assert await authenticate(auth, f"Bearer {ec_key.token(now=clock.now)}", ())
 
 
@@ -686,13 +797,105 @@ async def test_cache_size_zero_verifies_every_time(make_auth, clock, rsa_key):
     assert (auth.cache.hits, auth.cache.misses) == (0, 3)
 
 
-async def test_failed_tokens_are_not_cached(make_auth, clock, rsa_key):
+# --- the refused-token cache -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("error_type", ["bad_signature", "malformed", "unknown_kid", "disallowed_alg", "missing_claim"])
+async def test_a_refused_token_is_remembered_and_every_refusal_counted(make_auth, clock, metrics, rsa_key, error_type):
+    auth = make_auth(rsa_key)
+    header, payload, signature = rsa_key.token(now=clock.now).split(".")
+    token = {
+        "bad_signature": f"{header}.{payload}.{signature[:-4]}AAAA",
+        "malformed": f"{header}.{payload}.{signature}=",
+        "unknown_kid": rsa_key.token(now=clock.now, kid="gone"),
+        "disallowed_alg": rsa_key.token(now=clock.now, algorithm="RS512"),
+        "missing_claim": rsa_key.token(now=clock.now, ttl=None),
+    }[error_type]
+    errors = [await rejected(auth, f"Bearer {token}") for _ in range(3)]
+    assert {(e.status, e.error_type, e.message, tuple(e.headers.items())) for e in errors} == {
+        (401, error_type, errors[0].message, tuple(errors[0].headers.items()))}
+    assert len({id(e) for e in errors}) == 3  # a fresh error each time: no traceback piles up on one
+    assert (auth.refused.hits, auth.refused.misses) == (2, 1)
+    assert attempts(metrics, "failure", error_type) == 3
+
+
+async def test_an_expired_token_is_remembered_and_stays_expired(make_auth, clock, metrics, rsa_key):
+    auth = make_auth(rsa_key, clock_skew=30)
+    token = f"Bearer {rsa_key.token(now=clock.now, ttl=10)}"
+    assert await authenticate(auth, token, ())
+    clock.now += 41
+    assert (await rejected(auth, token)).error_type == "expired"
+    clock.now += 10**6
+    assert (await rejected(auth, token)).error_type == "expired"
+    assert auth.refused.hits == 1
+    assert attempts(metrics, "failure", "expired") == 2
+
+
+async def test_a_token_not_yet_valid_is_not_remembered_as_refused(make_auth, clock, rsa_key):
+    """Time ends `not_yet_valid`: such a token is verified afresh until it is valid."""
     auth = make_auth(rsa_key)
     token = f"Bearer {rsa_key.token(now=clock.now, nbf=int(clock.now) + 100)}"
     assert (await rejected(auth, token)).error_type == "not_yet_valid"
+    assert len(auth.refused.entries) == 0
     clock.now += 100
     assert await authenticate(auth, token, ())
     assert len(auth.cache.entries) == 1
+
+
+async def test_the_refused_cache_is_bounded_least_recently_used_first(make_auth, clock, rsa_key):
+    auth = make_auth(rsa_key, cache_size=2)
+    a, b, c = (f"Bearer {rsa_key.token(now=clock.now, kid=f'gone-{i}')}" for i in range(3))
+    for token in (a, b, a, c):  # a was refused after b: b goes
+        await rejected(auth, token)
+    assert len(auth.refused.entries) == 2
+    hits = auth.refused.hits
+    await rejected(auth, a)
+    assert auth.refused.hits == hits + 1
+    await rejected(auth, b)
+    assert auth.refused.hits == hits + 1
+
+
+async def test_cache_size_zero_remembers_no_refusal(make_auth, clock, rsa_key):
+    auth = make_auth(rsa_key, cache_size=0)
+    token = f"Bearer {rsa_key.token(now=clock.now, kid='gone')}"
+    for _ in range(3):
+        await rejected(auth, token)
+    assert (auth.refused.hits, len(auth.refused.entries)) == (0, 0)
+
+
+TIMED_TOKENS = [  # (seconds from NOW to nbf, to exp): valid now; valid later; expiring soon; both
+    (None, 60), (20, 120), (None, 5), (45, 50),
+]
+
+
+@given(steps=st.lists(st.one_of(st.integers(0, len(TIMED_TOKENS) + 1), st.floats(0, 40)), max_size=30))
+@settings(max_examples=100, deadline=None)
+def test_the_caches_never_change_a_verdict(tmp_path_factory, steps):
+    """The rule: as the clock moves on, an authenticator with its caches gives every token the verdict one
+    without caches gives (the same claims, or the same error type), whatever the order of requests; tokens
+    that time makes valid, then expired, and a forged one included. An int step is a
+    request for that token, a float step moves the clock on by that many seconds."""
+    key = SigningKey("ed25519")
+    pem = key.write_public_pem(tmp_path_factory.mktemp("keys") / "key.pem")
+    now = [NOW]
+    cached, fresh = (
+        Authenticator.build(AuthConfig.model_validate({"keys": [{"file": pem}], "cache_size": size, "clock_skew": 10}),
+                            Metrics(), None, clock=lambda: now[0])
+        for size in (10, 0)
+    )
+    tokens = [key.token(now=NOW, ttl=exp, nbf=None if nbf is None else int(NOW) + nbf) for nbf, exp in TIMED_TOKENS]
+    tokens += [SigningKey("ed25519").token(now=NOW), key.token(now=NOW, ttl=1)]
+    for step in steps:
+        if isinstance(step, float):
+            now[0] += step
+            continue
+        verdicts = []
+        for auth in (cached, fresh):
+            try:
+                verdicts.append(dict(auth.verify(f"Bearer {tokens[step]}")))
+            except GatewayError as exc:
+                verdicts.append(exc.error_type)
+        assert verdicts[0] == verdicts[1], (step, now[0] - NOW)
 
 
 # --- revocation against a real Redis ----------------------------------------------------------------
@@ -709,6 +912,9 @@ async def test_a_revoked_token_is_rejected_even_when_cached(make_auth, clock, me
     assert attempts(metrics, "failure", "revoked") == 1
     other = rsa_key.token(now=clock.now, jti="t-2")
     assert await authenticate(auth, f"Bearer {other}", ())
+    assert len(auth.refused.entries) == 0  # revocation is Redis's to say, request by request
+    await redis_client.delete("revoked:t-1")
+    assert await authenticate(auth, f"Bearer {token}", ())
 
 
 async def test_a_revoked_token_is_401_before_its_scopes_are_judged(make_auth, clock, rsa_key, redis_server, redis_client):

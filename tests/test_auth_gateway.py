@@ -261,6 +261,53 @@ async def test_verified_tokens_stay_cached_across_a_reload_of_routes(gateway_cli
     assert gateway.state.auth.cache.misses == misses
 
 
+async def _raw_exchanges(port: int, requests: list[bytes]) -> list[bytes]:
+    """Each request in turn on one keep-alive connection; each response read whole (by Content-Length)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    responses = []
+    try:
+        async with asyncio.timeout(10):
+            for request in requests:
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                responses.append(head + await reader.readexactly(length))
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    return responses
+
+
+async def test_a_flood_of_one_forged_token_is_verified_once(gateway_client, backend, key, tmp_path) -> None:
+    """Exact bytes on one connection: the same forged token 20 times, each a 401 bad_signature, counted and
+    logged every time, never forwarded; its signature checked only the first time."""
+    client = await gateway_client(auth_config(tmp_path, backend.url))
+    header, payload, _ = key.token(scope="users:read").split(".")
+    forged = f"{header}.{payload}.{key.token().split('.')[2]}"
+    request = f"GET /users/1 HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {forged}\r\n\r\n".encode()
+    responses = await _raw_exchanges(client.server.port, [request] * 20)
+    assert [response.split(b" ", 2)[1] for response in responses] == [b"401"] * 20
+    assert all(b'error="invalid_token", error_description="the token\'s signature is invalid"' in r for r in responses)
+    assert backend.seen == []
+    auth = client.app[GATEWAY].state.auth
+    assert (auth.refused.misses, auth.refused.hits) == (1, 19)
+    value = client.app[GATEWAY].metrics.registry.get_sample_value
+    assert value("gateway_auth_attempts_total", {"result": "failure", "error_type": "bad_signature"}) == 20
+    assert [line["error_type"] for line in access_lines(client)] == ["bad_signature"] * 20
+
+
+@pytest.mark.parametrize("token", [
+    b"\xff\xfe.\xe9.AA", "é".encode() * 3, b"a.b.c\x80", b"e30.e30.\xc3\xa9",
+], ids=["bytes not UTF-8", "UTF-8", "a high byte at the end", "a UTF-8 signature"])
+async def test_a_token_of_non_ascii_bytes_is_401_malformed(gateway_client, backend, key, tmp_path, token) -> None:
+    client = await gateway_client(auth_config(tmp_path, backend.url))
+    request = b"GET /users/1 HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer " + token + b"\r\n\r\n"
+    [response] = await _raw_exchanges(client.server.port, [request])
+    assert response.split(b" ", 2)[1] == b"401", response
+    assert backend.seen == []
+    assert access_lines(client)[-1]["error_type"] == "malformed"
+
+
 async def test_revocation_and_rate_limit_share_one_redis_round_trip(
     gateway_client, backend, key, tmp_path, redis_server: RedisServer
 ) -> None:

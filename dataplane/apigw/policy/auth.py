@@ -6,11 +6,17 @@ RS*/PS*; EC: the ES* of its curve; Ed25519: EdDSA) and are in `auth.algorithms`,
 RS/HS confusion can never verify. A token naming a `kid` is checked with the keys of that kid and with
 keys configured without a kid; a token without a `kid` with every key.
 
-Time claims (`exp`, `nbf`, `iat`, with `auth.clock_skew`) are checked here rather than by PyJWT, with
-the clock passed in, so that fresh verification and the cache follow one clock.
+Tokens are parsed and verified here with `cryptography`, on a path prepared at config load (each key's
+verifier per algorithm, by kid): the three base64url segments decoded strictly (the URL-safe alphabet,
+canonical, right `=` padding tolerated as PyJWT does), the header parsed, its `alg` and `kid` picking the
+verifiers, the signature checked, and only then the claims parsed, as a JSON object. A name given twice in
+a JSON object keeps its last value, as RFC 7515 4 and RFC 7519 4 allow (the signature covers the bytes, so
+only the issuer can write such a token). `iss` and `aud` are checked as PyJWT did (`bad_issuer`,
+`bad_audience`); time claims (`exp`, `nbf`, `iat`, with `auth.clock_skew`) with the clock passed in, so
+that fresh verification and the cache follow one clock.
 
-What a token must be beyond its signature is checked here too, once per distinct token (the cache
-holds only tokens that passed): no `crit` header (RFC 7515 4.1.11: a token naming extensions the
+What a token must be beyond its signature is checked here too, once per distinct token (the verified-token
+cache holds only tokens that passed): no `crit` header (RFC 7515 4.1.11: a token naming extensions the
 verifier does not understand is invalid, and the gateway understands none); every claim of
 `auth.required_claims` present (default `exp`: a token that never expires is refused); the registered
 claims of their types (`iss`, `sub`, `jti` strings; `exp`, `nbf`, `iat` numbers; `aud` and the scope
@@ -20,7 +26,11 @@ never an exception further down.
 
 Verified tokens are cached (LRU, `auth.cache_size` entries, keyed by the token) to skip signature
 verification for repeated tokens. An entry never outlives the token's `exp`; a token without `exp`
-is re-verified at least every `NO_EXP_CACHE_SECONDS`. New keys come with a new authenticator and cache.
+is re-verified at least every `NO_EXP_CACHE_SECONDS`. Refused tokens are cached too (at most
+`REFUSED_CACHE_SIZE`, within `auth.cache_size`), so that a flood of one bad token costs a dictionary
+lookup, not a signature check: every refusal that time cannot undo (a token that has expired stays
+expired as the clock moves on), but not `not_yet_valid`, which time ends. New keys come with a new
+authenticator and caches.
 
 Revocation list: a token is revoked while Redis holds the key `revoked:<jti>` (any value). Whoever
 revokes sets its TTL to outlive the token, e.g. `SET revoked:<jti> 1 EXAT <exp>`, so the list
@@ -38,7 +48,7 @@ shows up as the outage it is.
 
 from __future__ import annotations
 
-import base64
+import binascii
 import json
 import logging
 import math
@@ -49,11 +59,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import jwt
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from redis.exceptions import RedisError
 
@@ -71,6 +83,8 @@ Claims = Mapping[str, Any]
 MAX_TOKEN_LENGTH = 8192
 """Longer Authorization headers are rejected as malformed before any decoding or crypto."""
 NO_EXP_CACHE_SECONDS = 60.0
+REFUSED_CACHE_SIZE = 1000
+"""At most this many refused tokens are remembered (each up to MAX_TOKEN_LENGTH: 8 MB at worst)."""
 MIN_RSA_BITS = 2048
 REVOKED_PREFIX = "revoked:"
 
@@ -92,6 +106,10 @@ _EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES51
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----.+?-----END \1-----", re.DOTALL)
 
 
+Verifier = Callable[[bytes, bytes], None]
+"""`verify(signature, signing_input)`: returns if the signature is good, raises InvalidSignature if not."""
+
+
 @dataclass(frozen=True, slots=True)
 class VerifyKey:
     key: Any
@@ -101,22 +119,58 @@ class VerifyKey:
 
 
 class KeyRing:
-    """The loaded keys, indexed by `kid` for the hot path."""
+    """The loaded keys, with their verifiers by kid and algorithm for the hot path."""
 
     def __init__(self, keys: list[VerifyKey]):
         self.keys = keys
-        self.any_kid = [k for k in keys if k.kid is None]
-        self.by_kid: dict[str, list[VerifyKey]] = {}
-        for key in keys:
-            if key.kid is not None:
-                self.by_kid.setdefault(key.kid, []).append(key)
-        for keyed in self.by_kid.values():
-            keyed.extend(self.any_kid)
+        any_kid = [key for key in keys if key.kid is None]
+        self._no_kid = _verifiers(keys) if keys else None
+        self._other_kid = _verifiers(any_kid) if any_kid else None
+        self._by_kid = {
+            kid: _verifiers([key for key in keys if key.kid == kid] + any_kid)
+            for kid in {key.kid for key in keys if key.kid is not None}
+        }
 
-    def candidates(self, kid: str | None) -> list[VerifyKey]:
+    def verifiers(self, kid: str | None) -> Mapping[str, tuple[Verifier, ...]] | None:
+        """By algorithm, the verifiers of the keys a token naming `kid` is checked with (a token without kid:
+        every key; a kid no key has: the keys configured without kid); None when there are no such keys."""
         if kid is None:
-            return self.keys
-        return self.by_kid.get(kid, self.any_kid)
+            return self._no_kid
+        return self._by_kid.get(kid, self._other_kid)
+
+
+def _verifiers(keys: list[VerifyKey]) -> dict[str, tuple[Verifier, ...]]:
+    table: dict[str, tuple[Verifier, ...]] = {}
+    for key in keys:
+        for alg in key.algorithms:
+            table[alg] = (*table.get(alg, ()), _verifier(key.key, alg))
+    return table
+
+
+_HASHES = {"256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}
+
+
+def _verifier(public: Any, alg: str) -> Verifier:
+    """The signature check of `alg` (RFC 7518 3) with `public`, its parameters made once."""
+    if alg == "EdDSA":
+        return lambda signature, data: public.verify(signature, data)
+    digest = _HASHES[alg[2:]]()
+    if alg.startswith("RS"):
+        pkcs1 = padding.PKCS1v15()
+        return lambda signature, data: public.verify(signature, data, pkcs1, digest)
+    if alg.startswith("PS"):
+        pss = padding.PSS(mgf=padding.MGF1(digest), salt_length=digest.digest_size)
+        return lambda signature, data: public.verify(signature, data, pss, digest)
+    size = (public.curve.key_size + 7) // 8
+    ecdsa = ec.ECDSA(digest)
+
+    def verify_ecdsa(signature: bytes, data: bytes) -> None:  # JWS holds R || S, cryptography wants DER
+        if len(signature) != 2 * size:
+            raise InvalidSignature
+        r, s = int.from_bytes(signature[:size], "big"), int.from_bytes(signature[size:], "big")
+        public.verify(encode_dss_signature(r, s), data, ecdsa)
+
+    return verify_ecdsa
 
 
 def load_keys(config: AuthConfig) -> KeyRing:
@@ -254,16 +308,19 @@ def _describe(public: Any) -> str:
     return f"{type(public).__name__.removesuffix('PublicKey')} key"
 
 
-class TokenCache:
-    """Verified claims by token, least recently used dropped first; an entry is dropped at its deadline."""
+V = TypeVar("V")
+
+
+class TokenCache(Generic[V]):
+    """Values by token, least recently used dropped first; an entry is dropped at its deadline."""
 
     def __init__(self, size: int):
         self.size = size
-        self.entries: OrderedDict[str, tuple[Claims, float]] = OrderedDict()
+        self.entries: OrderedDict[str, tuple[V, float]] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
-    def get(self, token: str, now: float) -> Claims | None:
+    def get(self, token: str, now: float) -> V | None:
         entry = self.entries.get(token)
         if entry is not None:
             if now < entry[1]:
@@ -274,10 +331,10 @@ class TokenCache:
         self.misses += 1
         return None
 
-    def put(self, token: str, claims: Claims, deadline: float) -> None:
+    def put(self, token: str, value: V, deadline: float) -> None:
         if self.size == 0:
             return
-        self.entries[token] = (claims, deadline)
+        self.entries[token] = (value, deadline)
         self.entries.move_to_end(token)
         if len(self.entries) > self.size:
             self.entries.popitem(last=False)
@@ -292,7 +349,9 @@ class Authenticator:
     ):
         self.config = config
         self._keys = keys
-        self.cache = TokenCache(config.cache_size)
+        self.cache: TokenCache[Claims] = TokenCache(config.cache_size)
+        self.refused: TokenCache[tuple[str, str]] = TokenCache(min(config.cache_size, REFUSED_CACHE_SIZE))
+        """(error_type, description) of tokens refused for a cause time cannot end."""
         self._clock = clock
         self._skew = config.clock_skew
         self._algorithms = frozenset(config.algorithms)
@@ -304,12 +363,6 @@ class Authenticator:
         self._forward = tuple(config.forward_claims.items())
         self._required = tuple(config.required_claims)
         self.stripped_headers = frozenset(header.lower() for header in config.forward_claims.values())
-        self._jwt = jwt.PyJWT(options={
-            "verify_exp": False, "verify_nbf": False, "verify_iat": False,  # checked with our clock
-            "verify_sub": False, "verify_jti": False,  # types checked by _check_claims, which names the claim
-            "verify_aud": config.audience is not None,
-            "enforce_minimum_key_length": True,
-        })
         if (config.keys or config.jwks_file) and config.audience is None:
             log.warning(
                 "auth.audience is not set: tokens signed by the configured keys are accepted whatever service "
@@ -380,13 +433,22 @@ class Authenticator:
         now = self._clock()
         claims = self.cache.get(token, now)
         if claims is None:
-            claims = self._verify(token, now)
+            refused = self.refused.get(token, now)
+            if refused is not None:
+                raise _invalid(*refused)
+            try:
+                claims = self._verify(token, now)
+            except GatewayError as exc:
+                if exc.error_type != "not_yet_valid":
+                    self.refused.put(token, (exc.error_type, exc.message), math.inf)
+                raise
             exp = claims.get("exp")
             self.cache.put(token, claims, exp if exp is not None else now + NO_EXP_CACHE_SECONDS)
         return claims
 
     def _verify(self, token: str, now: float) -> Claims:
-        header = _unverified_header(token)
+        header_segment, payload_segment, signature_segment, signing_input = _segments(token)
+        header = _json_object(header_segment)
         alg, kid = header.get("alg"), header.get("kid")
         if not isinstance(alg, str) or not isinstance(kid, (str, type(None))):
             raise _invalid("malformed", "the token is not a well-formed JWT")
@@ -394,28 +456,33 @@ class Authenticator:
             raise _invalid("malformed", "the token names critical header extensions (crit), which are not supported")
         if alg not in self._algorithms:
             raise _invalid("disallowed_alg", "the token's algorithm is not accepted")
-        candidates = self._keys.candidates(kid)
-        if not candidates:
+        by_alg = self._keys.verifiers(kid)
+        if by_alg is None:
             raise _invalid("unknown_kid", "the token's key id (kid) is not known")
-        fitting = [key for key in candidates if alg in key.algorithms]
-        if not fitting:
+        verifiers = by_alg.get(alg)
+        if not verifiers:
             raise _invalid("disallowed_alg", "the token's algorithm does not fit its key")
-        for key in fitting:
+        for verify in verifiers:
             try:
-                claims = self._jwt.decode(
-                    token, key.key, algorithms=key.algorithms, issuer=self.config.issuer, audience=self.config.audience
-                )
-            except jwt.InvalidSignatureError:
+                verify(signature_segment, signing_input)
+                break
+            except InvalidSignature:
                 continue
-            except jwt.PyJWTError as exc:
-                raise _invalid(*_cause(exc)) from None
-            self._check_claims(claims)
-            _check_times(claims, now, self._skew)
-            return MappingProxyType(claims)
-        raise _invalid("bad_signature", "the token's signature is invalid")
+        else:
+            raise _invalid("bad_signature", "the token's signature is invalid")
+        claims = _json_object(payload_segment)
+        self._check_claims(claims)
+        _check_times(claims, now, self._skew)
+        return MappingProxyType(claims)
 
     def _check_claims(self, claims: Mapping[str, Any]) -> None:
-        """Required claims present, claims of their types, forwarded claims fit for a header; 401 otherwise."""
+        """Issuer and audience as configured, required claims present, claims of their types, forwarded
+        claims fit for a header; 401 otherwise."""
+        issuer, audience = self.config.issuer, self.config.audience
+        if issuer is not None and claims.get("iss") != issuer:
+            raise _invalid("bad_issuer", "the token's issuer is not accepted")
+        if audience is not None and not _names_audience(claims.get("aud"), audience):
+            raise _invalid("bad_audience", "the token's audience is not accepted")
         for name in self._required:
             if claims.get(name) is None:
                 raise _invalid("missing_claim", f"the token lacks the required claim {name}")
@@ -442,17 +509,52 @@ class Authenticator:
             raise _invalid("revoked", "the token has been revoked")
 
 
-def _unverified_header(token: str) -> dict[str, Any]:
-    """The token's JOSE header, read before verification to pick the key and to refuse `crit` with a
-    message of our own (PyJWT reads it again, strictly, when it verifies)."""
-    segment = token.partition(".")[0]
+_URLSAFE_TO_STANDARD = bytes.maketrans(b"-_+/", b"+/!!")
+"""base64url to the standard alphabet; `+` and `/`, not base64url, become a character no decoder accepts."""
+_JSON = json.JSONDecoder()
+
+
+def _segments(token: str) -> tuple[bytes, bytes, bytes, bytes]:
+    """The decoded header, payload and signature of a compact JWS, and the signing input; 401 malformed
+    unless there are three segments, each canonical base64url."""
     try:
-        header = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
-    except (ValueError, RecursionError):  # binascii.Error, UnicodeDecodeError and JSONDecodeError are ValueErrors
-        header = None
-    if not isinstance(header, dict):
+        raw = token.encode("ascii")
+        header, payload, signature = raw.split(b".")
+        decoded = _b64url(header), _b64url(payload), _b64url(signature)
+    except ValueError:  # UnicodeEncodeError, a count of segments other than 3, binascii.Error
+        raise _invalid("malformed", "the token is not a well-formed JWT") from None
+    return *decoded, raw[: len(header) + 1 + len(payload)]
+
+
+def _b64url(segment: bytes) -> bytes:
+    """Strict base64url: its alphabet only, `=` padding tolerated if right, no stray bits in the last character
+    (so that one token has one spelling)."""
+    if not segment.endswith(b"="):
+        segment += b"=" * (-len(segment) % 4)
+    standard = segment.translate(_URLSAFE_TO_STANDARD)
+    decoded = binascii.a2b_base64(standard, strict_mode=True)
+    if binascii.b2a_base64(decoded, newline=False) != standard:
+        raise ValueError("not canonical base64")
+    return decoded
+
+
+def _json_object(data: bytes) -> dict[str, Any]:
+    """A segment's JSON object (UTF-8); 401 malformed otherwise. NaN and Infinity are read as Python reads
+    them (a time claim holding one is refused by its type check, naming the claim)."""
+    try:
+        value = _JSON.decode(data.decode("utf-8"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        value = None
+    if not isinstance(value, dict):
         raise _invalid("malformed", "the token is not a well-formed JWT")
-    return header
+    return value
+
+
+def _names_audience(aud: Any, audience: str) -> bool:
+    """Whether the `aud` claim (a string or a list of strings) names `audience`."""
+    if isinstance(aud, str):
+        return aud == audience
+    return isinstance(aud, list) and all(isinstance(item, str) for item in aud) and audience in aud
 
 
 def _check_times(claims: Mapping[str, Any], now: float, skew: float) -> None:
@@ -514,16 +616,6 @@ def _check_scopes(claims: Claims, required: tuple[str, ...]) -> None:
             403, "insufficient_scope", "the token lacks a required scope",
             {"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{wanted}"'},
         )
-
-
-def _cause(exc: jwt.PyJWTError) -> tuple[str, str]:
-    """The error_type and client message for a PyJWT rejection after the signature verified."""
-    missing = exc.claim if isinstance(exc, jwt.MissingRequiredClaimError) else None
-    if isinstance(exc, jwt.InvalidIssuerError) or missing == "iss":
-        return "bad_issuer", "the token's issuer is not accepted"
-    if isinstance(exc, jwt.InvalidAudienceError) or missing == "aud":
-        return "bad_audience", "the token's audience is not accepted"
-    return "malformed", "the token is not a well-formed JWT"
 
 
 def _invalid(error_type: str, description: str) -> GatewayError:

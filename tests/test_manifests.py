@@ -21,6 +21,9 @@ import yaml
 from openapi_schema_validator import OAS30Validator
 
 from apigw.config.loader import GLOBAL_FILE, ROUTES_FILE, parse_documents
+from apigw_operator.admission import HANDLER_IDS, PATH
+from apigw_operator.cli import parse_args
+from apigw_operator.crds import GROUP, VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
@@ -142,7 +145,7 @@ def test_kustomize_builds_the_same_objects(tmp_path: Path) -> None:
 
 
 def test_every_namespaced_object_is_in_the_gateway_namespace() -> None:
-    cluster_scoped = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
+    cluster_scoped = {"Namespace", "ClusterRole", "ClusterRoleBinding", "ValidatingWebhookConfiguration"}
     assert get("Namespace", NAMESPACE)
     for obj in OBJECTS:
         assert obj["metadata"].get("namespace") == (None if obj["kind"] in cluster_scoped else NAMESPACE), key(obj)
@@ -231,9 +234,10 @@ def test_config_files_come_from_the_named_configmap_and_secrets() -> None:
     assert get("Certificate", "api-gateway-tls")["spec"]["secretName"] == "api-gateway-tls"
 
 
-def test_certificate_issuer_is_deployed() -> None:
-    issuer = get("Certificate", "api-gateway-tls")["spec"]["issuerRef"]
-    assert get(issuer["kind"], issuer["name"])
+@pytest.mark.parametrize("certificate", [o for o in OBJECTS if o["kind"] == "Certificate"], ids=key)
+def test_certificate_issuer_is_deployed(certificate: dict[str, Any]) -> None:
+    issuer = certificate["spec"]["issuerRef"]
+    assert get(issuer["kind"], issuer["name"])["metadata"]["namespace"] == certificate["metadata"]["namespace"]
 
 
 def test_grace_period_covers_the_drain() -> None:
@@ -369,7 +373,8 @@ def test_operator_deployment_runs_as_documented() -> None:
     port is the one the flag sets and the Service and ServiceMonitor scrape."""
     container = get("Deployment", "api-gateway-operator")["spec"]["template"]["spec"]["containers"][0]
     assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in container["env"]
-    assert container["args"] == ["--liveness", "http://0.0.0.0:8081/healthz", "--metrics", "0.0.0.0:9091"]
+    options, args = parse_args(container["args"])  # the operator's own parser
+    assert (args.liveness, options.metrics) == ("http://0.0.0.0:8081/healthz", ("0.0.0.0", 9091))
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "liveness"}
     assert {"name": "liveness", "containerPort": 8081} in container["ports"]
     assert {"name": "metrics", "containerPort": 9091} in container["ports"]
@@ -379,6 +384,48 @@ def test_operator_deployment_runs_as_documented() -> None:
     monitor = get("ServiceMonitor", "api-gateway-operator")["spec"]
     assert monitor["selector"]["matchLabels"] == get("Service", "api-gateway-operator-metrics")["metadata"]["labels"]
     assert [e["port"] for e in monitor["endpoints"]] == ["metrics"]
+
+
+def test_operator_webhook_is_wired_to_the_operator() -> None:
+    """The ValidatingWebhookConfiguration reaches the port the operator listens on, at the paths its
+    handlers serve, with a CA cert-manager injects from the Certificate whose Secret the pods mount."""
+    deployment = get("Deployment", "api-gateway-operator")
+    operator = deployment["spec"]["template"]["spec"]["containers"][0]
+    webhook = parse_args(operator["args"])[0].webhook
+    assert webhook is not None and webhook.host == "0.0.0.0"
+    assert {"name": "webhook", "containerPort": webhook.port} in operator["ports"]
+    assert operator["readinessProbe"]["tcpSocket"] == {"port": "webhook"}
+
+    configuration = get("ValidatingWebhookConfiguration", "api-gateway-operator")
+    service = get("Service", "api-gateway-operator-webhook")
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    plurals = {crd["spec"]["names"]["plural"] for crd in CRDS.values()}
+    served = {}
+    for hook in configuration["webhooks"]:
+        target = hook["clientConfig"]["service"]
+        assert (target["namespace"], target["name"]) == (NAMESPACE, service["metadata"]["name"])
+        port = next(p for p in service["spec"]["ports"] if p["port"] == target["port"])
+        assert port["targetPort"] == "webhook"
+        [rule] = hook["rules"]
+        assert (rule["apiGroups"], rule["apiVersions"], rule["scope"]) == ([GROUP], [VERSION], "Namespaced")
+        assert rule["operations"] == ["CREATE", "UPDATE"], "never DELETE, never the operator's /status writes"
+        [plural] = rule["resources"]
+        served[plural] = target["path"]
+        # Fails open: a down operator blocks no change (README "Admission webhook"); short, side-effect free.
+        assert (hook["failurePolicy"], hook["sideEffects"], hook["timeoutSeconds"]) == ("Ignore", "None", 10)
+        assert hook["admissionReviewVersions"] == ["v1"]
+    assert served == {plural: f"{PATH}/{HANDLER_IDS[plural]}" for plural in plurals}
+
+    certificate = get("Certificate", "api-gateway-operator-webhook")
+    namespace, name = configuration["metadata"]["annotations"]["cert-manager.io/inject-ca-from"].split("/")
+    assert (namespace, name) == (certificate["metadata"]["namespace"], certificate["metadata"]["name"])
+    assert f"{service['metadata']['name']}.{NAMESPACE}.svc" in certificate["spec"]["dnsNames"]
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    mounted = {m["mountPath"]: volumes[m["name"]] for m in operator["volumeMounts"]}
+    for path, item in ((webhook.cert_file, "tls.crt"), (webhook.key_file, "tls.key")):
+        volume = mounted[str(PurePosixPath(path).parent)]
+        assert (volume["secret"]["secretName"], PurePosixPath(path).name) == (certificate["spec"]["secretName"], item)
+        assert "items" not in volume["secret"], "mounted whole, so renewals arrive"
 
 
 def test_operator_runs_under_its_bound_service_account() -> None:

@@ -7,6 +7,7 @@ import logging
 
 import kopf
 
+from apigw_operator.admission import Webhook, server
 from apigw_operator.cluster import Target
 from apigw_operator.handlers import Options, build_registry
 from apigw_operator.reconciler import CONFIGMAP_LIMIT
@@ -24,9 +25,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     parser.add_argument("--metrics", default="0.0.0.0:9091", help="HOST:PORT of the operator's Prometheus /metrics")
     parser.add_argument("--configmap-limit", type=int, default=CONFIGMAP_LIMIT,
                         help="bytes the ConfigMap may hold (the API server's limit); a larger routes.yaml is not written")
+    parser.add_argument("--webhook", metavar="HOST:PORT",
+                        help="serve the validating admission webhook (HTTPS) here; default: none")
+    parser.add_argument("--webhook-cert-file", help="the webhook's certificate (PEM), e.g. cert-manager's tls.crt")
+    parser.add_argument("--webhook-key-file", help="its private key (PEM), e.g. cert-manager's tls.key")
     parser.add_argument("--no-leader-election", action="store_true", help="write without holding the Lease (one replica only)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
+    webhook = None
+    if args.webhook:
+        if not (args.webhook_cert_file and args.webhook_key_file):
+            parser.error("--webhook needs --webhook-cert-file and --webhook-key-file")
+        webhook = Webhook(*_address(args.webhook), args.webhook_cert_file, args.webhook_key_file)
     target = Target(args.gateway_namespace, args.configmap, args.deployment, args.pod_selector)
     options = Options(
         target=target,
@@ -35,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
         leader_election=not args.no_leader_election,
         metrics=_address(args.metrics),
         configmap_limit=args.configmap_limit,
+        webhook=webhook,
     )
     return options, args
 
@@ -50,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("apigw_operator").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     settings = kopf.OperatorSettings()
     settings.scanning.disabled = True  # the CRDs are installed first; no cluster-wide CRD watch (and RBAC) needed
+    if options.webhook is not None:  # the ValidatingWebhookConfiguration is in the manifests: kopf manages none
+        settings.admission.server = server(options.webhook)
     kopf.run(
         registry=build_registry(options),
         settings=settings,

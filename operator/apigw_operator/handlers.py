@@ -19,11 +19,13 @@ import aiohttp
 import kopf
 from kubernetes_asyncio import client, config
 
+from apigw_operator.admission import HANDLER_IDS, Admission, Webhook
 from apigw_operator.cluster import Cluster, Target
 from apigw_operator.crds import GROUP, POLICIES, ROUTES, VERSION
 from apigw_operator.leadership import Leadership
 from apigw_operator.metrics import Metrics, serve
 from apigw_operator.reconciler import CONFIGMAP_LIMIT, PodUrl, Reconciler, Worker, pod_url
+from apigw_operator.render import POLICY, ROUTE
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class Options:
     """(host, port) of `GET /metrics`; None serves none."""
     configmap_limit: int = CONFIGMAP_LIMIT
     """routes.yaml is not written when the ConfigMap would exceed this many bytes."""
+    webhook: Webhook | None = None
+    """Serve the validating admission webhook (apigw_operator.admission); None serves none."""
 
 
 async def _api_client() -> client.ApiClient:
@@ -106,6 +110,7 @@ def build_registry(options: Options) -> kopf.OperatorRegistry:
             identity = f"{os.environ.get('POD_NAME') or socket.gethostname()}-{uuid.uuid4().hex[:6]}"
             leadership = Leadership(api, options.target.namespace, options.lease_name, identity, lambda: worker.nudge())
         indexed = running["indexed"] = asyncio.Event()
+        running["admission"] = Admission(cluster, snapshot, indexed, options.configmap_limit, options.namespaces)
         worker = Worker(reconciler, options.resync_interval, leading, indexed)
         tasks = [asyncio.create_task(worker.run(), name="apigw-worker")]
         if leadership is not None:
@@ -131,5 +136,16 @@ def build_registry(options: Options) -> kopf.OperatorRegistry:
     async def changed(**_: Any) -> None:
         running["indexed"].set()
         running["worker"].nudge()
+
+    if options.webhook is not None:
+        kinds = {ROUTES: ROUTE, POLICIES: POLICY}
+
+        @kopf.on.validate(GROUP, VERSION, ROUTES, id=HANDLER_IDS[ROUTES], operations=["CREATE", "UPDATE"], registry=registry)
+        @kopf.on.validate(GROUP, VERSION, POLICIES, id=HANDLER_IDS[POLICIES], operations=["CREATE", "UPDATE"], registry=registry)
+        async def validate(body: kopf.Body, old: kopf.Body | None, resource: kopf.Resource, warnings: list[str], **_: Any) -> None:
+            decision = await running["admission"].review(kinds[resource.plural], body, old)
+            warnings.extend(decision.warnings)
+            if not decision.allowed:
+                raise kopf.AdmissionError(decision.message, code=decision.code)
 
     return registry

@@ -362,6 +362,7 @@ class Worker:
 
     async def run(self) -> None:
         await self._indexed()
+        self.ready.set()  # also when there was no CR at all: the admission webhook waits for it
         while True:
             try:
                 await asyncio.wait_for(self._wakeup.wait(), self.interval)

@@ -46,6 +46,16 @@ def wait_for(check: Any, timeout: float = 30, what: str = "") -> Any:
         time.sleep(0.1)
 
 
+def holder(plane: ControlPlane) -> str:
+    """Who holds the operators' Lease ("" while no one does)."""
+    try:
+        return plane.api.get(LEASE_PATH)["spec"].get("holderIdentity") or ""
+    except ApiError as exc:
+        if exc.status == 404:
+            return ""
+        raise
+
+
 class OperatorProcess:
     """`python -m apigw_operator` with the ServiceAccount's own token: the shipped RBAC, nothing more."""
 

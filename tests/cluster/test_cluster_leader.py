@@ -10,20 +10,11 @@ from __future__ import annotations
 import time
 from datetime import datetime, timedelta
 
-from tests.cluster.controlplane import ApiError, ControlPlane
+from tests.cluster.controlplane import ControlPlane
 from tests.cluster.objects import create, gatewayroute, namespace, route_names, writes_by
-from tests.cluster.parts import LEASE_PATH, OperatorProcess, wait_for
+from tests.cluster.parts import OperatorProcess, holder, wait_for
 
 LEASE_SECONDS = 15  # apigw_operator.leadership: lease_duration
-
-
-def holder(plane: ControlPlane) -> str:
-    try:
-        return plane.api.get(LEASE_PATH)["spec"].get("holderIdentity") or ""
-    except ApiError as exc:
-        if exc.status == 404:
-            return ""
-        raise
 
 
 def at(event: dict) -> datetime:

@@ -11,7 +11,6 @@ from kubernetes_asyncio.config import kube_config
 
 from tests.operator.kube import CM, CONFIG_YAML, NS, GatewayPod
 
-
 _parse_path = parsing.parse_path
 
 

@@ -147,9 +147,9 @@ def test_an_allowed_route_matches_no_request_its_grant_does_not(
 ) -> None:
     """What a route of an allowed host and path matches, the grant's own host and prefix match too,
     by the data plane's own router: a team cannot reach past its grant with a wildcard or a prefix."""
-    if host_allowed(route_host, [grant_host]) and path_allowed(route_path, [grant_path]):
-        if _router(route_host, route_path).match(host, path, "GET"):
-            assert _router(grant_host, grant_path).match(host, path, "GET")
+    allowed = host_allowed(route_host, [grant_host]) and path_allowed(route_path, [grant_path])
+    if allowed and _router(route_host, route_path).match(host, path, "GET"):
+        assert _router(grant_host, grant_path).match(host, path, "GET")
 
 
 def test_policy_of_another_namespace_only_where_granted() -> None:

@@ -15,6 +15,7 @@ ownership:
   routes:
     - namespaces: {labels: {team: shop}}
       hostnames: [shop.example.com]
+      path_prefixes: [/orders]
 """
 GRANT = """\
   policy_references:
@@ -24,8 +25,11 @@ GRANT = """\
 NAMESPACE = "/api/v1/namespaces/shop"
 
 
-def gwr(name: str, namespace: str = "shop", path: str = "/orders", created: str = "2025-01-01T00:00:00Z", **spec: Any) -> dict:
-    body = {"match": {"host": "shop.example.com", "path_prefix": path}, "backend": {"service": f"{namespace}-{name}", "url": f"http://{name}:80"}, **spec}
+def gwr(
+    name: str, namespace: str = "shop", path: str = "/orders", created: str = "2025-01-01T00:00:00Z",
+    host: str = "shop.example.com", **spec: Any,
+) -> dict:
+    body = {"match": {"host": host, "path_prefix": path}, "backend": {"service": f"{namespace}-{name}", "url": f"http://{name}:80"}, **spec}
     return cr("GatewayRoute", name, body, created=created, namespace=namespace)
 
 
@@ -43,6 +47,8 @@ async def test_namespace_labels_and_a_policy_grant_decide_in_config_yaml(cluster
     cluster.objects["v1/configmaps", NS, CM] = configmap(BY_LABEL)
     cluster.objects["v1/namespaces", None, "platform"] = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "platform"}}
     cluster.objects[ROUTES, "shop", "orders"] = gwr("orders", ratelimit="platform/global")
+    cluster.objects[ROUTES, "shop", "pay"] = gwr("pay", host="pay.example.com")
+    cluster.objects[ROUTES, "shop", "admin"] = gwr("admin", path="/admin")
     cluster.objects["gateway.apigw.io/v1alpha1/ratelimitpolicies", "platform", "global"] = cr(
         "RateLimitPolicy", "global", {"requests": 5, "period": "1s"}, namespace="platform")
     async with operator(options(pods)):
@@ -55,6 +61,14 @@ async def test_namespace_labels_and_a_policy_grant_decide_in_config_yaml(cluster
         await eventually(lambda: summary(cluster, "orders").get("Accepted") == ("True", "Accepted"))
         assert summary(cluster, "orders")["ResolvedRefs"] == ("False", "RefNotPermitted")
         assert route_names(cluster) == []
+        await eventually(lambda: "ownership.routes[0]" in status(cluster, "pay")["Accepted"]["message"])
+        assert status(cluster, "pay")["Accepted"]["message"] == (
+            "spec.match.host 'pay.example.com' is not among the hosts namespace 'shop' may claim "
+            "(ownership.routes[0].hostnames: shop.example.com)")
+        assert status(cluster, "admin")["Accepted"]["message"] == (
+            "spec.match.path_prefix '/admin' on host 'shop.example.com' is outside the paths namespace 'shop' may "
+            "claim there (ownership.routes[0].path_prefixes: /orders)")
+        assert summary(cluster, "admin")["Accepted"] == ("False", "NotAllowed")
 
         await cluster.patch(CM_PATH, json={"data": {"config.yaml": BY_LABEL + GRANT}})
         await eventually(lambda: route_names(cluster) == ["shop.orders"])

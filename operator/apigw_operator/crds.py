@@ -177,17 +177,19 @@ def _status_schema(kind: str) -> dict[str, Any]:
 def _last_accepted_schema() -> dict[str, Any]:
     """The operator's durable copy of what a route serves while its current spec is not accepted. Specs
     are kept as written (not pruned by today's schema): each is judged again by the model when used."""
-    spec = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+    def spec() -> dict[str, Any]:  # a new dict each time: no YAML anchors in crds/
+        return {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+
     return {
         "type": "object",
         "description": "The route's last accepted version: served, instead of nothing, while its current spec is not accepted.",
         "properties": {
             "generation": {"type": "integer", "format": "int64", "minimum": 0},
-            "spec": spec,
+            "spec": spec(),
             "policy": {
                 "type": "object",
                 "description": "The RateLimitPolicy it used then, as it was then (kept in case the policy is deleted).",
-                "properties": {"namespace": {"type": "string"}, "name": {"type": "string"}, "spec": spec},
+                "properties": {"namespace": {"type": "string"}, "name": {"type": "string"}, "spec": spec()},
             },
         },
     }

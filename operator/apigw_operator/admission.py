@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,7 @@ from apigw.config.loader import GLOBAL_FILE, ROUTES_FILE
 from apigw_operator.cluster import Cluster, Target, api_message
 from apigw_operator.crds import POLICIES, ROUTES
 from apigw_operator.reconciler import Snapshot, configmap_size
-from apigw_operator.render import POLICY, ROUTE, Condition, Ref, Renderer, Rendering, Verdict, ref_of
+from apigw_operator.render import POLICY, ROUTE, Condition, Labels, Ref, Renderer, Rendering, Verdict, ref_of
 
 logger = logging.getLogger(__name__)
 
@@ -82,14 +82,16 @@ def decide(
     configmap: Mapping[str, Any] | None,
     target: Target,
     limit: int,
+    labels: Labels | None = None,
 ) -> Decision:
     """Would the operator accept `candidate` (a CR as the API server is about to store it) among the CRs
-    it holds, with config.yaml from `configmap`? No I/O: the caller runs it in a worker thread."""
+    it holds, with config.yaml from `configmap` and the namespaces' `labels` (for the ownership rules)?
+    No I/O: the caller runs it in a worker thread."""
     if configmap is None:
         return unchecked(f"ConfigMap {target.namespace}/{target.configmap} not found")
     config_yaml = (configmap.get("data") or {}).get(GLOBAL_FILE, "")
     ref = ref_of(kind, candidate)
-    after = renderer.render(*_with(ref, _stamped(candidate), routes, policies), config_yaml)
+    after = renderer.render(*_with(ref, _stamped(candidate), routes, policies), config_yaml, labels)
     if after.unjudged:
         return unchecked(f"config.yaml in ConfigMap {target.namespace}/{target.configmap} is invalid: {after.errors[0]}")
     verdict = after.verdicts[ref]
@@ -100,7 +102,7 @@ def decide(
     def now() -> Rendering:
         """The world as it is, without the candidate's change."""
         if not before:
-            before.append(renderer.render(routes, policies, config_yaml))
+            before.append(renderer.render(routes, policies, config_yaml, labels))
         return before[0]
 
     stored = {ref_of(k, b): b for k, bodies in ((ROUTE, routes), (POLICY, policies)) for b in bodies}
@@ -157,7 +159,7 @@ class Admission:
 
     def __init__(
         self, cluster: Cluster, crs: Snapshot, indexed: asyncio.Event, limit: int, namespaces: Sequence[str] = (),
-        wait: float = 5.0,
+        wait: float = 5.0, labels: Callable[[], Labels] = dict,
     ):
         self.cluster = cluster
         self.crs = crs
@@ -165,6 +167,9 @@ class Admission:
         """Set once the index holds every CR: before that a conflict could be missed."""
         self.limit = limit
         self.namespaces = namespaces
+        """The namespaces this operator renders (none: all)."""
+        self.labels = labels
+        """Every namespace's labels, from the operator's index."""
         self.wait = wait
         self._renderer = Renderer()
         self._lock = asyncio.Lock()
@@ -186,8 +191,10 @@ class Admission:
         try:
             async with self._lock:
                 routes, policies = self.crs()
-                t, limit = self.cluster.target, self.limit
-                return await asyncio.to_thread(decide, self._renderer, kind, body, routes, policies, configmap, t, limit)
+                t, limit, labels = self.cluster.target, self.limit, self.labels()
+                return await asyncio.to_thread(
+                    decide, self._renderer, kind, body, routes, policies, configmap, t, limit, labels
+                )
         except Exception:  # a bug here must not block changes: the status still judges them
             logger.exception("admission review of %s %s/%s failed", kind, meta.get("namespace"), meta.get("name"))
             return unchecked("the operator failed to judge it; its log says why")

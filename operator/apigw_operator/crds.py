@@ -13,13 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import GenerateJsonSchema
 
 from apigw.config import model as config
-from apigw.config.model import Policy, Route
+from apigw.config.model import NamespaceName, Policy, Route
 
 GROUP = "gateway.apigw.io"
+LAST_ACCEPTED = "lastAccepted"
+"""The GatewayRoute status field keeping its last accepted version (see `apigw_operator.render`)."""
 VERSION = "v1alpha1"
 ROUTES = "gatewayroutes"
 POLICIES = "ratelimitpolicies"
@@ -146,7 +148,7 @@ def _at(schema: dict[str, Any], path: str) -> dict[str, Any]:
     return node
 
 
-def _status_schema() -> dict[str, Any]:
+def _status_schema(kind: str) -> dict[str, Any]:
     condition = {
         "type": "object",
         "required": ["type", "status", "reason", "message", "lastTransitionTime"],
@@ -159,14 +161,35 @@ def _status_schema() -> dict[str, Any]:
             "lastTransitionTime": {"type": "string", "format": "date-time"},
         },
     }
+    properties: dict[str, Any] = {
+        "conditions": {
+            "type": "array",
+            "items": condition,
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["type"],
+        },
+    }
+    if kind == "GatewayRoute":
+        properties[LAST_ACCEPTED] = _last_accepted_schema()
+    return {"type": "object", "properties": properties}
+
+
+def _last_accepted_schema() -> dict[str, Any]:
+    """The operator's durable copy of what a route serves while its current spec is not accepted. Specs
+    are kept as written (not pruned by today's schema): each is judged again by the model when used."""
+    def spec() -> dict[str, Any]:  # a new dict each time: no YAML anchors in crds/
+        return {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+
     return {
         "type": "object",
+        "description": "The route's last accepted version: served, instead of nothing, while its current spec is not accepted.",
         "properties": {
-            "conditions": {
-                "type": "array",
-                "items": condition,
-                "x-kubernetes-list-type": "map",
-                "x-kubernetes-list-map-keys": ["type"],
+            "generation": {"type": "integer", "format": "int64", "minimum": 0},
+            "spec": spec(),
+            "policy": {
+                "type": "object",
+                "description": "The RateLimitPolicy it used then, as it was then (kept in case the policy is deleted).",
+                "properties": {"namespace": {"type": "string"}, "name": {"type": "string"}, "spec": spec()},
             },
         },
     }
@@ -211,7 +234,7 @@ def _crd(kind: str, plural: str, short: str, spec: dict[str, Any], columns: list
                         "openAPIV3Schema": {
                             "type": "object",
                             "required": ["spec"],
-                            "properties": {"spec": spec, "status": _status_schema()},
+                            "properties": {"spec": spec, "status": _status_schema(kind)},
                         }
                     },
                 }
@@ -224,18 +247,26 @@ def gatewayroute_crd() -> dict[str, Any]:
     spec = spec_schema(
         Route, "GatewayRoute",
         {
-            "ratelimit": "The name of a RateLimitPolicy in the same namespace.",
+            "ratelimit": ("The name of a RateLimitPolicy in the same namespace, or namespace/name of one in another "
+                          "namespace where config.yaml's ownership.policy_references allows it."),
             "enabled": "false keeps the route in the config but serving no traffic.",
         },
     )
+    spec["properties"]["ratelimit"]["pattern"] = _reference_pattern(spec["properties"]["ratelimit"]["pattern"])
     columns = [
         {"name": "Host", "type": "string", "jsonPath": ".spec.match.host"},
-        {"name": "Prefix", "type": "string", "jsonPath": ".spec.match.path_prefix"},
-        {"name": "Path", "type": "string", "jsonPath": ".spec.match.path", "priority": 1},
+        {"name": "Path", "type": "string", "jsonPath": ".spec.match['path_prefix','path']",
+         "description": "The path prefix, or the exact path."},
         {"name": "Backend", "type": "string", "jsonPath": ".spec.backend.url"},
         {"name": "Enabled", "type": "boolean", "jsonPath": ".spec.enabled"},
     ]
     return _crd("GatewayRoute", ROUTES, "gwr", spec, columns)
+
+
+def _reference_pattern(name: str) -> str:
+    """`name`, or `namespace/name`."""
+    namespace = TypeAdapter(NamespaceName).json_schema()["pattern"]
+    return f"^({namespace.removeprefix('^').removesuffix('$')}/)?{name.removeprefix('^')}"
 
 
 def ratelimitpolicy_crd() -> dict[str, Any]:

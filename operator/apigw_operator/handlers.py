@@ -2,7 +2,8 @@
 
 kopf watches both CR kinds and keeps every CR in an in-memory index (no LIST per pass); every event
 (create, update, delete, resume) only wakes the worker, which renders from the index and writes what
-differs. kopf itself writes nothing to the CRs.
+differs. kopf itself writes nothing to the CRs. Namespaces are indexed too (name -> labels), for the
+ownership rules of config.yaml that select namespaces by label; a label change also wakes the worker.
 """
 
 from __future__ import annotations
@@ -86,8 +87,12 @@ def build_registry(options: Options) -> kopf.OperatorRegistry:
     def policy_bodies(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
         return {(namespace, name): _kept(body)}
 
+    @kopf.index("", "v1", "namespaces", id="namespace_labels", registry=registry)
+    def namespace_labels(name: str, labels: kopf.Labels, **_: Any) -> dict[str, dict[str, str]]:
+        return {name: dict(labels)}
+
     @kopf.on.startup(registry=registry)
-    async def start(route_bodies: kopf.Index, policy_bodies: kopf.Index, **_: Any) -> None:
+    async def start(route_bodies: kopf.Index, policy_bodies: kopf.Index, namespace_labels: kopf.Index, **_: Any) -> None:
         api = running["api"] = await _api_client()
         session = running["session"] = aiohttp.ClientSession()  # registered at once: cleanup closes it
         metrics = Metrics()
@@ -98,19 +103,24 @@ def build_registry(options: Options) -> kopf.OperatorRegistry:
         def snapshot() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             return _bodies(route_bodies), _bodies(policy_bodies)
 
+        def namespaces() -> dict[str, dict[str, str]]:
+            return {name: labels for name, store in namespace_labels.items() for labels in store}
+
         def leading() -> bool:
             return leadership is None or leadership.leading
 
         reconciler = Reconciler(
             cluster, session, lambda: datetime.now(UTC), snapshot, options.pod_url,
-            limit=options.configmap_limit, leading=leading,
+            limit=options.configmap_limit, leading=leading, namespaces=namespaces,
         )
         leadership = None
         if options.leader_election:
             identity = f"{os.environ.get('POD_NAME') or socket.gethostname()}-{uuid.uuid4().hex[:6]}"
             leadership = Leadership(api, options.target.namespace, options.lease_name, identity, lambda: worker.nudge())
         indexed = running["indexed"] = asyncio.Event()
-        running["admission"] = Admission(cluster, snapshot, indexed, options.configmap_limit, options.namespaces)
+        running["admission"] = Admission(
+            cluster, snapshot, indexed, options.configmap_limit, options.namespaces, labels=namespaces
+        )
         worker = Worker(reconciler, options.resync_interval, leading, indexed)
         tasks = [asyncio.create_task(worker.run(), name="apigw-worker")]
         if leadership is not None:
@@ -133,6 +143,7 @@ def build_registry(options: Options) -> kopf.OperatorRegistry:
 
     @kopf.on.event(GROUP, VERSION, ROUTES, registry=registry)
     @kopf.on.event(GROUP, VERSION, POLICIES, registry=registry)
+    @kopf.on.event("", "v1", "namespaces", registry=registry)
     async def changed(**_: Any) -> None:
         running["indexed"].set()
         running["worker"].nudge()

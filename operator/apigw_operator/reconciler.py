@@ -28,8 +28,20 @@ from apigw_operator.cluster import Cluster, api_message
 from apigw_operator.crds import GROUP, POLICIES, ROUTES
 from apigw_operator.health import PodReport, probe_pods
 from apigw_operator.metrics import Metrics
-from apigw_operator.render import POLICY, ROUTE, Condition, Ref, Renderer, Rendering, entry_digests, ref_of, text_hash
-from apigw_operator.status import NOT_ACCEPTED, Served, announcements, conditions, kept, programmed
+from apigw_operator.render import (
+    LAST_ACCEPTED,
+    POLICY,
+    ROUTE,
+    Condition,
+    Labels,
+    Ref,
+    Renderer,
+    Rendering,
+    entry_digests,
+    ref_of,
+    text_hash,
+)
+from apigw_operator.status import NOT_ACCEPTED, Served, announcements, conditions, kept, merge_patch, programmed
 from apigw_operator.throttle import Once, Throttle
 
 ROUTES_ANNOTATION = f"{GROUP}/routes-hash"
@@ -94,6 +106,7 @@ class Reconciler:
         metrics: Metrics | None = None,
         limit: int = CONFIGMAP_LIMIT,
         leading: Callable[[], bool] = lambda: True,
+        namespaces: Callable[[], Labels] = dict,
     ):
         self.cluster = cluster
         self.session = session
@@ -106,12 +119,15 @@ class Reconciler:
         self.limit = limit
         self.leading = leading
         """Checked before every status write: a replica that lost the Lease mid-pass stops writing."""
+        self.namespaces = namespaces
+        """() -> each namespace's labels, for ownership rules that select namespaces by label."""
         self.metrics.config_limit.set(limit)
         self.renderer = Renderer()
         self.served = Served()
         self._reported: list[str] = []
-        self._written: dict[Ref, tuple[str | None, list[dict[str, Any]]]] = {}
-        """What this replica last wrote to each CR's status (by uid): newer than the watch may show yet."""
+        self._written: dict[Ref, tuple[str | None, list[dict[str, Any]], Mapping[str, Any] | None]] = {}
+        """What this replica last wrote to each CR's status (by uid): conditions and lastAccepted, newer
+        than the watch may show yet."""
 
     async def run_once(self) -> None:
         routes, policies = self.crs()
@@ -127,7 +143,8 @@ class Reconciler:
             await self._write_statuses(routes, policies, None, None, blocked)
             return
         config_yaml = (configmap.get("data") or {}).get(GLOBAL_FILE, "")
-        rendering = await asyncio.to_thread(self.renderer.render, routes, policies, config_yaml)
+        judged = [self._with_own_status(ref_of(ROUTE, body), body) for body in routes]
+        rendering = await asyncio.to_thread(self.renderer.render, judged, policies, config_yaml, self.namespaces())
         blocked = await self._write_routes(configmap, rendering)
         blocked = await self._roll_out(configmap, rendering) or blocked
         reports = await self._probe(config_yaml)
@@ -254,23 +271,35 @@ class Reconciler:
         counts: Counter[tuple[str, str, str]] = Counter()
         for kind, plural, body in bodies:
             ref = ref_of(kind, body)
-            previous = self._previous(ref, body)
+            previous, previous_kept = self._previous(ref, body)
             wanted = self._wanted(ref, previous, rendering, reports, blocked)
             new = conditions(wanted, previous, body["metadata"].get("generation"), now)
+            judged = rendering is not None and not rendering.unjudged
+            last = rendering.verdicts[ref].last_accepted if judged and rendering is not None else previous_kept
             counts.update((kind, c["type"], c["status"]) for c in new)
-            if new != previous:
-                writes.append(self._write_status(ref, plural, body, new, previous, now))
+            if new != previous or last != previous_kept:
+                writes.append(self._write_status(ref, plural, body, (new, last), (previous, previous_kept), now))
         self.metrics.count_crs(dict(counts))
         failed = sum(not ok for ok in await asyncio.gather(*writes))
         if failed:
             logger.warning("%d of %d status writes failed; they are retried at the next pass", failed, len(writes))
 
-    def _previous(self, ref: Ref, body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    def _previous(self, ref: Ref, body: Mapping[str, Any]) -> tuple[list[dict[str, Any]], Mapping[str, Any] | None]:
+        """The CR's conditions and lastAccepted as they are now: as this replica wrote them, else as watched."""
         uid = body["metadata"].get("uid")
         mine = self._written.get(ref)
         if mine is not None and mine[0] == uid:
-            return mine[1]
-        return list((body.get("status") or {}).get("conditions") or [])
+            return mine[1], mine[2]
+        status = body.get("status") or {}
+        return list(status.get("conditions") or []), status.get(LAST_ACCEPTED)
+
+    def _with_own_status(self, ref: Ref, body: dict[str, Any]) -> dict[str, Any]:
+        """The route with the lastAccepted this replica wrote last, which the watch may not show yet."""
+        mine = self._written.get(ref)
+        status = body.get("status") or {}
+        if mine is None or mine[0] != body["metadata"].get("uid") or status.get(LAST_ACCEPTED) == mine[2]:
+            return body
+        return {**body, "status": {**status, LAST_ACCEPTED: mine[2]}}
 
     def _wanted(
         self,
@@ -300,21 +329,31 @@ class Reconciler:
         return [verdict.accepted, verdict.resolved_refs, state]
 
     async def _write_status(
-        self, ref: Ref, plural: str, body: Mapping[str, Any], new: list[dict[str, Any]], previous: list[dict[str, Any]], now: str
+        self,
+        ref: Ref,
+        plural: str,
+        body: Mapping[str, Any],
+        new: tuple[list[dict[str, Any]], Mapping[str, Any] | None],
+        previous: tuple[list[dict[str, Any]], Mapping[str, Any] | None],
+        now: str,
     ) -> bool:
+        """Write (conditions, lastAccepted) `new` over `previous`."""
         meta = body["metadata"]
         if not self.leading():
             return True
+        patch: dict[str, Any] = {"conditions": new[0]}
+        if new[1] != previous[1]:
+            patch[LAST_ACCEPTED] = merge_patch(previous[1], new[1])
         try:
-            await self.throttle.run(lambda: self.cluster.patch_status(plural, meta["namespace"], meta["name"], {"conditions": new}))
+            await self.throttle.run(lambda: self.cluster.patch_status(plural, meta["namespace"], meta["name"], patch))
         except ApiException as exc:
             self._written.pop(ref, None)
             if exc.status == 404:  # deleted since the watch saw it: nothing to report on
                 return True
             logger.warning("could not write the status of %s %s/%s: %s", ref.kind, ref.namespace, ref.name, api_message(exc))
             return False
-        self._written[ref] = (meta.get("uid"), new)
-        for event_type, reason, message in announcements(new, previous):
+        self._written[ref] = (meta.get("uid"), *new)
+        for event_type, reason, message in announcements(new[0], previous[0]):
             if self.events((meta.get("uid"), reason)):
                 await self._post_event(body, event_type, reason, message, now)
         return True

@@ -9,12 +9,15 @@ rewrites one status. The hash of the config the pods should serve is on the Conf
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from apigw_operator.health import PodReport
 from apigw_operator.render import Condition, Ref, Verdict
 
 _STATUS = {True: "True", False: "False", None: "Unknown"}
+_DELIBERATE = {"Disabled"}
+"""False conditions that are what the user asked for: announced as Normal Events."""
 NOT_ACCEPTED = Condition("Programmed", False, "NotAccepted", "not in the gateway config: see Accepted and ResolvedRefs")
 
 
@@ -57,27 +60,32 @@ def programmed(
     served: Served,
     blocked: Condition | None = None,
 ) -> Condition:
-    """True only when every ready gateway pod serves a config holding this CR as it is now.
+    """True only when every ready gateway pod serves a config holding this CR as routes.yaml has it now:
+    its current spec, or its last accepted version (then the condition speaks of that generation). A
+    disabled route served as such is False, `Disabled`: it answers no requests.
 
     `blocked` says why the current config did not reach the ConfigMap: it stands on every CR the pods
     do not serve yet (those they serve are Programmed all the same).
     """
     if not verdict.included:
         return NOT_ACCEPTED
+    generation = (verdict.last_accepted or {}).get("generation") if verdict.fallback else None
+    subject = f"its last accepted version (generation {generation})" if verdict.fallback else "its current spec"
     serving = [r for r in reports if served.holds(r.config_hash, ref, digest)]
+    message = f"{len(serving)}/{len(reports)} pods serve {subject}"
     if reports and len(serving) == len(reports):
-        return Condition("Programmed", True, "Programmed", f"{len(serving)}/{len(reports)} pods serve its current spec")
+        if verdict.disabled:
+            return Condition("Programmed", False, "Disabled", f"disabled by spec.enabled: false; {message}", generation)
+        return Condition("Programmed", True, "Programmed", message, generation)
     if blocked is not None:
-        return blocked
+        return replace(blocked, generation=generation)
     if not reports:
-        return Condition("Programmed", False, "Pending", "no ready gateway pods to serve it")
-    message = f"{len(serving)}/{len(reports)} pods serve its current spec"
+        return Condition("Programmed", False, "Pending", "no ready gateway pods to serve it", generation)
     others = [r for r in reports if r not in serving]
     notes = "; ".join(f"{r.pod}: {r.problem}" for r in others if r.problem)
     message += f" ({notes})" if notes else ""
-    if any(r.rejected for r in others):
-        return Condition("Programmed", False, "Rejected", message)
-    return Condition("Programmed", False, "Pending", message)
+    reason = "Rejected" if any(r.rejected for r in others) else "Pending"
+    return Condition("Programmed", False, reason, message, generation)
 
 
 def kept(previous: Sequence[Mapping[str, Any]], type_: str, unknown: str) -> Condition:
@@ -104,7 +112,7 @@ def conditions(
             "status": status,
             "reason": condition.reason,
             "message": condition.message,
-            "observedGeneration": generation,
+            "observedGeneration": generation if condition.generation is None else condition.generation,
             "lastTransitionTime": since or now,
         })
     return result
@@ -117,6 +125,16 @@ def announcements(new: Sequence[Mapping[str, Any]], previous: Sequence[Mapping[s
     for c in new:
         old = before.get(c["type"], {})
         if (old.get("status"), old.get("reason")) != (c["status"], c["reason"]):
-            kind = "Normal" if c["status"] == "True" else "Warning"
+            kind = "Normal" if c["status"] == "True" or c["reason"] in _DELIBERATE else "Warning"
             events.append((kind, c["reason"], f"{c['type']}={c['status']}: {c['message']}"))
     return events
+
+
+def merge_patch(old: Any, new: Any) -> Any:
+    """The JSON merge patch (RFC 7386) that turns `old` into `new`: a key `new` lacks is set to null,
+    or the API server would keep it (a last accepted spec must not keep a field its owner removed)."""
+    if not isinstance(old, Mapping) or not isinstance(new, Mapping):
+        return new
+    patch = {key: None for key in old if key not in new}
+    patch.update({key: merge_patch(old.get(key), value) for key, value in new.items() if old.get(key) != value})
+    return patch

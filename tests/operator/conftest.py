@@ -6,14 +6,28 @@ from typing import Any
 
 import pytest
 import yaml
+from kmock._internal import parsing
 from kubernetes_asyncio.config import kube_config
 
 from tests.operator.kube import CM, NS, GatewayPod, configmap, gateway_pod
 
+_parse_path = parsing.parse_path
+
+
+def _parse_cluster_path(path: str) -> parsing.ParsedPath:
+    """kmock 0.8 reads `/api/v1/namespaces[/NAME]` as a namespace prefix with nothing after it (and
+    answers 500): parse it as the cluster-scoped resource it is, so the operator can watch namespaces."""
+    parts = path.strip("/").split("/")
+    if parts[:3] == ["api", "v1", "namespaces"] and len(parts) <= 4:
+        return parsing.ParsedPath("", "v1", "namespaces", None, parts[3] if len(parts) == 4 else None, None)
+    return _parse_path(path)
+
 
 @pytest.fixture
 def cluster(kmock: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """KMock as the API server: the CRD kinds, the gateway's ConfigMap, Deployment and two ready pods."""
+    """KMock as the API server: the CRD kinds, namespace shop, the gateway's ConfigMap, Deployment and
+    two ready pods."""
+    monkeypatch.setattr(parsing, "parse_path", _parse_cluster_path)
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
@@ -32,6 +46,8 @@ def cluster(kmock: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
             "kind": kind, "singular": kind.lower(), "namespaced": True,
             "verbs": {"list", "watch", "get", "patch", "create", "delete"}, "subresources": {"status"},
         }
+    for namespace in (NS, "shop"):
+        kmock.objects["v1/namespaces", None, namespace] = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}
     kmock.objects["v1/configmaps", NS, CM] = configmap()
     kmock.objects["apps/v1/deployments", NS, "api-gateway"] = {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "api-gateway", "namespace": NS},

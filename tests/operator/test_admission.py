@@ -11,7 +11,7 @@ from typing import Any
 from kubernetes_asyncio import client
 
 from apigw.config.loader import GLOBAL_FILE, ROUTES_FILE
-from apigw_operator.admission import INVALID, Admission, Decision, decide
+from apigw_operator.admission import FORBIDDEN, INVALID, Admission, Decision, decide
 from apigw_operator.cluster import Cluster, Target
 from apigw_operator.reconciler import configmap_size
 from apigw_operator.render import POLICY, ROUTE, Renderer, ref_of, render
@@ -36,8 +36,8 @@ def accepted(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def judge(kind: str, candidate: dict[str, Any], routes: list[dict[str, Any]], policies: list[dict[str, Any]] = (),
-          configmap: dict[str, Any] | None = CONFIGMAP, limit: int = LIMIT) -> Any:
-    return decide(Renderer(), kind, candidate, routes, list(policies), configmap, TARGET, limit)
+          configmap: dict[str, Any] | None = CONFIGMAP, limit: int = LIMIT, labels: Any = None) -> Any:
+    return decide(Renderer(), kind, candidate, routes, list(policies), configmap, TARGET, limit, labels)
 
 
 def status_message(kind: str, candidate: dict[str, Any], routes: list[dict[str, Any]], policies: list[dict[str, Any]] = ()) -> str:
@@ -57,11 +57,28 @@ def test_a_route_that_would_lose_a_conflict_is_refused_naming_the_winner() -> No
     late = new(route("late", "/orders"))
     decision = judge(ROUTE, late, [orders])
     assert not decision.allowed and decision.code == INVALID
-    assert decision.message == "spec.match: same host, path and method as route 'shop.orders' (GatewayRoute shop/orders)"
+    assert decision.message.startswith(
+        "spec.match: same host, path and method as route 'shop.orders' (GatewayRoute shop/orders), which wins"
+    )
     assert decision.message == status_message(ROUTE, late, [orders])
     unstamped = copy.deepcopy(late)
     del unstamped["metadata"]["creationTimestamp"]  # had the API server not stamped it: still the newest
     assert judge(ROUTE, unstamped, [orders]).message == decision.message
+
+
+def test_a_route_outside_its_namespace_claims_is_forbidden_by_the_namespace_labels_the_operator_holds() -> None:
+    owned = CONFIG_YAML + (
+        "ownership:\n  routes:\n    - namespaces: {labels: {team: shop}}\n      hostnames: [shop.example.com]\n"
+    )
+    configmap = {**CONFIGMAP, "data": {GLOBAL_FILE: owned}}
+    foreign = new(route("refunds", "/refunds", match={"host": "pay.example.com", "path_prefix": "/refunds"}))
+    decision = judge(ROUTE, foreign, [], configmap=configmap, labels={"shop": {"team": "shop"}})
+    assert not decision.allowed and decision.code == FORBIDDEN
+    assert "ownership.routes[0].hostnames: shop.example.com" in decision.message
+    own = new(route("orders", "/orders", match={"host": "shop.example.com", "path_prefix": "/orders"}))
+    assert judge(ROUTE, own, [], configmap=configmap, labels={"shop": {"team": "shop"}}).allowed
+    unlabelled = judge(ROUTE, own, [], configmap=configmap, labels={"shop": {}})
+    assert not unlabelled.allowed and unlabelled.code == FORBIDDEN
 
 
 def test_an_update_that_would_lose_a_conflict_is_refused_too() -> None:
@@ -98,7 +115,8 @@ def test_an_edit_that_pushes_out_a_served_route_is_refused_naming_it() -> None:
     decision = judge(ROUTE, grab, [old, served])
     assert not decision.allowed and decision.code == INVALID
     assert decision.message == ("GatewayRoute shop/served is in the gateway config now and would be pushed out: "
-                                "spec.match: same host, path and method as route 'shop.old' (GatewayRoute shop/old)")
+                                "spec.match: same host, path and method as route 'shop.old' (GatewayRoute shop/old), which wins: "
+                                "config.yaml's routes first, then CRs oldest first (creationTimestamp, then namespace/name)")
     # A route that is not served now (its policy is missing) is pushed out of nothing: the edit passes.
     unserved = accepted(route("unserved", "/payments", created="2025-03-01T00:00:00Z", ratelimit="missing"))
     assert judge(ROUTE, grab, [old, unserved]).allowed

@@ -149,7 +149,7 @@ async def test_invalid_spec_is_excluded_and_reported(cluster: Any, pods: dict[st
         assert [r["name"] for r in yaml.safe_load(data(cluster)["routes.yaml"])["routes"]] == ["shop.orders"]
 
 
-async def test_dangling_reference_then_policy_created_then_deleted(cluster: Any, pods: dict[str, GatewayPod]) -> None:
+async def test_dangling_reference_then_policy_created_then_deleted_then_route_deleted(cluster: Any, pods: dict[str, GatewayPod]) -> None:
     cluster.objects[ROUTES, "shop", "orders"] = route("orders", "/orders", ratelimit="per-client")
     async with operator(options(pods)):
         await eventually(lambda: summary(cluster, "orders").get("ResolvedRefs") == ("False", "PolicyNotFound"))
@@ -160,9 +160,19 @@ async def test_dangling_reference_then_policy_created_then_deleted(cluster: Any,
         await eventually(lambda: summary(cluster, "orders").get("ResolvedRefs") == ("True", "ResolvedRefs"))
         assert "ratelimit: shop.per-client" in data(cluster)["routes.yaml"]
 
+        await eventually(lambda: (cluster.objects[ROUTES, "shop", "orders"].get("status") or {}).get("lastAccepted"))
         await cluster.delete(f"{API}/ratelimitpolicies/per-client")
         await eventually(lambda: summary(cluster, "orders").get("ResolvedRefs") == ("False", "PolicyNotFound"))
-        assert "shop.orders" not in data(cluster)["routes.yaml"]
+        # No hijack: the route keeps its last accepted version, with the policy as it was then.
+        kept = yaml.safe_load(data(cluster)["routes.yaml"])
+        assert [(r["name"], r["ratelimit"]) for r in kept["routes"]] == [("shop.orders", "shop.per-client")]
+        assert kept["policies"] == [{"name": "shop.per-client", "requests": 100, "period": "1m"}]
+        sync_pods(cluster, pods)
+        await eventually(lambda: summary(cluster, "orders").get("Programmed") == ("True", "Programmed"))
+        assert status(cluster, "orders")["Programmed"]["message"] == "2/2 pods serve its last accepted version (generation 1)"
+
+        await cluster.delete(f"{API}/gatewayroutes/orders")  # deleted by its owner: really removed
+        await eventually(lambda: yaml.safe_load(data(cluster)["routes.yaml"]) == {"routes": [], "policies": []})
 
 
 async def test_conflict_older_route_wins(cluster: Any, pods: dict[str, GatewayPod]) -> None:

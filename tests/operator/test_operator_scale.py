@@ -30,7 +30,10 @@ def preload(kmock: Any, pods: dict[str, GatewayPod]) -> None:
     for body in bodies:
         verdict = rendering.verdicts[Ref(ROUTE, "shop", body["metadata"]["name"])]
         served = Condition("Programmed", True, "Programmed", f"{len(pods)}/{len(pods)} pods serve its current spec")
-        body["status"] = {"conditions": conditions([verdict.accepted, verdict.resolved_refs, served], [], 1, "2025-01-01T00:00:00Z")}
+        body["status"] = {
+            "conditions": conditions([verdict.accepted, verdict.resolved_refs, served], [], 1, "2025-01-01T00:00:00Z"),
+            "lastAccepted": verdict.last_accepted,
+        }
         kmock.objects[ROUTES, "shop", body["metadata"]["name"]] = body
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from apigw_operator.health import PodReport
 from apigw_operator.render import Condition, Ref, Verdict
-from apigw_operator.status import Served, announcements, conditions, programmed
+from apigw_operator.status import Served, announcements, conditions, merge_patch, programmed
 
 OK = Verdict(Condition("Accepted", True, "Accepted", "valid"), Condition("ResolvedRefs", True, "ResolvedRefs", "ok"))
 A, B = Ref("GatewayRoute", "shop", "a"), Ref("GatewayRoute", "shop", "b")
@@ -68,3 +68,30 @@ def test_events_for_status_or_reason_changes_only() -> None:
     assert announcements(first, []) == [("Warning", "Pending", "Programmed=False: 0/2")]
     assert announcements(more, first) == []
     assert announcements(done, more) == [("Normal", "Programmed", "Programmed=True: 2/2")]
+
+
+def test_a_kept_last_accepted_version_is_programmed_for_its_own_generation() -> None:
+    failed = Verdict(Condition("Accepted", False, "Invalid", "spec.x: bad"), OK.resolved_refs, fallback=True,
+                     last_accepted={"generation": 3, "spec": {}})
+    state = programmed(A, failed, "a1", [PodReport("p", "c2")], history())
+    assert state == Condition("Programmed", True, "Programmed", "1/1 pods serve its last accepted version (generation 3)", 3)
+    written = conditions([failed.accepted, state], [], 4, "T1")
+    assert [(c["type"], c["status"], c["observedGeneration"]) for c in written] == [("Accepted", "False", 4), ("Programmed", "True", 3)]
+    pending = programmed(A, failed, "a1", [], history())
+    assert (pending.reason, pending.generation) == ("Pending", 3)
+
+
+def test_a_disabled_route_served_as_such_is_not_programmed_but_disabled() -> None:
+    off = Verdict(OK.accepted, OK.resolved_refs, disabled=True)
+    state = programmed(A, off, "a1", [PodReport("p", "c2")], history())
+    assert (state.status, state.reason) == (False, "Disabled")
+    assert state.message == "disabled by spec.enabled: false; 1/1 pods serve its current spec"
+    assert programmed(A, off, "a1", [PodReport("p", "c0")], history()).reason == "Pending"
+    assert announcements(conditions([state], [], 1, "T"), []) == [("Normal", "Disabled", f"Programmed=False: {state.message}")]
+
+
+def test_merge_patch_removes_what_the_new_value_lacks() -> None:
+    old = {"generation": 1, "spec": {"match": {"path_prefix": "/a"}, "rewrite_prefix": "/b", "backend": {"url": "u"}}}
+    new = {"generation": 2, "spec": {"match": {"path": "/a"}, "backend": {"url": "u"}}}
+    assert merge_patch(old, new) == {"generation": 2, "spec": {"match": {"path_prefix": None, "path": "/a"}, "rewrite_prefix": None}}
+    assert merge_patch(None, new) == new and merge_patch(old, None) is None

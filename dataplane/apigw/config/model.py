@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     AnyHttpUrl,
     BaseModel,
     BeforeValidator,
@@ -345,6 +347,22 @@ def _normal_path(value: str, what: str = "") -> str:
 RoutePath = Annotated[str, Field(max_length=1024)]
 
 
+def _host_pattern(value: str) -> str:
+    """In the normal form requests' hosts are matched in: lower-case, no trailing dot, no port."""
+    wildcard = value.startswith("*.")
+    try:
+        host = normalize_host(value[2:] if wildcard else value)
+    except BadTarget:
+        raise ValueError(f"{value!r} is not a host name (exact, or *.example.com)") from None
+    if host != value.lower().removeprefix("*.").removesuffix(".") or host.startswith("["):
+        raise ValueError(f"{value!r} is not a host name (exact, or *.example.com); requests are matched "
+                         "by host without their port")
+    return f"*.{host}" if wildcard else host
+
+
+HostPattern = Annotated[str, Field(max_length=255), AfterValidator(_host_pattern)]
+
+
 class RouteMatch(Strict):
     host: Annotated[str, Field(max_length=255)] | None = None
     """Exact host, or `*.example.com` for any subdomain. Absent: any host."""
@@ -362,18 +380,7 @@ class RouteMatch(Strict):
     @field_validator("host")
     @classmethod
     def _host(cls, value: str | None) -> str | None:
-        """In the normal form requests' hosts are matched in: lower-case, no trailing dot, no port."""
-        if value is None:
-            return None
-        wildcard = value.startswith("*.")
-        try:
-            host = normalize_host(value[2:] if wildcard else value)
-        except BadTarget:
-            raise ValueError(f"{value!r} is not a host name (exact, or *.example.com)") from None
-        if host != value.lower().removeprefix("*.").removesuffix(".") or host.startswith("["):
-            raise ValueError(f"{value!r} is not a host name (exact, or *.example.com); requests are matched "
-                             "by host without their port")
-        return f"*.{host}" if wildcard else host
+        return None if value is None else _host_pattern(value)
 
     @model_validator(mode="after")
     def _one_path_kind(self) -> RouteMatch:
@@ -481,6 +488,60 @@ class Route(Strict):
         return self
 
 
+# --- ownership (config.yaml, owned by the platform team; read by the operator) ------------------
+
+NamespaceName = Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
+
+
+class NamespaceSelector(Strict):
+    """Namespaces by name, or by labels (every label given must match, like a `matchLabels` selector)."""
+
+    names: list[NamespaceName] = []
+    labels: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _one_way(self) -> NamespaceSelector:
+        if bool(self.names) == bool(self.labels):
+            raise ValueError("give either names or labels")
+        return self
+
+    def selects(self, name: str, labels: Mapping[str, str]) -> bool:
+        if self.names:
+            return name in self.names
+        return all(labels.get(key) == value for key, value in self.labels.items())
+
+
+class RouteGrant(Strict):
+    """GatewayRoutes in these namespaces may claim these hosts and paths (the Gateway API's
+    `allowedRoutes` and listener `hostnames`)."""
+
+    namespaces: NamespaceSelector
+    hostnames: list[HostPattern] = []
+    """Exact, or `*.example.com` for any subdomain. Empty: any host, and routes without `match.host`."""
+    path_prefixes: list[Annotated[RoutePath, AfterValidator(_normal_path)]] = []
+    """Routes' paths and path prefixes must lie under one of these (whole segments). Empty: any path."""
+
+
+class PolicyGrant(Strict):
+    """GatewayRoutes in `from` may refer to RateLimitPolicies of `namespace` as `namespace/name` (the
+    Gateway API's ReferenceGrant)."""
+
+    from_: NamespaceSelector = Field(alias="from")
+    namespace: NamespaceName
+    policies: list[Name] = []
+    """Empty: every policy in `namespace`."""
+
+
+class Ownership(Strict):
+    """Which namespaces' GatewayRoutes may claim which hosts and paths, and use which policies."""
+
+    routes: list[RouteGrant] | None = None
+    """Absent: every namespace may claim any host and path (as before ownership existed). A list, even
+    empty: only the namespaces it selects may attach routes, each within its grants."""
+    policy_references: list[PolicyGrant] = []
+    """A route may always use the policies of its own namespace; another namespace's only if granted."""
+
+
 class RoutesDocument(Strict):
     """What `routes.yaml` may hold: the operator's part of the config."""
 
@@ -499,6 +560,8 @@ class Config(RoutesDocument):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     ratelimit: RateLimitSettings = Field(default_factory=RateLimitSettings)
     circuit_breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+    ownership: Ownership = Field(default_factory=Ownership)
+    """Read by the operator only: which namespaces' CRs may claim which hosts, paths and policies."""
 
 
 def config_hash(config: Config) -> str:

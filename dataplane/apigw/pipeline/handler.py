@@ -137,7 +137,7 @@ def _record(gateway: Gateway, ex: Exchange, response: web.StreamResponse | None)
     cancelled) counts as 499, nginx's "client closed request"."""
     duration = time.perf_counter() - ex.started
     route_name = ex.route.name if ex.route else UNROUTED
-    gateway.metrics.duration_by(route_name).observe(duration)
+    gateway.metrics.http_duration.labels(route_name).observe(duration)
     count(gateway, Access(
         ex.request.method, ex.raw_path, route_name, response.status if response is not None else 499, ex.client_ip,
         ex.request_id, auth_status=ex.auth_status, error_type=ex.error_type, duration=duration,
@@ -148,7 +148,7 @@ def _record(gateway: Gateway, ex: Exchange, response: web.StreamResponse | None)
 def count(gateway: Gateway, access: Access) -> None:
     """The request in `gateway_http_requests_total`, and its access line unless those are off."""
     method = access.method if access.method in KNOWN_METHODS else "OTHER"
-    gateway.metrics.requests_by(access.route, method, str(access.status)).inc()
+    gateway.metrics.http_requests.labels(access.route, method, access.status).inc()
     if gateway.state.config.logging.access_log:
         gateway.access_log.write(access)
 
@@ -174,8 +174,8 @@ async def _call_backend(
             try:
                 backend = await proxy.send(request, cluster, target, headers, (route.timeout, deadline), body, forwarded)
             except GatewayError as exc:
-                metrics.backend_requests_by(service, exc.error_type).inc()
-                metrics.backend_duration_by(service).observe(forwarded.duration)
+                metrics.backend_requests.labels(service, exc.error_type).inc()
+                metrics.backend_duration.labels(service).observe(forwarded.duration)
                 if exc.status < 500 or exc.error_type == "upstream_overflow":  # not the backend's failure
                     raise
                 admission.record(False)
@@ -184,8 +184,8 @@ async def _call_backend(
                     retries += 1
                     continue
                 raise
-            metrics.backend_requests_by(service, str(backend.status)).inc()
-            metrics.backend_duration_by(service).observe(forwarded.duration)
+            metrics.backend_requests.labels(service, backend.status).inc()
+            metrics.backend_duration.labels(service).observe(forwarded.duration)
             admission.record(backend.status not in BACKEND_FAILURE_STATUSES)
         if body is None and _may_retry(request, cluster, retries, backend.status, request_deadline):
             backend.release()

@@ -132,7 +132,7 @@ async def serve(config_path: Path, workers: int | None = None, debug_port: int |
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reloader.request, "SIGHUP")
     watcher = asyncio.create_task(reloader.watch())
-    sampler = asyncio.create_task(metrics.sample_tasks())
+    sampler = asyncio.create_task(metrics.sample())
     gc.freeze()  # what start-up built lives as long as the process: the collector need not scan it again
     log.info(
         "gateway serving %d routes on %s:%d (metrics :%d), config %s", len(config.routes), listen.address,
@@ -146,9 +146,9 @@ async def serve(config_path: Path, workers: int | None = None, debug_port: int |
     log.info("draining: not ready, finishing in-flight requests (up to %ss)", listen.drain_delay + listen.drain_timeout)
     await asyncio.sleep(listen.drain_delay)
     watcher.cancel()
-    sampler.cancel()
     for each in runners:
         await each.cleanup()
+    sampler.cancel()  # after the drain: its last fold carries the drained requests' counts (with workers)
     await reloader.close()
     log.info("stopped")
     return 0

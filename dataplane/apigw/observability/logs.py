@@ -193,11 +193,11 @@ class Access:
         method, path, auth, status = grep_safe_name(self.method), grep_safe(self.path), self.auth_status, self.status
         error = f'"error_type":"{self.error_type}",' if self.error_type else ""
         auth_error = f" auth_error={self.error_type}" if auth == "failure" else ""
-        duration = f',"duration_ms":{round(self.duration * 1000, 3)}' if self.duration is not None else ""
+        duration = f',"duration_ms":{self.duration * 1000:.3f}' if self.duration is not None else ""
         backend = (f',"backend_service":"{grep_safe_name(self.backend_service)}"'
                    if self.backend_service is not None else "")
         if self.backend_duration:
-            backend += f',"backend_duration_ms":{round(self.backend_duration * 1000, 3)}'
+            backend += f',"backend_duration_ms":{self.backend_duration * 1000:.3f}'
         return (
             f'{{"ts":"{ts}","level":"info","logger":"apigw.access",{error}"msg":"{method} {path} status_code={status}'
             f' auth_status={auth}{auth_error}","method":"{method}","path":"{path}",'
@@ -217,16 +217,20 @@ class AccessLog:
 
     def __init__(self, stream: TextIO | None = None):
         self.stream = stream or sys.stdout
-        self._second = -1
-        self._second_text = ""
+        self._second = self._millisecond = -1
+        self._second_text = self._text = ""
         self._lines: list[str] = []
 
     def _timestamp(self, now: float) -> str:
-        """`timestamp(now)`, formatting the date and time (the costly part) once a second."""
-        second = int(now)
-        if second != self._second:
-            self._second, self._second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._second_text}.{int(now % 1 * 1000):03d}Z"
+        """`timestamp(now)`, formatting the date and time (the costly part) once a second, and the
+        whole text once a millisecond (a busy gateway ends several requests in one)."""
+        millisecond = int(now * 1000)
+        if millisecond != self._millisecond:
+            second, fraction = divmod(millisecond, 1000)
+            if second != self._second:
+                self._second, self._second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._millisecond, self._text = millisecond, f"{self._second_text}.{fraction:03d}Z"
+        return self._text
 
     def write(self, access: Access) -> None:
         if not self._lines:

@@ -164,8 +164,8 @@ def grep_safe(value: str) -> str:
 
 
 grep_safe_name = lru_cache(maxsize=4096)(grep_safe)
-"""`grep_safe` for values of a bounded set that recur from request to request: route and backend names
-(from the config), methods and client addresses."""
+"""`grep_safe` for values that recur from request to request: route and backend names (from the config),
+methods and client addresses. Least recently used first out, so a value seen once only takes a slot."""
 
 
 @dataclass(slots=True)

@@ -25,7 +25,7 @@ from prometheus_client.utils import INF, floatToGoString
 class Count:
     """One series of a counter (or of a gauge moved up and down)."""
 
-    __slots__ = ("value", "folded")
+    __slots__ = ("folded", "value")
 
     def __init__(self) -> None:
         self.value: float = 0
@@ -45,7 +45,7 @@ class Observations:
     """One series of a histogram: the observations that fell in each bucket (not cumulative; the last
     bucket is `+Inf`), and their sum."""
 
-    __slots__ = ("bounds", "counts", "sum", "folded")
+    __slots__ = ("bounds", "counts", "folded", "sum")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds

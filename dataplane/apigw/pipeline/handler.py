@@ -13,8 +13,8 @@ import json
 import logging
 import os
 import time
-from random import random
 from dataclasses import dataclass, field
+from random import random
 
 from aiohttp import HttpVersion10, HttpVersion11, web
 

@@ -5,6 +5,7 @@ shared file each time): a request paid for a dozen of those. Here a request adds
 object found by its label values, and a histogram's bucket is found by bisection over its bounds.
 `Tally`, a collector in the registry, turns the numbers into metric families when `/metrics` is read:
 the same names, types, labels and values prometheus-client's own Counter and Histogram export.
+No lock: every count, and every scrape, runs on the event loop's thread.
 
 With `--workers N` (prometheus-client's multiprocess mode) the supervisor reads each worker's numbers
 from its files, not from this process; `Tally.fold` copies what changed into them, once a second and

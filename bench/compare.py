@@ -1,15 +1,17 @@
 """The gateway side by side with its peers, in one run and one table (issue 8).
 
-    python bench/compare.py [--duration 10] [--connections 50] [--rows direct,nginx,bare,off,cold,warm,latency]
+    python bench/compare.py [--duration 10] [--connections 50] [--rows direct,nginx,bare,off,cold,warm,workers,latency]
                             [--tokens 20000] [--profile /tmp/gateway-warm.txt]
 
 Rows: `direct` (wrk to the backend), `nginx` (nginx reverse proxy, keepalive upstream), `bare` (the
 ~60-line aiohttp proxy below: the baseline Python cannot beat), `off` (the gateway, a route with no
 auth, no rate limit, no access log), `cold` and `warm` (the gateway with RS256 JWT auth, a Redis rate
 limit that never denies, metrics and access log; `cold`: every request a different token, so the
-verified-token cache misses; `warm`: one token, so it hits). `latency` adds a second table: latency over
-direct at light load. `--profile FILE` samples the gateway with py-spy during an extra warm run (and a cold
-one, when `cold` is a row) and prints the functions with the most own time. See bench/README.md for how to read the output.
+verified-token cache misses; `warm`: one token, so it hits; `workers`: `warm` with `--workers 2`, all its
+processes on the proxy's one core, so that its CPU per request compares with `warm`'s). `latency` adds a
+second table: latency over direct at light load. `--profile FILE` samples the gateway with py-spy during an
+extra warm run (and a cold one, when `cold` is a row) and prints the functions with the most own time. See
+bench/README.md for how to read the output.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from harness import (
     cpu_seconds,
     env,
     pin,
+    process_tree,
     require,
     rss_mb,
     wait_http,
@@ -52,11 +55,13 @@ from apigw.testkit.process import GatewayProcess
 from apigw.testkit.redis import RedisServer, free_port
 from apigw.testkit.tokens import SigningKey
 
-ROWS = ("direct", "nginx", "bare", "off", "cold", "warm", "latency")
+ROWS = ("direct", "nginx", "bare", "off", "cold", "warm", "workers", "latency")
 LABELS = {
     "direct": "direct", "nginx": "nginx", "bare": "bare aiohttp", "off": "gateway off",
-    "cold": "gateway on, cold", "warm": "gateway on, warm",
+    "cold": "gateway on, cold", "warm": "gateway on, warm", "workers": "warm, --workers 2",
 }
+GOALS = (("warm", "off", 1.3), ("cold", "warm", 1.5), ("off", "nginx", 6.0), ("workers", "warm", 1.1))
+"""Issue 18's ratios of CPU per request: (row, over row, at most)."""
 WARMUP_SECONDS = 2
 MONITOR_SECONDS = 2
 PACE_MS = 10
@@ -185,11 +190,14 @@ def redis_commands(redis_client: redis.Redis, run: Callable[[], WrkResult]) -> t
     return names, requests
 
 
-def gateway_config(backend_url: str, redis_url: str | None, key_file: Path | None) -> dict[str, object]:
+def gateway_config(
+    backend_url: str, redis_url: str | None, key_file: Path | None, workers: int = 1
+) -> dict[str, object]:
     port, metrics_port = free_port(), free_port()
     route: dict[str, object] = {"name": "bench", "backend": {"service": "bench", "url": backend_url}}
     config: dict[str, object] = {
-        "listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port, "drain_timeout": 1},
+        "listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port, "drain_timeout": 1,
+                   "workers": workers},
         "logging": {"access_log": redis_url is not None},
         "routes": [route],
     }
@@ -314,7 +322,7 @@ def run(args: argparse.Namespace, tmp: Path, procs: Processes) -> None:
         finally:
             gateway.stop()
     light = None
-    if {"cold", "warm", "latency"} & set(args.rows):
+    if {"cold", "warm", "workers", "latency"} & set(args.rows):
         light = gateway_on(args, tmp, backend_url, rows, notes)
 
     print_table(args, rows, light)
@@ -354,7 +362,26 @@ def gateway_on(
                     profile_notes("gateway on cold", pid, args, notes, lambda: wrk(url, 5, args.connections, script=cold))
         finally:
             gateway.stop()
+        if "workers" in args.rows:
+            rows["workers"] = measure_workers(args, tmp, backend_url, server.url, client, warm, notes)
     return light
+
+
+def measure_workers(
+    args: argparse.Namespace, tmp: Path, backend_url: str, redis_url: str, client: redis.Redis, warm: tuple[str, ...],
+    notes: list[str],
+) -> Row:
+    """The warm row again with `--workers 2`: the supervisor and both workers on the proxy's core."""
+    gateway = start_gateway(tmp, "gateway-workers", gateway_config(backend_url, redis_url, tmp / "jwt.pem", workers=2))
+    try:
+        warm_up(gateway.url + "/", args, warm)
+        for each in process_tree(gateway.process.pid):  # type: ignore[union-attr]
+            pin(each, PROXY_CORE)  # workers inherit the supervisor's pin; made sure of
+        workers = len(process_tree(gateway.process.pid)) - 1  # type: ignore[union-attr]
+        notes.append(f"workers: {workers} worker processes under the supervisor, CPU summed over all of them")
+        return measure_with_redis("workers", gateway, client, args, notes, headers=warm)
+    finally:
+        gateway.stop()
 
 
 def cycling_tokens(key: SigningKey, count: int, tmp: Path, notes: list[str]) -> Path:
@@ -407,7 +434,7 @@ def print_table(args: argparse.Namespace, rows: dict[str, Row], light: LightLoad
           f"(fixed JSON); wrk, backend, Redis on core {LOAD_CORE}; proxy alone on core {PROXY_CORE}")
     print(f"{'':<18} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'CPU us/req':>10} {'RSS MB':>7} {'non-2xx':>8} "
           f"{'sock err':>8}")
-    for name in ("direct", "nginx", "bare", "off", "cold", "warm"):
+    for name in ("direct", "nginx", "bare", "off", "cold", "warm", "workers"):
         if name in rows:
             row = rows[name]
             cpu = f"{row.cpu_us:.0f}" if row.cpu_us is not None else "-"
@@ -420,6 +447,10 @@ def print_table(args: argparse.Namespace, rows: dict[str, Row], light: LightLoad
             if name in rows:
                 goal = f"  (target <= {target}x)" if target else ""
                 print(f"{rows[name].label} / bare aiohttp CPU per request: {rows[name].cpu_us / bare:.2f}x{goal}")
+    for name, over, most in GOALS:
+        if name in rows and over in rows:
+            print(f"{rows[name].label} / {rows[over].label} CPU per request: "
+                  f"{rows[name].cpu_us / rows[over].cpu_us:.2f}x  (issue 18: <= {most}x)")  # type: ignore[operator]
     if light is not None:
         direct, through = light.direct, light.gateway
         print(f"\nlatency at about half load: wrk -c{light.connections} -d{args.duration}s, each connection pausing "

@@ -15,7 +15,10 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from apigw.observability.logs import GREPPED, Access, AccessLog, JSONFormatter, RepeatFilter, grep_safe
+from apigw.pipeline.state import GATEWAY
+from apigw.testkit.backend import Backend
 from apigw.testkit.clock import FakeClock
+from tests.conftest import access_lines
 
 RUNBOOK_GREPS = [re.compile(p) for p in ("status_code=5", "auth_status=failure", "backend_service")] + [
     re.compile(p, re.IGNORECASE) for p in ("auth.*error", "error", "ratelimit.*error", "rate.*duration", "error|fatal",
@@ -40,6 +43,28 @@ async def test_access_lines_of_one_tick_are_written_together_and_parse() -> None
                      "request_id": "id-1", "auth_status": "none"}
     assert list(second)[:5] == ["ts", "level", "logger", "error_type", "msg"]
     assert second["path"] == "/\udcff" and "duration_ms" not in second
+
+
+async def test_a_sampled_access_log_writes_every_error_and_a_share_of_the_rest(gateway_client, backend: Backend) -> None:
+    def config(sample: float) -> dict:
+        return {"logging": {"access_log_sample": sample}, "routes": [{
+            "name": "echo", "match": {"path_prefix": "/echo"}, "rewrite_prefix": "/",
+            "backend": {"service": "echo", "url": backend.url}}]}
+
+    client = await gateway_client(config(1e-9))
+    for path in ["/echo/a"] * 30 + ["/echo/status/503", "/nowhere", "/echo/status/404"]:
+        await (await client.get(path)).read()
+    await asyncio.sleep(0)  # the tick's lines are written at its end
+    assert [(line["path"], line["status_code"]) for line in access_lines(client)] == [
+        ("/echo/status/503", 503), ("/nowhere", 404), ("/echo/status/404", 404)]
+    value = client.app[GATEWAY].metrics.registry.get_sample_value
+    assert value("gateway_http_requests_total", {"route": "echo", "method": "GET", "status_code": "200"}) == 30
+
+    client = await gateway_client(config(0.5))
+    for _ in range(400):
+        await (await client.get("/echo/a")).read()
+    await asyncio.sleep(0)
+    assert 120 < len(access_lines(client)) < 280  # about half; outside these bounds once in 10^19 runs
 
 
 def test_an_auth_failure_says_so_in_msg_after_auth_status() -> None:

@@ -42,8 +42,15 @@ def test_two_workers_share_the_port_and_the_metrics(tmp_path: Path) -> None:
 
             for _ in range(60):
                 assert http_status(f"{gateway.url}/x") == 200
+            counted = 'gateway_http_requests_total{method="GET",route="echo",status_code="200"}'
+            # each worker copies its counts into the shared files once a second
+            wait_until(lambda: metric_value(gateway.metrics(), counted) >= 60, timeout=5, what="the requests counted")
             metrics = gateway.metrics()
-            assert metric_value(metrics, 'gateway_http_requests_total{method="GET",route="echo",status_code="200"}') == 60
+            assert metric_value(metrics, counted) == 60
+            assert metric_value(metrics, 'gateway_http_request_duration_seconds_count{route="echo"}') == 60
+            assert metric_value(metrics, 'gateway_http_request_duration_seconds_bucket{le="+Inf",route="echo"}') == 60
+            assert metric_value(metrics, 'gateway_backend_requests_total{backend_service="echo",status_code="200"}') == 60
+            assert metric_value(metrics, "gateway_inflight_requests") == 0
             assert metric_value(metrics, "process_resident_memory_bytes") > 0
 
             victim = pids.pop()

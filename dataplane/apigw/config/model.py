@@ -151,6 +151,10 @@ class LimitsConfig(Strict):
 class LoggingConfig(Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     access_log: bool = True
+    access_log_sample: Annotated[float, Field(gt=0, le=1, strict=True)] = 1.0
+    """The share of requests whose access line is written, drawn at random per request (0.01: one in a
+    hundred), for very high rates; errors (status 400 and above, or an error seen by the gateway) are
+    always written. Metrics count every request either way."""
 
 
 class RedisConfig(Strict):

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, TextIO
 
 import orjson
@@ -134,6 +135,8 @@ GREPPED = re.compile(r"=|error|fatal|auth|rate|duration|oom|memory|backend_servi
 """What the runbook's greps look for in log lines (`status_code=5`, `auth_status=failure`, `-i error`,
 `-i "auth.*error"`, `-i "ratelimit.*error"`, `-i "rate.*duration"`, `backend_service`, `-i oom`, ...).
 `grep_safe` keeps every match of it out of the text of request- and config-supplied values."""
+_GREPPED_LOWER = re.compile(GREPPED.pattern)
+"""`GREPPED` for lower-cased ASCII text: a fifth of the cost of matching without regard to case."""
 
 
 def grep_safe(value: str) -> str:
@@ -141,7 +144,8 @@ def grep_safe(value: str) -> str:
     of each grepped word are written as `\\uXXXX` escapes, which grep sees as such and every JSON reader
     (jq, `json.loads`) turns back into the exact value. So `GET /open/status_code=503` is logged as
     `/open/status_code\\u003d503` and `jq -r .path` prints `/open/status_code=503`."""
-    if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value and not GREPPED.search(value):
+    if (value.isascii() and value.isprintable() and '"' not in value and "\\" not in value
+            and not _GREPPED_LOWER.search(value.lower())):
         return value  # the common case: the JSON text is the value itself
     tokens = [char if char.isascii() and char.isprintable() and char not in '"\\' else json.dumps(char)[1:-1]
               for char in value]
@@ -157,6 +161,11 @@ def grep_safe(value: str) -> str:
                 break
             offset += len(token)
     return text
+
+
+grep_safe_name = lru_cache(maxsize=4096)(grep_safe)
+"""`grep_safe` for values that recur from request to request: route and backend names (from the config),
+methods and client addresses. Least recently used first out, so a value seen once only takes a slot."""
 
 
 @dataclass(slots=True)
@@ -181,24 +190,21 @@ class Access:
     def line(self, ts: str) -> str:
         """The JSON line; `error_type` comes before `msg`, so that text after `auth` holds `error` only
         on an auth failure (whose `msg` ends `auth_error=<type>`): `grep -i "auth.*error"` selects those."""
-        method, path = grep_safe(self.method), grep_safe(self.path)
-        parts = [f'{{"ts":"{ts}","level":"info","logger":"apigw.access"']
-        if self.error_type:
-            parts.append(f'"error_type":"{self.error_type}"')
-        msg = f"{method} {path} status_code={self.status} auth_status={self.auth_status}"
-        if self.auth_status == "failure":
-            msg += f" auth_error={self.error_type}"
-        parts += [f'"msg":"{msg}"', f'"method":"{method}"', f'"path":"{path}"', f'"route":"{grep_safe(self.route)}"',
-                  f'"status_code":{self.status}']
-        if self.duration is not None:
-            parts.append(f'"duration_ms":{round(self.duration * 1000, 3)}')
-        if self.backend_service is not None:
-            parts.append(f'"backend_service":"{grep_safe(self.backend_service)}"')
+        method, path, auth, status = grep_safe_name(self.method), grep_safe(self.path), self.auth_status, self.status
+        error = f'"error_type":"{self.error_type}",' if self.error_type else ""
+        auth_error = f" auth_error={self.error_type}" if auth == "failure" else ""
+        duration = f',"duration_ms":{self.duration * 1000:.3f}' if self.duration is not None else ""
+        backend = (f',"backend_service":"{grep_safe_name(self.backend_service)}"'
+                   if self.backend_service is not None else "")
         if self.backend_duration:
-            parts.append(f'"backend_duration_ms":{round(self.backend_duration * 1000, 3)}')
-        parts += [f'"client_ip":"{grep_safe(self.client_ip)}"', f'"request_id":"{grep_safe(self.request_id)}"',
-                  f'"auth_status":"{self.auth_status}"}}']
-        return ",".join(parts)
+            backend += f',"backend_duration_ms":{self.backend_duration * 1000:.3f}'
+        return (
+            f'{{"ts":"{ts}","level":"info","logger":"apigw.access",{error}"msg":"{method} {path} status_code={status}'
+            f' auth_status={auth}{auth_error}","method":"{method}","path":"{path}",'
+            f'"route":"{grep_safe_name(self.route)}","status_code":{status}{duration}{backend},'
+            f'"client_ip":"{grep_safe_name(self.client_ip)}","request_id":"{grep_safe(self.request_id)}",'
+            f'"auth_status":"{auth}"}}'
+        )
 
 
 class AccessLog:
@@ -211,16 +217,20 @@ class AccessLog:
 
     def __init__(self, stream: TextIO | None = None):
         self.stream = stream or sys.stdout
-        self._second = -1
-        self._second_text = ""
+        self._second = self._millisecond = -1
+        self._second_text = self._text = ""
         self._lines: list[str] = []
 
     def _timestamp(self, now: float) -> str:
-        """`timestamp(now)`, formatting the date and time (the costly part) once a second."""
-        second = int(now)
-        if second != self._second:
-            self._second, self._second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._second_text}.{int(now % 1 * 1000):03d}Z"
+        """`timestamp(now)`, formatting the date and time (the costly part) once a second, and the
+        whole text once a millisecond (a busy gateway ends several requests in one)."""
+        millisecond = int(now * 1000)
+        if millisecond != self._millisecond:
+            second, fraction = divmod(millisecond, 1000)
+            if second != self._second:
+                self._second, self._second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._millisecond, self._text = millisecond, f"{self._second_text}.{fraction:03d}Z"
+        return self._text
 
     def write(self, access: Access) -> None:
         if not self._lines:

@@ -1,45 +1,30 @@
 """Every Prometheus metric the gateway exports. Names and labels are fixed by DESIGN.md and the runbook.
 
-One `Metrics` object per process, on its own registry (no module globals). With `--workers N`,
-prometheus-client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by the supervisor) shares the
-values through files, and each gauge says how the workers' values combine.
+One `Metrics` object per process, on its own registry (no module globals). Counters and histograms,
+counted per request, are plain numbers in `Tally` families, read when `/metrics` is (see `tally`);
+gauges that are set now and then are prometheus-client's own. With `--workers N`, prometheus-client's
+multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by the supervisor) shares the values through files,
+and each gauge says how the workers' values combine.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
-    Counter,
     Gauge,
-    Histogram,
     disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.process_collector import ProcessCollector
 
+from apigw.observability.tally import CounterFamily, GaugeFamily, HistogramFamily, Tally
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
-
-
-class Labelled:
-    """A metric's children by label values, looked up in a dict: `labels()` costs more than `inc()`.
-
-    Only for label values from a bounded set (route names, methods, statuses)."""
-
-    def __init__(self, metric: Counter | Histogram):
-        self._metric = metric
-        self._children: dict[tuple[str, ...], Any] = {}
-
-    def __call__(self, *values: str) -> Any:
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = self._metric.labels(*values)
-        return child
 
 
 class Metrics:
@@ -48,51 +33,48 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         ProcessCollector(registry=r)
-        self.http_requests = Counter(
-            "gateway_http_requests", "Requests answered, by route", ["route", "method", "status_code"], registry=r
-        )
-        self.http_duration = Histogram(
-            "gateway_http_request_duration_seconds", "Time from request to response, by route", ["route"],
-            buckets=LATENCY_BUCKETS, registry=r,
-        )
-        self.backend_requests = Counter(
-            "gateway_backend_requests", "Requests sent to backends, by outcome", ["backend_service", "status_code"],
-            registry=r,
-        )
-        self.backend_duration = Histogram(
-            "gateway_backend_duration_seconds", "Time until a backend's response headers", ["backend_service"],
-            buckets=LATENCY_BUCKETS, registry=r,
-        )
-        self.auth_attempts = Counter(
-            "gateway_auth_attempts", "Token checks, by result and error type", ["result", "error_type"], registry=r
-        )
-        self.ratelimit_requests = Counter(
-            "gateway_ratelimit_requests", "Rate limit decisions", ["policy", "decision"], registry=r
-        )
-        self.ratelimit_errors = Counter(
-            "gateway_ratelimit_errors", "Rate limit checks that failed (Redis error or timeout)", registry=r
-        )
-        self.ratelimit_duration = Histogram(
-            "gateway_ratelimit_duration_seconds", "Time of one rate limit decision", buckets=FAST_BUCKETS, registry=r
-        )
-        self.redis_errors = Counter("gateway_redis_errors", "Redis calls that failed", ["operation"], registry=r)
+        self.tally = t = Tally()
+        self.http_requests = t.add(CounterFamily(
+            "gateway_http_requests", "Requests answered, by route", ("route", "method", "status_code")
+        ))
+        self.http_duration = t.add(HistogramFamily(
+            "gateway_http_request_duration_seconds", "Time from request to response, by route", ("route",),
+            buckets=LATENCY_BUCKETS,
+        ))
+        self.backend_requests = t.add(CounterFamily(
+            "gateway_backend_requests", "Requests sent to backends, by outcome", ("backend_service", "status_code")
+        ))
+        self.backend_duration = t.add(HistogramFamily(
+            "gateway_backend_duration_seconds", "Time until a backend's response headers", ("backend_service",),
+            buckets=LATENCY_BUCKETS,
+        ))
+        self.auth_attempts = t.add(CounterFamily(
+            "gateway_auth_attempts", "Token checks, by result and error type", ("result", "error_type")
+        ))
+        self.ratelimit_requests = t.add(CounterFamily(
+            "gateway_ratelimit_requests", "Rate limit decisions", ("policy", "decision")
+        ))
+        self.ratelimit_errors = t.add(CounterFamily(
+            "gateway_ratelimit_errors", "Rate limit checks that failed (Redis error or timeout)"
+        ))
+        self.ratelimit_duration = t.add(HistogramFamily(
+            "gateway_ratelimit_duration_seconds", "Time of one rate limit decision", buckets=FAST_BUCKETS
+        ))
+        self.redis_errors = t.add(CounterFamily("gateway_redis_errors", "Redis calls that failed", ("operation",)))
         self.redis_master = Gauge(
             "gateway_redis_master_info", "The Redis (master) address in use: 1; 0 for one used before", ["address"],
             registry=r, multiprocess_mode="livemax",  # with workers: 1 while any worker uses it
         )
-        self.redis_failovers = Counter(
-            "gateway_redis_failovers", "Moves of the Redis master seen (Sentinel +switch-master or re-discovery)",
-            registry=r,
-        )
+        self.redis_failovers = t.add(CounterFamily(
+            "gateway_redis_failovers", "Moves of the Redis master seen (Sentinel +switch-master or re-discovery)"
+        ))
         self._redis_master_address: str | None = None
         self.breaker_state = Gauge(
             "gateway_circuit_breaker_state", "Circuit breaker state: 0 closed, 1 open, 2 half-open",
             ["backend_service"], registry=r, multiprocess_mode="livemax",  # with workers: the highest value
         )
-        self.config_reloads = Counter("gateway_config_reloads", "Config reloads, by result", ["result"], registry=r)
-        self.inflight = Gauge(
-            "gateway_inflight_requests", "Requests being handled now", registry=r, multiprocess_mode="livesum"
-        )
+        self.config_reloads = t.add(CounterFamily("gateway_config_reloads", "Config reloads, by result", ("result",)))
+        self.inflight = t.add(GaugeFamily("gateway_inflight_requests", "Requests being handled now"))
         self.tls_expiry = Gauge(
             "gateway_tls_certificate_expiry_timestamp_seconds", "Expiry (notAfter) of the served TLS certificate",
             registry=r, multiprocess_mode="livemin",
@@ -101,12 +83,7 @@ class Metrics:
             "gateway_asyncio_tasks", "asyncio tasks alive (the runbook's go_goroutines)", registry=r,
             multiprocess_mode="livesum",
         )
-
-        self.requests_by = Labelled(self.http_requests)
-        self.duration_by = Labelled(self.http_duration)
-        self.backend_requests_by = Labelled(self.backend_requests)
-        self.backend_duration_by = Labelled(self.backend_duration)
-        self.ratelimit_requests_by = Labelled(self.ratelimit_requests)
+        r.register(t)
 
     def redis_master_moved(self, address: str, previous: str | None) -> None:
         """The Redis link now uses `address`; `previous` is the master it used before (None at start)."""
@@ -117,11 +94,16 @@ class Metrics:
         self._redis_master_address = address
         self.redis_master.labels(address).set(1)
 
-    async def sample_tasks(self, every: float = 1.0) -> None:
-        """Keep `gateway_asyncio_tasks` current (a plain value, so it also works across workers)."""
-        while True:
-            self.asyncio_tasks.set(len(asyncio.all_tasks()))
-            await asyncio.sleep(every)
+    async def sample(self, every: float = 1.0) -> None:
+        """Keep `gateway_asyncio_tasks` current and, with workers, the shared files (see `tally`); a
+        last time when cancelled, at the end of the worker's drain."""
+        try:
+            while True:
+                self.asyncio_tasks.set(len(asyncio.all_tasks()))
+                self.tally.fold()
+                await asyncio.sleep(every)
+        finally:
+            self.tally.fold()
 
 
 def metrics_app(registry: CollectorRegistry) -> web.Application:

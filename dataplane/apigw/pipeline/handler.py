@@ -14,9 +14,11 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from random import random
 
 from aiohttp import HttpVersion10, HttpVersion11, web
 
+from apigw.config.model import LoggingConfig
 from apigw.http.errors import GatewayError
 from apigw.http.target import BadTarget, Target, parse_target
 from apigw.observability.logs import Access
@@ -133,24 +135,38 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
 
 def _record(gateway: Gateway, ex: Exchange, response: web.StreamResponse | None) -> None:
-    """Count the request and write its access log line; a request without a response (its handler was
+    """Count the request and write its access line; a request without a response (its handler was
     cancelled) counts as 499, nginx's "client closed request"."""
     duration = time.perf_counter() - ex.started
     route_name = ex.route.name if ex.route else UNROUTED
-    gateway.metrics.duration_by(route_name).observe(duration)
-    count(gateway, Access(
-        ex.request.method, ex.raw_path, route_name, response.status if response is not None else 499, ex.client_ip,
-        ex.request_id, auth_status=ex.auth_status, error_type=ex.error_type, duration=duration,
-        backend_service=ex.forwarded.service, backend_duration=ex.forwarded.duration,
-    ))
+    status = response.status if response is not None else 499
+    metrics = gateway.metrics
+    metrics.http_duration.labels(route_name).observe(duration)
+    method = ex.request.method
+    metrics.http_requests.labels(route_name, method if method in KNOWN_METHODS else "OTHER", status).inc()
+    if logged(gateway.state.config.logging, status, ex.error_type):  # before building the line it decides on
+        gateway.access_log.write(Access(
+            method, ex.raw_path, route_name, status, ex.client_ip, ex.request_id, auth_status=ex.auth_status,
+            error_type=ex.error_type, duration=duration, backend_service=ex.forwarded.service,
+            backend_duration=ex.forwarded.duration,
+        ))
 
 
 def count(gateway: Gateway, access: Access) -> None:
-    """The request in `gateway_http_requests_total`, and its access line unless those are off."""
+    """A request answered outside the pipeline: in `gateway_http_requests_total`, and its access line."""
     method = access.method if access.method in KNOWN_METHODS else "OTHER"
-    gateway.metrics.requests_by(access.route, method, str(access.status)).inc()
-    if gateway.state.config.logging.access_log:
+    gateway.metrics.http_requests.labels(access.route, method, access.status).inc()
+    if logged(gateway.state.config.logging, access.status, access.error_type):
         gateway.access_log.write(access)
+
+
+def logged(settings: LoggingConfig, status: int, error_type: str | None) -> bool:
+    """Whether a request's access line is written: every error (a status of 400 or more, or an error the
+    gateway saw, such as a response cut short), and of the rest `access_log_sample`'s share."""
+    if not settings.access_log:
+        return False
+    sample = settings.access_log_sample
+    return sample == 1.0 or status >= 400 or error_type is not None or random() < sample
 
 
 async def _call_backend(
@@ -174,8 +190,8 @@ async def _call_backend(
             try:
                 backend = await proxy.send(request, cluster, target, headers, (route.timeout, deadline), body, forwarded)
             except GatewayError as exc:
-                metrics.backend_requests_by(service, exc.error_type).inc()
-                metrics.backend_duration_by(service).observe(forwarded.duration)
+                metrics.backend_requests.labels(service, exc.error_type).inc()
+                metrics.backend_duration.labels(service).observe(forwarded.duration)
                 if exc.status < 500 or exc.error_type == "upstream_overflow":  # not the backend's failure
                     raise
                 admission.record(False)
@@ -184,8 +200,8 @@ async def _call_backend(
                     retries += 1
                     continue
                 raise
-            metrics.backend_requests_by(service, str(backend.status)).inc()
-            metrics.backend_duration_by(service).observe(forwarded.duration)
+            metrics.backend_requests.labels(service, backend.status).inc()
+            metrics.backend_duration.labels(service).observe(forwarded.duration)
             admission.record(backend.status not in BACKEND_FAILURE_STATUSES)
         if body is None and _may_retry(request, cluster, retries, backend.status, request_deadline):
             backend.release()

@@ -160,7 +160,7 @@ class _Recorder:
 
     def record(self, policy: str, outcome: str, started: float) -> None:
         self._metrics.ratelimit_duration.observe(time.perf_counter() - started)
-        self._metrics.ratelimit_requests_by(policy, outcome).inc()
+        self._metrics.ratelimit_requests.labels(policy, outcome).inc()
 
 
 class RedisLimiter:

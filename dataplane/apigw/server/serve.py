@@ -117,11 +117,10 @@ async def serve(config_path: Path, workers: int | None = None, debug_port: int |
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reloader.request, "SIGHUP")
-    watcher = asyncio.create_task(reloader.watch())
-    sampler = asyncio.create_task(metrics.sample_tasks())
-    background = [watcher, sampler]
+    background = [asyncio.create_task(reloader.watch())]
     if worker:  # the supervisor answers the metrics port's health from this file
         background.append(asyncio.create_task(StatusFile(Path(os.environ[METRICS_DIR_ENV]), gateway).keep_current()))
+    sampler = asyncio.create_task(metrics.sample())
     gc.freeze()  # what start-up built lives as long as the process: the collector need not scan it again
     log.info(
         "gateway serving %d routes on %s:%d (metrics :%d), config %s", len(config.routes), listen.address,
@@ -138,6 +137,7 @@ async def serve(config_path: Path, workers: int | None = None, debug_port: int |
         task.cancel()
     for each in runners:
         await each.cleanup()
+    sampler.cancel()  # after the drain: its last fold carries the drained requests' counts (with workers)
     await reloader.close()
     log.info("stopped")
     return 0

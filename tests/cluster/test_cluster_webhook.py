@@ -174,3 +174,26 @@ def test_a_change_that_would_overflow_the_configmap_is_refused(cluster: ControlP
     refused = apply(cluster, second)
     assert refused.returncode == 1, refused.stderr
     assert f"would make ConfigMap api-gateway/api-gateway-config {two} bytes, over its limit of {limit}" in refused.stderr
+
+
+def test_a_route_outside_its_namespace_claims_is_forbidden_until_the_namespace_is_labelled(
+    cluster: ControlPlane, webhooks: Webhooks
+) -> None:
+    """The ownership rules of config.yaml at apply time, with the namespace labels the operator watches."""
+    ownership = "ownership:\n  routes:\n    - namespaces: {labels: {team: hooks}}\n      hostnames: [hooks.example.com]\n"
+    config_yaml = cluster.api.get(CM_PATH)["data"]["config.yaml"] + ownership
+    cluster.api.merge(CM_PATH, {"data": {"config.yaml": config_yaml}})
+    ns = namespace(cluster, "claims")
+    operator = webhooks.start()
+    webhooks.point_at(operator)
+    orders = gatewayroute("orders", ns, "/orders", match={"host": "hooks.example.com", "path_prefix": "/orders"})
+    refused = apply(cluster, orders)
+    assert refused.returncode == 1, refused.stderr
+    assert denied("gatewayroutes.gateway.apigw.io", "namespace 'claims' may attach no routes") in refused.stderr
+    with pytest.raises(ApiError) as forbidden:
+        cluster.api.post(path_of(orders).rsplit("/", 1)[0], orders)
+    assert forbidden.value.status == 403
+    assert not exists(cluster, orders)
+    cluster.kubectl("label", "namespace", ns, "team=hooks")
+    wait_for(lambda: apply(cluster, orders).returncode == 0, what="admitted once the namespace is labelled")
+    wait_for(lambda: summary(cluster, orders).get("Accepted") == ("True", "Accepted"), what="orders accepted")

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apigw.config.errors import ConfigError
-from apigw.config.loader import load_config, parse_documents
-from apigw.config.model import Config, config_hash, parse_duration, restart_settings
+from apigw.config.loader import check_models, load_config, parse_documents
+from apigw.config.model import Config, RoutesDocument, config_hash, parse_duration, restart_settings
 
 ROOT = Path(__file__).parent.parent
 INVALID = sorted((Path(__file__).parent / "configs" / "invalid").glob("*.yaml"))
@@ -169,3 +171,29 @@ def test_one_pass_reports_what_each_fault_reports_alone(faults: set[int]) -> Non
     together = _errors(faults)
     assert sorted(together, key=lambda e: int(e.split(":")[1])) == together
     assert sorted(together) == sorted(e for errors in alone.values() for e in errors)
+
+
+_ACROSS_ITEMS = {4, 5, 8, 9}
+"""Faults in no item alone, only between items or files: what `check_models` checks."""
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sets(st.sampled_from(sorted(_ACROSS_ITEMS))))
+def test_checking_models_finds_what_checking_their_text_finds(faults: set[int]) -> None:
+    """The operator validates its routes as models, not as text: the same errors (without lines, there
+    is no text), the same config and hash."""
+    lines = [_FAULTS[i] if i in faults else line for i, line in enumerate(_BASE)]
+    config_text = "\n".join(lines[:2])
+    routes_text = "\n".join(lines[2:])
+    models = {"config.yaml": Config.model_validate(yaml.safe_load(config_text) or {}),
+              "routes.yaml": RoutesDocument.model_validate(yaml.safe_load(routes_text))}
+    checked = check_models(models)
+    texts = {"config.yaml": config_text, "routes.yaml": routes_text}
+    try:
+        config = parse_documents(texts)
+    except ConfigError as exc:
+        assert checked.errors == [re.sub(r"^(\S+\.yaml):\d+:", r"\1:", e) for e in exc.errors]
+        assert faults
+    else:
+        assert not faults and checked.errors == []
+        assert config_hash(checked.result()) == config_hash(config)

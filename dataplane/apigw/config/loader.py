@@ -146,10 +146,31 @@ def check_documents(documents: Mapping[str, str]) -> Checked:
             parts.unknown_policies = True
             parts.unknown_settings |= model is Config
             continue
-        document = _validate(name, data, model, checked, parts)
-        if isinstance(document, Config) and checked.global_file is None:
-            checked.global_file = name
-            checked.config = document
+        _add_document(name, _validate(name, data, model, checked, parts), checked)
+    return _check_whole(checked, parts)
+
+
+def check_models(documents: Mapping[str, RoutesDocument]) -> Checked:
+    """The checks across files, over documents already validated one by one: what `check_documents`
+    finds in their texts once each parsed. The operator validates its rendered routes so, without
+    writing and re-reading them; its errors carry no line (there is no text)."""
+    checked = Checked(list(documents))
+    parts = _Parts()
+    for name, document in documents.items():
+        parts.add(name, document)
+        _add_document(name, document, checked)
+    return _check_whole(checked, parts)
+
+
+def _add_document(name: str, document: RoutesDocument, checked: Checked) -> None:
+    """The first document with global settings is the config's base."""
+    if isinstance(document, Config) and checked.global_file is None:
+        checked.global_file = name
+        checked.config = document
+
+
+def _check_whole(checked: Checked, parts: _Parts) -> Checked:
+    """References, duplicates and keys across every document, then the config made of all parts."""
     auth_known = not (parts.unknown_settings or "auth" in checked.unparsed)
     _check_references(parts, checked)
     base = checked.config
@@ -176,6 +197,10 @@ class _Parts:
         """A policy (or a whole file) did not parse and its name is unknown: no reference is called undefined."""
         self.unknown_settings = False
         """A file that may hold the global settings did not parse."""
+
+    def add(self, name: str, document: RoutesDocument) -> None:
+        self.routes += [(name, i, route) for i, route in enumerate(document.routes)]
+        self.policies += [(name, i, policy) for i, policy in enumerate(document.policies)]
 
     def may_be_defined(self, policy: str) -> bool:
         """Whether a policy that did not parse may have this name."""
@@ -213,8 +238,7 @@ def _validate(
         document = _validate_parts(name, data, model, failed, parts)
         checked.unparsed |= {loc[0] for loc in failed if len(loc) == 1 and loc[0] not in ("routes", "policies")}
         return document
-    parts.routes += [(name, i, route) for i, route in enumerate(document.routes)]
-    parts.policies += [(name, i, policy) for i, policy in enumerate(document.policies)]
+    parts.add(name, document)
     return document
 
 

@@ -5,6 +5,7 @@ file that is not served until it has settled)."""
 from __future__ import annotations
 
 import pickle
+import re
 import signal
 from pathlib import Path
 
@@ -13,9 +14,10 @@ import yaml
 
 from apigw.config.errors import ConfigError
 from apigw.config.loader import YAML_LOADER, load_config, load_config_parts, parse_documents
-from apigw.config.model import config_hash
+from apigw.config.model import config_hash, shard_hash
 from apigw.server.reload import SETTLE, StableFiles
 from apigw.testkit.process import BackendProcess, GatewayProcess, http_status, ports, wait_until
+from apigw.testkit.volume import Projection
 
 
 def publish(volume: Path, version: str, text: str) -> Path:
@@ -180,3 +182,38 @@ def test_an_empty_file_under_sighup_is_served_only_once_it_has_settled(tmp_path)
     assert deferred[0]["msg"].startswith("config reload (SIGHUP) deferred: the new config has no routes (1 in force)")
     assert any(line["msg"].startswith("config reload drops 1 of 1 routes") for line in lines)
     assert any(line["msg"].startswith("config reloaded (file change)") for line in lines)
+
+
+def sharded(port: int, metrics_port: int, backend_url: str, names: list[str], indexed: list[str] | None = None) -> dict[str, str]:
+    """A projected volume's files: config.yaml, routes.yaml naming one shard, the shard holding `names`'
+    routes; routes.yaml names the hash of a shard holding `indexed` instead when given (a shard not
+    updated yet)."""
+    def shard(routes: list[str]) -> str:
+        return config_text(port, metrics_port, backend_url, routes).split("routes:", 1)[1].join(["routes:", ""])
+    listen = {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port}
+    index = {"shards": {"routes-001.yaml": shard_hash(shard(names if indexed is None else indexed))}, "policies": []}
+    return {"config.yaml": yaml.safe_dump({"listen": listen}), "routes.yaml": yaml.safe_dump(index),
+            "routes-001.yaml": shard(names)}
+
+
+def test_shards_are_loaded_only_when_each_matches_the_index(tmp_path) -> None:
+    """ConfigMaps projected into one volume reach it at different times: a shard that does not match
+    routes.yaml's index defers the reload (no failure counted, the config in force serves) until one does."""
+    port, metrics_port = ports()
+    volume = Projection(tmp_path / "config")
+    with BackendProcess() as backend:
+        volume.write(sharded(port, metrics_port, backend.url, ["a"]))
+        with GatewayProcess(volume.dir, port, metrics_port) as gateway:
+            first = gateway.ready()["config_hash"]
+            assert http_status(f"{gateway.url}/a") == 200
+            volume.write(sharded(port, metrics_port, backend.url, ["a"], indexed=["a", "b"]))  # index ahead of its shard
+            wait_until(lambda: any("deferred" in line["msg"] for line in gateway.log_lines()))
+            assert gateway.ready()["config_hash"] == first
+            assert http_status(f"{gateway.url}/b") == 404
+            volume.write(sharded(port, metrics_port, backend.url, ["a", "b"]))
+            wait_until(lambda: gateway.ready()["config_hash"] != first)
+            assert http_status(f"{gateway.url}/b") == 200
+            assert not re.search(r'gateway_config_reloads_total\{result="failure"\} [1-9]', gateway.metrics())
+    deferred = [line for line in gateway.log_lines() if "deferred" in line["msg"]]
+    assert len(deferred) == 1 and deferred[0]["level"] == "warning", deferred
+    assert "routes-001.yaml: holds content" in deferred[0]["msg"] and deferred[0]["config_hash"] == first

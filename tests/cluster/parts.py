@@ -21,6 +21,7 @@ import jwt
 
 from apigw.testkit.process import http_status
 from apigw.testkit.redis import free_port
+from apigw.testkit.volume import Projection
 from tests.cluster.controlplane import ROOT, ApiError, ControlPlane, terminate
 
 NS = "api-gateway"
@@ -91,34 +92,6 @@ class OperatorProcess:
     def credential(self) -> str:
         """How the audit log names this process's token (`user.extra` credential id: the token's JTI)."""
         return "JTI=" + jwt.decode(self.token, options={"verify_signature": False})["jti"]
-
-
-class Projection:
-    """A ConfigMap volume as the kubelet keeps it: `..<timestamp>/` dirs, `..data` swapped atomically."""
-
-    def __init__(self, directory: Path):
-        self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
-
-    def write(self, data: dict[str, str]) -> None:
-        stamp = self.dir / datetime.now(UTC).strftime("..%Y_%m_%d_%H_%M_%S.%f")
-        stamp.mkdir()
-        for key, text in data.items():
-            (stamp / key).write_text(text)
-        data_link = self.dir / "..data"
-        old = os.readlink(data_link) if data_link.is_symlink() else None
-        os.symlink(stamp.name, self.dir / "..data_tmp")
-        os.rename(self.dir / "..data_tmp", data_link)
-        for key in data:
-            if not (self.dir / key).is_symlink():
-                os.symlink(f"..data/{key}", self.dir / key)
-        for entry in self.dir.iterdir():
-            if entry.is_symlink() and not entry.name.startswith("..") and entry.name not in data:
-                entry.unlink()
-        if old:
-            for file in (self.dir / old).iterdir():
-                file.unlink()
-            (self.dir / old).rmdir()
 
 
 class GatewayPod:

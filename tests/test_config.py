@@ -217,10 +217,12 @@ def test_shards_named_by_routes_yaml_load_as_one_config(tmp_path: Path) -> None:
 
 
 def test_a_shard_not_matching_the_index_is_incomplete_not_invalid(tmp_path: Path) -> None:
+    newer = SHARD + "# newer\n"
     with pytest.raises(ConfigIncomplete) as caught:
-        load_config(_volume(tmp_path, SHARD, SHARD + "# newer\n"))
-    assert caught.value.errors == [f"{tmp_path}/routes-001.yaml: holds content {shard_hash(SHARD)}, routes.yaml names "
-                                   f"{shard_hash(SHARD + '# newer' + chr(10))} (its ConfigMap and routes.yaml's were updated at different times)"]
+        load_config(_volume(tmp_path, SHARD, newer))
+    expected = (f"{tmp_path}/routes-001.yaml: holds content {shard_hash(SHARD)}, routes.yaml names {shard_hash(newer)} "
+                "(its ConfigMap and routes.yaml's were updated at different times)")
+    assert caught.value.errors == [expected]
     (tmp_path / "routes-001.yaml").unlink()
     with pytest.raises(ConfigIncomplete, match="routes-001.yaml: named by routes.yaml but not there"):
         load_config(tmp_path)

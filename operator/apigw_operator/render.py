@@ -98,6 +98,8 @@ class Rendering:
     """Of each included CR's entry in routes_yaml: which configs hold a CR as it is now."""
     unjudged: bool = False
     """config.yaml is invalid and no valid one was seen yet: the verdicts were made without its settings."""
+    items: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+    """routes_yaml's routes and policies, each as its YAML list item: what shards are made of."""
 
 
 def text_hash(text: str) -> str:
@@ -182,12 +184,13 @@ class Renderer:
             _resolve_policies(items, verdicts, entries)
             included = [ref for ref in entries if verdicts[ref].included]
             digests = {ref: entry_digest(entries[ref]) for ref in included}
-            text = self._dump(entries, digests)
+            items = self._dump(entries, digests)
+            text = document_text(*items)
             if base_errors:
                 return Rendering(text, verdicts, errors=base_errors, digests=digests, unjudged=self._base is None)
             if self._whole is not None and self._whole[0] == (base_yaml, text):
                 hashes = self._whole[1]
-                return Rendering(text, verdicts, config_hash=hashes[0], restart_hash=hashes[1], digests=digests)
+                return Rendering(text, verdicts, config_hash=hashes[0], restart_hash=hashes[1], digests=digests, items=items)
             try:
                 config = check_models({GLOBAL_FILE: base, ROUTES_FILE: _document(checked, entries, included)}).result()
             except ConfigError as exc:
@@ -200,7 +203,7 @@ class Renderer:
                 continue
             hashes = config_hash(config), text_hash(json.dumps(restart_settings(config), sort_keys=True, default=str))
             self._whole = ((base_yaml, text), hashes)
-            return Rendering(text, verdicts, config_hash=hashes[0], restart_hash=hashes[1], digests=digests)
+            return Rendering(text, verdicts, config_hash=hashes[0], restart_hash=hashes[1], digests=digests, items=items)
 
     def _check(self, ref: Ref, body: Mapping[str, Any], has_keys: bool) -> _Checked:
         key = (canonical(body.get("spec")), has_keys)
@@ -211,15 +214,12 @@ class Renderer:
         self._checked[ref] = (key, found)
         return found
 
-    def _dump(self, entries: Mapping[Ref, dict[str, Any]], digests: Mapping[Ref, str]) -> str:
-        """routes.yaml as `yaml.dump` writes the whole document, made of one remembered dump per entry."""
+    def _dump(self, entries: Mapping[Ref, dict[str, Any]], digests: Mapping[Ref, str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The routes' and the policies' YAML list items: one remembered dump per entry."""
         fragments = {d: self._fragments.get(d) or _dump_item(entries[ref]) for ref, d in digests.items()}
         self._fragments = fragments
-        sections = []
-        for section, kind in (("routes", ROUTE), ("policies", POLICY)):
-            items = [fragments[d] for ref, d in digests.items() if ref.kind == kind]
-            sections.append(f"{section}:\n" + "".join(items) if items else f"{section}: []\n")
-        return HEADER + "".join(sections)
+        routes = tuple(fragments[d] for ref, d in digests.items() if ref.kind == ROUTE)
+        return routes, tuple(fragments[d] for ref, d in digests.items() if ref.kind == POLICY)
 
 
 def render(routes: Iterable[Mapping[str, Any]], policies: Iterable[Mapping[str, Any]], config_yaml: str) -> Rendering:
@@ -344,6 +344,14 @@ def _resolve_policies(
             if ref in entries:
                 entries[ref]["ratelimit"] = policy.config_name
         verdicts[ref] = Verdict(verdicts[ref].accepted, refs)
+
+
+def document_text(routes: Iterable[str], policies: Iterable[str], head: str = "") -> str:
+    """A routes document as `yaml.dump` writes it, from its entries' list items (`head`: settings before)."""
+    sections = []
+    for section, items in (("routes", "".join(routes)), ("policies", "".join(policies))):
+        sections.append(f"{section}:\n{items}" if items else f"{section}: []\n")
+    return HEADER + head + "".join(sections)
 
 
 def _dump_item(entry: Mapping[str, Any]) -> str:

@@ -219,7 +219,7 @@ def test_the_text_is_what_yaml_dumps_and_holds_the_config_that_was_validated(spe
         result = renderer.render(bodies, [POLICY_CR], keyed)
         assert result.errors == [] and result.config_hash is not None
         document = yaml.safe_load(result.routes_yaml)
-        assert result.routes_yaml == HEADER + yaml.dump(document, sort_keys=False)
+        assert result.routes_yaml == HEADER + yaml.dump(document, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False)
         assert result.config_hash == config_hash(parse_documents({"config.yaml": keyed, "routes.yaml": result.routes_yaml}))
         changed = data.draw(st.integers(0, len(bodies) - 1))
         bodies[changed] = cr("GatewayRoute", f"r{changed}", data.draw(_entries), created=f"2025-01-01T00:00:{changed:02d}Z")

@@ -19,6 +19,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     parser.add_argument("--configmap", default=Target.configmap)
     parser.add_argument("--deployment", default=Target.deployment)
     parser.add_argument("--pod-selector", default=Target.pod_selector)
+    parser.add_argument("--route-shards", type=int, default=Target.route_shards,
+                        help="ConfigMaps <shard-configmap>-1..N for the routes past the first ConfigMap's limit (0: none)")
+    parser.add_argument("--shard-configmap", default=Target.shard_configmap)
     parser.add_argument("--resync-interval", type=float, default=Options.resync_interval, help="seconds between full passes")
     parser.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", help="kopf's liveness endpoint URL")
     parser.add_argument("--metrics", default="0.0.0.0:9091", help="HOST:PORT of the operator's Prometheus /metrics")
@@ -27,7 +30,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     parser.add_argument("--no-leader-election", action="store_true", help="write without holding the Lease (one replica only)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    target = Target(args.gateway_namespace, args.configmap, args.deployment, args.pod_selector)
+    target = Target(args.gateway_namespace, args.configmap, args.deployment, args.pod_selector, args.route_shards,
+                    args.shard_configmap)
     options = Options(
         target=target,
         namespaces=tuple(args.namespace),

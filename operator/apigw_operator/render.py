@@ -118,13 +118,16 @@ def entry_digest(entry: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical(entry)).hexdigest()[:16]
 
 
-def entry_digests(routes_yaml: str) -> dict[str, str]:
-    """Config name -> entry digest of what a routes.yaml holds (a route and a policy may share a name)."""
-    document = yaml.load(routes_yaml, Loader=_LOADER) or {}
-    return {
-        f"{section}/{entry['name']}": entry_digest(entry)
-        for section in ("routes", "policies") for entry in document.get(section) or [] if isinstance(entry, dict)
-    }
+def entry_digests(*texts: str) -> dict[str, str]:
+    """Config name -> entry digest of what routes.yaml and its shards hold (a route and a policy may share a name)."""
+    found = {}
+    for text in texts:
+        document = yaml.load(text, Loader=_LOADER) or {}
+        found.update({
+            f"{section}/{entry['name']}": entry_digest(entry)
+            for section in ("routes", "policies") for entry in document.get(section) or [] if isinstance(entry, dict)
+        })
+    return found
 
 
 def ref_of(kind: str, body: Mapping[str, Any]) -> Ref:

@@ -24,6 +24,10 @@ def shard_key(number: int) -> str:
     return f"routes-{number:03d}.yaml"
 
 
+def shard_number(key: str) -> int:
+    return int(key.removeprefix("routes-").removesuffix(".yaml"))
+
+
 def split(routes: Sequence[str], policies: Sequence[str], room: int, shard_room: int, shards: int) -> dict[str, str] | None:
     """The files to write, routes.yaml first: routes.yaml alone when it fits in `room` bytes, else
     routes.yaml with the policies and the index, and the routes in as few shards of at most

@@ -8,6 +8,7 @@ import pytest
 import yaml
 from kubernetes_asyncio.config import kube_config
 
+from apigw_operator.cluster import Target
 from tests.operator.kube import CM, CONFIG_YAML, NS, GatewayPod
 
 
@@ -36,6 +37,9 @@ def cluster(kmock: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
         "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": CM, "namespace": NS},
         "data": {"config.yaml": CONFIG_YAML, "routes.yaml": ""},
     }
+    for number in range(1, Target.route_shards + 1):  # shipped empty by the manifests
+        name = Target().shard(number)
+        kmock.objects["v1/configmaps", NS, name] = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": NS}}
     kmock.objects["apps/v1/deployments", NS, "api-gateway"] = {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "api-gateway", "namespace": NS},
         "spec": {

@@ -139,11 +139,22 @@ class GatewayPod:
         self._kubelet.start()
 
     def sync(self) -> None:
-        """Project the ConfigMap when it changed since the last look."""
-        found = self.plane.api.get(CM_PATH)
-        version = found["metadata"]["resourceVersion"]
+        """Project the config volume's ConfigMaps (the template's projected sources) when one changed."""
+        sources = next(v for v in self.template["spec"]["volumes"] if v["name"] == "config")["projected"]["sources"]
+        data: dict[str, str] = {}
+        versions = []
+        for source in (s["configMap"] for s in sources):
+            try:
+                found = self.plane.api.get(f"{CM_PATH.rsplit('/', 1)[0]}/{source['name']}")
+            except ApiError as exc:
+                if exc.status == 404 and source.get("optional"):
+                    continue
+                raise
+            data.update(found.get("data") or {})
+            versions.append(found["metadata"]["resourceVersion"])
+        version = ",".join(versions)
         if version != self._seen:
-            self.projection.write(found.get("data") or {})
+            self.projection.write(data)
             self._seen = version
 
     def hold(self) -> None:

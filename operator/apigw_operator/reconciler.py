@@ -42,6 +42,10 @@ RESTART_ANNOTATION = f"{GROUP}/restart-hash"
 CONFIGMAP_LIMIT = 1024 * 1024
 """What the API server lets a ConfigMap's data hold (keys and values, data and binaryData together)."""
 
+SHARD_CHECK_INTERVAL = 300.0
+"""Seconds between reading the route shards back (a re-applied or recreated shard may have lost its
+routes); also read back once for each config the pods do not all serve."""
+
 logger = logging.getLogger(__name__)
 
 PodUrl = Callable[[str, str, int], str]
@@ -116,6 +120,12 @@ class Reconciler:
         self.renderer = Renderer()
         self.served = Served()
         self._reported: list[str] = []
+        self._shards_read = -SHARD_CHECK_INTERVAL
+        """When the shards were last read back (monotonic seconds)."""
+        self._unserved: str | None = None
+        """The config the ready pods did not all serve at the last pass."""
+        self._read_for: str | None = None
+        """The config whose shards were read back because the pods did not serve it (once per config)."""
         self._written: dict[Ref, tuple[str | None, list[dict[str, Any]]]] = {}
         """What this replica last wrote to each CR's status (by uid): newer than the watch may show yet."""
 
@@ -141,6 +151,7 @@ class Reconciler:
             wanted = rendering.config_hash
             served = blocked is None and wanted is not None and bool(reports) and all(r.config_hash == wanted for r in reports)
             self.metrics.programmed.set(int(served))
+            self._unserved = None if served else wanted
         await self._write_statuses(routes, policies, rendering, reports, blocked)
 
     async def _write_routes(self, configmap: dict[str, Any], rendering: Rendering) -> Blocked | None:
@@ -160,14 +171,16 @@ class Reconciler:
         annotations = configmap["metadata"].get("annotations") or {}
         digest = text_hash(rendering.routes_yaml)
         wanted = {ROUTES_ANNOTATION: digest, CONFIG_ANNOTATION: rendering.config_hash}
-        if files is not None and current == files[ROUTES_FILE] and all(annotations.get(k) == v for k, v in wanted.items()):
-            self._report([])
-            self.served.record(rendering.config_hash, rendering.digests)
-            return None
         if files is None:
             return await self._too_large(configmap, rendering)
         index = shard_index(current or "")
-        blocked = await self._write_shards(files, index)
+        held = await self._shards_held(files, rendering.config_hash) or index
+        stale = [key for key, text in files.items() if key != ROUTES_FILE and held.get(key) != shard_hash(text)]
+        if not stale and current == files[ROUTES_FILE] and all(annotations.get(k) == v for k, v in wanted.items()):
+            self._report([])
+            self.served.record(rendering.config_hash, rendering.digests)
+            return None
+        blocked = await self._write_shards({key: files[key] for key in stale})
         if blocked is not None:
             return blocked
         patch: dict[str, Any] = {"metadata": {"annotations": wanted}}
@@ -184,12 +197,30 @@ class Reconciler:
         await self._clear_shards(index, files)
         return None
 
-    async def _write_shards(self, files: Mapping[str, str], index: Mapping[str, str]) -> Blocked | None:
-        """Write each shard whose content the index in force does not name."""
+    async def _shards_held(self, files: Mapping[str, str], config: str) -> dict[str, str] | None:
+        """What each shard ConfigMap holds (key -> hash), read back when due; None: the index in force is
+        trusted to say it (the shards are written before it)."""
+        now = time.monotonic()
+        doubted = self._unserved == config and self._read_for != config
+        if len(files) == 1 or not (doubted or now - self._shards_read >= SHARD_CHECK_INTERVAL):
+            return None
+        self._shards_read = now
+        self._read_for = config if doubted else self._read_for
+        t = self.cluster.target
+        held = {}
+        for key in files.keys() - {ROUTES_FILE}:
+            try:
+                found = await self.cluster.read_configmap(t.shard(shard_number(key)))
+            except ApiException as exc:
+                logger.warning("could not read %s: %s", t.shard(shard_number(key)), api_message(exc))
+                found = None
+            text = ((found or {}).get("data") or {}).get(key)
+            held[key] = shard_hash(text) if text is not None else ""
+        return held
+
+    async def _write_shards(self, files: Mapping[str, str]) -> Blocked | None:
         t = self.cluster.target
         for key, text in files.items():
-            if key == ROUTES_FILE or index.get(key) == shard_hash(text):
-                continue
             name = t.shard(shard_number(key))
             try:
                 await self.cluster.patch_configmap({"data": {key: text}}, name)

@@ -79,3 +79,24 @@ async def test_past_every_shard_nothing_is_written_and_the_routes_in_force_are_s
         assert summary(cluster, name(9))["Programmed"] == ("True", "Programmed"), "a route in a shard in force is spared"
     gets = {path.rsplit("/", 1)[1] for path in (r.url.path for r in cluster if r.method.value == "GET") if "/configmaps/" in path}
     assert gets == {"api-gateway-config", "api-gateway-routes-1", "api-gateway-routes-2"}
+
+
+async def test_a_shard_that_lost_its_routes_is_written_again(cluster: Any, pods: dict[str, GatewayPod]) -> None:
+    """The operator trusts routes.yaml's index to say what the shards hold, and reads them back when the
+    pods do not serve its config: a shard recreated empty behind its back is written again."""
+    for i in range(8):
+        cluster.objects[ROUTES, "shop", name(i)] = route(name(i), f"/{name(i)}")
+    async with operator(replace(options(pods), configmap_limit=LIMIT)):
+        await eventually(lambda: "routes-002.yaml" in data(cluster).get("routes.yaml", ""))
+        sync_pods(cluster, pods)
+        await eventually(lambda: summary(cluster, name(0)).get("Programmed") == ("True", "Programmed"))
+        before = pods["api-gateway-a"].config_hash
+
+        cluster.objects["v1/configmaps", NS, Target().shard(1)]["data"] = {}
+        await cluster.patch(f"{API}/gatewayroutes/{name(6)}", json={"spec": {"match": {"path_prefix": "/v2"}}})
+        await eventually(lambda: "/v2" in shard(cluster, 2)["routes-002.yaml"])
+        sync_pods(cluster, pods)
+        assert pods["api-gateway-a"].config_hash == before, "a shard missing: the pods keep their config"
+        await eventually(lambda: "routes-001.yaml" in shard(cluster, 1))
+        sync_pods(cluster, pods)
+        await eventually(lambda: summary(cluster, name(6)).get("Programmed") == ("True", "Programmed"))

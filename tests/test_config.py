@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from apigw.config.errors import ConfigError
-from apigw.config.loader import load_config, parse_documents
-from apigw.config.model import Config, config_hash, parse_duration, restart_settings
+from apigw.config.errors import ConfigError, ConfigIncomplete
+from apigw.config.loader import check_models, load_config, parse_documents
+from apigw.config.model import Config, RoutesDocument, config_hash, parse_duration, restart_settings, shard_hash
 
 ROOT = Path(__file__).parent.parent
 INVALID = sorted((Path(__file__).parent / "configs" / "invalid").glob("*.yaml"))
@@ -169,3 +171,78 @@ def test_one_pass_reports_what_each_fault_reports_alone(faults: set[int]) -> Non
     together = _errors(faults)
     assert sorted(together, key=lambda e: int(e.split(":")[1])) == together
     assert sorted(together) == sorted(e for errors in alone.values() for e in errors)
+
+
+_ACROSS_ITEMS = {4, 5, 8, 9}
+"""Faults in no item alone, only between items or files: what `check_models` checks."""
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sets(st.sampled_from(sorted(_ACROSS_ITEMS))))
+def test_checking_models_finds_what_checking_their_text_finds(faults: set[int]) -> None:
+    """The operator validates its routes as models, not as text: the same errors (without lines, there
+    is no text), the same config and hash."""
+    lines = [_FAULTS[i] if i in faults else line for i, line in enumerate(_BASE)]
+    config_text = "\n".join(lines[:2])
+    routes_text = "\n".join(lines[2:])
+    models = {"config.yaml": Config.model_validate(yaml.safe_load(config_text) or {}),
+              "routes.yaml": RoutesDocument.model_validate(yaml.safe_load(routes_text))}
+    checked = check_models(models)
+    texts = {"config.yaml": config_text, "routes.yaml": routes_text}
+    try:
+        config = parse_documents(texts)
+    except ConfigError as exc:
+        assert checked.errors == [re.sub(r"^(\S+\.yaml):\d+:", r"\1:", e) for e in exc.errors]
+        assert faults
+    else:
+        assert not faults and checked.errors == []
+        assert config_hash(checked.result()) == config_hash(config)
+
+
+def _volume(tmp_path: Path, shard: str, named: str) -> Path:
+    (tmp_path / "config.yaml").write_text("listen: {port: 8080}\n")
+    (tmp_path / "routes.yaml").write_text(yaml.safe_dump({"shards": {"routes-001.yaml": shard_hash(named)},
+                                                          "policies": [{"name": "p", "requests": 1, "period": "1s"}]}))
+    (tmp_path / "routes-001.yaml").write_text(shard)
+    (tmp_path / "routes-002.yaml").write_text("not: [valid")  # not named by routes.yaml: never read
+    return tmp_path
+
+
+SHARD = "routes:\n- {name: a, match: {path_prefix: /a}, backend: {service: s, url: 'http://s'}, ratelimit: p}\n"
+
+
+def test_shards_named_by_routes_yaml_load_as_one_config(tmp_path: Path) -> None:
+    config = load_config(_volume(tmp_path, SHARD, SHARD))
+    assert [(r.name, r.ratelimit) for r in config.routes] == [("a", "p")], "a shard's route refers to routes.yaml's policy"
+
+
+def test_a_shard_not_matching_the_index_is_incomplete_not_invalid(tmp_path: Path) -> None:
+    newer = SHARD + "# newer\n"
+    with pytest.raises(ConfigIncomplete) as caught:
+        load_config(_volume(tmp_path, SHARD, newer))
+    expected = (f"{tmp_path}/routes-001.yaml: holds content {shard_hash(SHARD)}, routes.yaml names {shard_hash(newer)} "
+                "(its ConfigMap and routes.yaml's were updated at different times)")
+    assert caught.value.errors == [expected]
+    (tmp_path / "routes-001.yaml").unlink()
+    with pytest.raises(ConfigIncomplete, match="routes-001.yaml: named by routes.yaml but not there"):
+        load_config(tmp_path)
+
+
+def test_shard_errors_are_located_in_the_shard_and_names_are_unique_across_files(tmp_path: Path) -> None:
+    shard = SHARD + "- {name: a, match: {path_prefix: /b}, backend: {service: s, url: 'http://s'}, ratelimit: gold}\n"
+    with pytest.raises(ConfigError) as caught:
+        load_config(_volume(tmp_path, shard, shard))
+    assert not isinstance(caught.value, ConfigIncomplete)
+    assert caught.value.errors == [
+        f"{tmp_path}/routes-001.yaml:3: routes[1].name: route 'a' is already defined in {tmp_path}/routes-001.yaml routes[0]",
+        f"{tmp_path}/routes-001.yaml:3: routes[1].ratelimit: policy 'gold' is not defined (defined: p)",
+    ]
+
+
+@pytest.mark.parametrize("name", ["../config.yaml", "routes-1.yaml", "/etc/passwd"])
+def test_the_index_names_only_shard_files_in_its_directory(tmp_path: Path, name: str) -> None:
+    (tmp_path / "routes.yaml").write_text(yaml.safe_dump({"shards": {name: "0123456789abcdef"}}))
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path)
+    assert not isinstance(caught.value, ConfigIncomplete)
+    assert caught.value.errors[0].startswith(f"{tmp_path}/routes.yaml:2: shards.{name}: String should match pattern")

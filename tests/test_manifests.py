@@ -23,6 +23,7 @@ from openapi_schema_validator import OAS30Validator
 from apigw.config.loader import GLOBAL_FILE, ROUTES_FILE, parse_documents
 from apigw_operator.admission import HANDLER_IDS, PATH
 from apigw_operator.cli import parse_args
+from apigw_operator.cluster import Target
 from apigw_operator.crds import GROUP, VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -220,7 +221,12 @@ def test_config_files_come_from_the_named_configmap_and_secrets() -> None:
     env = {e["name"]: e["value"] for e in container(deployment, "gateway")["env"]}
     assert env["GATEWAY_CONFIG"] == "/etc/gateway/"
     config_dir = mounts(deployment)[env["GATEWAY_CONFIG"].rstrip("/")]
-    assert config_dir == {"name": "config", "configMap": {"name": "api-gateway-config"}}, "mounted whole, so updates arrive"
+    shards = [{"configMap": {"name": Target().shard(n), "optional": True}} for n in range(1, Target.route_shards + 1)]
+    assert config_dir == {"name": "config", "projected": {"sources": [{"configMap": {"name": "api-gateway-config"}}, *shards]}}, \
+        "mounted whole (no items, no subPath), so updates arrive; with every route shard the operator may write"
+    for source in shards:
+        shipped = get("ConfigMap", source["configMap"]["name"])
+        assert "data" not in shipped, "shipped empty: re-applying the manifests never clobbers the operator's routes"
 
     config = gateway_config()
     for path, secret, item in [
@@ -361,11 +367,12 @@ def test_operator_rbac_is_least_privilege() -> None:
             assert "*" not in rule[field], rule
         assert not {"delete", "deletecollection", "escalate", "bind", "impersonate"} & set(rule["verbs"]), rule
         assert "secrets" not in rule["resources"], rule
-    # Writes to existing objects are pinned to the one ConfigMap, Deployment and Lease.
+    # Writes to existing objects are pinned to the ConfigMap and its route shards, the Deployment and the Lease.
+    shards = [Target().shard(n) for n in range(1, Target.route_shards + 1)]
     for rule in rules:
         if {"patch", "update"} & set(rule["verbs"]):
             assert rule["resources"][0].endswith("/status") or rule["resourceNames"] in (
-                ["api-gateway-config"], ["api-gateway"], ["apigw-operator"]), rule
+                ["api-gateway-config"], shards, ["api-gateway"], ["apigw-operator"]), rule
 
 
 def test_operator_deployment_runs_as_documented() -> None:

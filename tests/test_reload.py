@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import pickle
+import re
 import signal
 import weakref
 from pathlib import Path
@@ -15,12 +16,13 @@ import yaml
 
 from apigw.config.errors import ConfigError
 from apigw.config.loader import YAML_LOADER, load_config, load_config_parts, parse_documents
-from apigw.config.model import config_hash
+from apigw.config.model import config_hash, shard_hash
 from apigw.observability.metrics import Metrics
 from apigw.pipeline.state import Gateway
 from apigw.server.reload import SETTLE, Reloader, StableFiles
 from apigw.testkit.process import BackendProcess, GatewayProcess, http_status, ports, wait_until
 from apigw.testkit.tokens import SigningKey
+from apigw.testkit.volume import Projection
 
 
 def publish(volume: Path, version: str, text: str) -> Path:
@@ -222,3 +224,38 @@ async def test_a_replaced_state_is_freed_by_reference_counting_alone(tmp_path) -
         gc.unfreeze()
         await reloader.close()
         await gateway.shared.close()
+
+
+def sharded(port: int, metrics_port: int, backend_url: str, names: list[str], indexed: list[str] | None = None) -> dict[str, str]:
+    """A projected volume's files: config.yaml, routes.yaml naming one shard, the shard holding `names`'
+    routes; routes.yaml names the hash of a shard holding `indexed` instead when given (a shard not
+    updated yet)."""
+    def shard(routes: list[str]) -> str:
+        return config_text(port, metrics_port, backend_url, routes).split("routes:", 1)[1].join(["routes:", ""])
+    listen = {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port}
+    index = {"shards": {"routes-001.yaml": shard_hash(shard(names if indexed is None else indexed))}, "policies": []}
+    return {"config.yaml": yaml.safe_dump({"listen": listen}), "routes.yaml": yaml.safe_dump(index),
+            "routes-001.yaml": shard(names)}
+
+
+def test_shards_are_loaded_only_when_each_matches_the_index(tmp_path) -> None:
+    """ConfigMaps projected into one volume reach it at different times: a shard that does not match
+    routes.yaml's index defers the reload (no failure counted, the config in force serves) until one does."""
+    port, metrics_port = ports()
+    volume = Projection(tmp_path / "config")
+    with BackendProcess() as backend:
+        volume.write(sharded(port, metrics_port, backend.url, ["a"]))
+        with GatewayProcess(volume.dir, port, metrics_port) as gateway:
+            first = gateway.ready()["config_hash"]
+            assert http_status(f"{gateway.url}/a") == 200
+            volume.write(sharded(port, metrics_port, backend.url, ["a"], indexed=["a", "b"]))  # index ahead of its shard
+            wait_until(lambda: any("deferred" in line["msg"] for line in gateway.log_lines()))
+            assert gateway.ready()["config_hash"] == first
+            assert http_status(f"{gateway.url}/b") == 404
+            volume.write(sharded(port, metrics_port, backend.url, ["a", "b"]))
+            wait_until(lambda: gateway.ready()["config_hash"] != first)
+            assert http_status(f"{gateway.url}/b") == 200
+            assert not re.search(r'gateway_config_reloads_total\{result="failure"\} [1-9]', gateway.metrics())
+    deferred = [line for line in gateway.log_lines() if "deferred" in line["msg"]]
+    assert len(deferred) == 1 and deferred[0]["level"] == "warning", deferred
+    assert "routes-001.yaml: holds content" in deferred[0]["msg"] and deferred[0]["config_hash"] == first

@@ -26,7 +26,7 @@ from kubernetes_asyncio.client.rest import ApiException
 from apigw.config.loader import GLOBAL_FILE, ROUTES_FILE
 from apigw_operator.cluster import Cluster, Target, api_message
 from apigw_operator.crds import POLICIES, ROUTES
-from apigw_operator.reconciler import Snapshot, configmap_size
+from apigw_operator.reconciler import Snapshot, route_files, too_large
 from apigw_operator.render import POLICY, ROUTE, Condition, Labels, Ref, Renderer, Rendering, Verdict, ref_of
 
 logger = logging.getLogger(__name__)
@@ -114,11 +114,10 @@ def decide(
             message = f"{other.kind} {other.namespace}/{other.name} is in the gateway config now and would be pushed out: {why.message}"
             return Decision(False, message, INVALID)
     if verdict.included and after.config_hash is not None:
-        total = configmap_size(configmap, {ROUTES_FILE: after.routes_yaml})
-        if total > limit and total > configmap_size(configmap, {ROUTES_FILE: now().routes_yaml}):
-            message = (f"routes.yaml would make ConfigMap {target.namespace}/{target.configmap} {total} bytes, over its "
-                       f"limit of {limit}: remove or shrink routes first")
-            return Decision(False, message, INVALID)
+        if route_files(configmap, after, target, limit) is None and (
+            route_files(configmap, now(), target, limit) is not None or len(after.routes_yaml) > len(now().routes_yaml)
+        ):
+            return Decision(False, f"{too_large(configmap, after, target, limit)}: remove or shrink routes first", INVALID)
     if verdict.resolved_refs.status is False:
         return admitted(f"admitted, but not served until this is resolved: {verdict.resolved_refs.message}")
     return admitted()

@@ -20,6 +20,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     parser.add_argument("--configmap", default=Target.configmap)
     parser.add_argument("--deployment", default=Target.deployment)
     parser.add_argument("--pod-selector", default=Target.pod_selector)
+    parser.add_argument("--route-shards", type=int, default=Target.route_shards,
+                        help="ConfigMaps <shard-configmap>-1..N for the routes past the first ConfigMap's limit (0: none)")
+    parser.add_argument("--shard-configmap", default=Target.shard_configmap)
     parser.add_argument("--resync-interval", type=float, default=Options.resync_interval, help="seconds between full passes")
     parser.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", help="kopf's liveness endpoint URL")
     parser.add_argument("--metrics", default="0.0.0.0:9091", help="HOST:PORT of the operator's Prometheus /metrics")
@@ -37,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
         if not (args.webhook_cert_file and args.webhook_key_file):
             parser.error("--webhook needs --webhook-cert-file and --webhook-key-file")
         webhook = Webhook(*_address(args.webhook), args.webhook_cert_file, args.webhook_key_file)
-    target = Target(args.gateway_namespace, args.configmap, args.deployment, args.pod_selector)
+    target = Target(args.gateway_namespace, args.configmap, args.deployment, args.pod_selector, args.route_shards,
+                    args.shard_configmap)
     options = Options(
         target=target,
         namespaces=tuple(args.namespace),

@@ -39,6 +39,14 @@ class Target:
     configmap: str = "api-gateway-config"
     deployment: str = "api-gateway"
     pod_selector: str = "app=api-gateway"
+    route_shards: int = 3
+    """ConfigMaps `<shard_configmap>-1`... for the routes that do not fit in `configmap` (the Deployment
+    projects them into the gateway's config volume; the manifests ship them empty)."""
+    shard_configmap: str = "api-gateway-routes"
+
+    def shard(self, number: int) -> str:
+        """The name of the ConfigMap holding shard `number` (from 1)."""
+        return f"{self.shard_configmap}-{number}"
 
 
 class Cluster:
@@ -73,19 +81,20 @@ class Cluster:
                 return True
         return False
 
-    async def read_configmap(self) -> dict[str, Any] | None:
+    async def read_configmap(self, name: str | None = None) -> dict[str, Any] | None:
+        """The gateway's ConfigMap (or the one named); None when it does not exist."""
         t = self.target
         try:
-            found = await self._counted("get", self._core.read_namespaced_config_map(t.configmap, t.namespace))
+            found = await self._counted("get", self._core.read_namespaced_config_map(name or t.configmap, t.namespace))
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
         return self._api.sanitize_for_serialization(found)
 
-    async def patch_configmap(self, patch: dict[str, Any]) -> None:
+    async def patch_configmap(self, patch: dict[str, Any], name: str | None = None) -> None:
         t = self.target
-        await self._counted("patch", self._core.patch_namespaced_config_map(t.configmap, t.namespace, patch, _content_type=MERGE))
+        await self._counted("patch", self._core.patch_namespaced_config_map(name or t.configmap, t.namespace, patch, _content_type=MERGE))
 
     async def annotate_pod_template(self, key: str, value: str) -> None:
         t = self.target

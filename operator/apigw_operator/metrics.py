@@ -28,11 +28,13 @@ class Metrics:
             ["kind", "condition", "status"], registry=registry,
         )
         self.config_bytes = Gauge(
-            "apigw_operator_config_bytes", "Size of the gateway ConfigMap's data with the rendered routes.yaml.",
+            "apigw_operator_config_bytes",
+            "Size of the data of the gateway ConfigMap and its route shards with the rendered routes.",
             registry=registry,
         )
         self.config_limit = Gauge(
-            "apigw_operator_config_limit_bytes", "The most the gateway ConfigMap may hold (the API server's limit).",
+            "apigw_operator_config_limit_bytes",
+            "The most the rendered routes may take: the API server's limit per ConfigMap times the route shards.",
             registry=registry,
         )
         self.programmed = Gauge(

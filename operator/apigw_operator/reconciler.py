@@ -22,9 +22,9 @@ import aiohttp
 from kubernetes_asyncio.client.rest import ApiException
 
 from apigw.config.errors import ConfigError
-from apigw.config.loader import GLOBAL_FILE, ROUTES_FILE, parse_documents
-from apigw.config.model import ListenConfig
-from apigw_operator.cluster import Cluster, api_message
+from apigw.config.loader import GLOBAL_FILE, ROUTES_FILE, parse_documents, shard_index
+from apigw.config.model import ListenConfig, shard_hash
+from apigw_operator.cluster import Cluster, Target, api_message
 from apigw_operator.crds import GROUP, POLICIES, ROUTES
 from apigw_operator.health import PodReport, probe_pods
 from apigw_operator.metrics import Metrics
@@ -41,6 +41,7 @@ from apigw_operator.render import (
     ref_of,
     text_hash,
 )
+from apigw_operator.shards import shard_key, shard_number, split
 from apigw_operator.status import NOT_ACCEPTED, Served, announcements, conditions, kept, merge_patch, programmed
 from apigw_operator.throttle import Once, Throttle
 
@@ -52,6 +53,10 @@ RESTART_ANNOTATION = f"{GROUP}/restart-hash"
 
 CONFIGMAP_LIMIT = 1024 * 1024
 """What the API server lets a ConfigMap's data hold (keys and values, data and binaryData together)."""
+
+SHARD_CHECK_INTERVAL = 300.0
+"""Seconds between reading the route shards back (a re-applied or recreated shard may have lost its
+routes); also read back once for each config the pods do not all serve."""
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +76,30 @@ def configmap_size(configmap: Mapping[str, Any], data: Mapping[str, str]) -> int
     size = sum(len(k) + len(v.encode()) for k, v in {**(configmap.get("data") or {}), **data}.items())
     binary = configmap.get("binaryData") or {}
     return size + sum(len(k) + len(base64.b64decode(v)) for k, v in binary.items())
+
+
+def _stored_bytes(configmap: Mapping[str, Any], files: Mapping[str, str]) -> int:
+    """What the gateway's ConfigMap and the shards hold once `files` are written."""
+    shards = sum(len(k) + len(v.encode()) for k, v in files.items() if k != ROUTES_FILE)
+    return configmap_size(configmap, {ROUTES_FILE: files[ROUTES_FILE]}) + shards
+
+
+def route_files(configmap: Mapping[str, Any], rendering: Rendering, target: Target, limit: int) -> dict[str, str] | None:
+    """The files to write for `rendering`: routes.yaml alone, or the index and its shards; None when the
+    routes fit in neither the ConfigMap nor its `route_shards` shards of `limit` bytes."""
+    room = limit - configmap_size(configmap, {ROUTES_FILE: ""})
+    return split(*rendering.items, room=room, shard_room=limit - len(shard_key(1)), shards=target.route_shards)
+
+
+def too_large(configmap: Mapping[str, Any], rendering: Rendering, target: Target, limit: int) -> str:
+    """Why `rendering`'s routes cannot be written (`route_files` is None)."""
+    size = len(rendering.routes_yaml.encode())
+    total = configmap_size(configmap, {ROUTES_FILE: rendering.routes_yaml})
+    why = f"routes.yaml ({size} bytes) would make ConfigMap {target.namespace}/{target.configmap} {total} bytes, over its limit of {limit}"
+    if target.route_shards:
+        why += (f", and the routes do not fit in the {target.route_shards} shard ConfigMaps {target.shard(1)}.."
+                f"{target.route_shards} ({limit} bytes each) either")
+    return why
 
 
 def metrics_port(config_yaml: str) -> int:
@@ -121,10 +150,16 @@ class Reconciler:
         """Checked before every status write: a replica that lost the Lease mid-pass stops writing."""
         self.namespaces = namespaces
         """() -> each namespace's labels, for ownership rules that select namespaces by label."""
-        self.metrics.config_limit.set(limit)
+        self.metrics.config_limit.set(limit * max(1, cluster.target.route_shards))
         self.renderer = Renderer()
         self.served = Served()
         self._reported: list[str] = []
+        self._shards_read = -SHARD_CHECK_INTERVAL
+        """When the shards were last read back (monotonic seconds)."""
+        self._unserved: str | None = None
+        """The config the ready pods did not all serve at the last pass."""
+        self._read_for: str | None = None
+        """The config whose shards were read back because the pods did not serve it (once per config)."""
         self._written: dict[Ref, tuple[str | None, list[dict[str, Any]], Mapping[str, Any] | None]] = {}
         """What this replica last wrote to each CR's status (by uid): conditions and lastAccepted, newer
         than the watch may show yet."""
@@ -152,56 +187,128 @@ class Reconciler:
             wanted = rendering.config_hash
             served = blocked is None and wanted is not None and bool(reports) and all(r.config_hash == wanted for r in reports)
             self.metrics.programmed.set(int(served))
+            self._unserved = None if served else wanted
         await self._write_statuses(routes, policies, rendering, reports, blocked)
 
     async def _write_routes(self, configmap: dict[str, Any], rendering: Rendering) -> Blocked | None:
-        """Write routes.yaml (and the config hash) if either changed; the last good one stays otherwise."""
-        t = self.cluster.target
+        """Write routes.yaml (and its shards, when the routes outgrow the ConfigMap) and the config hash if
+        anything changed; the last good config stays otherwise. Shards go first, the index naming them last."""
         if rendering.errors:
             self._report(rendering.errors)
             more = f" (and {len(rendering.errors) - 1} more)" if len(rendering.errors) > 1 else ""
             message = f"the gateway config cannot be applied, the last good routes.yaml stays in force: {rendering.errors[0]}{more}"
             return Blocked(Condition("Programmed", False, "ConfigInvalid", message), everywhere=True)
         assert rendering.config_hash is not None
-        size = len(rendering.routes_yaml.encode())
-        total = configmap_size(configmap, {ROUTES_FILE: rendering.routes_yaml})
-        self.metrics.config_bytes.set(total)
-        digest = text_hash(rendering.routes_yaml)
+        t = self.cluster.target
+        files = route_files(configmap, rendering, t, self.limit)
+        self.metrics.config_bytes.set(_stored_bytes(configmap, files or {ROUTES_FILE: rendering.routes_yaml}))
         current = (configmap.get("data") or {}).get(ROUTES_FILE)
         annotations = configmap["metadata"].get("annotations") or {}
+        digest = text_hash(rendering.routes_yaml)
         wanted = {ROUTES_ANNOTATION: digest, CONFIG_ANNOTATION: rendering.config_hash}
-        if current == rendering.routes_yaml and all(annotations.get(k) == v for k, v in wanted.items()):
+        if files is None:
+            return await self._too_large(configmap, rendering)
+        index = shard_index(current or "")
+        held = await self._shards_held(files, rendering.config_hash) or index
+        stale = [key for key, text in files.items() if key != ROUTES_FILE and held.get(key) != shard_hash(text)]
+        if not stale and current == files[ROUTES_FILE] and all(annotations.get(k) == v for k, v in wanted.items()):
             self._report([])
             self.served.record(rendering.config_hash, rendering.digests)
             return None
-        if total > self.limit:
-            why = (f"routes.yaml ({size} bytes) would make ConfigMap {t.namespace}/{t.configmap} {total} bytes, over its "
-                   f"limit of {self.limit}: the last good routes.yaml stays in force; remove or shrink routes")
-            self._report([why])
-            await self._announce_config(configmap, "Warning", "ConfigTooLarge", why)
-            kept = await asyncio.to_thread(entry_digests, current or "")
-            if annotations.get(CONFIG_ANNOTATION):  # the config in force holds the CRs kept as they are
-                held = {ref: d for ref, d in rendering.digests.items() if kept.get(ref.entry_key) == d}
-                self.served.record(annotations[CONFIG_ANNOTATION], held)
-            return Blocked(Condition("Programmed", False, "ConfigTooLarge", why), kept=kept)
+        blocked = await self._write_shards({key: files[key] for key in stale})
+        if blocked is not None:
+            return blocked
         patch: dict[str, Any] = {"metadata": {"annotations": wanted}}
-        if current != rendering.routes_yaml:
-            patch["data"] = {ROUTES_FILE: rendering.routes_yaml}
+        if current != files[ROUTES_FILE]:
+            patch["data"] = {ROUTES_FILE: files[ROUTES_FILE]}
         try:
             await self.cluster.patch_configmap(patch)
         except ApiException as exc:
-            if exc.status in (413, 422):
-                reason, why = "ConfigInvalid", f"ConfigMap {t.namespace}/{t.configmap} refused routes.yaml ({size} bytes): {api_message(exc)}"
-            elif exc.status == 404:
-                reason, why = "ConfigMapNotFound", f"ConfigMap {t.namespace}/{t.configmap} not found when writing routes.yaml"
-            else:
-                reason, why = "ConfigWriteFailed", f"writing routes.yaml to ConfigMap {t.namespace}/{t.configmap} failed: {api_message(exc)}; retrying"
-            self._report([why])
-            return Blocked(Condition("Programmed", False, reason, why))
+            return self._write_failed(exc, t.configmap, ROUTES_FILE, len(files[ROUTES_FILE].encode()))
         self._report([])
         self.served.record(rendering.config_hash, rendering.digests)
-        logger.info("wrote routes.yaml %s (%d bytes, config %s)", digest, size, rendering.config_hash)
+        logger.info("wrote routes.yaml %s (%d bytes, %d shards, config %s)", digest, len(rendering.routes_yaml.encode()),
+                    len(files) - 1, rendering.config_hash)
+        await self._clear_shards(index, files)
         return None
+
+    async def _shards_held(self, files: Mapping[str, str], config: str) -> dict[str, str] | None:
+        """What each shard ConfigMap holds (key -> hash), read back when due; None: the index in force is
+        trusted to say it (the shards are written before it)."""
+        now = time.monotonic()
+        doubted = self._unserved == config and self._read_for != config
+        if len(files) == 1 or not (doubted or now - self._shards_read >= SHARD_CHECK_INTERVAL):
+            return None
+        self._shards_read = now
+        self._read_for = config if doubted else self._read_for
+        t = self.cluster.target
+        held = {}
+        for key in files.keys() - {ROUTES_FILE}:
+            try:
+                found = await self.cluster.read_configmap(t.shard(shard_number(key)))
+            except ApiException as exc:
+                logger.warning("could not read %s: %s", t.shard(shard_number(key)), api_message(exc))
+                found = None
+            text = ((found or {}).get("data") or {}).get(key)
+            held[key] = shard_hash(text) if text is not None else ""
+        return held
+
+    async def _write_shards(self, files: Mapping[str, str]) -> Blocked | None:
+        t = self.cluster.target
+        for key, text in files.items():
+            name = t.shard(shard_number(key))
+            try:
+                await self.cluster.patch_configmap({"data": {key: text}}, name)
+            except ApiException as exc:
+                return self._write_failed(exc, name, key, len(text.encode()))
+        return None
+
+    async def _clear_shards(self, index: Mapping[str, str], files: Mapping[str, str]) -> None:
+        """Empty the shards routes.yaml no longer names (the pods ignore them; this frees the space)."""
+        t = self.cluster.target
+        for key in index.keys() - files.keys():
+            try:
+                await self.cluster.patch_configmap({"data": {key: None}}, t.shard(shard_number(key)))
+            except ApiException as exc:
+                logger.warning("could not empty %s, no longer used: %s", t.shard(shard_number(key)), api_message(exc))
+
+    def _write_failed(self, exc: ApiException, name: str, key: str, size: int) -> Blocked:
+        t = self.cluster.target
+        if exc.status in (413, 422):
+            reason, why = "ConfigInvalid", f"ConfigMap {t.namespace}/{name} refused {key} ({size} bytes): {api_message(exc)}"
+        elif exc.status == 404:
+            reason, why = "ConfigMapNotFound", f"ConfigMap {t.namespace}/{name} not found when writing {key}"
+        else:
+            reason, why = "ConfigWriteFailed", f"writing {key} to ConfigMap {t.namespace}/{name} failed: {api_message(exc)}; retrying"
+        self._report([why])
+        return Blocked(Condition("Programmed", False, reason, why))
+
+    async def _too_large(self, configmap: dict[str, Any], rendering: Rendering) -> Blocked:
+        """Nothing is written: the CRs in the config in force as they are now are spared, the rest are told why."""
+        why = too_large(configmap, rendering, self.cluster.target, self.limit)
+        why += ": the last good routes.yaml stays in force; remove or shrink routes"
+        self._report([why])
+        await self._announce_config(configmap, "Warning", "ConfigTooLarge", why)
+        kept = await self._in_force(configmap)
+        annotations = configmap["metadata"].get("annotations") or {}
+        if annotations.get(CONFIG_ANNOTATION):  # the config in force holds the CRs kept as they are
+            held = {ref: d for ref, d in rendering.digests.items() if kept.get(ref.entry_key) == d}
+            self.served.record(annotations[CONFIG_ANNOTATION], held)
+        return Blocked(Condition("Programmed", False, "ConfigTooLarge", why), kept=kept)
+
+    async def _in_force(self, configmap: dict[str, Any]) -> dict[str, str]:
+        """`entry_digests` of the routes.yaml in force and the shards it names."""
+        t = self.cluster.target
+        current = (configmap.get("data") or {}).get(ROUTES_FILE) or ""
+        texts = [current]
+        for key in shard_index(current):
+            try:
+                shard = await self.cluster.read_configmap(t.shard(shard_number(key)))
+            except ApiException as exc:
+                logger.warning("could not read %s: %s", t.shard(shard_number(key)), api_message(exc))
+                continue
+            texts.append(((shard or {}).get("data") or {}).get(key) or "")
+        return await asyncio.to_thread(entry_digests, *texts)
 
     def _report(self, errors: list[str]) -> None:
         """Log why routes.yaml is not written, once per change of reason (passes repeat every resync)."""

@@ -11,8 +11,10 @@ serving its last accepted one (`status.lastAccepted`, written by the reconciler)
 rule, so its traffic never moves to another route because its own CR broke.
 
 The cost is O(CRs): a `Renderer` remembers each CR's verdict by the content of its spec (a resync
-re-checks nothing), conflicts are found with one pass over an index of names, matches and backends,
-and the whole config is validated once. No I/O, no clock: the reconciler runs it in a worker thread.
+re-checks nothing) and each entry's YAML by its content (an edit dumps one entry), conflicts are found
+with one pass over an index of names, matches and backends, and the whole config is validated once,
+from the models already validated (`apigw.config.loader.check_models`: the text is not parsed again).
+No I/O, no clock: the reconciler runs it in a worker thread.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import orjson
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from apigw.config.errors import ConfigError
-from apigw.config.loader import CLUSTER_SETTINGS, GLOBAL_FILE, ROUTES_FILE, parse_documents
-from apigw.config.model import Config, Policy, Route, config_hash, restart_settings
+from apigw.config.loader import CLUSTER_SETTINGS, GLOBAL_FILE, ROUTES_FILE, check_models, parse_documents
+from apigw.config.model import Config, Policy, Route, RoutesDocument, config_hash, restart_settings
 from apigw_operator.crds import LAST_ACCEPTED
 from apigw_operator.ownership import reference_refused, route_refused
 
@@ -119,23 +122,36 @@ class Rendering:
     """Of each included CR's entry in routes_yaml: which configs hold a CR as it is now."""
     unjudged: bool = False
     """config.yaml is invalid and no valid one was seen yet: the verdicts were made without its settings."""
+    items: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+    """routes_yaml's routes and policies, each as its YAML list item: what shards are made of."""
 
 
 def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def canonical(value: Any) -> bytes:
+    """JSON with sorted keys: orjson (a tenth of `json`'s cost), `json` for what orjson refuses (huge ints)."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS, default=str)
+    except orjson.JSONEncodeError:
+        return json.dumps(value, sort_keys=True, default=str).encode()
+
+
 def entry_digest(entry: Mapping[str, Any]) -> str:
-    return text_hash(json.dumps(entry, sort_keys=True, default=str))
+    return hashlib.sha256(canonical(entry)).hexdigest()[:16]
 
 
-def entry_digests(routes_yaml: str) -> dict[str, str]:
-    """Config name -> entry digest of what a routes.yaml holds (a route and a policy may share a name)."""
-    document = yaml.load(routes_yaml, Loader=_LOADER) or {}
-    return {
-        f"{section}/{entry['name']}": entry_digest(entry)
-        for section in ("routes", "policies") for entry in document.get(section) or [] if isinstance(entry, dict)
-    }
+def entry_digests(*texts: str) -> dict[str, str]:
+    """Config name -> entry digest of what routes.yaml and its shards hold (a route and a policy may share a name)."""
+    found = {}
+    for text in texts:
+        document = yaml.load(text, Loader=_LOADER) or {}
+        found.update({
+            f"{section}/{entry['name']}": entry_digest(entry)
+            for section in ("routes", "policies") for entry in document.get(section) or [] if isinstance(entry, dict)
+        })
+    return found
 
 
 def ref_of(kind: str, body: Mapping[str, Any]) -> Ref:
@@ -147,7 +163,7 @@ class _Checked:
     """One CR judged on its own: its routes.yaml entry and model, or why it is invalid."""
 
     entry: dict[str, Any] | None
-    model: BaseModel | None
+    model: Route | Policy | None
     problem: str | None
 
 
@@ -159,8 +175,10 @@ class Renderer:
     """
 
     def __init__(self) -> None:
-        self._checked: dict[tuple[Ref, bool], tuple[tuple[str, bool], _Checked]] = {}
+        self._checked: dict[tuple[Ref, bool], tuple[tuple[bytes, bool], _Checked]] = {}
         """(CR, its last accepted version?) -> (its spec, auth keys configured?) and the verdict on it."""
+        self._fragments: dict[str, str] = {}
+        """Entry digest -> the entry as a YAML list item, for the entries of the last pass."""
         self._whole: tuple[tuple[str, str], tuple[str, str]] | None = None
         """(config.yaml, routes.yaml) last validated whole -> (config hash, restart hash): a resync parses nothing."""
         self._base: tuple[str, Config] | None = None
@@ -189,15 +207,16 @@ class Renderer:
             decision = _Pass(self._check, base, namespaces or {}, items, vetoed).decide()
             verdicts, entries = decision.verdicts, decision.entries
             included = list(entries)
-            text = _dump(entries, included)
             digests = {ref: entry_digest(entries[ref]) for ref in included}
+            fragments = self._dump(entries, digests)
+            text = document_text(*fragments)
             if base_errors:
                 return Rendering(text, verdicts, errors=base_errors, digests=digests, unjudged=self._base is None)
             if self._whole is not None and self._whole[0] == (base_yaml, text):
                 hashes = self._whole[1]
-                return Rendering(text, verdicts, config_hash=hashes[0], restart_hash=hashes[1], digests=digests)
+                return Rendering(text, verdicts, config_hash=hashes[0], restart_hash=hashes[1], digests=digests, items=fragments)
             try:
-                config = parse_documents({GLOBAL_FILE: base_yaml, ROUTES_FILE: text})
+                config = check_models({GLOBAL_FILE: base, ROUTES_FILE: _document(decision.models, included)}).result()
             except ConfigError as exc:
                 # What the index does not know (a new check in the data plane): one culprit at a time.
                 culprit = _first_located(exc.errors, included)
@@ -206,18 +225,25 @@ class Renderer:
                 ref, message = culprit
                 vetoed[ref, ref in decision.fallbacks] = message
                 continue
-            restart = text_hash(json.dumps(restart_settings(config), sort_keys=True, default=str))
-            self._whole = ((base_yaml, text), (config_hash(config), restart))
-            return Rendering(text, verdicts, config_hash=config_hash(config), restart_hash=restart, digests=digests)
+            hashes = config_hash(config), text_hash(json.dumps(restart_settings(config), sort_keys=True, default=str))
+            self._whole = ((base_yaml, text), hashes)
+            return Rendering(text, verdicts, config_hash=hashes[0], restart_hash=hashes[1], digests=digests, items=fragments)
 
     def _check(self, ref: Ref, spec: Any, has_keys: bool, fallback: bool) -> _Checked:
-        key = (json.dumps(spec, sort_keys=True, default=str), has_keys)
+        key = (canonical(spec), has_keys)
         known = self._checked.get((ref, fallback))
         if known is not None and known[0] == key:
             return known[1]
         found = _check(ref, spec, has_keys)
         self._checked[ref, fallback] = (key, found)
         return found
+
+    def _dump(self, entries: Mapping[Ref, dict[str, Any]], digests: Mapping[Ref, str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The routes' and the policies' YAML list items: one remembered dump per entry."""
+        fragments = {d: self._fragments.get(d) or _dump_item(entries[ref]) for ref, d in digests.items()}
+        self._fragments = fragments
+        routes = tuple(fragments[d] for ref, d in digests.items() if ref.kind == ROUTE)
+        return routes, tuple(fragments[d] for ref, d in digests.items() if ref.kind == POLICY)
 
 
 def render(
@@ -267,6 +293,8 @@ class _Decision:
     """What routes.yaml holds, by CR (a policy kept for a route's last accepted version has no CR)."""
     fallbacks: set[Ref] = field(default_factory=set)
     """Entries that are a last accepted version (of a route, or of the policy it used then)."""
+    models: dict[Ref, Route | Policy] = field(default_factory=dict)
+    """Each entry as the model it was validated into (what the whole is checked from)."""
 
 
 class _Pass:
@@ -311,7 +339,9 @@ class _Pass:
         accepted = refused or Condition("Accepted", True, "Accepted", f"valid (config name {ref.config_name!r})")
         self.done.verdicts[ref] = Verdict(accepted, Condition("ResolvedRefs", True, "ResolvedRefs", _NO_REFERENCE[POLICY]))
         if refused is None:
+            assert isinstance(found.model, Policy)
             self.done.entries[ref] = dict(found.entry or {})
+            self.done.models[ref] = found.model
 
     def _route(self, ref: Ref, body: Mapping[str, Any]) -> None:
         spec = body.get("spec")
@@ -323,8 +353,7 @@ class _Pass:
         accepted = refused or _accepted(found, ref)
         kept = _last_accepted(body)
         if refused is None and refs.status:
-            assert found.entry is not None
-            self._include(ref, found.entry, policy, fallback=False)
+            self._include(ref, found, policy, fallback=False)
             snapshot = self._snapshot(body, kept, policy)
             self.done.verdicts[ref] = Verdict(accepted, refs, last_accepted=snapshot, disabled=found.entry.get("enabled") is False)
             return
@@ -378,18 +407,18 @@ class _Pass:
         if self._refused(ref, found, True) is not None:
             return None
         wanted = kept["spec"].get("ratelimit")
-        policy, policy_entry = (None, None) if wanted is None else self._kept_policy(ref, _policy_ref(ref, str(wanted)), kept)
+        policy, kept_policy = (None, None) if wanted is None else self._kept_policy(ref, _policy_ref(ref, str(wanted)), kept)
         if wanted is not None and policy is None:
             return None
         if self._claim(ref, found, True) is not None:
             return None
-        if policy_entry is not None:
+        if kept_policy is not None:
             assert policy is not None
             self.claims.names["policy", policy.config_name] = (f"policy {policy.config_name!r} (kept for GatewayRoute {ref.namespace}/{ref.name})", None)
-            self.done.entries[policy] = policy_entry
+            self.done.entries[policy] = kept_policy
+            self.done.models[policy] = Policy.model_validate(kept_policy)
             self.done.fallbacks.add(policy)
-        assert found.entry is not None
-        return self._include(ref, found.entry, policy, fallback=True)
+        return self._include(ref, found, policy, fallback=True)
 
     def _kept_policy(self, ref: Ref, policy: Ref, kept: Mapping[str, Any]) -> tuple[Ref | None, dict[str, Any] | None]:
         """The policy a route's last accepted version uses: as it is now if accepted, else as it was then
@@ -410,11 +439,14 @@ class _Pass:
             return None, None
         return policy, entry
 
-    def _include(self, ref: Ref, entry: dict[str, Any], policy: Ref | None, fallback: bool) -> dict[str, Any]:
-        entry = dict(entry)
+    def _include(self, ref: Ref, found: _Checked, policy: Ref | None, fallback: bool) -> dict[str, Any]:
+        assert found.entry is not None and isinstance(found.model, Route)
+        entry, model = dict(found.entry), found.model
         if policy is not None:
             entry["ratelimit"] = policy.config_name
+            model = model.model_copy(update={"ratelimit": policy.config_name})
         self.done.entries[ref] = entry
+        self.done.models[ref] = model
         if fallback:
             self.done.fallbacks.add(ref)
         return entry
@@ -516,12 +548,25 @@ class _Claims:
         return None
 
 
-def _dump(entries: Mapping[Ref, dict[str, Any]], included: list[Ref]) -> str:
-    document = {
-        "routes": [entries[r] for r in included if r.kind == ROUTE],
-        "policies": [entries[r] for r in included if r.kind == POLICY],
-    }
-    return HEADER + yaml.dump(document, Dumper=_DUMPER, sort_keys=False)
+def document_text(routes: Iterable[str], policies: Iterable[str], head: str = "") -> str:
+    """A routes document as `yaml.dump` writes it, from its entries' list items (`head`: settings before)."""
+    sections = []
+    for section, items in (("routes", "".join(routes)), ("policies", "".join(policies))):
+        sections.append(f"{section}:\n{items}" if items else f"{section}: []\n")
+    return HEADER + head + "".join(sections)
+
+
+def _dump_item(entry: Mapping[str, Any]) -> str:
+    """One entry as an item of a block sequence at column 0, as in a mapping's indentless sequence."""
+    return yaml.dump([entry], Dumper=_DUMPER, sort_keys=False)
+
+
+def _document(models: Mapping[Ref, Route | Policy], included: list[Ref]) -> RoutesDocument:
+    """routes.yaml as the models its entries were validated into (each route pointed at its policy)."""
+    return RoutesDocument.model_construct(
+        routes=[models[ref] for ref in included if ref.kind == ROUTE],
+        policies=[models[ref] for ref in included if ref.kind == POLICY],
+    )
 
 
 def _first_located(errors: list[str], included: list[Ref]) -> tuple[Ref, str] | None:

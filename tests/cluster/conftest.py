@@ -57,8 +57,9 @@ def cluster(control_plane: ControlPlane) -> ControlPlane:
     for pod in api.get(f"/api/v1/namespaces/{NS}/pods")["items"]:
         api.delete(f"/api/v1/namespaces/{NS}/pods/{pod['metadata']['name']}?gracePeriodSeconds=0")
     api.delete(LEASE_PATH)
-    for path, body in ((CM_PATH, manifest("manifests/gateway/configmap.yaml", "ConfigMap")),
-                       (DEPLOYMENT_PATH, manifest("manifests/gateway/deployment.yaml", "Deployment"))):
+    configmaps = [d for d in yaml.safe_load_all((ROOT / "manifests/gateway/configmap.yaml").read_text()) if d]
+    shipped = [(f"{CM_PATH.rsplit('/', 1)[0]}/{c['metadata']['name']}", c) for c in configmaps]  # with the route shards
+    for path, body in (*shipped, (DEPLOYMENT_PATH, manifest("manifests/gateway/deployment.yaml", "Deployment"))):
         api.delete(path)
         api.post(path.rsplit("/", 1)[0], body)
     return control_plane

@@ -21,6 +21,7 @@ import jwt
 
 from apigw.testkit.process import http_status
 from apigw.testkit.redis import free_port
+from apigw.testkit.volume import Projection
 from tests.cluster.controlplane import ROOT, ApiError, ControlPlane, terminate
 
 NS = "api-gateway"
@@ -103,34 +104,6 @@ class OperatorProcess:
         return "JTI=" + jwt.decode(self.token, options={"verify_signature": False})["jti"]
 
 
-class Projection:
-    """A ConfigMap volume as the kubelet keeps it: `..<timestamp>/` dirs, `..data` swapped atomically."""
-
-    def __init__(self, directory: Path):
-        self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
-
-    def write(self, data: dict[str, str]) -> None:
-        stamp = self.dir / datetime.now(UTC).strftime("..%Y_%m_%d_%H_%M_%S.%f")
-        stamp.mkdir()
-        for key, text in data.items():
-            (stamp / key).write_text(text)
-        data_link = self.dir / "..data"
-        old = os.readlink(data_link) if data_link.is_symlink() else None
-        os.symlink(stamp.name, self.dir / "..data_tmp")
-        os.rename(self.dir / "..data_tmp", data_link)
-        for key in data:
-            if not (self.dir / key).is_symlink():
-                os.symlink(f"..data/{key}", self.dir / key)
-        for entry in self.dir.iterdir():
-            if entry.is_symlink() and not entry.name.startswith("..") and entry.name not in data:
-                entry.unlink()
-        if old:
-            for file in (self.dir / old).iterdir():
-                file.unlink()
-            (self.dir / old).rmdir()
-
-
 class GatewayPod:
     """One pod of the `api-gateway` Deployment: Pod object, `gateway` process on `ip`, kubelet thread."""
 
@@ -176,11 +149,22 @@ class GatewayPod:
         self._kubelet.start()
 
     def sync(self) -> None:
-        """Project the ConfigMap when it changed since the last look."""
-        found = self.plane.api.get(CM_PATH)
-        version = found["metadata"]["resourceVersion"]
+        """Project the config volume's ConfigMaps (the template's projected sources) when one changed."""
+        sources = next(v for v in self.template["spec"]["volumes"] if v["name"] == "config")["projected"]["sources"]
+        data: dict[str, str] = {}
+        versions = []
+        for source in (s["configMap"] for s in sources):
+            try:
+                found = self.plane.api.get(f"{CM_PATH.rsplit('/', 1)[0]}/{source['name']}")
+            except ApiError as exc:
+                if exc.status == 404 and source.get("optional"):
+                    continue
+                raise
+            data.update(found.get("data") or {})
+            versions.append(found["metadata"]["resourceVersion"])
+        version = ",".join(versions)
         if version != self._seen:
-            self.projection.write(found.get("data") or {})
+            self.projection.write(data)
             self._seen = version
 
     def hold(self) -> None:

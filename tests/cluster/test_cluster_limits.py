@@ -1,13 +1,27 @@
-"""What only a real API server decides: which namespaces the operator may watch, and the 1 MiB ConfigMap limit."""
+"""What only a real API server decides: which namespaces the operator may watch, and the 1 MiB ConfigMap limit
+(routes past it go to the shard ConfigMaps; past every shard, nothing is written)."""
 
 from __future__ import annotations
 
 import re
 import urllib.request
 
+from apigw.testkit.redis import free_port
+from apigw.testkit.tokens import SigningKey
 from tests.cluster.controlplane import ControlPlane
-from tests.cluster.objects import conditions, create, gatewayroute, namespace, requests_by, route_names, summary
-from tests.cluster.parts import wait_for
+from tests.cluster.objects import (
+    conditions,
+    config_annotation,
+    create,
+    gatewayroute,
+    namespace,
+    requests_by,
+    route_names,
+    routes_yaml,
+    served,
+    summary,
+)
+from tests.cluster.parts import CM_PATH, wait_for
 
 
 def test_namespace_mode_renders_only_its_namespaces(cluster: ControlPlane, operators) -> None:
@@ -22,6 +36,33 @@ def test_namespace_mode_renders_only_its_namespaces(cluster: ControlPlane, opera
     assert conditions(cluster, outside) == {}
 
 
+def bulky(name: str, ns: str) -> dict:
+    """A route of about 400 KB: two fill a ConfigMap."""
+    return gatewayroute(name, ns, f"/{name}", auth={"required": True, "scopes": ["s" * 1000] * 400})
+
+
+def test_routes_over_1mib_are_split_over_the_shards_and_served(cluster: ControlPlane, operators, gateway_pods, tmp_path) -> None:
+    ns = namespace(cluster, "huge")
+    port = free_port()
+    key = SigningKey().write_public_pem(tmp_path / "jwt.pem")
+    config_yaml = (f"listen:\n  port: {port}\n  metrics_port: {free_port()}\nratelimit:\n  enabled: false\n"
+                   f"auth:\n  keys:\n  - file: {key}\n")
+    cluster.api.merge(CM_PATH, {"data": {"config.yaml": config_yaml}})
+    pods = gateway_pods(1, port)
+    routes = [bulky(f"bulky-{i}", ns) for i in range(3)]
+    for route in routes:
+        create(cluster, route)
+    operator = operators()
+    index = wait_for(lambda: routes_yaml(cluster).get("shards"), what="routes.yaml names its shards")
+    assert sorted(index) == ["routes-001.yaml", "routes-002.yaml"]
+    for route in routes:
+        wait_for(lambda route=route: summary(cluster, route).get("Programmed") == ("True", "Programmed"), timeout=60,
+                 what=f"{route['metadata']['name']} served from the shards")
+    assert served(pods[0].ip, port) == config_annotation(cluster)
+    refusals = [r for r in requests_by(cluster, operator.credential) if r.get("responseStatus", {}).get("code") == 422]
+    assert refusals == [], "each ConfigMap is under the API server's limit"
+
+
 def test_configmap_over_1mib_is_not_written_and_reported(cluster: ControlPlane, operators) -> None:
     ns = namespace(cluster, "big")
     small = gatewayroute("small", ns, "/small")
@@ -30,21 +71,20 @@ def test_configmap_over_1mib_is_not_written_and_reported(cluster: ControlPlane, 
     wait_for(lambda: route_names(cluster) == ["big.small"], what="the small route rendered")
     first.stop()
     # Each CR is well under the API server's per-object limit; together they overflow the ConfigMap.
-    bulky = [gatewayroute(f"bulky-{i}", ns, f"/bulky-{i}", auth={"required": True, "scopes": ["s" * 1000] * 400})
-             for i in range(3)]
-    for route in bulky:
+    bulky_routes = [bulky(f"bulky-{i}", ns) for i in range(3)]
+    for route in bulky_routes:
         create(cluster, route)
-    operator = operators("second")
+    operator = operators("second", "--route-shards", "1")  # they need two
 
     def reported() -> dict:
-        found = conditions(cluster, bulky[-1]).get("Programmed", {})
+        found = conditions(cluster, bulky_routes[-1]).get("Programmed", {})
         return found if found.get("reason") == "ConfigTooLarge" else {}
     refused = wait_for(reported, what="Programmed says the config is too large")
     assert re.search(r"would make ConfigMap api-gateway/api-gateway-config \d+ bytes, over its limit of 1048576", refused["message"])
-    assert summary(cluster, bulky[-1])["Accepted"] == ("True", "Accepted")
+    assert summary(cluster, bulky_routes[-1])["Accepted"] == ("True", "Accepted")
     assert summary(cluster, small)["Programmed"] == ("False", "Pending"), "in the config in force: not blamed"
     assert route_names(cluster) == ["big.small"]  # the last good routes.yaml stays in force
-    assert operator.log_text().count("1048576") == 1, "logged once, not on every pass"
+    assert operator.log_text().count("over its limit of 1048576") == 1, "logged once, not on every pass"
     with urllib.request.urlopen(f"http://{operator.metrics}/metrics", timeout=5) as response:
         scraped = response.read().decode()
     size = float(re.search(r"^apigw_operator_config_bytes (\S+)$", scraped, re.MULTILINE).group(1))

@@ -168,7 +168,7 @@ def test_a_change_that_would_overflow_the_configmap_is_refused(cluster: ControlP
     one, two = (configmap_size(configmap, {ROUTES_FILE: render(crs, [], config_yaml).routes_yaml})
                 for crs in ([first], [first, defaulted]))
     limit = (one + two) // 2  # room for the first route, not for both
-    operator = webhooks.start("operator", "--configmap-limit", str(limit))
+    operator = webhooks.start("operator", "--configmap-limit", str(limit), "--route-shards", "0")
     webhooks.point_at(operator)
     wait_for(lambda: summary(cluster, first).get("Accepted") == ("True", "Accepted"), what="first accepted")
     refused = apply(cluster, second)

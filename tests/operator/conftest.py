@@ -9,6 +9,7 @@ import yaml
 from kmock._internal import parsing
 from kubernetes_asyncio.config import kube_config
 
+from apigw_operator.cluster import Target
 from tests.operator.kube import CM, NS, GatewayPod, configmap, gateway_pod
 
 _parse_path = parsing.parse_path
@@ -49,6 +50,9 @@ def cluster(kmock: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     for namespace in (NS, "shop"):
         kmock.objects["v1/namespaces", None, namespace] = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}
     kmock.objects["v1/configmaps", NS, CM] = configmap()
+    for number in range(1, Target.route_shards + 1):  # shipped empty by the manifests
+        name = Target().shard(number)
+        kmock.objects["v1/configmaps", NS, name] = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": NS}}
     kmock.objects["apps/v1/deployments", NS, "api-gateway"] = {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "api-gateway", "namespace": NS},
         "spec": {

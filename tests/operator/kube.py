@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tempfile
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import kopf
 from aiohttp import web
 
-from apigw.config.errors import ConfigError
-from apigw.config.loader import parse_documents
+from apigw.config.errors import ConfigError, ConfigIncomplete
+from apigw.config.loader import load_config
 from apigw.config.model import config_hash
 from apigw_operator.handlers import Options, build_registry
 
@@ -66,12 +68,18 @@ class GatewayPod:
         self._runner: web.AppRunner | None = None
 
     def load(self, data: dict[str, str]) -> None:
-        """What a pod does when the ConfigMap volume changes: load it, or keep the old one and say why."""
-        try:
-            self.config_hash = config_hash(parse_documents(data))
-            self.last_reload_error = None
-        except ConfigError as exc:
-            self.last_reload_error = exc.errors[0]
+        """What a pod does when its config volume changes: load it with the gateway's loader, or keep the
+        old one and say why (files mid-update only wait)."""
+        with tempfile.TemporaryDirectory() as volume:
+            for key, text in data.items():
+                (Path(volume) / key).write_text(text)
+            try:
+                self.config_hash = config_hash(load_config(Path(volume)))
+                self.last_reload_error = None
+            except ConfigIncomplete:
+                pass
+            except ConfigError as exc:
+                self.last_reload_error = exc.errors[0].removeprefix(f"{volume}/")
 
     async def _ready(self, request: web.Request) -> web.Response:
         body = {"status": "ready", "config_hash": self.config_hash, "last_reload_error": self.last_reload_error,

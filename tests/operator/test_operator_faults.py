@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 
 from apigw.testkit.redis import free_port
+from apigw_operator.cluster import Target
 from tests.operator.kube import CM, CONFIG_YAML, NS, GatewayPod, eventually, operator, route
 from tests.operator.test_operator_kmock import (
     API,
@@ -130,7 +131,7 @@ async def test_over_the_size_limit_keeps_the_last_good_config_and_says_so(cluste
     cluster.objects[ROUTES, "shop", "orders"] = route("orders", "/orders")
     cluster.objects[ROUTES, "shop", "cart"] = route("cart", "/cart")
     port = free_port()
-    small = replace(options(pods), configmap_limit=500, metrics=("127.0.0.1", port))
+    small = replace(options(pods), configmap_limit=500, metrics=("127.0.0.1", port), target=Target(route_shards=0))
     async with operator(small):
         await eventually(lambda: "shop.cart" in data(cluster).get("routes.yaml", ""))
         good = data(cluster)["routes.yaml"]

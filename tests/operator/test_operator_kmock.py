@@ -9,6 +9,7 @@ import yaml
 from apigw.config.loader import parse_documents
 from apigw.config.model import config_hash
 from apigw.testkit.redis import free_port
+from apigw_operator.cluster import Target
 from apigw_operator.handlers import Options
 from apigw_operator.render import render, text_hash
 from tests.operator.kube import (
@@ -65,10 +66,18 @@ async def settle(kmock: Any, count: int = 2, timeout: float = 20.0) -> None:
     await eventually(lambda: passes(kmock) >= start + count, timeout)
 
 
+def volume(kmock: Any) -> dict[str, str]:
+    """The gateway's config volume: the ConfigMap and its route shards projected into one directory."""
+    found = dict(data(kmock))
+    for number in range(1, Target.route_shards + 1):
+        found.update(kmock.objects["v1/configmaps", NS, Target().shard(number)].get("data") or {})
+    return found
+
+
 def sync_pods(kmock: Any, pods: dict[str, GatewayPod]) -> None:
     """The kubelet updated the volume and the pods reloaded it."""
     for pod in pods.values():
-        pod.load({"config.yaml": data(kmock)["config.yaml"], "routes.yaml": data(kmock)["routes.yaml"]})
+        pod.load(volume(kmock))
 
 
 async def test_create_writes_routes_yaml_only_and_reports_programmed(cluster: Any, pods: dict[str, GatewayPod]) -> None:

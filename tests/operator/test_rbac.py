@@ -9,11 +9,13 @@ Conversely, every rule must be used by some request: nothing granted that is nev
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from apigw_operator.cluster import Target
 from apigw_operator.handlers import Options
 from tests.operator.kube import CM, NS, GatewayPod, cr, eventually, operator, route
 
@@ -98,6 +100,20 @@ async def test_every_request_is_allowed_and_every_rule_is_used(cluster: Any, pod
         def renewed() -> bool:  # the Lease renewal (KMock has no PUT for it: the request is what counts here)
             return any(r.method.value == "PUT" and "/leases/" in r.url.path for r in cluster)
         await eventually(renewed)
+
+    # Routes past one ConfigMap fill the shard ConfigMaps (patch); past them all, those in force are read (get).
+    sharded = replace(options, configmap_limit=700, leader_election=False)  # the Lease's calls are seen above
+    for i in range(5 * Target.route_shards):
+        cluster.objects[ROUTES, "shop", f"r{i:02d}"] = route(f"r{i:02d}", f"/r{i:02d}")
+    async with operator(sharded):
+        last = f"routes-{Target.route_shards:03d}.yaml"
+        await eventually(lambda: last in cluster.objects["v1/configmaps", NS, CM]["data"]["routes.yaml"])
+    cluster.objects[ROUTES, "shop", "late"] = route("late", "/late")
+    async with operator(sharded):
+        def refused() -> bool:
+            late = cluster.objects[ROUTES, "shop", "late"].get("status") or {}
+            return any(c["reason"] == "ConfigTooLarge" for c in late.get("conditions") or [])
+        await eventually(refused)
 
     rules = rbac_rules()
     cluster_wide, in_gateway_namespace = grants(rules["cluster"]), grants(rules["namespace"])

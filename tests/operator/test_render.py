@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from apigw.config.errors import ConfigError
 from apigw.config.loader import parse_documents
 from apigw.config.model import config_hash
-from apigw_operator.render import POLICY, ROUTE, Ref, render
+from apigw_operator.render import HEADER, POLICY, ROUTE, Ref, Renderer, render
 from tests.operator.kube import CONFIG_YAML, cr, route
 
 POLICY_CR = cr("RateLimitPolicy", "per-client", {"requests": 10, "period": "1m"})
@@ -196,3 +196,31 @@ def test_the_conflict_index_finds_what_the_loader_finds(specs: list[dict]) -> No
             document["routes"].append({"name": ref.config_name, **specs[int(ref.name[1:])]})
             with pytest.raises(ConfigError):
                 parse_documents({"config.yaml": CONFIG_YAML, "routes.yaml": yaml.safe_dump(document)})
+
+
+_texts = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=120)
+_entries = st.fixed_dictionaries({
+    "match": st.fixed_dictionaries({"path_prefix": st.from_regex(r"\A/[a-z0-9/]{0,150}\Z").filter(lambda p: "//" not in p)}),
+    "backend": st.fixed_dictionaries({"service": st.sampled_from(["s1", "s2"]), "url": st.just("http://one:80")},
+                                     optional={"timeout": st.sampled_from(["1s", 2.5, 30, "500ms"])}),
+}, optional={"auth": st.fixed_dictionaries({"scopes": st.lists(_texts, max_size=3)}), "ratelimit": st.just("per-client"),
+             "enabled": st.booleans()})
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(_entries, min_size=1, max_size=8), st.data())
+def test_the_text_is_what_yaml_dumps_and_holds_the_config_that_was_validated(specs: list[dict], data) -> None:
+    """routes.yaml is assembled from one remembered dump per entry and validated as models, never parsed:
+    it must be the text `yaml.dump` writes for the whole document, whose parse has the hash reported.
+    Rendered twice with one CR changed in between, so remembered entries are reused."""
+    keyed = "listen:\n  port: 8080\nauth:\n  keys:\n  - file: /keys/k.pem\n"
+    renderer = Renderer()
+    bodies = [cr("GatewayRoute", f"r{i}", spec, created=f"2025-01-01T00:00:{i:02d}Z") for i, spec in enumerate(specs)]
+    for _ in range(2):
+        result = renderer.render(bodies, [POLICY_CR], keyed)
+        assert result.errors == [] and result.config_hash is not None
+        document = yaml.safe_load(result.routes_yaml)
+        assert result.routes_yaml == HEADER + yaml.dump(document, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False)
+        assert result.config_hash == config_hash(parse_documents({"config.yaml": keyed, "routes.yaml": result.routes_yaml}))
+        changed = data.draw(st.integers(0, len(bodies) - 1))
+        bodies[changed] = cr("GatewayRoute", f"r{changed}", data.draw(_entries), created=f"2025-01-01T00:00:{changed:02d}Z")

@@ -11,4 +11,9 @@ class ConfigError(Exception):
         self.errors = errors
 
     def __reduce__(self) -> tuple[type[ConfigError], tuple[list[str]]]:
-        return ConfigError, (self.errors,)  # crosses from the reload's worker process intact
+        return type(self), (self.errors,)  # crosses from the reload's worker process intact
+
+
+class ConfigIncomplete(ConfigError):
+    """The files are mid-update: a shard that routes.yaml names is missing or holds other content.
+    Not a broken config: a reload waits for the next change instead of reporting a failure."""

@@ -2,7 +2,10 @@
 
 A config is one YAML file, or the ConfigMap directory holding `config.yaml` (people's settings,
 possibly with routes) and `routes.yaml` (the operator's routes and policies). Both are validated
-together: a name defined twice or a policy that is not defined anywhere is an error.
+together: a name defined twice or a policy that is not defined anywhere is an error. When the routes
+outgrow one ConfigMap, `routes.yaml` names shard files (`routes-001.yaml`...) with the hash of each,
+from other ConfigMaps projected into the same directory; they are read and validated with the rest,
+and a shard missing or holding other content means the files are mid-update (`ConfigIncomplete`).
 """
 
 from __future__ import annotations
@@ -16,8 +19,18 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from apigw.config.errors import ConfigError
-from apigw.config.model import Backend, Config, Policy, Route, RoutesDocument, config_hash
+from apigw.config.errors import ConfigError, ConfigIncomplete
+from apigw.config.model import (
+    SHARD_FILE,
+    Backend,
+    Config,
+    Policy,
+    Route,
+    RoutesDocument,
+    RoutesFile,
+    config_hash,
+    shard_hash,
+)
 
 GLOBAL_FILE = "config.yaml"
 ROUTES_FILE = "routes.yaml"
@@ -44,6 +57,28 @@ def config_files(path: Path) -> list[Path]:
     return [path]
 
 
+def shard_files(path: Path) -> list[Path]:
+    """The shard files present in a ConfigMap directory (to watch; only those routes.yaml names are read)."""
+    if not path.is_dir():
+        return []
+    return sorted(file for file in path.glob("routes-*.yaml") if re.match(SHARD_FILE, file.name))
+
+
+def shard_index(routes_yaml: str) -> dict[str, str]:
+    """The shards a routes.yaml names (file -> hash); {} when it names none or does not parse (its own
+    validation then says why). Cheap for the usual routes.yaml without shards: no second parse."""
+    if "shards:" not in routes_yaml:
+        return {}
+    try:
+        data = yaml.load(routes_yaml, Loader=YAML_LOADER)
+    except yaml.YAMLError:
+        return {}
+    shards = data.get("shards") if isinstance(data, dict) else None
+    if not isinstance(shards, dict):
+        return {}
+    return {k: v for k, v in shards.items() if isinstance(k, str) and re.match(SHARD_FILE, k) and isinstance(v, str)}
+
+
 def load_config(path: Path) -> Config:
     """Read and validate the config at `path` (a file or a ConfigMap directory)."""
     return check_config(path).result()
@@ -52,16 +87,41 @@ def load_config(path: Path) -> Config:
 def check_config(path: Path) -> Checked:
     """Read the config at `path` and find every problem in it: what `load_config` and
     `gateway -validate-config` report. Unreadable files are problems like any other."""
+    documents = _read_files(config_files(path))
+    routes_yaml = documents.get(str(path / ROUTES_FILE))
+    if path.is_dir() and routes_yaml is not None:
+        documents.update(_read_shards(path, shard_index(routes_yaml)))
+    return check_documents(documents)
+
+
+def _read_files(files: list[Path]) -> dict[str, str]:
     documents: dict[str, str] = {}
     unreadable = []
-    for file in config_files(path):
+    for file in files:
         try:
             documents[str(file)] = file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             unreadable.append(f"{file}: cannot read: {getattr(exc, 'strerror', None) or exc}")
     if unreadable:
         raise ConfigError(unreadable)
-    return check_documents(documents)
+    return documents
+
+
+def _read_shards(path: Path, index: Mapping[str, str]) -> dict[str, str]:
+    """The shard files `index` names, each holding the content it names; else the files are mid-update."""
+    documents = _read_files([path / name for name in index if (path / name).exists()])
+    pending = []
+    for name, wanted in sorted(index.items()):
+        text = documents.get(str(path / name))
+        if text is None:
+            pending.append(f"{path / name}: named by {ROUTES_FILE} but not there (its ConfigMap is not projected "
+                           "into this directory yet, or at all)")
+        elif shard_hash(text) != wanted:
+            pending.append(f"{path / name}: holds content {shard_hash(text)}, {ROUTES_FILE} names {wanted} "
+                           "(its ConfigMap and routes.yaml's were updated at different times)")
+    if pending:
+        raise ConfigIncomplete(pending)
+    return documents
 
 
 def load_config_parts(path: Path, chunk: int = 50) -> tuple[bytes, list[bytes], str]:
@@ -140,16 +200,43 @@ def check_documents(documents: Mapping[str, str]) -> Checked:
     checked = Checked(list(documents))
     parts = _Parts()
     for name, text in documents.items():
-        model = RoutesDocument if Path(name).name == ROUTES_FILE else Config
+        model = _model_of(Path(name).name)
         checked.nodes[name], data = _read_yaml(name, text, checked)
         if data is None:
             parts.unknown_policies = True
             parts.unknown_settings |= model is Config
             continue
-        document = _validate(name, data, model, checked, parts)
-        if isinstance(document, Config) and checked.global_file is None:
-            checked.global_file = name
-            checked.config = document
+        _add_document(name, _validate(name, data, model, checked, parts), checked)
+    return _check_whole(checked, parts)
+
+
+def _model_of(file_name: str) -> type[RoutesDocument]:
+    if file_name == ROUTES_FILE:
+        return RoutesFile
+    return RoutesDocument if re.match(SHARD_FILE, file_name) else Config
+
+
+def check_models(documents: Mapping[str, RoutesDocument]) -> Checked:
+    """The checks across files, over documents already validated one by one: what `check_documents`
+    finds in their texts once each parsed. The operator validates its rendered routes so, without
+    writing and re-reading them; its errors carry no line (there is no text)."""
+    checked = Checked(list(documents))
+    parts = _Parts()
+    for name, document in documents.items():
+        parts.add(name, document)
+        _add_document(name, document, checked)
+    return _check_whole(checked, parts)
+
+
+def _add_document(name: str, document: RoutesDocument, checked: Checked) -> None:
+    """The first document with global settings is the config's base."""
+    if isinstance(document, Config) and checked.global_file is None:
+        checked.global_file = name
+        checked.config = document
+
+
+def _check_whole(checked: Checked, parts: _Parts) -> Checked:
+    """References, duplicates and keys across every document, then the config made of all parts."""
     auth_known = not (parts.unknown_settings or "auth" in checked.unparsed)
     _check_references(parts, checked)
     base = checked.config
@@ -176,6 +263,10 @@ class _Parts:
         """A policy (or a whole file) did not parse and its name is unknown: no reference is called undefined."""
         self.unknown_settings = False
         """A file that may hold the global settings did not parse."""
+
+    def add(self, name: str, document: RoutesDocument) -> None:
+        self.routes += [(name, i, route) for i, route in enumerate(document.routes)]
+        self.policies += [(name, i, policy) for i, policy in enumerate(document.policies)]
 
     def may_be_defined(self, policy: str) -> bool:
         """Whether a policy that did not parse may have this name."""
@@ -213,8 +304,7 @@ def _validate(
         document = _validate_parts(name, data, model, failed, parts)
         checked.unparsed |= {loc[0] for loc in failed if len(loc) == 1 and loc[0] not in ("routes", "policies")}
         return document
-    parts.routes += [(name, i, route) for i, route in enumerate(document.routes)]
-    parts.policies += [(name, i, policy) for i, policy in enumerate(document.policies)]
+    parts.add(name, document)
     return document
 
 

@@ -553,6 +553,24 @@ class RoutesDocument(Strict):
     policies: list[Policy] = []
 
 
+SHARD_FILE = r"^routes-[0-9]{3}\.yaml$"
+"""`routes-001.yaml`...: files holding the routes that do not fit in routes.yaml's ConfigMap."""
+
+
+class RoutesFile(RoutesDocument):
+    """What `routes.yaml` may hold: routes and policies, and the index of the shard files holding the
+    rest of the routes, each with the hash of its text (`shard_hash`). The config is loaded only when
+    every shard it names is present with that hash: ConfigMaps updated one after another never load
+    half old, half new."""
+
+    shards: dict[Annotated[str, Field(pattern=SHARD_FILE)], Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]] = {}
+
+
+def shard_hash(text: str) -> str:
+    """The hash of a shard file's text, as routes.yaml's `shards` index names it."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 class Config(RoutesDocument):
     """The whole config: global settings plus routes and policies."""
 

@@ -7,6 +7,8 @@ file written in place once it has stayed the same for `SETTLE` seconds, so a hal
 file is never served. Reading, parsing and validating run in a worker process, so traffic keeps flowing
 while a large config loads; the new state is built on the event loop and swapped in one assignment.
 A failed reload is logged with every error, counted, reported by `/_health/ready`, and changes nothing.
+Shard files that do not match routes.yaml's index (ConfigMaps updated at different times) are not a
+failure: the reload waits for the next change, and the config in force stays.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from apigw.config.errors import ConfigError
-from apigw.config.loader import config_files, load_config_parts
+from apigw.config.errors import ConfigError, ConfigIncomplete
+from apigw.config.loader import config_files, load_config_parts, shard_files
 from apigw.config.model import Config, Route, restart_settings
 from apigw.pipeline.state import Gateway, GatewayState, build_steps
 from apigw.server.tls import ServerTLS, check_tls
@@ -139,6 +141,7 @@ class Reloader:
             files = config_files(self.path)
         except ConfigError:
             files = [self.path]
+        files += shard_files(self.path)
         files += self.gateway.state.auth.watched_files()
         if self.tls is not None:
             files += self.tls.watched_files()
@@ -165,6 +168,8 @@ class Reloader:
         before = self.files.snapshot()
         try:
             parsed = await self._parse_in_worker()
+        except ConfigIncomplete as exc:
+            return self._wait_for_shards(reason, old, before, exc)
         except Exception as exc:  # ConfigError, or anything else: a reload never takes the gateway down
             return self._reject(reason, old, before, exc)
         with collector_paused():
@@ -199,6 +204,14 @@ class Reloader:
                               "reload_ms": took, "loop_held_ms": round(held * 1000, 1)}},
         )
         return True
+
+    def _wait_for_shards(self, reason: str, old: GatewayState, before: Snapshot, exc: ConfigIncomplete) -> bool:
+        log.warning(
+            "config reload (%s) deferred, keeping config %s until the shards match routes.yaml: %s",
+            reason, old.config_hash, exc.errors[0], extra={"fields": {"errors": exc.errors, "config_hash": old.config_hash}},
+        )
+        self.files.in_force = before
+        return False
 
     def _reject(self, reason: str, old: GatewayState, before: Snapshot, exc: Exception) -> bool:
         errors = exc.errors if isinstance(exc, ConfigError) else [f"{type(exc).__name__}: {exc}"]

@@ -1,0 +1,102 @@
+"""Routes past one ConfigMap's limit: split over the shard ConfigMaps, loaded by pods as one config (KMock)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from typing import Any
+
+import yaml
+
+from apigw.config.model import shard_hash
+from apigw_operator.cluster import Target
+from tests.operator.kube import NS, GatewayPod, eventually, operator, route
+from tests.operator.test_operator_kmock import API, ROUTES, data, options, settle, summary, sync_pods, writes
+
+LIMIT = 700
+"""Bytes per ConfigMap: four of these routes fit in routes.yaml beside config.yaml, five in a shard."""
+
+
+def shard(kmock: Any, number: int) -> dict[str, str]:
+    return kmock.objects["v1/configmaps", NS, Target().shard(number)].get("data") or {}
+
+
+def configmap_writes(kmock: Any) -> list[str]:
+    """The ConfigMaps written, in order."""
+    return [path.rsplit("/", 1)[1] for method, path, _ in writes(kmock) if "/configmaps/" in path and method == "PATCH"]
+
+
+def name(i: int) -> str:
+    return f"r{i:02d}"
+
+
+async def test_routes_outgrowing_the_configmap_go_to_shards_and_come_back(cluster: Any, pods: dict[str, GatewayPod]) -> None:
+    for i in range(8):
+        cluster.objects[ROUTES, "shop", name(i)] = route(name(i), f"/{name(i)}")
+    async with operator(replace(options(pods), configmap_limit=LIMIT)):
+        await eventually(lambda: "shards:" in data(cluster).get("routes.yaml", ""))
+        index = yaml.safe_load(data(cluster)["routes.yaml"])
+        assert index["routes"] == [] and index["shards"] == {
+            "routes-001.yaml": shard_hash(shard(cluster, 1)["routes-001.yaml"]),
+            "routes-002.yaml": shard_hash(shard(cluster, 2)["routes-002.yaml"]),
+        }
+        held = [r["name"] for n in (1, 2) for r in yaml.safe_load(shard(cluster, n)[f"routes-00{n}.yaml"])["routes"]]
+        assert held == [f"shop.{name(i)}" for i in range(8)], "in order, each route once"
+        assert configmap_writes(cluster)[-1] == "api-gateway-config", "the index is written after the shards it names"
+        assert shard(cluster, 3) == {}
+        sync_pods(cluster, pods)
+        await eventually(lambda: all(summary(cluster, name(i)).get("Programmed") == ("True", "Programmed") for i in range(8)))
+
+        before = len(configmap_writes(cluster))
+        await cluster.patch(f"{API}/gatewayroutes/{name(6)}", json={"spec": {"match": {"path_prefix": "/v2"}}})
+        await eventually(lambda: "/v2" in shard(cluster, 2)["routes-002.yaml"])
+        await settle(cluster, 2)
+        assert configmap_writes(cluster)[before:] == ["api-gateway-routes-2", "api-gateway-config"], "one shard rewritten"
+
+        for i in range(2, 8):
+            await cluster.delete(f"{API}/gatewayroutes/{name(i)}")
+        await eventually(lambda: "shards:" not in data(cluster)["routes.yaml"] and shard(cluster, 1) == shard(cluster, 2) == {})
+        assert [r["name"] for r in yaml.safe_load(data(cluster)["routes.yaml"])["routes"]] == ["shop.r00", "shop.r01"]
+
+
+async def test_past_every_shard_nothing_is_written_and_the_routes_in_force_are_spared(cluster: Any, pods: dict[str, GatewayPod]) -> None:
+    for i in range(10):  # two full shards
+        cluster.objects[ROUTES, "shop", name(i)] = route(name(i), f"/{name(i)}")
+    async with operator(replace(options(pods), configmap_limit=LIMIT, target=Target(route_shards=2))):
+        await eventually(lambda: "routes-002.yaml" in data(cluster).get("routes.yaml", ""))
+        sync_pods(cluster, pods)
+        await eventually(lambda: summary(cluster, name(9)).get("Programmed") == ("True", "Programmed"))
+        in_force = data(cluster)["routes.yaml"], shard(cluster, 1), shard(cluster, 2)
+
+        await cluster.post(f"{API}/gatewayroutes", json=route("late", "/late", created="2025-02-01T00:00:00Z"))
+        await eventually(lambda: summary(cluster, "late").get("Programmed") == ("False", "ConfigTooLarge"))
+        message = cluster.objects[ROUTES, "shop", "late"]["status"]["conditions"][2]["message"]
+        assert re.fullmatch(
+            r"routes.yaml \(\d+ bytes\) would make ConfigMap api-gateway/api-gateway-config \d+ bytes, over its limit of 700, "
+            r"and the routes do not fit in the 2 shard ConfigMaps api-gateway-routes-1..2 \(700 bytes each\) either: .*", message)
+        await settle(cluster, 3)
+        assert (data(cluster)["routes.yaml"], shard(cluster, 1), shard(cluster, 2)) == in_force, "nothing partial written"
+        assert summary(cluster, name(9))["Programmed"] == ("True", "Programmed"), "a route in a shard in force is spared"
+    gets = {path.rsplit("/", 1)[1] for path in (r.url.path for r in cluster if r.method.value == "GET") if "/configmaps/" in path}
+    assert gets == {"api-gateway-config", "api-gateway-routes-1", "api-gateway-routes-2"}
+
+
+async def test_a_shard_that_lost_its_routes_is_written_again(cluster: Any, pods: dict[str, GatewayPod]) -> None:
+    """The operator trusts routes.yaml's index to say what the shards hold, and reads them back when the
+    pods do not serve its config: a shard recreated empty behind its back is written again."""
+    for i in range(8):
+        cluster.objects[ROUTES, "shop", name(i)] = route(name(i), f"/{name(i)}")
+    async with operator(replace(options(pods), configmap_limit=LIMIT)):
+        await eventually(lambda: "routes-002.yaml" in data(cluster).get("routes.yaml", ""))
+        sync_pods(cluster, pods)
+        await eventually(lambda: summary(cluster, name(0)).get("Programmed") == ("True", "Programmed"))
+        before = pods["api-gateway-a"].config_hash
+
+        cluster.objects["v1/configmaps", NS, Target().shard(1)]["data"] = {}
+        await cluster.patch(f"{API}/gatewayroutes/{name(6)}", json={"spec": {"match": {"path_prefix": "/v2"}}})
+        await eventually(lambda: "/v2" in shard(cluster, 2)["routes-002.yaml"])
+        sync_pods(cluster, pods)
+        assert pods["api-gateway-a"].config_hash == before, "a shard missing: the pods keep their config"
+        await eventually(lambda: "routes-001.yaml" in shard(cluster, 1))
+        sync_pods(cluster, pods)
+        await eventually(lambda: summary(cluster, name(6)).get("Programmed") == ("True", "Programmed"))

@@ -32,10 +32,14 @@ _KEPT = {
     "x-kubernetes-validations",
     "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength",
     "minItems", "maxItems", "anyOf", "x-kubernetes-int-or-string",
+    "x-kubernetes-preserve-unknown-fields", "allOf", "not", "minProperties", "maxProperties",
 }
 _DROPPED = {"$defs", "title", "default", "additionalProperties"}  # k8s prunes unknown fields itself
 _BYTE_SIZE = "^\\s*(\\d*\\.?\\d+)\\s*(\\w+)?"
 """pydantic's ByteSize pattern, open at its end: anchored (`10MiB junk` is no size) where it is used."""
+
+
+_DURATION_MARK = "x-apigw-duration"
 
 
 class _DurationsAsStrings(GenerateJsonSchema):
@@ -43,9 +47,34 @@ class _DurationsAsStrings(GenerateJsonSchema):
 
     def function_before_schema(self, schema: Any) -> dict[str, Any]:
         if schema["function"].get("function") is config.parse_duration:
-            # The model's own duration syntax (config._DURATION), so both sides accept the same text.
-            return {"anyOf": [{"type": "integer"}, {"type": "string", "pattern": config._DURATION.pattern}]}
+            return {_DURATION_MARK: True}  # written out by `duration()` once its bound (gt, ge) is known
         return super().function_before_schema(schema)
+
+
+def duration(bound: str, limit: float) -> dict[str, Any]:
+    """A duration as the model reads it: a string in the model's own syntax (config._DURATION), or a
+    number, integer or not (`timeout: 0.5`), within the model's bound (`gt` or `ge` 0); nothing else.
+
+    Kubernetes has no type for "number or string" (`anyOf` of types is int-or-string only, and that
+    refuses 0.5), and CEL cannot see a field without a type. So the field is left untyped and each
+    JSON Schema keyword does one job, as each applies to its own type only: `pattern` to strings,
+    `minimum` to numbers; objects and lists fail one of a contradictory min/max pair, booleans the
+    `not`. A string is more than 0 where it has a non-zero digit (its unit has none)."""
+    if limit != 0 or bound not in ("gt", "ge"):
+        raise ValueError(f"no string form of the duration bound {bound} {limit}")
+    node: dict[str, Any] = {
+        "description": "A duration: 500ms, 30s, 1m, 1h, or a number of seconds (30, 0.5); "
+                       + ("more than 0." if bound == "gt" else "0 or more."),
+        "x-kubernetes-preserve-unknown-fields": True,
+        "pattern": config._DURATION.pattern,
+        **_minimum(limit, exclusive=bound == "gt"),
+        "minProperties": 1, "maxProperties": 0,
+        "minItems": 1, "maxItems": 0,
+        "not": {"enum": [True, False]},
+    }
+    if bound == "gt":
+        node["allOf"] = [{"pattern": "[1-9]"}]
+    return node
 
 
 def structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
@@ -69,9 +98,11 @@ def structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         node["anyOf"] = [{"type": "integer"}, {"type": "string"}]
         for branch in (structural(b, defs) for b in branches):
             node.update({k: v for k, v in branch.items() if k != "type"})
-    for raw, exclusive in (("gt", True), ("ge", False)):  # constraints on a duration: its integer form
-        if raw in node:
-            node.update(_minimum(node.pop(raw), exclusive))
+    if node.pop(_DURATION_MARK, False):
+        [(bound, limit)] = [(k, node.pop(k)) for k in ("gt", "ge") if k in node]
+        what = node.pop("description", "")
+        node = {**duration(bound, limit), **node}
+        node["description"] = f"{what} {node['description']}".lstrip()
     if isinstance(node.get("exclusiveMinimum"), (int, float)) and not isinstance(node["exclusiveMinimum"], bool):
         node.update(_minimum(node.pop("exclusiveMinimum"), True))
     if "properties" in node:

@@ -13,6 +13,7 @@ from tests.cluster.objects import (
     create,
     gatewayroute,
     namespace,
+    path_of,
     ratelimitpolicy,
     route_names,
     summary,
@@ -133,3 +134,48 @@ def test_defaults_and_columns_answer_why(cluster: ControlPlane) -> None:
     assert routes.splitlines()[0].split() == [
         "NAME", "HOST", "PATH", "BACKEND", "ENABLED", "ACCEPTED", "PROGRAMMED", "REASON", "AGE"]
     assert (table(routes)["off"]["ENABLED"], table(routes)["on"]["ENABLED"]) == ("false", "true")
+
+
+DURATIONS = [  # spec.backend.timeout as written, and what the API server says when it refuses it
+    (0.5, None),
+    (2, None),
+    ("500ms", None),
+    (" 1.5h ", None),
+    ("0.25", None),
+    (0, "spec.backend.timeout in body should be greater than 0"),
+    (-1, "spec.backend.timeout in body should be greater than 0"),
+    ("0s", "spec.backend.timeout in body should match '[1-9]'"),
+    ("5 parsecs", "spec.backend.timeout in body should match"),
+    (True, '"spec.backend.timeout" must not validate the schema (not)'),
+    ({"a": 1}, "spec.backend.timeout: Too many: 1: must have at most 0 items"),
+    ({}, "spec.backend.timeout in body should have at least 1 properties"),
+    ([1], "spec.backend.timeout: Too many: 1: must have at most 0 items"),
+]
+
+
+def test_a_duration_is_what_the_model_accepts(cluster: ControlPlane) -> None:
+    """A duration as text or as any number: `kubectl apply` accepts exactly what the model accepts."""
+    namespace(cluster, "durations")
+    for value, message in DURATIONS:
+        route = gatewayroute("timed", "durations", "/timed", backend={"service": "timed", "url": "http://timed:80", "timeout": value})
+        applied = cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(route), check=False)
+        try:
+            Route.model_validate({"name": "timed", **route["spec"]})
+            model = None
+        except ValidationError as exc:
+            model = exc
+        if message is None:
+            assert applied.returncode == 0 and model is None, (value, applied.stderr, model)
+            stored = cluster.api.get(path_of(route))["spec"]["backend"]["timeout"]
+            assert stored == value, (value, stored)  # kept as written: the model reads it
+            cluster.kubectl("delete", "gatewayroute", "timed", "-n", "durations")
+        else:
+            assert applied.returncode == 1 and message in applied.stderr, (value, applied.stderr)
+            assert model is not None and "backend.timeout" in str(model), value
+    for value in ("3s\v", "\u0663s"):  # Python's \s and \d are Unicode (\v, U+0663 "3"), RE2's ASCII
+        route = gatewayroute("timed", "durations", "/timed", backend={"service": "timed", "url": "http://timed:80", "timeout": value})
+        applied = cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(route), check=False)
+        assert applied.returncode == 1 and "spec.backend.timeout in body should match" in applied.stderr, (value, applied.stderr)
+        assert Route.model_validate({"name": "timed", **route["spec"]}).backend.timeout == 3.0  # known: the model reads 3 s
+    explained = " ".join(cluster.kubectl("explain", "gatewayroutes.spec.backend.timeout").stdout.split())
+    assert "A duration: 500ms, 30s, 1m, 1h, or a number of seconds (30, 0.5); more than 0." in explained

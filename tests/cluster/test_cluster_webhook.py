@@ -112,7 +112,7 @@ def test_what_the_operator_would_not_accept_is_refused_at_apply_and_nothing_else
     encoded = apply(cluster, gatewayroute("encoded", ns, "/%62oth"))
     assert encoded.returncode == 1 and 'denied the request: spec.match.path_prefix: ' in encoded.stderr, encoded.stderr
     zero = ratelimitpolicy("zero", ns)
-    zero["spec"]["period"] = "0s"
+    zero["spec"]["period"] = f"0.{'0' * 400}1s"  # a non-zero digit for the schema, 0.0 s as a float for the model
     refused = apply(cluster, zero)
     assert refused.returncode == 1
     assert denied("ratelimitpolicies.gateway.apigw.io", "spec.period: ") in refused.stderr, refused.stderr

@@ -7,7 +7,11 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from hypothesis import example, given
+from hypothesis import strategies as st
+from pydantic import TypeAdapter, ValidationError
 
+from apigw.config.model import Duration, PositiveDuration
 from apigw_operator import crds
 from apigw_operator.render import POLICY, ROUTE, render
 
@@ -28,13 +32,16 @@ def test_committed_crd_is_the_generated_one(name: str) -> None:
 
 def test_schemas_are_structural() -> None:
     """No $ref, every node typed, and anyOf only as the API server's int-or-string form (exactly
-    `[{type: integer}, {type: string}]`: a constraint inside a branch makes the CRD non-structural)."""
+    `[{type: integer}, {type: string}]`: a constraint inside a branch makes the CRD non-structural);
+    untyped only where a duration is kept as written, with no types inside its validations."""
 
     def walk(node: dict, where: str) -> None:
         assert "$ref" not in node and "additionalProperties" not in node, where
         if "anyOf" in node:
             assert node.get("x-kubernetes-int-or-string") is True and "type" not in node, where
             assert node["anyOf"] == [{"type": "integer"}, {"type": "string"}], where
+        elif node.get("x-kubernetes-preserve-unknown-fields") and "properties" not in node:
+            assert "type" not in str([node.get("allOf"), node.get("not")]), where
         else:
             assert "type" in node, where
         for key, child in node.get("properties", {}).items():
@@ -91,3 +98,28 @@ def test_crd_rejects_what_the_model_rejects(kind: str, spec: dict) -> None:
     body = {"apiVersion": f"{crds.GROUP}/{crds.VERSION}", "kind": kind, "metadata": {"name": "x"}, "spec": spec}
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.Draft4Validator(schema_of(kind)).validate(body)
+
+
+DURATION_VALUES = st.one_of(
+    st.integers(-10, 10**12), st.floats(allow_nan=False, allow_infinity=False), st.booleans(),
+    st.from_regex(r"\A\s?-?[0-2]{0,3}(\.[0-2]{0,3})?\s?(ms|s|m|h|d|us|S|)\s?\Z"),  # zeros often
+    st.text(max_size=8), st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
+)
+
+
+@pytest.mark.parametrize(("model", "bound"), [(PositiveDuration, "gt"), (Duration, "ge")], ids=["gt", "ge"])
+@given(value=DURATION_VALUES)
+@example(value="0s").via("more than 0: a string of zeros is 0")
+@example(value=0.0).via("more than 0")
+@example(value={}).via("no object, not even an empty one")
+def test_a_duration_schema_accepts_what_the_model_accepts(model: object, bound: str, value: object) -> None:
+    """The untyped duration schema and the model's parse_duration agree on any JSON value, valid or
+    not (but null: the API server drops a null field before validating, so the model's default
+    applies). Python's regex here; the API server's own (RE2) in tests/cluster/test_cluster_crds.py."""
+    schema = crds.duration(bound, 0)
+    try:
+        TypeAdapter(model).validate_python(value)
+        accepted = True
+    except ValidationError:
+        accepted = False
+    assert jsonschema.Draft4Validator(schema).is_valid(value) == accepted, (value, schema)

@@ -102,7 +102,8 @@ def test_what_the_operator_would_not_accept_is_refused_at_apply_and_nothing_else
 
     # A route that would lose a conflict: refused, naming the winner; nothing stored.
     late = gatewayroute("shadow", ns, "/orders")  # after "orders" by name too: creationTimestamp has seconds only
-    conflict = "spec.match: same host, path and method as route 'hook.orders' (GatewayRoute hook/orders)"
+    conflict = ("spec.match: same host, path and method as route 'hook.orders' (GatewayRoute hook/orders), which wins: "
+                "config.yaml's routes first, then CRs oldest first (creationTimestamp, then namespace/name)")
     refused = apply(cluster, late)
     assert refused.returncode == 1 and denied("gatewayroutes.gateway.apigw.io", conflict) in refused.stderr, refused.stderr
     assert not exists(cluster, late)

@@ -61,7 +61,7 @@ async def test_namespace_labels_and_a_policy_grant_decide_in_config_yaml(cluster
         await eventually(lambda: summary(cluster, "orders").get("Accepted") == ("True", "Accepted"))
         assert summary(cluster, "orders")["ResolvedRefs"] == ("False", "RefNotPermitted")
         assert route_names(cluster) == []
-        await eventually(lambda: "ownership.routes[0]" in status(cluster, "pay")["Accepted"]["message"])
+        await eventually(lambda: all("ownership.routes[0]" in status(cluster, name)["Accepted"]["message"] for name in ("pay", "admin")))
         assert status(cluster, "pay")["Accepted"]["message"] == (
             "spec.match.host 'pay.example.com' is not among the hosts namespace 'shop' may claim "
             "(ownership.routes[0].hostnames: shop.example.com)")

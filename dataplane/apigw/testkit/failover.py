@@ -18,7 +18,7 @@ import redis
 import yaml
 
 from apigw.testkit import route
-from apigw.testkit.process import BackendProcess, GatewayProcess, ports
+from apigw.testkit.process import BackendProcess, GatewayProcess, ports, wait_until
 from apigw.testkit.redis import SentinelGroup
 from apigw.testkit.tokens import SigningKey
 
@@ -91,7 +91,8 @@ async def run_failover(workdir: Path, *, failure_mode: str = "fail_open", client
         run.new_master = f"127.0.0.1:{group.replica.port}"
         master = redis.Redis(port=group.master.port)
         master.set("revoked:stolen", 1)
-        master.execute_command("WAIT", 1, 2000)  # on the replica too
+        replica = redis.Redis(port=group.replica.port)  # the revocation must survive the failover: wait for it there
+        wait_until(lambda: replica.get("revoked:stolen") is not None, what="the revocation replicated")
         port, metrics_port = ports()
         config = {
             "listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port},

@@ -15,10 +15,9 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from apigw.observability.logs import GREPPED, Access, AccessLog, JSONFormatter, RepeatFilter, grep_safe
-from apigw.pipeline.state import GATEWAY
 from apigw.testkit.backend import Backend
 from apigw.testkit.clock import FakeClock
-from tests.conftest import access_lines
+from tests.conftest import access_lines, gateway_of
 
 RUNBOOK_GREPS = [re.compile(p) for p in ("status_code=5", "auth_status=failure", "backend_service")] + [
     re.compile(p, re.IGNORECASE) for p in ("auth.*error", "error", "ratelimit.*error", "rate.*duration", "error|fatal",
@@ -57,7 +56,7 @@ async def test_a_sampled_access_log_writes_every_error_and_a_share_of_the_rest(g
     await asyncio.sleep(0)  # the tick's lines are written at its end
     assert [(line["path"], line["status_code"]) for line in access_lines(client)] == [
         ("/echo/status/503", 503), ("/nowhere", 404), ("/echo/status/404", 404)]
-    value = client.app[GATEWAY].metrics.registry.get_sample_value
+    value = gateway_of(client).metrics.registry.get_sample_value
     assert value("gateway_http_requests_total", {"route": "echo", "method": "GET", "status_code": "200"}) == 30
 
     client = await gateway_client(config(0.5))

@@ -9,6 +9,7 @@ import yarl
 
 from apigw.testkit import route
 from apigw.testkit.backend import Backend
+from tests.conftest import gateway_of
 
 
 async def test_forwards_method_path_query_and_forwarding_headers(gateway_client, backend: Backend) -> None:
@@ -176,7 +177,7 @@ async def test_metrics_and_health(gateway_client, backend: Backend) -> None:
     await client.get("/status/500")
     ready = await client.get("/_health/ready")
     assert ready.status == 200
-    gateway = client.app[__import__("apigw.pipeline.state", fromlist=["GATEWAY"]).GATEWAY]
+    gateway = gateway_of(client)
     assert (await ready.json())["config_hash"] == gateway.state.config_hash
     assert (await client.get("/_health/live")).status == 200
     value = gateway.metrics.registry.get_sample_value

@@ -178,7 +178,7 @@ async def _call_backend(
     forwarded.service = cluster.service
     cluster.retry_budget.record_request()
     service = cluster.service
-    loop = asyncio.get_running_loop()
+    loop = request.task.get_loop()  # not asyncio.get_running_loop(): on Python 3.11 that is a getpid() call
     request_deadline = loop.time() + route.request_timeout
     retries = 0
     while True:

@@ -79,6 +79,8 @@ class RedisBatch:
         self._keys: list[str] = []
         self._args: list[Any] = []
         self._waiters: list[tuple[asyncio.Future[Any], int]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The loop of the batch being gathered (`asyncio.get_running_loop()` costs a getpid() on 3.11)."""
         self.round_trips = 0
         self.seen = Seen()
         self._sending: set[asyncio.Task[None]] = set()
@@ -92,10 +94,10 @@ class RedisBatch:
         return self._ask(key, 1, "R")
 
     def _ask(self, key: str, width: int, *args: Any) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        if not self._waiters:
-            loop.call_soon(self._flush)
-        future = loop.create_future()
+        if not self._waiters:  # the tick's first check: the loop is looked up once per batch, not per check
+            self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self._flush)
+        future = self._loop.create_future()
         self._keys.append(key)
         self._args.extend(args)
         self._waiters.append((future, width))
@@ -114,7 +116,7 @@ class RedisBatch:
         except Exception as error:  # a bug of ours: every check of the tick fails, none hangs
             _fail(waiters, error)
             return
-        task = asyncio.get_running_loop().create_task(self._settle(sent, keys, args, waiters, time.perf_counter()))
+        task = self._loop.create_task(self._settle(sent, keys, args, waiters, time.perf_counter()))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 

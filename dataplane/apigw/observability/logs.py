@@ -138,12 +138,18 @@ GREPPED = re.compile(r"=|error|fatal|auth|rate|duration|oom|memory|backend_servi
 _GREPPED_LOWER = re.compile(GREPPED.pattern)
 """`GREPPED` for lower-cased ASCII text: a fifth of the cost of matching without regard to case."""
 
+_HEX_OR_DASH = re.compile(r"[0-9A-Fa-f-]*").fullmatch
+"""Text no `GREPPED` match can occur in (each grepped word holds a letter past `f`, or `=`), checked a
+quarter as fast as the general case."""
+
 
 def grep_safe(value: str) -> str:
     """`value` as the inside of a JSON string in which no `GREPPED` match occurs: `=` and one character
     of each grepped word are written as `\\uXXXX` escapes, which grep sees as such and every JSON reader
     (jq, `json.loads`) turns back into the exact value. So `GET /open/status_code=503` is logged as
     `/open/status_code\\u003d503` and `jq -r .path` prints `/open/status_code=503`."""
+    if _HEX_OR_DASH(value):
+        return value  # request ids, UUIDs: no grepped word is spelt in hex digits
     if (value.isascii() and value.isprintable() and '"' not in value and "\\" not in value
             and not _GREPPED_LOWER.search(value.lower())):
         return value  # the common case: the JSON text is the value itself

@@ -226,6 +226,9 @@ class AccessLog:
         self._second = self._millisecond = -1
         self._second_text = self._text = ""
         self._lines: list[str] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The event loop it writes on, kept from the first line (`asyncio.get_running_loop()` is a getpid()
+        system call on Python 3.11)."""
 
     def _timestamp(self, now: float) -> str:
         """`timestamp(now)`, formatting the date and time (the costly part) once a second, and the
@@ -240,7 +243,9 @@ class AccessLog:
 
     def write(self, access: Access) -> None:
         if not self._lines:
-            asyncio.get_running_loop().call_soon(self._flush)
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self._flush)
         self._lines.append(access.line(self._timestamp(time.time())))
 
     def _flush(self) -> None:

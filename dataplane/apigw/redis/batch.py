@@ -85,7 +85,8 @@ class RedisBatch:
         """How many arguments `_args` holds."""
         self._waiters: list[tuple[asyncio.Future[Any], int]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        """The loop of the batch being gathered (`asyncio.get_running_loop()` costs a getpid() on 3.11)."""
+        """The event loop it runs on, kept from the first check (`asyncio.get_running_loop()` is a getpid()
+        system call on Python 3.11)."""
         self.round_trips = 0
         self.seen = Seen()
         self._sending: set[asyncio.Task[None]] = set()
@@ -100,8 +101,9 @@ class RedisBatch:
 
     def _ask(self, key: str, width: int, args: bytes, count: int) -> asyncio.Future[Any]:
         """A check on `key` of `width` replies, its `count` arguments already in RESP (`args`)."""
-        if not self._waiters:  # the tick's first check: the loop is looked up once per batch, not per check
+        if self._loop is None:
             self._loop = asyncio.get_running_loop()
+        if not self._waiters:
             self._loop.call_soon(self._flush)
         future = self._loop.create_future()
         self._keys.append(_bulk(key.encode("utf-8", "surrogatepass")))

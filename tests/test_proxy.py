@@ -188,6 +188,20 @@ async def test_metrics_and_health(gateway_client, backend: Backend) -> None:
     assert value("gateway_inflight_requests") == 0
 
 
+async def test_health_paths_answer_get_and_head_and_leave_other_methods_to_the_routes(
+    gateway_client, backend: Backend
+) -> None:
+    """The traffic port answers GET and HEAD at its health paths itself; a POST there, or a path that only
+    starts like one, is a request like any other, for the route that matches it."""
+    client = await gateway_client({"routes": [route("all", backend.url)]})
+    head = await client.head("/_health/ready")
+    assert head.status == 200 and await head.read() == b""
+    assert (await client.get("/_health/live?probe=1")).status == 200
+    assert (await client.post("/_health/live", data=b"x")).status == 200
+    assert (await client.get("/_health/live/more")).status == 200
+    assert backend.seen == ["/_health/live", "/_health/live/more"]
+
+
 async def test_only_the_clients_headers_and_ours_reach_the_backend(gateway_client, backend: Backend) -> None:
     """No User-Agent, Accept or Accept-Encoding of the HTTP client's own; no guessed Content-Type."""
     client = await gateway_client({"routes": [route("all", backend.url)]})

@@ -7,19 +7,20 @@ import os
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import BaseTestServer, TestClient
+from aiohttp.web import BaseRunner
 
 from apigw.config.loader import parse_documents
 from apigw.observability.logs import AccessLog
 from apigw.observability.metrics import Metrics
-from apigw.pipeline.state import GATEWAY, Gateway
-from apigw.server.serve import traffic_app
+from apigw.pipeline.state import Gateway
+from apigw.server.serve import traffic_runner
 from apigw.testkit.backend import Backend
 from apigw.testkit.clock import FakeClock
 from apigw.testkit.redis import RedisServer
@@ -66,25 +67,54 @@ async def backend() -> AsyncIterator[Backend]:
         yield server
 
 
+class TrafficTestServer(BaseTestServer):
+    """aiohttp's test server around the gateway's traffic port, as `serve` runs it (`traffic_runner`)."""
+
+    def __init__(self, gateway: Gateway):
+        super().__init__(host="127.0.0.1")
+        self.gateway = gateway
+
+    async def _make_runner(self, handler_cancellation: bool = False, **kwargs: Any) -> BaseRunner:
+        return traffic_runner(self.gateway, shutdown_timeout=1, handler_cancellation=handler_cancellation)
+
+
 @pytest.fixture
-def gateway_client(aiohttp_client):
-    """Factory: an in-process gateway (the real traffic app) for a config dict, and an HTTP client to it."""
+async def traffic_server() -> AsyncIterator[Callable[[Gateway], Awaitable[TrafficTestServer]]]:
+    """Factory: the traffic port of `gateway`, started on a loopback port; closed after the test."""
+    servers = []
+
+    async def start(gateway: Gateway) -> TrafficTestServer:
+        server = TrafficTestServer(gateway)
+        servers.append(server)
+        await server.start_server()
+        return server
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+@pytest.fixture
+def gateway_client(aiohttp_client, traffic_server):
+    """Factory: an in-process gateway (the real traffic port) for a config dict, and an HTTP client to it."""
 
     async def make(config: dict[str, Any]) -> TestClient:
         gateway = Gateway.create(parse_documents({"config.yaml": yaml.safe_dump(config)}), Metrics())
         gateway.access_log = AccessLog(io.StringIO())  # read by `access_lines`
-        server = TestServer(traffic_app(gateway), host="127.0.0.1")
-        await server.start_server(access_log=None)  # as `serve` runs it: the pipeline logs, aiohttp does not
-        client = await aiohttp_client(server)
-        return client
+        return await aiohttp_client(await traffic_server(gateway))
 
     return make
+
+
+def gateway_of(client: TestClient) -> Gateway:
+    """The gateway behind a `gateway_client`."""
+    return client.server.gateway
 
 
 
 def access_lines(client: TestClient) -> list[dict[str, Any]]:
     """The access log lines an in-process gateway (`gateway_client`) wrote, parsed."""
-    return [json.loads(line) for line in client.app[GATEWAY].access_log.stream.getvalue().splitlines()]
+    return [json.loads(line) for line in gateway_of(client).access_log.stream.getvalue().splitlines()]
 
 
 FIXED_PORTS = (8080, 9090)

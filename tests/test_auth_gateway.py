@@ -18,12 +18,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from apigw.pipeline.state import GATEWAY
 from apigw.testkit.backend import Backend
 from apigw.testkit.process import BackendProcess, GatewayProcess, http_status, ports, wait_until
 from apigw.testkit.redis import RedisServer
 from apigw.testkit.tokens import SigningKey
-from tests.conftest import access_lines
+from tests.conftest import access_lines, gateway_of
 from tests.test_auth import JSON_VALUES
 
 
@@ -79,7 +78,7 @@ async def assert_refused(client, backend, resp, error_type: str) -> None:
     assert "auth_status=failure" in line["msg"]
     assert line["auth_status"] == "failure"
     assert line["error_type"] == error_type
-    value = client.app[GATEWAY].metrics.registry.get_sample_value
+    value = gateway_of(client).metrics.registry.get_sample_value
     assert value("gateway_auth_attempts_total", {"result": "failure", "error_type": error_type}) == 1
 
 
@@ -251,7 +250,7 @@ async def test_verified_tokens_stay_cached_across_a_reload_of_routes(gateway_cli
 
     config = auth_config(tmp_path, backend.url)
     client = await gateway_client(config)
-    gateway = client.app[GATEWAY]
+    gateway = gateway_of(client)
     token = key.token(scope="users:read")
     assert (await client.get("/users/1", headers={"Authorization": f"Bearer {token}"})).status == 200
     misses = gateway.state.auth.cache.misses
@@ -289,9 +288,9 @@ async def test_a_flood_of_one_forged_token_is_verified_once(gateway_client, back
     assert [response.split(b" ", 2)[1] for response in responses] == [b"401"] * 20
     assert all(b'error="invalid_token", error_description="the token\'s signature is invalid"' in r for r in responses)
     assert backend.seen == []
-    auth = client.app[GATEWAY].state.auth
+    auth = gateway_of(client).state.auth
     assert (auth.refused.misses, auth.refused.hits) == (1, 19)
-    value = client.app[GATEWAY].metrics.registry.get_sample_value
+    value = gateway_of(client).metrics.registry.get_sample_value
     assert value("gateway_auth_attempts_total", {"result": "failure", "error_type": "bad_signature"}) == 20
     assert [line["error_type"] for line in access_lines(client)] == ["bad_signature"] * 20
 
@@ -315,7 +314,7 @@ async def test_revocation_and_rate_limit_share_one_redis_round_trip(
     config.update(redis={"url": redis_server.url}, policies=[{"name": "p", "requests": 2, "period": "1h"}])
     config["routes"][0]["ratelimit"] = "p"
     client = await gateway_client(config)
-    batch = client.app[GATEWAY].shared.redis
+    batch = gateway_of(client).shared.redis
     headers = {"Authorization": f"Bearer {key.token(jti='t-2', scope='users:read')}"}
     statuses = []
     for expected_trips in (1, 2, 3):

@@ -10,19 +10,18 @@ import yaml
 from apigw.config.loader import parse_documents
 from apigw.observability.metrics import Metrics
 from apigw.pipeline.state import Gateway
-from apigw.server.serve import traffic_app
 from apigw.testkit.backend import Backend
 
 
 @pytest.fixture
-async def gateway_port(aiohttp_server, backend: Backend) -> int:
+async def gateway_port(traffic_server, backend: Backend) -> int:
     config = {"routes": [
         {"name": "public", "backend": {"service": "echo", "url": backend.url}},
         {"name": "admin", "match": {"path_prefix": "/admin"}, "backend": {"service": "echo", "url": backend.url},
          "rewrite_prefix": "/internal-admin"},
     ]}
     gateway = Gateway.create(parse_documents({"config.yaml": yaml.safe_dump(config)}), Metrics())
-    server = await aiohttp_server(traffic_app(gateway))
+    server = await traffic_server(gateway)
     return server.port
 
 

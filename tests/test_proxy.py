@@ -9,6 +9,7 @@ import yarl
 
 from apigw.testkit import route
 from apigw.testkit.backend import Backend
+from tests.conftest import gateway_of
 
 
 async def test_forwards_method_path_query_and_forwarding_headers(gateway_client, backend: Backend) -> None:
@@ -176,7 +177,7 @@ async def test_metrics_and_health(gateway_client, backend: Backend) -> None:
     await client.get("/status/500")
     ready = await client.get("/_health/ready")
     assert ready.status == 200
-    gateway = client.app[__import__("apigw.pipeline.state", fromlist=["GATEWAY"]).GATEWAY]
+    gateway = gateway_of(client)
     assert (await ready.json())["config_hash"] == gateway.state.config_hash
     assert (await client.get("/_health/live")).status == 200
     value = gateway.metrics.registry.get_sample_value
@@ -185,6 +186,20 @@ async def test_metrics_and_health(gateway_client, backend: Backend) -> None:
     assert value("gateway_backend_requests_total", {"backend_service": "users", "status_code": "500"}) == 1
     assert value("gateway_backend_duration_seconds_count", {"backend_service": "users"}) == 2
     assert value("gateway_inflight_requests") == 0
+
+
+async def test_health_paths_answer_get_and_head_and_leave_other_methods_to_the_routes(
+    gateway_client, backend: Backend
+) -> None:
+    """The traffic port answers GET and HEAD at its health paths itself; a POST there, or a path that only
+    starts like one, is a request like any other, for the route that matches it."""
+    client = await gateway_client({"routes": [route("all", backend.url)]})
+    head = await client.head("/_health/ready")
+    assert head.status == 200 and await head.read() == b""
+    assert (await client.get("/_health/live?probe=1")).status == 200
+    assert (await client.post("/_health/live", data=b"x")).status == 200
+    assert (await client.get("/_health/live/more")).status == 200
+    assert backend.seen == ["/_health/live", "/_health/live/more"]
 
 
 async def test_only_the_clients_headers_and_ours_reach_the_backend(gateway_client, backend: Backend) -> None:

@@ -8,10 +8,10 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from apigw.pipeline.state import GATEWAY
 from apigw.testkit.backend import Backend
 from apigw.testkit.process import GatewayProcess, ports
 from apigw.testkit.redis import RedisServer
+from tests.conftest import gateway_of
 
 
 def limited(url: str, redis_url: str | None, requests: int = 5, **ratelimit: object) -> dict:
@@ -38,7 +38,7 @@ async def test_limit_then_429_with_headers(gateway_client, backend: Backend, red
     assert int(denied.headers["Retry-After"]) >= 1
     assert denied.headers["RateLimit-Remaining"] == "0"
     assert (await denied.json())["error"].startswith("rate limit exceeded")
-    value = client.app[GATEWAY].metrics.registry.get_sample_value
+    value = gateway_of(client).metrics.registry.get_sample_value
     assert value("gateway_ratelimit_requests_total", {"policy": "standard", "decision": "limited"}) == 2
 
 
@@ -68,7 +68,7 @@ async def test_redis_down_fail_open_and_fail_closed(gateway_client, backend: Bac
     resp = await asyncio.wait_for(closed_client.get("/a"), 5)
     assert resp.status == 503
     assert (await resp.json())["error"] == "rate limiter unavailable"
-    value = closed_client.app[GATEWAY].metrics.registry.get_sample_value
+    value = gateway_of(closed_client).metrics.registry.get_sample_value
     assert value("gateway_ratelimit_errors_total") == 1
     redis_server.start()
     assert (await closed_client.get("/a")).status == 200

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import yaml
 
-from apigw.pipeline.state import GATEWAY
 from apigw.testkit.backend import Backend
 from apigw.testkit.process import (
     BackendProcess,
@@ -19,6 +18,7 @@ from apigw.testkit.process import (
     wait_until,
 )
 from apigw.testkit.redis import free_port
+from tests.conftest import gateway_of
 
 
 def breaker_config(url: str, **backend: object) -> dict:
@@ -29,7 +29,7 @@ def breaker_config(url: str, **backend: object) -> dict:
 
 
 def state_of(client, service: str = "users") -> float | None:
-    metrics = client.app[GATEWAY].metrics
+    metrics = gateway_of(client).metrics
     return metrics.registry.get_sample_value("gateway_circuit_breaker_state", {"backend_service": service})
 
 
@@ -62,7 +62,7 @@ async def test_retry_on_configured_status_hides_one_failure(gateway_client, back
     resp = await client.get("/flaky/a/1")
     assert resp.status == 200
     assert (await resp.json())["call"] == 2
-    value = client.app[GATEWAY].metrics.registry.get_sample_value
+    value = gateway_of(client).metrics.registry.get_sample_value
     assert value("gateway_backend_requests_total", {"backend_service": "users", "status_code": "503"}) == 1
     assert value("gateway_backend_requests_total", {"backend_service": "users", "status_code": "200"}) == 1
 
@@ -81,7 +81,7 @@ async def test_breaker_survives_reload_for_unchanged_backend(gateway_client, bac
     for _ in range(3):
         await client.get("/status/503")
     assert state_of(client) == 1
-    gateway = client.app[GATEWAY]
+    gateway = gateway_of(client)
     config["routes"].append({"name": "other", "match": {"path_prefix": "/other"},
                              "backend": {"service": "other", "url": backend.url}})
     gateway.state = build_state(parse_documents({"config.yaml": yaml.safe_dump(config)}), gateway.shared)

@@ -15,16 +15,15 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from apigw.pipeline.state import GATEWAY
 from apigw.testkit import route
 from apigw.testkit.backend import Backend, echo_app
 from apigw.testkit.certs import write_self_signed
 from apigw.testkit.raw import Handler, raw_server
-from tests.conftest import access_lines
+from tests.conftest import access_lines, gateway_of
 
 
 def overflow_count(client, service: str) -> float | None:
-    return client.app[GATEWAY].metrics.registry.get_sample_value(
+    return gateway_of(client).metrics.registry.get_sample_value(
         "gateway_backend_requests_total", {"backend_service": service, "status_code": "upstream_overflow"})
 
 
@@ -43,7 +42,7 @@ async def test_beyond_max_connections_and_max_pending_requests_get_503_at_once(g
     assert [(await first).status, (await second).status] == [200, 200]
     assert overflow_count(client, "slow") == 1
     assert [line["error_type"] for line in access_lines(client) if line["status_code"] == 503] == ["upstream_overflow"]
-    breaker = client.app[GATEWAY].metrics.registry.get_sample_value(
+    breaker = gateway_of(client).metrics.registry.get_sample_value(
         "gateway_circuit_breaker_state", {"backend_service": "slow"})
     assert breaker == 0  # an overflow is the gateway's limit, not the backend's failure
 

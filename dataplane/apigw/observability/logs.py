@@ -138,12 +138,18 @@ GREPPED = re.compile(r"=|error|fatal|auth|rate|duration|oom|memory|backend_servi
 _GREPPED_LOWER = re.compile(GREPPED.pattern)
 """`GREPPED` for lower-cased ASCII text: a fifth of the cost of matching without regard to case."""
 
+_HEX_OR_DASH = re.compile(r"[0-9A-Fa-f-]*").fullmatch
+"""Text no `GREPPED` match can occur in (each grepped word holds a letter past `f`, or `=`), checked a
+quarter as fast as the general case."""
+
 
 def grep_safe(value: str) -> str:
     """`value` as the inside of a JSON string in which no `GREPPED` match occurs: `=` and one character
     of each grepped word are written as `\\uXXXX` escapes, which grep sees as such and every JSON reader
     (jq, `json.loads`) turns back into the exact value. So `GET /open/status_code=503` is logged as
     `/open/status_code\\u003d503` and `jq -r .path` prints `/open/status_code=503`."""
+    if _HEX_OR_DASH(value):
+        return value  # request ids, UUIDs: no grepped word is spelt in hex digits
     if (value.isascii() and value.isprintable() and '"' not in value and "\\" not in value
             and not _GREPPED_LOWER.search(value.lower())):
         return value  # the common case: the JSON text is the value itself
@@ -220,6 +226,9 @@ class AccessLog:
         self._second = self._millisecond = -1
         self._second_text = self._text = ""
         self._lines: list[str] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The event loop it writes on, kept from the first line (`asyncio.get_running_loop()` is a getpid()
+        system call on Python 3.11)."""
 
     def _timestamp(self, now: float) -> str:
         """`timestamp(now)`, formatting the date and time (the costly part) once a second, and the
@@ -234,7 +243,9 @@ class AccessLog:
 
     def write(self, access: Access) -> None:
         if not self._lines:
-            asyncio.get_running_loop().call_soon(self._flush)
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self._flush)
         self._lines.append(access.line(self._timestamp(time.time())))
 
     def _flush(self) -> None:

@@ -25,7 +25,7 @@ from apigw.observability.logs import Access
 from apigw.observability.metrics import Metrics
 from apigw.pipeline import proxy
 from apigw.pipeline.routing import Router
-from apigw.pipeline.state import GATEWAY, CompiledRoute, Gateway
+from apigw.pipeline.state import CompiledRoute, Gateway
 from apigw.policy.ratelimit import limit_key
 from apigw.policy.retry import CONNECT_FAILED, should_retry
 from apigw.upstream.client import Response
@@ -50,7 +50,7 @@ class Exchange:
     """One request on its way through the pipeline: what the steps after the first need, and what its
     access line and counts say at the end."""
 
-    request: web.Request
+    request: web.BaseRequest
     started: float
     client_ip: str
     trusted: bool
@@ -65,10 +65,9 @@ class Exchange:
     forwarded: proxy.Forwarded = field(default_factory=proxy.Forwarded)
 
 
-async def handle(request: web.Request) -> web.StreamResponse:
+async def handle(request: web.BaseRequest, gateway: Gateway) -> web.StreamResponse:
     """Every proxied request, start to end. The state is read once: a reload during the request
     changes nothing for it."""
-    gateway = request.app[GATEWAY]
     state = gateway.state
     peer = request.remote or ""
     trusted = state.edge.is_trusted(peer)
@@ -179,7 +178,7 @@ async def _call_backend(
     forwarded.service = cluster.service
     cluster.retry_budget.record_request()
     service = cluster.service
-    loop = asyncio.get_running_loop()
+    loop = request.task.get_loop()  # not asyncio.get_running_loop(): on Python 3.11 that is a getpid() call
     request_deadline = loop.time() + route.request_timeout
     retries = 0
     while True:
@@ -210,7 +209,7 @@ async def _call_backend(
         return backend
 
 
-def _may_retry(request: web.Request, cluster: Cluster, retries: int, outcome: int | str, deadline: float) -> bool:
+def _may_retry(request: web.BaseRequest, cluster: Cluster, retries: int, outcome: int | str, deadline: float) -> bool:
     return (should_retry(request.method, retries, outcome, cluster.retries)
             and asyncio.get_running_loop().time() < deadline and cluster.retry_budget.can_retry())
 
@@ -226,7 +225,7 @@ def error_body(error: GatewayError, request_id: str) -> bytes:
     return json.dumps({"error": error.message, "request_id": request_id}).encode()
 
 
-async def _answer_and_close(request: web.Request, response: web.StreamResponse) -> None:
+async def _answer_and_close(request: web.BaseRequest, response: web.StreamResponse) -> None:
     """Send `response` and close, instead of aiohttp's lingering read of the unread body (up to 10 s)."""
     response.force_close()
     await response.prepare(request)
@@ -235,7 +234,7 @@ async def _answer_and_close(request: web.Request, response: web.StreamResponse) 
         request.transport.close()
 
 
-def _check_head(request: web.Request, max_size: int) -> None:
+def _check_head(request: web.BaseRequest, max_size: int) -> None:
     """The request head within the size backends must accept, and no expectation but 100-continue (which
     the body's first read answers, once the request has passed every check)."""
     size = len(request.method) + len(request.raw_path) + sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
@@ -246,7 +245,7 @@ def _check_head(request: web.Request, max_size: int) -> None:
         raise GatewayError(417, "expectation_failed", "the only expectation the gateway meets is 100-continue")
 
 
-def _target(request: web.Request) -> Target:
+def _target(request: web.BaseRequest) -> Target:
     """What the request asks for, in the one meaning the router and the backend share."""
     if request.version not in SUPPORTED_VERSIONS:
         major, minor = request.version
@@ -274,7 +273,7 @@ def _route(router: Router[CompiledRoute], target: Target, method: str) -> Compil
     return route
 
 
-def _request_id(request: web.Request, keep_given: bool) -> str:
+def _request_id(request: web.BaseRequest, keep_given: bool) -> str:
     """The caller's X-Request-ID when `keep_given` and it is sane, else a new one, unique per process
     start and count: an untrusted client must not choose the id other systems file its request under."""
     given = request.headers.get("X-Request-ID") if keep_given else None

@@ -59,7 +59,7 @@ class BodyLimit:
     next piece waiting longer than `idle_timeout`. A client that sent `Expect: 100-continue` is invited
     to send the body only now, when the backend asks for it: every check before has passed."""
 
-    def __init__(self, request: web.Request, limit: int, idle_timeout: float):
+    def __init__(self, request: web.BaseRequest, limit: int, idle_timeout: float):
         self.request, self.limit, self.idle_timeout = request, limit, idle_timeout
         self.seen = 0
         self.failure: GatewayError | None = None
@@ -91,7 +91,7 @@ class BodyLimit:
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-def awaits_continue(request: web.Request) -> bool:
+def awaits_continue(request: web.BaseRequest) -> bool:
     """The client holds its body back until invited (`Expect: 100-continue`)."""
     return request.version >= HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue"
 
@@ -139,7 +139,7 @@ class Edge:
 
 
 def request_headers(
-    request: web.Request, cluster: Cluster, request_id: str, target: Target, trusted: bool, edge: Edge,
+    request: web.BaseRequest, cluster: Cluster, request_id: str, target: Target, trusted: bool, edge: Edge,
     extra: Iterable[tuple[str, str]],
 ) -> list[tuple[str, str]]:
     """The headers the backend receives: the client's end-to-end headers (less those `edge` drops, and
@@ -174,7 +174,7 @@ def request_headers(
     return headers
 
 
-def request_body(request: web.Request, max_body: int, idle_timeout: float) -> BodyLimit | None:
+def request_body(request: web.BaseRequest, max_body: int, idle_timeout: float) -> BodyLimit | None:
     """The body to stream to the backend, or None; 413 at once when the declared length is over the limit."""
     if not request.body_exists:
         return None
@@ -192,7 +192,7 @@ def backend_target(cluster: Cluster, path: str, query: str) -> str:
 
 
 async def send(
-    request: web.Request, cluster: Cluster, target: str, headers: list[tuple[str, str]],
+    request: web.BaseRequest, cluster: Cluster, target: str, headers: list[tuple[str, str]],
     waits: tuple[float, float], body: BodyLimit | None, result: Forwarded,
 ) -> Response:
     """Send the request to `cluster`; return once the response headers are in. `waits` are the longest
@@ -221,7 +221,7 @@ async def send(
 
 
 async def relay(
-    request: web.Request, backend: Response, extra_headers: Mapping[str, str], service: str
+    request: web.BaseRequest, backend: Response, extra_headers: Mapping[str, str], service: str
 ) -> web.StreamResponse:
     """Stream the backend's response to the client, adding `extra_headers`.
 
@@ -234,7 +234,7 @@ async def relay(
 
 
 async def _relay(
-    request: web.Request, backend: Response, extra_headers: Mapping[str, str], service: str
+    request: web.BaseRequest, backend: Response, extra_headers: Mapping[str, str], service: str
 ) -> web.StreamResponse:
     bodiless = request.method == "HEAD" or backend.status in (204, 304)
     drop = HOP_BY_HOP if bodiless else _RESPONSE_DROP  # a HEAD answer keeps the length of the body it omits

@@ -18,13 +18,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from redis.exceptions import ResponseError
 
 from apigw.config.model import RedisConfig
-from apigw.redis.link import RedisLink, pack
+from apigw.redis.link import RedisLink
 
 BATCH_LUA = (Path(__file__).parent / "batch.lua").read_text()
 """The batch script: GCRA steps and revocation checks, in order, on Redis's clock. GCRA's in-process twin
@@ -76,55 +77,67 @@ class RedisBatch:
         )
         self._slow = slow
         self._max_checks = max_checks
-        self._keys: list[str] = []
-        self._args: list[Any] = []
+        self._keys: list[bytes] = []
+        """The keys of the batch being gathered, each a RESP bulk string."""
+        self._args: list[bytes] = []
+        """Their arguments in RESP, one piece per check."""
+        self._count = 0
+        """How many arguments `_args` holds."""
         self._waiters: list[tuple[asyncio.Future[Any], int]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The event loop it runs on, kept from the first check (`asyncio.get_running_loop()` is a getpid()
+        system call on Python 3.11)."""
         self.round_trips = 0
         self.seen = Seen()
         self._sending: set[asyncio.Task[None]] = set()
 
     def limit(self, key: str, interval: int, capacity: int) -> asyncio.Future[tuple[int, int, int]]:
         """One GCRA step on bucket `key`: (allowed 1|0, µs until full, µs until a request may pass)."""
-        return self._ask(key, 3, "L", interval, capacity)
+        return self._ask(key, 3, _limit_args(interval, capacity), 3)
 
     def revoked(self, key: str) -> asyncio.Future[int]:
         """Whether `key` exists: 1 or 0."""
-        return self._ask(key, 1, "R")
+        return self._ask(key, 1, _REVOKED_ARGS, 1)
 
-    def _ask(self, key: str, width: int, *args: Any) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
+    def _ask(self, key: str, width: int, args: bytes, count: int) -> asyncio.Future[Any]:
+        """A check on `key` of `width` replies, its `count` arguments already in RESP (`args`)."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
         if not self._waiters:
-            loop.call_soon(self._flush)
-        future = loop.create_future()
-        self._keys.append(key)
-        self._args.extend(args)
+            self._loop.call_soon(self._flush)
+        future = self._loop.create_future()
+        self._keys.append(_bulk(key.encode("utf-8", "surrogatepass")))
+        self._args.append(args)
+        self._count += count
         self._waiters.append((future, width))
         if len(self._waiters) >= self._max_checks:
             self._flush()  # full: sent now; the tick's next check starts another batch
         return future
 
     def _flush(self) -> None:
-        keys, args, waiters = self._keys, self._args, self._waiters
+        keys, args, count, waiters = self._keys, self._args, self._count, self._waiters
         if not waiters:  # the tick's batches were all full and are sent already
             return
-        self._keys, self._args, self._waiters = [], [], []
+        self._keys, self._args, self._count, self._waiters = [], [], 0, []
         self.round_trips += 1
+        # the script's key count, the keys, their arguments: what EVALSHA and EVAL (NOSCRIPT) both send after the script
+        parts = (3 + len(keys) + count, _bulk(b"%d" % len(keys)), *keys, *args)
         try:
-            sent = self.link.send(pack(["EVALSHA", BATCH_SHA, len(keys), *keys, *args]))  # written now if it can be
+            sent = self.link.send(_command(_EVALSHA, parts))  # written now if it can be
         except Exception as error:  # a bug of ours: every check of the tick fails, none hangs
             _fail(waiters, error)
             return
-        task = asyncio.get_running_loop().create_task(self._settle(sent, keys, args, waiters, time.perf_counter()))
+        task = self._loop.create_task(self._settle(sent, parts, waiters, time.perf_counter()))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
     async def _settle(
-        self, sent: Awaitable[Any], keys: list[str], args: list[Any],
-        waiters: list[tuple[asyncio.Future[Any], int]], started: float,
+        self, sent: Awaitable[Any], parts: tuple[Any, ...], waiters: list[tuple[asyncio.Future[Any], int]],
+        started: float,
     ) -> None:
         """Hand each waiter its share of the replies, or the error."""
         try:
-            replies = await self._replies(sent, keys, args)
+            replies = await self._replies(sent, parts)
         except BaseException as error:  # every waiter learns of it, cancellation included
             if isinstance(error, Exception):  # not a cancellation at shutdown
                 self.seen.round_trip(error)
@@ -147,16 +160,37 @@ class RedisBatch:
                 future.set_result(tuple(replies[at:at + width]) if width > 1 else replies[at])
             at += width
 
-    async def _replies(self, sent: Awaitable[Any], keys: list[str], args: list[Any]) -> list[int]:
+    async def _replies(self, sent: Awaitable[Any], parts: tuple[Any, ...]) -> list[int]:
         try:
             return await sent
         except ResponseError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
-            return await self.link.send(pack(["EVAL", BATCH_LUA, len(keys), *keys, *args]))  # caches it again
+            return await self.link.send(_command(_EVAL, parts))  # caches it again
 
     async def aclose(self) -> None:
         await self.link.aclose()
+
+
+def _bulk(value: bytes) -> bytes:
+    """A RESP bulk string."""
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+def _command(script: bytes, parts: tuple[Any, ...]) -> bytes:
+    """The script call: the array's length (`parts[0]`), the command and script (`script`), then the rest."""
+    return b"".join((b"*%d\r\n" % parts[0], script, *parts[1:]))
+
+
+_EVALSHA = _bulk(b"EVALSHA") + _bulk(BATCH_SHA.encode())
+_EVAL = _bulk(b"EVAL") + _bulk(BATCH_LUA.encode())
+_REVOKED_ARGS = _bulk(b"R")
+
+
+@lru_cache(maxsize=1024)
+def _limit_args(interval: int, capacity: int) -> bytes:
+    """A limit check's arguments in RESP (`L`, interval, capacity), made once per policy, not per check."""
+    return _bulk(b"L") + _bulk(b"%d" % interval) + _bulk(b"%d" % capacity)
 
 
 def _fail(waiters: list[tuple[asyncio.Future[Any], int]], error: Exception) -> None:

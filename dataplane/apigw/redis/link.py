@@ -86,11 +86,10 @@ class RedisLink:
 
         On an idle connection the command is written before this returns, not when a task first runs
         it: the caller's tick sends it, one event-loop turn earlier."""
-        deadline = asyncio.get_running_loop().time() + self.timeout
         conn, reused = self._take_idle() if not self._waiting else (None, False)  # no cutting in line
         if conn is None:
-            return self._connect_and_send(command, deadline)
-        return self._finish(conn, reused, command, conn.send(command, deadline))
+            return self._connect_and_send(command, asyncio.get_running_loop().time() + self.timeout)
+        return self._finish(conn, reused, command, conn.send(command, conn.loop.time() + self.timeout))
 
     async def _connect_and_send(self, command: bytes, deadline: float) -> Any:
         async with asyncio.timeout_at(deadline):

@@ -21,9 +21,9 @@ async def connect(
     factory = connection or Connection
     async with asyncio.timeout(timeout):
         if path:
-            _, conn = await loop.create_unix_connection(factory, path)
+            _, conn = await loop.create_unix_connection(lambda: factory(loop), path)
         else:
-            _, conn = await loop.create_connection(factory, host, port, ssl=ssl_context)
+            _, conn = await loop.create_connection(lambda: factory(loop), host, port, ssl=ssl_context)
         try:
             for command in handshake:
                 reply = await conn.send(command, loop.time() + timeout)
@@ -36,7 +36,9 @@ async def connect(
 
 
 class Connection(asyncio.Protocol):
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        """Kept: `asyncio.get_running_loop()` is a getpid() system call on Python 3.11."""
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._reader = hiredis.Reader()
@@ -52,7 +54,7 @@ class Connection(asyncio.Protocol):
     def send(self, command: bytes, deadline: float) -> asyncio.Future[Any]:
         """Write `command` now; the future of its reply fails at `deadline` (the caller is not cancelled:
         see RedisLink)."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         reply = loop.create_future()
         if self.closed or self.transport is None:
             reply.set_exception(ConnectionError("the Redis connection is closed"))
@@ -69,7 +71,7 @@ class Connection(asyncio.Protocol):
         if reply.done():
             return
         if first:
-            asyncio.get_running_loop().call_later(0.001, self._overdue, reply, False)
+            self.loop.call_later(0.001, self._overdue, reply, False)
             return
         reply.set_exception(TimeoutError("no reply from Redis in time"))
 
@@ -130,8 +132,8 @@ class Subscription(Connection):
     """A connection that also takes messages nobody asked for (SUBSCRIBE's pushes): each goes to
     `messages`, and None follows when the connection is lost."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
         self.messages: asyncio.Queue[Any] = asyncio.Queue()
 
     def data_received(self, data: bytes) -> None:

@@ -7,7 +7,7 @@ code runs: middlewares and `on_response_prepare` never see it (aiohttp issues #3
 is text/plain echoing the offending bytes under a `Server: Python/x aiohttp/y` banner, with no request
 id, no access line and no count, and it logs the raw bytes to `aiohttp.server` (a whole token, for a
 bad `Authorization` header). The one place that answer is made is the connection handler's
-`handle_error`; `GatewayRunner` serves the app with a handler whose `handle_error` answers like the
+`handle_error`; `TrafficRunner` and `GatewayRunner` serve with a handler whose `handle_error` answers like the
 pipeline: the JSON error with a fresh `X-Request-ID`, one access line and a count under route `-`, and
 nothing of the request's bytes in the answer or the logs.
 
@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
 from aiohttp import hdrs, web
 from aiohttp.http import SERVER_SOFTWARE
@@ -98,7 +99,7 @@ class _Handler(RequestHandler):
 
     def __init__(self, manager: web.Server, *, gateway: Gateway, **kwargs: Any):
         super().__init__(manager, **kwargs)
-        self._gateway = gateway
+        self.gateway = gateway
         listen = gateway.state.config.listen
         self._keepalive_timeout = listen.idle_timeout
         self._head_timeout = listen.request_head_timeout
@@ -142,14 +143,14 @@ class _Handler(RequestHandler):
         error = GatewayError(408, "request_head_timeout", f"the request head took longer than {self._head_timeout:g}s")
         request_id = new_request_id()
         body = error_body(error, request_id)
-        server = self._gateway.state.config.listen.server_header
+        server = self.gateway.state.config.listen.server_header
         self.transport.write(
             b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
             b"X-Request-ID: %s\r\n%sConnection: close\r\n\r\n%s"
             % (len(body), request_id.encode(), f"Server: {server}\r\n".encode() if server else b"", body)
         )
         peer = self.transport.get_extra_info("peername")
-        count(self._gateway, Access("-", "-", UNROUTED, 408, peer[0] if peer else "", request_id,
+        count(self.gateway, Access("-", "-", UNROUTED, 408, peer[0] if peer else "", request_id,
                                     error_type=error.error_type))
         self.force_close()
 
@@ -173,9 +174,9 @@ class _Handler(RequestHandler):
         if error.status >= 500:  # the type only: an exception's text may quote the request
             log.error("request failed outside the pipeline: %s", type(exc).__name__)
         request_id = new_request_id()
-        response = _Refusal(error, request_id, self._gateway.state.config.listen.server_header)
+        response = _Refusal(error, request_id, self.gateway.state.config.listen.server_header)
         response.force_close()
-        count(self._gateway, Access(
+        count(self.gateway, Access(
             "-", "-", UNROUTED, error.status, request.remote or "", request_id, error_type=error.error_type
         ))
         return response
@@ -192,9 +193,59 @@ class _Server(web.Server):
         return _Handler(self, **self.handler_kwargs)
 
 
+def _handler_kwargs(loop: asyncio.AbstractEventLoop, gateway: Gateway) -> dict[str, Any]:
+    """What every connection's `_Handler` is made with: the parser limits above, no aiohttp access log."""
+    return {"loop": loop, "gateway": gateway, "access_log": None, "max_line_size": MAX_REQUEST_LINE,
+            "max_field_size": MAX_HEADER_FIELD, "max_headers": MAX_HEADERS}
+
+
+CLIENT_MAX_SIZE = 1024**2
+"""Bytes of body `request.read()` takes (aiohttp's `client_max_size`); the pipeline streams bodies instead."""
+
+
+class _Request(web.BaseRequest):
+    """A traffic port request: the Server header policy applied to each response as it is prepared (an
+    Application's `on_response_prepare`)."""
+
+    async def _prepare_hook(self, response: web.StreamResponse) -> None:
+        handler = cast(_Handler, self.protocol)
+        no_banner(response.headers, handler.gateway.state.config.listen.server_header)
+
+
+class TrafficRunner(web.BaseRunner):
+    """Serves the traffic port on aiohttp's low-level server: each request goes straight to `handler`,
+    without an Application's router, middlewares and signals, which cost per request and decided nothing
+    for the one catch-all route. aiohttp answers no `Expect: 100-continue` here: the pipeline invites the
+    body itself once the request passed route, auth and rate limit. The backend pools close with it."""
+
+    def __init__(
+        self, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]], gateway: Gateway, *,
+        shutdown_timeout: float, handler_cancellation: bool = False,
+    ):
+        super().__init__(shutdown_timeout=shutdown_timeout)
+        self.handler = handler
+        self.gateway = gateway
+        self.handler_cancellation = handler_cancellation
+
+    async def shutdown(self) -> None:
+        """Nothing to tell before connections close (an Application's `on_shutdown`)."""
+
+    async def _make_server(self) -> web.Server:
+        loop = asyncio.get_running_loop()
+
+        def request(*args: Any) -> _Request:  # message, payload, protocol, writer, task
+            return _Request(*args, loop, client_max_size=CLIENT_MAX_SIZE)
+
+        return _Server(self.handler, request_factory=request, loop=loop, handler_cancellation=self.handler_cancellation,
+                       handler_kwargs=_handler_kwargs(loop, self.gateway))
+
+    async def _cleanup_server(self) -> None:
+        await self.gateway.shared.close()
+
+
 class GatewayRunner(web.AppRunner):
-    """`web.AppRunner` whose connections are served by `_Handler`, with the parser limits above, without
-    aiohttp's access log and with the Server header policy on every response the app makes."""
+    """`web.AppRunner` for the side listeners' apps (metrics, debug), their connections served by
+    `_Handler` as the traffic port's are, with the Server header policy on every response the app makes."""
 
     def __init__(self, app: web.Application, gateway: Gateway, shutdown_timeout: float):
         app.on_response_prepare.append(self._server_header)
@@ -207,7 +258,5 @@ class GatewayRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()  # runs the app's start-up; gives its handler and request factory
         loop = asyncio.get_running_loop()
-        return _Server(server.request_handler, request_factory=server.request_factory, loop=loop, handler_kwargs={
-            "loop": loop, "gateway": self.gateway, "access_log": None, "max_line_size": MAX_REQUEST_LINE,
-            "max_field_size": MAX_HEADER_FIELD, "max_headers": MAX_HEADERS,
-        })
+        return _Server(server.request_handler, request_factory=server.request_factory, loop=loop,
+                       handler_kwargs=_handler_kwargs(loop, self.gateway))

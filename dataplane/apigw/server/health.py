@@ -34,15 +34,18 @@ def _status(draining: bool) -> tuple[str, int]:
     return ("draining", 503) if draining else ("ready", 200)
 
 
-async def live(request: web.Request) -> web.Response:
+def live(gateway: Gateway) -> web.Response:
     return web.json_response({"status": "alive"})
 
 
-async def ready(request: web.Request) -> web.Response:
+def ready(gateway: Gateway) -> web.Response:
     """The traffic port's readiness: status and config hash only."""
-    gateway = request.app[GATEWAY]
     status, code = _status(gateway.draining)
     return web.json_response({"status": status, "config_hash": gateway.state.config_hash}, status=code)
+
+
+TRAFFIC_HEALTH: dict[str, Callable[[Gateway], web.Response]] = {"/_health/live": live, "/_health/ready": ready}
+"""The traffic port's health answers (to GET and HEAD), by path."""
 
 
 def details(gateway: Gateway) -> dict[str, Any]:

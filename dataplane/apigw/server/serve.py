@@ -11,21 +11,20 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import Awaitable, Coroutine
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from apigw.config.errors import ConfigError
 from apigw.observability.metrics import Metrics, metrics_app
 from apigw.pipeline.handler import handle
-from apigw.pipeline.state import GATEWAY, Gateway
+from apigw.pipeline.state import Gateway
 from apigw.server.config_check import check_config_and_files
-from apigw.server.connection import GatewayRunner
+from apigw.server.connection import GatewayRunner, TrafficRunner
 from apigw.server.debug import debug_app
-from apigw.server.health import StatusFile, live, ready, with_details
+from apigw.server.health import TRAFFIC_HEALTH, StatusFile, with_details
 from apigw.server.reload import Reloader
 from apigw.server.tls import ServerTLS
 from apigw.server.workers import METRICS_DIR_ENV, WORKER_ENV, supervise
@@ -37,33 +36,31 @@ BACKLOG = 4096
 128 drops SYNs when a thousand clients connect at once, and each dropped one waits a second or more."""
 
 
-async def _backend_pools(app: web.Application) -> AsyncIterator[None]:
-    """Backend connection pools live as long as the traffic app."""
-    yield
-    await app[GATEWAY].shared.close()
+class Traffic:
+    """The traffic port's one handler: the health answers at their paths, the pipeline for the rest."""
+
+    def __init__(self, gateway: Gateway):
+        self.gateway = gateway
+
+    def __call__(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
+        if request.method in HEALTH_METHODS:
+            health = TRAFFIC_HEALTH.get(request.rel_url.path_safe)  # the path aiohttp's router would match
+            if health is not None:
+                return _answered(health(self.gateway))
+        return handle(request, self.gateway)
 
 
-@web.middleware
-async def _pipeline_for_the_rest(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Targets no route of aiohttp's can match (`OPTIONS *`) go to the pipeline too, never to aiohttp's 404."""
-    if request.match_info.http_exception is not None:
-        return await handle(request)
-    return await handler(request)
+async def _answered(response: web.StreamResponse) -> web.StreamResponse:
+    return response
 
 
-async def _continue_later(request: web.Request) -> None:
-    """aiohttp would answer `Expect: 100-continue` before the pipeline runs, inviting bodies that route,
-    auth or rate limit then refuse; the pipeline invites the body itself when it reads it."""
+HEALTH_METHODS = frozenset({"GET", "HEAD"})
+"""Methods the health paths answer; any other goes to the pipeline, as every other path."""
 
 
-def traffic_app(gateway: Gateway) -> web.Application:
-    app = web.Application(client_max_size=1024**2, middlewares=[_pipeline_for_the_rest])
-    app[GATEWAY] = gateway
-    app.cleanup_ctx.append(_backend_pools)
-    app.router.add_get("/_health/live", live)
-    app.router.add_get("/_health/ready", ready)
-    app.router.add_route("*", r"/{target:[\s\S]*}", handle, expect_handler=_continue_later)
-    return app
+def traffic_runner(gateway: Gateway, shutdown_timeout: float, handler_cancellation: bool = False) -> TrafficRunner:
+    return TrafficRunner(Traffic(gateway), gateway, shutdown_timeout=shutdown_timeout,
+                         handler_cancellation=handler_cancellation)
 
 
 async def serve(config_path: Path, workers: int | None = None, debug_port: int | None = None) -> int:
@@ -86,9 +83,9 @@ async def serve(config_path: Path, workers: int | None = None, debug_port: int |
         log.error("config %s is invalid: %d error(s)", config_path, len(exc.errors), extra={"fields": {"errors": exc.errors}})
         return 1
     listen = config.listen
-    runner = GatewayRunner(traffic_app(gateway), gateway, shutdown_timeout=listen.drain_timeout)
+    runner = traffic_runner(gateway, listen.drain_timeout)
     await runner.setup()
-    runners = [runner]
+    runners: list[web.BaseRunner] = [runner]
     sites = [web.TCPSite(runner, listen.address, listen.port, backlog=BACKLOG, reuse_port=worker)]
     side_apps = [] if worker else [(with_details(metrics_app(metrics.registry), gateway), listen.address, listen.metrics_port)]
     if debug_port is not None and not worker:  # workers: the supervisor serves metrics; py-spy for debugging

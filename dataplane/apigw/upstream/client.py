@@ -132,10 +132,9 @@ class Pool:
             self._idle.pop().close()
 
     def _reusable(self) -> _Connection | None:
-        now = asyncio.get_running_loop().time()
         while self._idle:
             conn = self._idle.pop()
-            if not conn.closed and now - conn.idle_since < KEEPALIVE:
+            if not conn.closed and conn.loop.time() - conn.idle_since < KEEPALIVE:
                 return conn
             conn.close()
         return None
@@ -143,7 +142,7 @@ class Pool:
     async def _connect(self, timeout: float) -> _Connection:
         loop = asyncio.get_running_loop()
         self.open += 1
-        conn = _Connection(self)
+        conn = _Connection(self, loop)
         try:
             async with asyncio.timeout(timeout):
                 await loop.create_connection(
@@ -177,7 +176,7 @@ class Pool:
             if not waiter.done():
                 waiter.set_result(conn)
                 return
-        loop = asyncio.get_running_loop()
+        loop = conn.loop
         conn.idle_since = loop.time()
         self._idle.append(conn)
         if self._sweep is None:
@@ -205,8 +204,11 @@ class Pool:
 class _Connection(asyncio.Protocol):
     """One connection to a backend; carries one exchange at a time."""
 
-    def __init__(self, pool: Pool):
+    def __init__(self, pool: Pool, loop: asyncio.AbstractEventLoop):
         self.pool = pool
+        self.loop = loop
+        """The event loop it runs on, kept: `asyncio.get_running_loop()` calls getpid() on Python 3.11
+        (a system call, about a microsecond here), and the hot path would ask several times per request."""
         self.transport: asyncio.Transport | None = None
         self.response: Response | None = None
         self.closed = False
@@ -336,6 +338,7 @@ class Response:
         self.error: BackendError | None = None
         self.complete = False
         self._conn: _Connection | None = conn
+        self._loop = conn.loop
         self._timeout = timeout
         self._deadline = deadline
         self._parser = httptools.HttpResponseParser(self)
@@ -390,7 +393,7 @@ class Response:
 
     async def wait(self, timed: bool = True) -> None:
         """Until the backend sends more or fails, or `wake()`; BackendError `timeout` after the timeout."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         waiter = self._waiter = loop.create_future()
         timer = None
         if timed:

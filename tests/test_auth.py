@@ -25,7 +25,7 @@ from apigw.config.errors import ConfigError
 from apigw.config.model import AuthConfig, RedisConfig
 from apigw.http.errors import GatewayError
 from apigw.observability.metrics import Metrics
-from apigw.policy.auth import MAX_TOKEN_LENGTH, NO_EXP_CACHE_SECONDS, Authenticator, Claims
+from apigw.policy.auth import MAX_TOKEN_LENGTH, NO_EXP_CACHE_SECONDS, REFUSED_CACHE_SECONDS, Authenticator, Claims, plain_text
 from apigw.redis.batch import RedisBatch
 from apigw.testkit.clock import FakeClock
 from apigw.testkit.redis import RedisServer
@@ -825,10 +825,58 @@ async def test_an_expired_token_is_remembered_and_stays_expired(make_auth, clock
     assert await authenticate(auth, token, ())
     clock.now += 41
     assert (await rejected(auth, token)).error_type == "expired"
-    clock.now += 10**6
+    clock.now += REFUSED_CACHE_SECONDS - 1
     assert (await rejected(auth, token)).error_type == "expired"
     assert auth.refused.hits == 1
-    assert attempts(metrics, "failure", "expired") == 2
+    clock.now += 10**6  # the refusal is forgotten (a clock stepped back would be trusted again), then made again
+    assert (await rejected(auth, token)).error_type == "expired"
+    assert auth.refused.hits == 1
+    assert attempts(metrics, "failure", "expired") == 3
+
+
+async def test_a_token_in_its_clock_skew_grace_is_accepted_without_evicting_cached_tokens(make_auth, clock, rsa_key):
+    auth = make_auth(rsa_key, clock_skew=30, cache_size=2)
+    live = f"Bearer {rsa_key.token(now=clock.now, ttl=3600, sub='live')}"
+    assert await authenticate(auth, live, ())
+    late = f"Bearer {rsa_key.token(now=clock.now - 20, ttl=10)}"  # expired 10 s ago, within the 30 s grace
+    for _ in range(3):
+        assert await authenticate(auth, late, ())
+    assert list(auth.cache.entries) == [live.removeprefix("Bearer ")]
+
+
+async def test_two_authorization_headers_are_refused(make_auth, clock, metrics, rsa_key):
+    """A backend reading the other copy would see a token the gateway never checked."""
+    auth = make_auth(rsa_key)
+    token = f"Bearer {rsa_key.token(now=clock.now)}"
+    with pytest.raises(GatewayError) as caught:
+        auth.verify_request([token, "Bearer forged"])
+    assert (caught.value.status, caught.value.error_type) == (401, "malformed")
+    assert attempts(metrics, "failure", "malformed") == 1
+    assert auth.verify_request([token])["sub"] == "test-user"
+
+
+@pytest.mark.parametrize("scope, granted", [("read admin", True), ("read\u00a0admin", False), ("read\u2028admin", False),
+                                            ("read\tadmin", False), ("  admin  ", True)])
+async def test_scopes_are_separated_by_spaces_only(make_auth, clock, rsa_key, scope, granted):
+    auth = make_auth(rsa_key)
+    token = f"Bearer {rsa_key.token(now=clock.now, scope=scope)}"
+    if granted:
+        assert await authenticate(auth, token, ("admin",))
+    else:
+        assert (await rejected(auth, token, ("admin",))).error_type == "insufficient_scope"
+
+
+@given(value=st.text(max_size=30))
+@settings(max_examples=400, deadline=None)
+def test_a_forwarded_string_reads_back_as_itself_by_one_rule(value):
+    """A backend's rule, "JSON if it parses as JSON, else the text itself", gives back every string:
+    no two claim values share a header value."""
+    sent = value if plain_text(value) else json.dumps(value, separators=(",", ":"))
+    try:
+        read = json.loads(sent)
+    except ValueError:
+        read = sent
+    assert read == value
 
 
 async def test_a_token_not_yet_valid_is_not_remembered_as_refused(make_auth, clock, rsa_key):

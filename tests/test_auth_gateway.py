@@ -307,6 +307,21 @@ async def test_a_token_of_non_ascii_bytes_is_401_malformed(gateway_client, backe
     assert access_lines(client)[-1]["error_type"] == "malformed"
 
 
+@pytest.mark.parametrize("second", ["Bearer eyJhbGciOiJub25lIn0.eyJzdWIiOiJhZG1pbiJ9.", "{good}"], ids=["forged", "same"])
+async def test_two_authorization_headers_are_401_and_never_reach_the_backend(gateway_client, backend, key, tmp_path, second) -> None:
+    """Exact bytes: a valid token followed by a second Authorization header. The gateway checked the first;
+    a backend reading the last (or joining them) would see the other, so neither is forwarded."""
+    client = await gateway_client(auth_config(tmp_path, backend.url))
+    good = f"Bearer {key.token(scope='users:read')}"
+    request = (f"GET /users/1 HTTP/1.1\r\nHost: gw\r\nAuthorization: {good}\r\n"
+               f"Authorization: {second.format(good=good)}\r\n\r\n").encode()
+    [response] = await _raw_exchanges(client.server.port, [request])
+    assert response.split(b" ", 2)[1] == b"401", response
+    assert b'error_description="more than one Authorization header"' in response
+    assert backend.seen == []
+    assert access_lines(client)[-1]["error_type"] == "malformed"
+
+
 async def test_revocation_and_rate_limit_share_one_redis_round_trip(
     gateway_client, backend, key, tmp_path, redis_server: RedisServer
 ) -> None:

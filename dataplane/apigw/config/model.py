@@ -470,6 +470,13 @@ class RouteAuth(Strict):
     scopes: list[str] = []
     """Every one of these must be in the token's `scope`/`scp` claim (else 403)."""
 
+    @model_validator(mode="after")
+    def _scopes_need_a_token(self) -> RouteAuth:
+        if self.scopes and not self.required:
+            raise ValueError("scopes with required: false let a request without a token in while a token without "
+                             "the scopes is refused; set required: true, or remove scopes")
+        return self
+
 
 class Route(Strict):
     name: Name

@@ -86,7 +86,7 @@ async def handle(request: web.BaseRequest, gateway: Gateway) -> web.StreamRespon
         claims = None
         if route.auth is not None and (route.auth.required or "Authorization" in request.headers):
             ex.auth_status = "failure"
-            claims = state.auth.verify(request.headers.get("Authorization"))
+            claims = state.auth.verify_request(request.headers.getall("Authorization", []))
         limited = None
         if route.limit is not None and state.limiter is not None:
             key = limit_key(route.limit.key, ex.client_ip, request.headers, claims)

@@ -29,8 +29,8 @@ verification for repeated tokens. An entry never outlives the token's `exp`; a t
 is re-verified at least every `NO_EXP_CACHE_SECONDS`. Refused tokens are cached too (at most
 `REFUSED_CACHE_SIZE`, within `auth.cache_size`), so that a flood of one bad token costs a dictionary
 lookup, not a signature check: every refusal that time cannot undo (a token that has expired stays
-expired as the clock moves on), but not `not_yet_valid`, which time ends. New keys come with a new
-authenticator and caches.
+expired as the clock moves on), for `REFUSED_CACHE_SECONDS`, but not `not_yet_valid`, which time ends.
+New keys come with a new authenticator and caches.
 
 Revocation list: a token is revoked while Redis holds the key `revoked:<jti>` (any value). Whoever
 revokes sets its TTL to outlive the token, e.g. `SET revoked:<jti> 1 EXAT <exp>`, so the list
@@ -84,7 +84,11 @@ MAX_TOKEN_LENGTH = 8192
 """Longer Authorization headers are rejected as malformed before any decoding or crypto."""
 NO_EXP_CACHE_SECONDS = 60.0
 REFUSED_CACHE_SIZE = 1000
-"""At most this many refused tokens are remembered (each up to MAX_TOKEN_LENGTH: 8 MB at worst)."""
+"""At most this many refused tokens are remembered (each up to MAX_TOKEN_LENGTH ASCII characters: 8 MB
+at worst)."""
+REFUSED_CACHE_SECONDS = 300.0
+"""How long a refusal is remembered: a clock stepped back (NTP after a jump forward) lets an `expired`
+token in again after this long at most."""
 MIN_RSA_BITS = 2048
 REVOKED_PREFIX = "revoked:"
 
@@ -385,17 +389,23 @@ class Authenticator:
         return files
 
     def forward_headers(self, claims: Claims) -> dict[str, str]:
-        """The `auth.forward_claims` headers for the backend; non-string or non-ASCII values as JSON."""
+        """The `auth.forward_claims` headers for the backend: a plain string as it is, anything else as
+        JSON (`plain_text`), so that a backend reads a value unambiguously: JSON if it parses as JSON."""
         headers = {}
         for claim, header in self._forward:
             value = claims.get(claim)
             if value is None:
                 continue
-            if isinstance(value, str) and value.isascii() and value.isprintable():
-                headers[header] = value
-            else:
-                headers[header] = json.dumps(value, separators=(",", ":"))
+            headers[header] = value if plain_text(value) else json.dumps(value, separators=(",", ":"))
         return headers
+
+    def verify_request(self, authorization: list[str]) -> Claims:
+        """`verify` for a request's Authorization headers: more than one is refused, since a backend reading
+        another copy would see a token the gateway never checked."""
+        if len(authorization) > 1:
+            self._failures["malformed"].inc()
+            raise _invalid("malformed", "more than one Authorization header")
+        return self.verify(authorization[0] if authorization else None)
 
     def verify(self, authorization: str | None) -> Claims:
         """The claims of the request's token once its signature, times, issuer and audience check out;
@@ -427,9 +437,11 @@ class Authenticator:
         if len(authorization) > MAX_TOKEN_LENGTH:
             raise _invalid("malformed", "the token is too large")
         scheme, _, token = authorization.partition(" ")
-        token = token.strip()
+        token = token.strip(" \t")
         if scheme.lower() != "bearer" or not token:
             raise _invalid("malformed", "the Authorization header must be: Bearer <token>")
+        if not token.isascii():  # before any cache: a token is base64url and dots, one byte a character
+            raise _invalid("malformed", "the token holds characters other than base64url and dots")
         now = self._clock()
         claims = self.cache.get(token, now)
         if claims is None:
@@ -440,10 +452,12 @@ class Authenticator:
                 claims = self._verify(token, now)
             except GatewayError as exc:
                 if exc.error_type != "not_yet_valid":
-                    self.refused.put(token, (exc.error_type, exc.message), math.inf)
+                    self.refused.put(token, (exc.error_type, exc.message), now + REFUSED_CACHE_SECONDS)
                 raise
             exp = claims.get("exp")
-            self.cache.put(token, claims, exp if exp is not None else now + NO_EXP_CACHE_SECONDS)
+            deadline = exp if exp is not None else now + NO_EXP_CACHE_SECONDS
+            if deadline > now:  # in the clock-skew grace after `exp`: checked again each time, never cached
+                self.cache.put(token, claims, deadline)
         return claims
 
     def _verify(self, token: str, now: float) -> Claims:
@@ -602,12 +616,22 @@ def _holds_control(value: Any) -> bool:
     return False
 
 
+_JSON_START = frozenset(' \t"[{-0123456789')
+
+
+def plain_text(value: Any) -> bool:
+    """A string sent as it is: printable ASCII that no JSON parser reads as JSON (a string that would,
+    such as `"x"`, `[1]`, `true` or `42`, goes as JSON text itself, so two values never share a header)."""
+    return (isinstance(value, str) and value != "" and value.isascii() and value.isprintable()
+            and value[0] not in _JSON_START and value.rstrip(" \t") not in ("true", "false", "null", "NaN", "Infinity"))
+
+
 def _check_scopes(claims: Claims, required: tuple[str, ...]) -> None:
     granted: set[str] = set()
     for name in ("scope", "scp"):  # a string or a list of strings (checked when the token was verified)
         value = claims.get(name)
         if isinstance(value, str):
-            granted.update(value.split())
+            granted.update(value.split(" "))  # RFC 6749: scopes are separated by spaces, no other character
         elif value is not None:
             granted.update(value)
     if not granted.issuperset(required):

@@ -729,6 +729,14 @@ def test_an_unusable_jwks_file_is_a_located_config_error(tmp_path, metrics, docu
     assert error.startswith(message)
 
 
+def test_a_jwks_key_whose_kid_is_not_a_string_is_refused(tmp_path, metrics, rsa_key):
+    """Read as a key without kid, it would verify tokens naming any kid."""
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [{**rsa_key.public_jwk(), "kid": 5}]}))
+    with pytest.raises(ConfigError) as caught:
+        Authenticator.build(AuthConfig(jwks_file=tmp_path / "jwks.json"), metrics, None)
+    assert caught.value.errors == ["auth.jwks_file: keys[0]: kid must be a string (got int)"]
+
+
 def test_a_private_jwk_is_refused_without_echoing_it(tmp_path, metrics):
     private = json.loads(jwt.get_algorithm_by_name("RS256").to_jwk(rsa.generate_private_key(65537, 2048)))
     (tmp_path / "jwks.json").write_text(json.dumps({"keys": [private]}))

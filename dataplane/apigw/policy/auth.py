@@ -261,6 +261,9 @@ def _jwks_keys(data: bytes, allowed: frozenset[str], errors: list[str]) -> list[
             errors.append(f"{here}: unusable key (kty {kty!r}, crv {crv!r}, alg {alg!r})")
             continue
         kid = entry.get("kid")
+        if kid is not None and not isinstance(kid, str):  # else a key without kid: it would verify any kid
+            errors.append(f"{here}: kid must be a string (got {type(kid).__name__})")
+            continue
         restrict = entry.get("alg")
         fits = _fitting_algorithms(public)
         if restrict is not None and restrict not in fits:
@@ -268,7 +271,7 @@ def _jwks_keys(data: bytes, allowed: frozenset[str], errors: list[str]) -> list[
             continue
         if not (allowed & ({restrict} if restrict else set(fits))):
             continue
-        key = _verify_key(public, kid if isinstance(kid, str) else None, allowed, restrict, here, errors)
+        key = _verify_key(public, kid, allowed, restrict, here, errors)
         if key is not None:
             keys.append(key)
     if not keys and len(errors) == errors_before:
@@ -542,7 +545,7 @@ def _segments(token: str) -> tuple[bytes, bytes, bytes, bytes]:
 
 def _b64url(segment: bytes) -> bytes:
     """Strict base64url: its alphabet only, `=` padding tolerated if right, no stray bits in the last character
-    (so that one token has one spelling)."""
+    (one spelling per segment, but for the padding; nothing is keyed on a token's spelling but the caches)."""
     if not segment.endswith(b"="):
         segment += b"=" * (-len(segment) % 4)
     standard = segment.translate(_URLSAFE_TO_STANDARD)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import jwt
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -96,13 +97,23 @@ def deploy(deployment: Deployment) -> None:
     kubectl("apply", "-f", str(ROOT / "manifests" / "namespace.yaml"))
     kubectl("apply", "-f", "-", input=secret("api-gateway-secrets", "Opaque", {"jwt-public-key.pem": public_pem}))
     kubectl("apply", "-f", "-", input=secret("api-gateway-tls", "kubernetes.io/tls", {"tls.crt": cert_pem, "tls.key": key_pem}))
-    for part in ("redis", "gateway", "operator"):
+    webhook_cert, webhook_key = self_signed_tls()  # cert-manager's part; without its CA in caBundle the API
+    kubectl("apply", "-f", "-", input=secret(      # server cannot call the webhook, and failurePolicy Ignore admits
+        "api-gateway-operator-webhook-tls", "kubernetes.io/tls", {"tls.crt": webhook_cert, "tls.key": webhook_key}))
+    for part in ("redis", "gateway"):
         kubectl("apply", "-k", str(ROOT / "manifests" / part))
+    kubectl("apply", "-f", "-", input=without_cert_manager(kubectl("kustomize", str(ROOT / "manifests" / "operator"))))
     kubectl("apply", "-f", str(ROOT / "e2e" / "resources" / "backend.yaml"))
     for workload in ("statefulset/redis", "deployment/api-gateway", "deployment/api-gateway-operator"):
         kubectl("rollout", "status", workload, "-n", NAMESPACE, "--timeout=300s")
     kubectl("rollout", "status", "deployment/echo", "-n", "e2e", "--timeout=300s")
     kubectl("apply", "-f", str(ROOT / "e2e" / "resources" / "routes.yaml"))
+
+
+def without_cert_manager(documents: str) -> str:
+    """The manifests minus cert-manager's kinds (Issuer, Certificate), which need cert-manager installed."""
+    kept = [d for d in yaml.safe_load_all(documents) if d and d.get("apiVersion", "").split("/")[0] != "cert-manager.io"]
+    return yaml.safe_dump_all(kept)
 
 
 def self_signed_tls() -> tuple[bytes, bytes]:

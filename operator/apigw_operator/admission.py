@@ -26,7 +26,7 @@ from kubernetes_asyncio.client.rest import ApiException
 from apigw.config.loader import GLOBAL_FILE, ROUTES_FILE
 from apigw_operator.cluster import Cluster, Target, api_message
 from apigw_operator.crds import POLICIES, ROUTES
-from apigw_operator.reconciler import Snapshot, route_files, too_large
+from apigw_operator.reconciler import Snapshot, route_files, too_large, wait_set
 from apigw_operator.render import POLICY, ROUTE, Condition, Labels, Ref, Renderer, Rendering, Verdict, ref_of
 
 logger = logging.getLogger(__name__)
@@ -179,9 +179,7 @@ class Admission:
             return admitted()  # not this operator's to render
         if old is not None and old.get("spec") == body.get("spec"):
             return admitted()  # labels, finalizers, ...: nothing the operator judges changed
-        try:
-            await asyncio.wait_for(self.indexed.wait(), self.wait)
-        except TimeoutError:
+        if not await wait_set(self.indexed, self.wait):
             return unchecked("the operator is still listing the CRs")
         try:
             configmap = await self.cluster.read_configmap()

@@ -623,10 +623,12 @@ _JSON_START = frozenset(' \t"[{-0123456789')
 
 
 def plain_text(value: Any) -> bool:
-    """A string sent as it is: printable ASCII that no JSON parser reads as JSON (a string that would,
-    such as `"x"`, `[1]`, `true` or `42`, goes as JSON text itself, so two values never share a header)."""
+    """A string sent as it is: printable ASCII that no JSON parser reads as JSON and that HTTP delivers
+    unchanged (no space or tab at either end, which header parsing removes). Any other string, such as
+    `"x"`, `[1]`, `true`, `42` or `alice `, goes as JSON text, so two values never share a header."""
     return (isinstance(value, str) and value != "" and value.isascii() and value.isprintable()
-            and value[0] not in _JSON_START and value.rstrip(" \t") not in ("true", "false", "null", "NaN", "Infinity"))
+            and value[0] not in _JSON_START and value[-1] not in " \t"
+            and value not in ("true", "false", "null", "NaN", "Infinity"))
 
 
 def _check_scopes(claims: Claims, required: tuple[str, ...]) -> None:

@@ -134,9 +134,30 @@ def _digest(value: str) -> str:
 
 class Limiter(Protocol):
     def check(self, rule: LimitRule, key: str) -> Awaitable[Decision]:
-        """Asks at once (a Redis step joins this tick's batch, with the request's revocation check);
+        """Asks at once (a Redis step joins the batch being gathered, with the request's revocation check);
         the decision comes when awaited. Dropping it unawaited (the request failed meanwhile) is fine."""
         ...
+
+
+class _Pending:
+    """A Redis decision asked of the tick's batch; awaiting it gives the Decision. Not a coroutine: one
+    is made only when awaited, and dropping this unawaited (the request failed meanwhile) leaves no
+    'never awaited' warning behind."""
+
+    __slots__ = ("_limiter", "_rule", "_started", "_step")
+
+    def __init__(self, limiter: RedisLimiter, rule: LimitRule, step: Awaitable[tuple[int, int, int]], started: float):
+        self._limiter, self._rule, self._step, self._started = limiter, rule, step, started
+
+    def __await__(self) -> Generator[Any, None, Decision]:
+        limiter, rule = self._limiter, self._rule
+        try:
+            allowed, full_in, retry_in = yield from self._step.__await__()  # type: ignore[attr-defined]
+        except (RedisError, OSError, TimeoutError) as error:
+            limiter.recorder.record(rule.policy, "error", self._started)
+            return limiter.failed(rule, error)
+        limiter.recorder.record(rule.policy, "allowed" if allowed else "limited", self._started)
+        return rule.decision(allowed == 1, full_in, retry_in)
 
 
 class _Deferred:
@@ -172,23 +193,13 @@ class RedisLimiter:
         self._batch = batch
         self._metrics = metrics
         self._failure_mode = failure_mode
-        self._recorder = _Recorder(metrics)
+        self.recorder = _Recorder(metrics)
 
     def check(self, rule: LimitRule, key: str) -> Awaitable[Decision]:
         step = self._batch.limit(rule.bucket(key), rule.interval, rule.capacity)
-        return _Deferred(self._decide, rule, step, time.perf_counter())
+        return _Pending(self, rule, step, time.perf_counter())
 
-    async def _decide(self, rule: LimitRule, step: Awaitable[tuple[int, int, int]], started: float) -> Decision:
-        try:
-            allowed, full_in, retry_in = await step
-        except (RedisError, OSError, TimeoutError) as error:
-            self._recorder.record(rule.policy, "error", started)
-            return self._failed(rule, error)
-        decision = rule.decision(allowed == 1, full_in, retry_in)
-        self._recorder.record(rule.policy, "allowed" if allowed else "limited", started)
-        return decision
-
-    def _failed(self, rule: LimitRule, error: Exception) -> Decision:
+    def failed(self, rule: LimitRule, error: Exception) -> Decision:
         """Count and log the error, then let the request through or answer 503, as `failure_mode` says."""
         self._metrics.ratelimit_errors.inc()
         self._metrics.redis_errors.labels(operation="ratelimit").inc()

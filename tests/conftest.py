@@ -113,8 +113,11 @@ def gateway_of(client: TestClient) -> Gateway:
 
 
 def access_lines(client: TestClient) -> list[dict[str, Any]]:
-    """The access log lines an in-process gateway (`gateway_client`) wrote, parsed."""
-    return [json.loads(line) for line in gateway_of(client).access_log.stream.getvalue().splitlines()]
+    """The access log lines an in-process gateway (`gateway_client`) wrote, parsed (those it still keeps
+    for its next write included)."""
+    access_log = gateway_of(client).access_log
+    access_log.flush()
+    return [json.loads(line) for line in access_log.stream.getvalue().splitlines()]
 
 
 FIXED_PORTS = (8080, 9090)

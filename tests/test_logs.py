@@ -28,13 +28,14 @@ hostile = st.lists(st.sampled_from(["status_code=5", "auth_status=failure", "aut
 """Text made of what the greps look for, and anything else."""
 
 
-async def test_access_lines_of_one_tick_are_written_together_and_parse() -> None:
+async def test_access_lines_of_one_interval_are_written_together_and_parse() -> None:
     stream = io.StringIO()
-    log = AccessLog(stream)
+    log = AccessLog(stream, interval=0.05)
     log.write(Access("GET", "/a", "users", 200, "10.0.0.1", "id-1", duration=0.00125))
-    log.write(Access("GET", "/\udcff", "-", 400, "10.0.0.1", "id-2", error_type="bad_path"))  # lone surrogate
-    assert stream.getvalue() == ""  # not before the end of the tick
     await asyncio.sleep(0)
+    log.write(Access("GET", "/\udcff", "-", 400, "10.0.0.1", "id-2", error_type="bad_path"))  # lone surrogate
+    assert stream.getvalue() == ""  # not before the end of the interval
+    await asyncio.sleep(0.1)
     first, second = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert first == {"ts": first["ts"], "level": "info", "logger": "apigw.access",
                      "msg": "GET /a status_code=200 auth_status=none", "method": "GET", "path": "/a",
@@ -42,6 +43,19 @@ async def test_access_lines_of_one_tick_are_written_together_and_parse() -> None
                      "request_id": "id-1", "auth_status": "none"}
     assert list(second)[:5] == ["ts", "level", "logger", "error_type", "msg"]
     assert second["path"] == "/\udcff" and "duration_ms" not in second
+
+
+async def test_access_lines_kept_for_the_next_write_are_written_by_flush() -> None:
+    """What the gateway does when it stops: the lines of its last interval are not lost."""
+    stream = io.StringIO()
+    log = AccessLog(stream, interval=3600)
+    log.write(Access("GET", "/a", "users", 200, "10.0.0.1", "id-1"))
+    log.write(Access("GET", "/b", "users", 200, "10.0.0.1", "id-2"))
+    assert stream.getvalue() == ""
+    log.flush()
+    assert [json.loads(line)["path"] for line in stream.getvalue().splitlines()] == ["/a", "/b"]
+    log.flush()  # nothing kept: nothing more written
+    assert len(stream.getvalue().splitlines()) == 2
 
 
 async def test_a_sampled_access_log_writes_every_error_and_a_share_of_the_rest(gateway_client, backend: Backend) -> None:

@@ -135,6 +135,7 @@ async def serve(config_path: Path, workers: int | None = None, debug_port: int |
     for each in runners:
         await each.cleanup()
     sampler.cancel()  # after the drain: its last fold carries the drained requests' counts (with workers)
+    gateway.access_log.flush()  # the drained requests' lines
     await reloader.close()
     log.info("stopped")
     return 0

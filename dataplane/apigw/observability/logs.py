@@ -196,21 +196,35 @@ class Access:
     def line(self, ts: str) -> str:
         """The JSON line; `error_type` comes before `msg`, so that text after `auth` holds `error` only
         on an auth failure (whose `msg` ends `auth_error=<type>`): `grep -i "auth.*error"` selects those."""
-        method, path, auth, status = grep_safe_name(self.method), grep_safe(self.path), self.auth_status, self.status
-        error = f'"error_type":"{self.error_type}",' if self.error_type else ""
-        auth_error = f" auth_error={self.error_type}" if auth == "failure" else ""
-        duration = f',"duration_ms":{self.duration * 1000:.3f}' if self.duration is not None else ""
-        backend = (f',"backend_service":"{grep_safe_name(self.backend_service)}"'
-                   if self.backend_service is not None else "")
-        if self.backend_duration:
-            backend += f',"backend_duration_ms":{self.backend_duration * 1000:.3f}'
-        return (
-            f'{{"ts":"{ts}","level":"info","logger":"apigw.access",{error}"msg":"{method} {path} status_code={status}'
-            f' auth_status={auth}{auth_error}","method":"{method}","path":"{path}",'
-            f'"route":"{grep_safe_name(self.route)}","status_code":{status}{duration}{backend},'
-            f'"client_ip":"{grep_safe_name(self.client_ip)}","request_id":"{grep_safe(self.request_id)}",'
-            f'"auth_status":"{auth}"}}'
+        head, middle, route, backend, client = _line_parts(
+            self.method, self.status, self.auth_status, self.error_type, self.route, self.backend_service
         )
+        path = grep_safe(self.path)
+        duration = f',"duration_ms":{self.duration * 1000:.3f}' if self.duration is not None else ""
+        backend_duration = (f',"backend_duration_ms":{self.backend_duration * 1000:.3f}'
+                            if self.backend_duration else "")
+        return (f'{{"ts":"{ts}{head}{path}{middle}{path}{route}{duration}{backend}{backend_duration}{client}'
+                f'{grep_safe_name(self.client_ip)}","request_id":"{grep_safe(self.request_id)}","auth_status":"'
+                f'{self.auth_status}"}}')
+
+
+@lru_cache(maxsize=4096)
+def _line_parts(
+    method: str, status: int, auth: str, error_type: str | None, route: str, backend_service: str | None,
+) -> tuple[str, str, str, str, str]:
+    """The text of an access line between its per-request values (time, path, durations, client, request id),
+    for the values that recur: made once per route, method, status and outcome, not once per request."""
+    method = grep_safe_name(method)
+    error = f'"error_type":"{error_type}",' if error_type else ""
+    auth_error = f" auth_error={error_type}" if auth == "failure" else ""
+    backend = f',"backend_service":"{grep_safe_name(backend_service)}"' if backend_service is not None else ""
+    return (
+        f'","level":"info","logger":"apigw.access",{error}"msg":"{method} ',
+        f' status_code={status} auth_status={auth}{auth_error}","method":"{method}","path":"',
+        f'","route":"{grep_safe_name(route)}","status_code":{status}',
+        backend,
+        ',"client_ip":"',
+    )
 
 
 FLUSH_INTERVAL = 0.01

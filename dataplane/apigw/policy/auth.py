@@ -422,11 +422,22 @@ class Authenticator:
 
     async def admit(self, claims: Claims, scopes: tuple[str, ...]) -> None:
         """The revocation check (a revoked token is 401 whatever its scopes), then `scopes` (403);
-        503 when revocations cannot be read and `fail_closed`. Counted either way."""
+        503 when revocations cannot be read and `fail_closed`. Counted either way. (The revocation
+        check is inline, not a coroutine of its own: this runs once per request.)"""
         try:
             jti = claims.get("jti")
             if self._redis is not None and jti is not None:
-                await self._check_revocation(jti)
+                try:
+                    revoked = await self._redis.revoked(REVOKED_PREFIX + jti)
+                except (RedisError, OSError, TimeoutError):
+                    self._redis_errors.inc()
+                    if not self._fail_open:
+                        raise GatewayError(
+                            503, "revocation_unavailable", "the token's revocation status cannot be checked right now"
+                        ) from None
+                    revoked = 0
+                if revoked:
+                    raise _invalid("revoked", "the token has been revoked")
             if scopes:
                 _check_scopes(claims, scopes)
         except GatewayError as exc:
@@ -510,20 +521,6 @@ class Authenticator:
         for name, _ in self._forward:
             if _holds_control(claims.get(name)):
                 raise _invalid("malformed", f"the token's {name} claim holds control characters and cannot be forwarded")
-
-    async def _check_revocation(self, jti: str) -> None:
-        assert self._redis is not None
-        try:
-            revoked = await self._redis.revoked(REVOKED_PREFIX + jti)
-        except (RedisError, OSError, TimeoutError):
-            self._redis_errors.inc()
-            if self._fail_open:
-                return
-            raise GatewayError(
-                503, "revocation_unavailable", "the token's revocation status cannot be checked right now"
-            ) from None
-        if revoked:
-            raise _invalid("revoked", "the token has been revoked")
 
 
 _URLSAFE_TO_STANDARD = bytes.maketrans(b"-_+/", b"+/!!")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from kmock import Request
 
 from apigw_operator.cluster import Target
 from apigw_operator.handlers import Options
@@ -22,6 +23,7 @@ from tests.operator.kube import CM, NS, GatewayPod, cr, eventually, operator, ro
 ROOT = Path(__file__).resolve().parents[2]
 ROUTES = "gateway.apigw.io/v1alpha1/gatewayroutes"
 POLICIES = "gateway.apigw.io/v1alpha1/ratelimitpolicies"
+LEASE = f"/apis/coordination.k8s.io/v1/namespaces/{NS}/leases/apigw-operator"
 VERBS = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
 # /api/v1/... or /apis/<group>/<version>/..., then [namespaces/<ns>/]<resource>[/<name>[/<subresource>]]
 RESOURCE_PATH = re.compile(
@@ -72,7 +74,18 @@ def allowed(granted: set[tuple[str, str, str, str | None]], group: str, resource
     return None
 
 
+def serve_lease_updates(cluster: Any) -> None:
+    """Answer the Lease's PUT as an API server does: the Lease sent replaces the one stored. KMock answers
+    404, so every renewal failed and the operator stopped leading (and writing) its renew deadline (10 s)
+    after it took the Lease: on a loaded machine, before the test had seen what it waits for."""
+    def replace(request: Request) -> dict[str, Any]:
+        cluster.objects["coordination.k8s.io/v1/leases", NS, request.name] = request.data
+        return request.data
+    cluster[f"put {LEASE}"] << replace
+
+
 async def test_every_request_is_allowed_and_every_rule_is_used(cluster: Any, pods: dict[str, GatewayPod]) -> None:
+    serve_lease_updates(cluster)
     options = Options(resync_interval=0.2, leader_election=True, pod_url=lambda pod, ip, port: pods[pod].url)
     cluster.objects[POLICIES, "shop", "per-client"] = cr("RateLimitPolicy", "per-client", {"requests": 5, "period": "1m"})
     cluster.objects[ROUTES, "shop", "orders"] = route("orders", "/orders", ratelimit="per-client")
@@ -97,8 +110,8 @@ async def test_every_request_is_allowed_and_every_rule_is_used(cluster: Any, pod
             return "orders" not in cluster.objects["v1/configmaps", NS, CM]["data"].get("routes.yaml", "")
         await eventually(emptied)
 
-        def renewed() -> bool:  # the Lease renewal (KMock has no PUT for it: the request is what counts here)
-            return any(r.method.value == "PUT" and "/leases/" in r.url.path for r in cluster)
+        def renewed() -> bool:  # the Lease renewal
+            return any(r.method.value == "PUT" and r.url.path == LEASE for r in cluster)
         await eventually(renewed)
 
     # Routes past one ConfigMap fill the shard ConfigMaps (patch); past them all, those in force are read (get).

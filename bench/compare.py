@@ -1,14 +1,16 @@
 """The gateway side by side with its peers, in one run and one table (issue 8).
 
     python bench/compare.py [--duration 10] [--connections 50] [--rows direct,nginx,bare,off,cold,warm,workers,latency]
-                            [--tokens 20000] [--profile /tmp/gateway-warm.txt]
+                            [--rounds 3] [--tokens 20000] [--profile /tmp/gateway-warm.txt]
 
 Rows: `direct` (wrk to the backend), `nginx` (nginx reverse proxy, keepalive upstream), `bare` (the
 ~60-line aiohttp proxy below: the baseline Python cannot beat), `off` (the gateway, a route with no
 auth, no rate limit, no access log), `cold` and `warm` (the gateway with RS256 JWT auth, a Redis rate
 limit that never denies, metrics and access log; `cold`: every request a different token, so the
 verified-token cache misses; `warm`: one token, so it hits; `workers`: `warm` with `--workers 2`, all its
-processes on the proxy's one core, so that its CPU per request compares with `warm`'s). `latency` adds a
+processes on the proxy's one core, so that its CPU per request compares with `warm`'s). The off, cold and
+warm gateways run side by side and are measured in `--rounds` interleaved rounds; the table has each row's
+median round, and the notes every round's figure. `latency` adds a
 second table: latency over direct at light load. `--profile FILE` samples the gateway with py-spy during an
 extra warm run (and a cold one, when `cold` is a row) and prints the functions with the most own time. See
 bench/README.md for how to read the output.
@@ -311,29 +313,29 @@ def run(args: argparse.Namespace, tmp: Path, procs: Processes) -> None:
             tmp / "proxy", NGINX_PROXY.format(port=port, backend_port=backend_port), PROXY_CORE))
     if "bare" in args.rows:
         peer("bare", lambda port: procs.start([sys.executable, __file__, "--serve-bare", str(port), backend_url], PROXY_CORE))
-    if "off" in args.rows:
-        gateway = start_gateway(tmp, "gateway-off", gateway_config(backend_url, None, None))
-        try:
-            warm_up(gateway.url + "/", args)
-            rows["off"] = measure(LABELS["off"], gateway.url + "/", args, gateway.process.pid)
-            if args.profile:
-                profile_notes("gateway off", gateway.process.pid, args, notes,
-                              lambda: wrk(gateway.url + "/", 5, args.connections))
-        finally:
-            gateway.stop()
-    light = None
-    if {"cold", "warm", "workers", "latency"} & set(args.rows):
-        light = gateway_on(args, tmp, backend_url, rows, notes)
-
+    off = start_gateway(tmp, "gateway-off", gateway_config(backend_url, None, None)) if "off" in args.rows else None
+    try:
+        if off is not None:
+            warm_up(off.url + "/", args)
+        light = gateway_rows(args, tmp, backend_url, rows, notes, off)
+        if off is not None and args.profile:
+            profile_notes("gateway off", off.process.pid, args, notes,  # type: ignore[union-attr]
+                          lambda: wrk(off.url + "/", 5, args.connections))
+    finally:
+        if off is not None:
+            off.stop()
     print_table(args, rows, light)
     for note in notes:
         print(note)
 
 
-def gateway_on(
+def gateway_rows(
     args: argparse.Namespace, tmp: Path, backend_url: str, rows: dict[str, Row], notes: list[str],
+    off: GatewayProcess | None,
 ) -> LightLoad | None:
-    """The cold and warm rows, Redis round trips, the latency table and the profile: one gateway, one Redis."""
+    """The off, cold and warm rows in `args.rounds` interleaved rounds (each row's median round goes in
+    the table, so that a neighbour's burst moves one round, not the ratio), Redis round trips, the latency
+    table and the profile: the off gateway (started by the caller), one all-on gateway, one Redis."""
     light = None
     key = SigningKey("rsa")
     key.write_public_pem(tmp / "jwt.pem")
@@ -342,29 +344,46 @@ def gateway_on(
     cold = cycling_tokens(key, args.tokens, tmp, notes) if "cold" in args.rows else None
     if cold is not None:
         loads["cold"] = {"script": cold}
+    on_rows = [name for name in ("cold", "warm") if name in args.rows]
     with RedisServer() as server:
         pin(server.process.pid, LOAD_CORE)
         client = redis.Redis(port=server.port)
-        gateway = start_gateway(tmp, "gateway-on", gateway_config(backend_url, server.url, tmp / "jwt.pem"))
+        gateway = None
+        if on_rows or {"latency", "workers"} & set(args.rows):
+            gateway = start_gateway(tmp, "gateway-on", gateway_config(backend_url, server.url, tmp / "jwt.pem"))
         try:
-            pid, url = gateway.process.pid, gateway.url + "/"
-            for name in ("cold", "warm"):
-                if name in args.rows:
+            rounds: dict[str, list[Row]] = {name: [] for name in (["off"] if off else []) + on_rows}
+            for last in [False] * (args.rounds - 1) + [True]:
+                if off is not None:
+                    rounds["off"].append(measure(LABELS["off"], off.url + "/", args, off.process.pid))
+                for name in on_rows:
                     # the cold row warms up with the warm token too: a warm-up through the token file would
                     # fill the cache with the tokens the measured run starts with
-                    warm_up(url, args, warm)
-                    rows[name] = measure_with_redis(name, gateway, client, args, notes, **loads[name])
+                    warm_up(gateway.url + "/", args, warm)  # type: ignore[union-attr]
+                    rounds[name].append(measure_with_redis(name, gateway, client, args, notes if last else None,
+                                                           **loads[name]))
+            for name, measured in rounds.items():
+                rows[name] = median(measured)
+                notes.append(f"{name}: CPU us/req in {len(measured)} rounds: "
+                             + " / ".join(f"{row.cpu_us:.0f}" for row in measured))
             if "latency" in args.rows:
-                light = light_load(args, tmp, backend_url + "/", url, warm, rows)
-            if args.profile:
+                light = light_load(args, tmp, backend_url + "/", gateway.url + "/", warm, rows)  # type: ignore[union-attr]
+            if args.profile and gateway is not None:
+                url, pid = gateway.url + "/", gateway.process.pid  # type: ignore[union-attr]
                 profile_notes("gateway on warm", pid, args, notes, lambda: wrk(url, 5, args.connections, headers=warm))
                 if cold is not None:
                     profile_notes("gateway on cold", pid, args, notes, lambda: wrk(url, 5, args.connections, script=cold))
         finally:
-            gateway.stop()
+            if gateway is not None:
+                gateway.stop()
         if "workers" in args.rows:
             rows["workers"] = measure_workers(args, tmp, backend_url, server.url, client, warm, notes)
     return light
+
+
+def median(rounds: list[Row]) -> Row:
+    """The round of median CPU per request (the lower middle one of an even count)."""
+    return sorted(rounds, key=lambda row: row.cpu_us or 0.0)[(len(rounds) - 1) // 2]
 
 
 def measure_workers(
@@ -398,12 +417,16 @@ def cycling_tokens(key: SigningKey, count: int, tmp: Path, notes: list[str]) -> 
 
 
 def measure_with_redis(
-    name: str, gateway: GatewayProcess, client: redis.Redis, args: argparse.Namespace, notes: list[str], **load: object,
+    name: str, gateway: GatewayProcess, client: redis.Redis, args: argparse.Namespace, notes: list[str] | None,
+    **load: object,
 ) -> Row:
-    """A gateway row, with what it cost Redis: round trips over the measured run, commands in a MONITOR run."""
+    """A gateway row; with `notes`, also what it cost Redis: round trips over the measured run, commands
+    in a MONITOR run."""
     url = gateway.url + "/"
     errors, (reads, connections) = redis_errors(gateway), redis_reads(client)
     row = measure(LABELS[name], url, args, gateway.process.pid, **load)
+    if notes is None:
+        return row
     after_reads, after_connections = redis_reads(client)
     trips = (after_reads - reads - 1) / row.load.requests  # -1: the INFO itself
     commands, sampled = redis_commands(client, partial(wrk, url, MONITOR_SECONDS, args.connections, **load))
@@ -470,6 +493,8 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=10, help="seconds per measured run")
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {','.join(ROWS)}")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds of the off, cold and warm rows; the table has each one's median")
     parser.add_argument("--tokens", type=int, default=20_000, help="distinct tokens for the cold row")
     parser.add_argument("--profile", type=Path, help="py-spy the warm (and cold) gateway 5 s; raw samples to this file")
     args = parser.parse_args()

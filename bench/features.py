@@ -1,0 +1,126 @@
+"""What each feature costs on its own: CPU per request of the gateway with one feature at a time (issue 18).
+
+    python bench/features.py [--rounds 5] [--duration 4] [--connections 50] [--variants off,token,log,auth,limit,on]
+
+Variants, all behind the same nginx backend (`bench/harness.py`'s layout: wrk, nginx and Redis on core 0,
+the gateway alone on core 1): `off` (no feature), `token` (no feature, but the requests carry the
+all-on row's bearer token, which the gateway forwards: the cost of the bigger request alone), `log` (the
+access log), `auth` (RS256 JWT with its revocation check in Redis), `limit` (a Redis rate limit that never
+denies), `on` (all of them: `bench/compare.py`'s warm row). Every variant but `off` sends the token.
+
+All gateways run side by side and are measured in interleaved rounds, so that a neighbour's burst moves
+one round of every variant rather than one variant: the table gives each variant's rounds, median and
+minimum, and the median's excess over `token` (over `off` for `token` itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from compare import gateway_config, start_gateway
+from harness import LOAD_CORE, NGINX_BACKEND, Processes, cpu_seconds, pin, require, wait_http, wrk
+
+from apigw.testkit.process import GatewayProcess
+from apigw.testkit.redis import RedisServer, free_port
+from apigw.testkit.tokens import SigningKey
+
+VARIANTS = ("off", "token", "log", "auth", "limit", "on")
+
+
+def variant_config(name: str, backend_url: str, redis_url: str, key_file: Path) -> dict[str, object]:
+    """`compare.py`'s all-on config with every feature but `name`'s turned off (`on`: none off)."""
+    if name in ("off", "token"):
+        return gateway_config(backend_url, None, None)
+    config = gateway_config(backend_url, redis_url, key_file)
+    route = config["routes"][0]  # type: ignore[index]
+    config["logging"] = {"access_log": name in ("log", "on")}
+    if name not in ("auth", "on"):
+        route.pop("auth")
+    if name not in ("limit", "on"):
+        route.pop("ratelimit")
+    return config
+
+
+def measure(gateway: GatewayProcess, args: argparse.Namespace, headers: tuple[str, ...]) -> float:
+    """CPU microseconds per request of one wrk run; every answer must be a 2xx."""
+    pid = gateway.process.pid  # type: ignore[union-attr]
+    before = cpu_seconds(pid)
+    result = wrk(gateway.url + "/", args.duration, args.connections, headers=headers)
+    if result.non2xx or result.socket_errors:
+        sys.exit(f"{gateway.config.stem}: {result.non2xx} non-2xx answers, {result.socket_errors} socket errors")
+    return (cpu_seconds(pid) - before) / max(result.requests, 1) * 1e6
+
+
+def run(args: argparse.Namespace, tmp: Path, procs: Processes) -> None:
+    backend_port = free_port()
+    procs.nginx(tmp / "backend", NGINX_BACKEND.format(port=backend_port), LOAD_CORE)
+    backend_url = f"http://127.0.0.1:{backend_port}"
+    wait_http(backend_url + "/")
+    key = SigningKey("rsa")
+    key.write_public_pem(tmp / "jwt.pem")
+    token = (f"Authorization: Bearer {key.token(ttl=3600, sub='warm')}",)
+    with RedisServer() as server:
+        pin(server.process.pid, LOAD_CORE)
+        gateways: dict[str, GatewayProcess] = {}
+        try:
+            for name in args.variants:
+                gateways[name] = start_gateway(tmp, f"gateway-{name}", variant_config(name, backend_url, server.url, tmp / "jwt.pem"))
+            headers = {name: () if name == "off" else token for name in args.variants}
+            for name, gateway in gateways.items():
+                wrk(gateway.url + "/", 2, args.connections, headers=headers[name])  # warm-up: pools, caches
+            rounds: dict[str, list[float]] = {name: [] for name in args.variants}
+            for _ in range(args.rounds):
+                for name, gateway in gateways.items():
+                    rounds[name].append(measure(gateway, args, headers[name]))
+        finally:
+            for gateway in gateways.values():
+                gateway.stop()
+    print_table(args, rounds)
+
+
+def print_table(args: argparse.Namespace, rounds: dict[str, list[float]]) -> None:
+    print(f"\nCPU us per request, wrk -t1 -c{args.connections} -d{args.duration}s, {args.rounds} interleaved rounds")
+    print(f"{'variant':<8} {'rounds':<{7 * args.rounds}} {'median':>7} {'min':>7} {'+median':>8}")
+    medians = {name: statistics.median(each) for name, each in rounds.items()}
+    for name, each in rounds.items():
+        base = "off" if name == "token" else "token"
+        extra = f"{medians[name] - medians[base]:+8.1f}" if name != "off" and base in medians else f"{'':>8}"
+        print(f"{name:<8} {''.join(f'{x:7.1f}' for x in each):<{7 * args.rounds}} {medians[name]:7.1f} "
+              f"{min(each):7.1f} {extra}")
+    if "on" in medians and "off" in medians:
+        print(f"on / off, medians: {medians['on'] / medians['off']:.2f}x  (issue 18: <= 1.3x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--duration", type=int, default=4, help="seconds per measured run")
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {','.join(VARIANTS)}")
+    args = parser.parse_args()
+    args.variants = args.variants.split(",")
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {','.join(VARIANTS)}")
+    require("wrk", "nginx", "redis-server")
+    os.sched_setaffinity(0, {LOAD_CORE})
+    started = time.monotonic()
+    procs = Processes()
+    try:
+        with tempfile.TemporaryDirectory(prefix="apigw-bench-") as tmp:
+            run(args, Path(tmp), procs)
+    except KeyboardInterrupt:
+        sys.exit("interrupted: everything started is stopped")
+    finally:
+        procs.stop_all()
+    print(f"total time {time.monotonic() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

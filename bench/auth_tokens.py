@@ -54,7 +54,7 @@ def main() -> None:
     headers = [f"Bearer {key.token(scope='read', jti=str(i))}" for i in range(args.tokens)]
 
     def fresh() -> None:
-        auth.cache.entries.clear()
+        auth.cache.clear()
         for header in headers:
             auth.verify(header)
 
@@ -63,7 +63,7 @@ def main() -> None:
     forged = [header.rpartition(".")[0] + "." + other_signature for header in headers]
 
     def refused(tokens: list[str]) -> None:
-        auth.refused.entries.clear()
+        auth.refused.clear()
         for header in tokens:
             try:
                 auth.verify(header)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import hashlib
 import hmac
 import json
@@ -754,8 +755,21 @@ async def test_a_repeated_token_is_served_from_the_cache(make_auth, clock, rsa_k
     token = f"Bearer {rsa_key.token(now=clock.now)}"
     first = await authenticate(auth, token, ())
     second = await authenticate(auth, token, ())
-    assert second is first
+    assert second == first
     assert (auth.cache.hits, auth.cache.misses) == (1, 1)
+
+
+async def test_cached_claims_cost_the_garbage_collector_nothing(make_auth, clock, rsa_key):
+    """Claims of strings and numbers are kept as an untracked dict, with nothing tracked around them: a
+    full cache then adds no object to each walk of the cyclic collector. What a request gets is read-only."""
+    auth = make_auth(rsa_key)
+    tokens = [rsa_key.token(now=clock.now, sub=f"user-{i}") for i in range(3)]
+    for token in tokens:
+        await authenticate(auth, f"Bearer {token}", ())
+    assert [gc.is_tracked(auth.cache.entries[token]) for token in tokens] == [False] * 3
+    claims = await authenticate(auth, f"Bearer {tokens[0]}", ())
+    with pytest.raises(TypeError):
+        claims["sub"] = "someone-else"  # type: ignore[index]
 
 
 async def test_the_cache_never_serves_a_token_past_exp(make_auth, clock, metrics, rsa_key):

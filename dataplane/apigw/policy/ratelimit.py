@@ -140,9 +140,9 @@ class Limiter(Protocol):
 
 
 class _Pending:
-    """A Redis decision asked of the tick's batch; awaiting it gives the Decision. Not a coroutine: one
-    is made only when awaited, and dropping this unawaited (the request failed meanwhile) leaves no
-    'never awaited' warning behind."""
+    """A Redis decision asked of the batch; awaiting it gives the Decision. Not a coroutine (no coroutine
+    object per request), so dropping it unawaited (the request failed meanwhile) leaves no 'never
+    awaited' warning behind."""
 
     __slots__ = ("_limiter", "_rule", "_started", "_step")
 

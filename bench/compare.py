@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -37,17 +34,18 @@ import redis
 import yaml
 from harness import (
     LOAD_CORE,
-    NGINX_BACKEND,
     NGINX_PROXY,
     PROXY_CORE,
     Processes,
     WrkResult,
     cpu_seconds,
     env,
+    nginx_backend,
     pin,
     process_tree,
     require,
     rss_mb,
+    run_bench,
     wait_http,
     wrk,
 )
@@ -292,10 +290,7 @@ def _function(frame: str) -> str:
 def run(args: argparse.Namespace, tmp: Path, procs: Processes) -> None:
     rows: dict[str, Row] = {}
     notes: list[str] = []
-    backend_port = free_port()
-    procs.nginx(tmp / "backend", NGINX_BACKEND.format(port=backend_port), LOAD_CORE)
-    backend_url = f"http://127.0.0.1:{backend_port}"
-    wait_http(backend_url + "/")
+    backend_url = nginx_backend(procs, tmp)
 
     def peer(name: str, start: Callable[[int], subprocess.Popen[bytes]]) -> None:
         port = free_port()
@@ -310,7 +305,7 @@ def run(args: argparse.Namespace, tmp: Path, procs: Processes) -> None:
         rows["direct"] = measure(LABELS["direct"], backend_url + "/", args)
     if "nginx" in args.rows:
         peer("nginx", lambda port: procs.nginx(
-            tmp / "proxy", NGINX_PROXY.format(port=port, backend_port=backend_port), PROXY_CORE))
+            tmp / "proxy", NGINX_PROXY.format(port=port, backend_port=backend_url.rsplit(":", 1)[1]), PROXY_CORE))
     if "bare" in args.rows:
         peer("bare", lambda port: procs.start([sys.executable, __file__, "--serve-bare", str(port), backend_url], PROXY_CORE))
     off = start_gateway(tmp, "gateway-off", gateway_config(backend_url, None, None)) if "off" in args.rows else None
@@ -503,19 +498,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown rows {sorted(unknown)}; choose from {','.join(ROWS)}")
     require("wrk", "nginx", "redis-server", *(["py-spy"] if args.profile else []))
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop everything on the way out, as on Ctrl-C
-    os.sched_setaffinity(0, {LOAD_CORE})  # this script (the MONITOR reader) stays off the proxy's core
-    started = time.monotonic()
-    procs = Processes()
-    try:
-        with tempfile.TemporaryDirectory(prefix="apigw-bench-") as tmp:
-            run(args, Path(tmp), procs)
-    except KeyboardInterrupt:
-        sys.exit("interrupted: everything started is stopped")
-    finally:
-        procs.stop_all()
-    print(f"total time {time.monotonic() - started:.0f} s")
+    run_bench(lambda tmp, procs: run(args, tmp, procs))
 
 
 if __name__ == "__main__":

@@ -16,18 +16,15 @@ minimum, and the median's excess over `token` (over `off` for `token` itself).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 from compare import gateway_config, start_gateway
-from harness import LOAD_CORE, NGINX_BACKEND, Processes, cpu_seconds, pin, require, wait_http, wrk
+from harness import LOAD_CORE, Processes, cpu_seconds, nginx_backend, pin, require, run_bench, wrk
 
 from apigw.testkit.process import GatewayProcess
-from apigw.testkit.redis import RedisServer, free_port
+from apigw.testkit.redis import RedisServer
 from apigw.testkit.tokens import SigningKey
 
 VARIANTS = ("off", "token", "log", "auth", "limit", "on")
@@ -58,10 +55,7 @@ def measure(gateway: GatewayProcess, args: argparse.Namespace, headers: tuple[st
 
 
 def run(args: argparse.Namespace, tmp: Path, procs: Processes) -> None:
-    backend_port = free_port()
-    procs.nginx(tmp / "backend", NGINX_BACKEND.format(port=backend_port), LOAD_CORE)
-    backend_url = f"http://127.0.0.1:{backend_port}"
-    wait_http(backend_url + "/")
+    backend_url = nginx_backend(procs, tmp)
     key = SigningKey("rsa")
     key.write_public_pem(tmp / "jwt.pem")
     token = (f"Authorization: Bearer {key.token(ttl=3600, sub='warm')}",)
@@ -109,17 +103,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {','.join(VARIANTS)}")
     require("wrk", "nginx", "redis-server")
-    os.sched_setaffinity(0, {LOAD_CORE})
-    started = time.monotonic()
-    procs = Processes()
-    try:
-        with tempfile.TemporaryDirectory(prefix="apigw-bench-") as tmp:
-            run(args, Path(tmp), procs)
-    except KeyboardInterrupt:
-        sys.exit("interrupted: everything started is stopped")
-    finally:
-        procs.stop_all()
-    print(f"total time {time.monotonic() - started:.0f} s")
+    run_bench(lambda tmp, procs: run(args, tmp, procs))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+import tempfile
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "dataplane"))
 
 from apigw.testkit.process import http_status, wait_until  # noqa: E402
+from apigw.testkit.redis import free_port  # noqa: E402
 
 LOAD_CORE = 0
 PROXY_CORE = 1
@@ -136,6 +139,33 @@ class Processes:
     def stop_all(self) -> None:
         for process in reversed(list(self.running)):
             self.stop(process)
+
+
+def nginx_backend(procs: Processes, tmp: Path) -> str:
+    """The backend every wrk-driven script proxies to (`NGINX_BACKEND` on the load core); its URL once it answers."""
+    port = free_port()
+    procs.nginx(tmp / "backend", NGINX_BACKEND.format(port=port), LOAD_CORE)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/")
+    return url
+
+
+def run_bench(run: Callable[[Path, Processes], None]) -> None:
+    """`run(tmp, procs)` from the load core in a temporary directory; whatever it starts through `procs` is
+    stopped on the way out, also on Ctrl-C or SIGTERM. Prints the total time."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop everything on the way out, as on Ctrl-C
+    os.sched_setaffinity(0, {LOAD_CORE})  # this script (wrk's parent, a MONITOR reader) stays off the proxy's core
+    started = time.monotonic()
+    procs = Processes()
+    try:
+        with tempfile.TemporaryDirectory(prefix="apigw-bench-") as tmp:
+            run(Path(tmp), procs)
+    except KeyboardInterrupt:
+        sys.exit("interrupted: everything started is stopped")
+    finally:
+        procs.stop_all()
+    print(f"total time {time.monotonic() - started:.0f} s")
 
 
 def wait_http(url: str, process: subprocess.Popen[bytes] | None = None) -> None:

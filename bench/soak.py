@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 from compare import cycling_tokens, gateway_config, start_gateway
-from harness import LOAD_CORE, NGINX_BACKEND, Processes, require, rss_mb, wait_http
+from harness import LOAD_CORE, Processes, nginx_backend, require, rss_mb
 
-from apigw.testkit.redis import RedisServer, free_port
+from apigw.testkit.redis import RedisServer
 from apigw.testkit.tokens import SigningKey
 
 SAMPLE_SECONDS = 10
@@ -37,10 +37,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="apigw-soak-") as name, RedisServer() as redis:
         tmp = Path(name)
         try:
-            backend_port = free_port()
-            procs.nginx(tmp / "backend", NGINX_BACKEND.format(port=backend_port), LOAD_CORE)
-            backend_url = f"http://127.0.0.1:{backend_port}"
-            wait_http(backend_url + "/")
+            backend_url = nginx_backend(procs, tmp)
             key = SigningKey("rsa")
             key.write_public_pem(tmp / "jwt.pem")
             notes: list[str] = []

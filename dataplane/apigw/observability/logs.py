@@ -155,17 +155,21 @@ def grep_safe(value: str) -> str:
         return value  # the common case: the JSON text is the value itself
     tokens = [char if char.isascii() and char.isprintable() and char not in '"\\' else json.dumps(char)[1:-1]
               for char in value]
-    while match := GREPPED.search(text := "".join(tokens)):
-        # No grepped word fits inside one escape (they all hold a character an escape cannot), so
-        # the match holds a literal character: escaping the first one breaks it (escapes start with
-        # a backslash, which no grepped word holds). A new match the escape's hex digits make with
-        # what follows is found in the next round; each round escapes one more character.
-        offset = 0
-        for index, token in enumerate(tokens):
-            if offset >= match.start() and len(token) == 1:
-                tokens[index] = f"\\u{ord(token):04x}"
-                break
-            offset += len(token)
+    text = "".join(tokens)
+    while starts := [match.start() for match in GREPPED.finditer(text)]:
+        # No grepped word fits inside escapes (they all hold a character an escape cannot), so each
+        # match holds a literal character: escaping its first one breaks it (escapes start with a
+        # backslash, which no grepped word holds). A new match the escape's hex digits make with what
+        # follows is found in the next round. Every match of a round is broken in one pass over the
+        # tokens: a client's 16 KB of `oom` costs a few passes, not one per match.
+        index = offset = 0
+        for start in starts:
+            while offset < start or len(tokens[index]) != 1:
+                offset += len(tokens[index])
+                index += 1
+            tokens[index] = f"\\u{ord(tokens[index]):04x}"
+            offset, index = offset + 1, index + 1
+        text = "".join(tokens)
     return text
 
 
@@ -196,7 +200,8 @@ class Access:
     def line(self, ts: str) -> str:
         """The JSON line; `error_type` comes before `msg`, so that text after `auth` holds `error` only
         on an auth failure (whose `msg` ends `auth_error=<type>`): `grep -i "auth.*error"` selects those."""
-        head, middle, route, backend, client = _line_parts(
+        parts = _line_parts if len(self.method) <= CACHED_METHOD_LENGTH else _make_line_parts
+        head, middle, route, backend, client = parts(
             self.method, self.status, self.auth_status, self.error_type, self.route, self.backend_service
         )
         path = grep_safe(self.path)
@@ -208,13 +213,16 @@ class Access:
                 f'{self.auth_status}"}}')
 
 
-@lru_cache(maxsize=4096)
-def _line_parts(
+CACHED_METHOD_LENGTH = 16
+"""A longer method (only aiohttp's pure-Python parser lets one through) is escaped anew for each line,
+not remembered: a client could otherwise fill the caches with 16 KB methods."""
+
+
+def _make_line_parts(
     method: str, status: int, auth: str, error_type: str | None, route: str, backend_service: str | None,
 ) -> tuple[str, str, str, str, str]:
-    """The text of an access line between its per-request values (time, path, durations, client, request id),
-    for the values that recur: made once per route, method, status and outcome, not once per request."""
-    method = grep_safe_name(method)
+    """The text of an access line between its per-request values (time, path, durations, client, request id)."""
+    method = (grep_safe_name if len(method) <= CACHED_METHOD_LENGTH else grep_safe)(method)
     error = f'"error_type":"{error_type}",' if error_type else ""
     auth_error = f" auth_error={error_type}" if auth == "failure" else ""
     backend = f',"backend_service":"{grep_safe_name(backend_service)}"' if backend_service is not None else ""
@@ -225,6 +233,11 @@ def _line_parts(
         backend,
         ',"client_ip":"',
     )
+
+
+_line_parts = lru_cache(maxsize=4096)(_make_line_parts)
+"""`_make_line_parts` for the values that recur: made once per route, method, status and outcome, not once
+per request."""
 
 
 FLUSH_INTERVAL = 0.01

@@ -131,14 +131,14 @@ async def handle(request: web.BaseRequest, gateway: Gateway) -> web.StreamRespon
         state.usage.inflight -= 1
         # counted at the loop's next turn, once aiohttp has written the response: work done before the
         # response goes out costs a loaded gateway about three times its own time (bench/features.py)
-        request.task.get_loop().call_soon(_record, gateway, ex, response)
+        request.task.get_loop().call_soon(_record, gateway, ex, response, time.perf_counter())
     return response
 
 
-def _record(gateway: Gateway, ex: Exchange, response: web.StreamResponse | None) -> None:
+def _record(gateway: Gateway, ex: Exchange, response: web.StreamResponse | None, ended: float) -> None:
     """Count the request and write its access line; a request without a response (its handler was
-    cancelled) counts as 499, nginx's "client closed request"."""
-    duration = time.perf_counter() - ex.started
+    cancelled) counts as 499, nginx's "client closed request". `ended`: when the handler was done."""
+    duration = ended - ex.started
     route_name = ex.route.name if ex.route else UNROUTED
     status = response.status if response is not None else 499
     metrics = gateway.metrics

@@ -170,6 +170,8 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path: Path, backend_p
     assert gateway.process.wait(20) == 0
     gateway.stop()
     assert "stopped" in gateway.log_text()
+    drained = [line for line in gateway.log_lines() if line.get("logger") == "apigw.access"]
+    assert [(line["path"], line["status_code"]) for line in drained] == [("/slow", 200)]  # written before the exit
 
 
 def test_sighup_reloads_and_bad_config_keeps_the_old_one(tmp_path: Path, backend_process: str) -> None:

@@ -134,6 +134,18 @@ async def serve(config_path: Path, workers: int | None = None, debug_port: int |
     )
     await stop.wait()
 
+    try:
+        await drain(gateway, runners, background)
+        sampler.cancel()  # after the drain: its last fold carries the drained requests' counts (with workers)
+        await reloader.close()
+    finally:
+        gateway.access_log.flush()  # the drained requests' lines, even if a step of the stop failed
+    log.info("stopped")
+    return 0
+
+
+async def drain(gateway: Gateway, runners: list[web.BaseRunner], background: list[asyncio.Task[None]]) -> None:
+    """Not ready, then the in-flight requests finished (each runner waits up to its shutdown timeout)."""
     gateway.draining = True
     listen = gateway.state.config.listen
     log.info("draining: not ready, finishing in-flight requests (up to %ss)", listen.drain_delay + listen.drain_timeout)
@@ -142,11 +154,6 @@ async def serve(config_path: Path, workers: int | None = None, debug_port: int |
         task.cancel()
     for each in runners:
         await each.cleanup()
-    sampler.cancel()  # after the drain: its last fold carries the drained requests' counts (with workers)
-    gateway.access_log.flush()  # the drained requests' lines
-    await reloader.close()
-    log.info("stopped")
-    return 0
 
 
 def run(main: Coroutine[Any, Any, int]) -> int:

@@ -3,7 +3,7 @@
 Requests ask for rate limit decisions and revocation checks as futures; the first ask schedules a
 flush at the end of the NEXT tick, which sends everything asked meanwhile as ONE EVALSHA of a batch
 script (GCRA steps and EXISTS checks, evaluated in order, on Redis's clock). Waiting one more turn lets
-the requests whose bytes the next I/O poll brings join the batch: under load that halves the round
+the checks that the handlers run in that turn ask join the batch: under load that halves the round
 trips, each of which costs a send, a wake-up and a read (`bench/compare.py`: the all-on gateway's CPU per
 request fell by a tenth), for one loop turn of latency. A batch holds at most MAX_CHECKS checks: a
 turn that asks more sends each full batch at once and goes on with a new one, so its checks go out as

@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -88,11 +89,22 @@ class Site:
         return command
 
     def execute(self, command: str) -> subprocess.CompletedProcess[str]:
-        """Run the runbook command, made local, with bash."""
+        """Run the runbook command, made local, with bash; a log command once the log has settled."""
+        if "kubectl logs" in command:
+            self.settle_log()
         return subprocess.run(
             ["bash", "-c", self.local(command)], check=False, capture_output=True, text=True, timeout=60,
             env={**self.gateway.env, "PATH": f"{self.bin_dir}:{self.gateway.env['PATH']}"},
         )
+
+    def settle_log(self, quiet: float = 0.1, timeout: float = 15) -> None:
+        """Wait until the log has not grown for `quiet` seconds: the gateway writes access lines every
+        10 ms (`apigw.observability.logs.FLUSH_INTERVAL`), so the last requests' lines are in."""
+        deadline, previous = time.monotonic() + timeout, -1
+        while (size := self.gateway.log_path.stat().st_size) != previous:
+            assert time.monotonic() < deadline, f"the gateway's log still grows after {timeout} s"
+            previous = size
+            time.sleep(quiet)
 
     def run(self, command: str, expect_status: int = 0) -> str:
         """Its stdout, once its exit status is checked (1: grep selected nothing)."""

@@ -78,8 +78,16 @@ class Webhooks:
         self.remove()
         self.plane.api.post(CONFIGURATIONS, configuration)
         probe = gatewayroute("probe", namespace(self.plane, "probe"), "/%62oth")  # invalid for the model only
-        wait_for(lambda: "denied the request: spec.match.path_prefix" in apply(self.plane, probe, "--dry-run=server").stderr,
-                 timeout=60, what=f"the webhook of {replica.name} answers")
+
+        def answers() -> bool:
+            assert replica.process is not None and replica.process.poll() is None, f"{replica.name} exited"
+            return "denied the request: spec.match.path_prefix" in apply(self.plane, probe, "--dry-run=server").stderr
+
+        try:  # a slow first start on a fresh machine: alive first, then the webhook, each with its own wait
+            wait_for(replica.alive, timeout=120, what=f"{replica.name} alive")
+            wait_for(answers, timeout=60, what=f"the webhook of {replica.name} answers")
+        except AssertionError as exc:  # a failure that says why: the replica's own account of its start
+            raise AssertionError(f"{exc}\n--- the end of {replica.name}'s log:\n{replica.log_text()[-6000:]}") from None
 
     def remove(self) -> None:
         self.plane.api.delete(f"{CONFIGURATIONS}/{SHIPPED['metadata']['name']}")

@@ -211,11 +211,13 @@ def gateway_config(
     return config
 
 
-def start_gateway(tmp: Path, name: str, config: dict[str, object]) -> GatewayProcess:
+def start_gateway(tmp: Path, name: str, config: dict[str, object], dataplane: Path | None = None) -> GatewayProcess:
+    """A gateway process on the proxy's core, running this checkout's code or `dataplane`'s."""
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     listen = config["listen"]
-    gateway = GatewayProcess(path, listen["port"], listen["metrics_port"], env=env())  # type: ignore[index]
+    environment = env() if dataplane is None else {**env(), "PYTHONPATH": str(dataplane)}
+    gateway = GatewayProcess(path, listen["port"], listen["metrics_port"], env=environment)  # type: ignore[index]
     gateway.start(wait=False)
     try:
         pin(gateway.process.pid, PROXY_CORE)  # type: ignore[union-attr]

@@ -11,6 +11,11 @@ denies), `on` (all of them: `bench/compare.py`'s warm row). Every variant but `o
 All gateways run side by side and are measured in interleaved rounds, so that a neighbour's burst moves
 one round of every variant rather than one variant: the table gives each variant's rounds, median and
 minimum, and the median's excess over `token` (over `off` for `token` itself).
+
+`--baseline DIR` runs each variant a second time from another checkout's `dataplane` directory (as
+`name@base`, in the same rounds), to measure what a change saves or costs against the code before it:
+
+    git worktree add /tmp/base HEAD~1 && python bench/features.py --variants on --baseline /tmp/base/dataplane
 """
 
 from __future__ import annotations
@@ -62,16 +67,24 @@ def run(args: argparse.Namespace, tmp: Path, procs: Processes) -> None:
     with RedisServer() as server:
         pin(server.process.pid, LOAD_CORE)
         gateways: dict[str, GatewayProcess] = {}
+        headers: dict[str, tuple[str, ...]] = {}
         try:
             for name in args.variants:
-                gateways[name] = start_gateway(tmp, f"gateway-{name}", variant_config(name, backend_url, server.url, tmp / "jwt.pem"))
-            headers = {name: () if name == "off" else token for name in args.variants}
+                config = variant_config(name, backend_url, server.url, tmp / "jwt.pem")
+                gateways[name] = start_gateway(tmp, f"gateway-{name}", config)
+                headers[name] = () if name == "off" else token
+                if args.baseline is not None:
+                    config = variant_config(name, backend_url, server.url, tmp / "jwt.pem")
+                    gateways[f"{name}@base"] = start_gateway(tmp, f"gateway-{name}-base", config, args.baseline)
+                    headers[f"{name}@base"] = headers[name]
             for name, gateway in gateways.items():
                 wrk(gateway.url + "/", 2, args.connections, headers=headers[name])  # warm-up: pools, caches
-            rounds: dict[str, list[float]] = {name: [] for name in args.variants}
+            rounds: dict[str, list[float]] = {name: [] for name in gateways}
+            order = list(gateways)
             for _ in range(args.rounds):
-                for name, gateway in gateways.items():
-                    rounds[name].append(measure(gateway, args, headers[name]))
+                for name in order:
+                    rounds[name].append(measure(gateways[name], args, headers[name]))
+                order.reverse()  # each round in the other order: whoever runs first (or after whom) changes
         finally:
             for gateway in gateways.values():
                 gateway.stop()
@@ -80,15 +93,22 @@ def run(args: argparse.Namespace, tmp: Path, procs: Processes) -> None:
 
 def print_table(args: argparse.Namespace, rounds: dict[str, list[float]]) -> None:
     print(f"\nCPU us per request, wrk -t1 -c{args.connections} -d{args.duration}s, {args.rounds} interleaved rounds")
-    print(f"{'variant':<8} {'rounds':<{7 * args.rounds}} {'median':>7} {'min':>7} {'+median':>8}")
+    print(f"{'variant':<10} {'rounds':<{7 * args.rounds}} {'median':>7} {'min':>7} {'+median':>8}")
     medians = {name: statistics.median(each) for name, each in rounds.items()}
     for name, each in rounds.items():
-        base = "off" if name == "token" else "token"
-        extra = f"{medians[name] - medians[base]:+8.1f}" if name != "off" and base in medians else f"{'':>8}"
-        print(f"{name:<8} {''.join(f'{x:7.1f}' for x in each):<{7 * args.rounds}} {medians[name]:7.1f} "
+        variant, at, code = name.partition("@")
+        base = ("off" if variant == "token" else "token") + at + code
+        extra = f"{medians[name] - medians[base]:+8.1f}" if variant != "off" and base in medians else f"{'':>8}"
+        print(f"{name:<10} {''.join(f'{x:7.1f}' for x in each):<{7 * args.rounds}} {medians[name]:7.1f} "
               f"{min(each):7.1f} {extra}")
-    if "on" in medians and "off" in medians:
-        print(f"on / off, medians: {medians['on'] / medians['off']:.2f}x  (issue 18: <= 1.3x)")
+    for code in ("", "@base"):
+        if f"on{code}" in medians and f"off{code}" in medians:
+            print(f"on{code} / off{code}, medians: {medians[f'on{code}'] / medians[f'off{code}']:.2f}x  (issue 18: <= 1.3x)")
+    for variant in args.variants:
+        if f"{variant}@base" in rounds:
+            pairs = [new / old for new, old in zip(rounds[variant], rounds[f"{variant}@base"])]
+            print(f"{variant} / {variant}@base, round by round: {' '.join(f'{x:.3f}' for x in pairs)}; "
+                  f"median {statistics.median(pairs):.3f}")
 
 
 def main() -> None:
@@ -97,6 +117,7 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=4, help="seconds per measured run")
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {','.join(VARIANTS)}")
+    parser.add_argument("--baseline", type=Path, help="another checkout's dataplane directory, run side by side")
     args = parser.parse_args()
     args.variants = args.variants.split(",")
     unknown = set(args.variants) - set(VARIANTS)

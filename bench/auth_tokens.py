@@ -46,6 +46,7 @@ def main() -> None:
             claims = auth.verify(header)
             await auth.admit(claims, ("read",))
             auth.forward_headers(claims)
+            auth.count_success()
 
     loop = asyncio.new_event_loop()
     loop.run_until_complete(requests(1))

@@ -78,7 +78,7 @@ async def main(decisions: int, concurrency: int) -> None:
     print(f"redis:  {rate:10.0f} decisions/s  ({decisions} decisions, {concurrency} concurrent, {allowed} allowed)")
     print(f"        {commands / sample:.3f} round trips/decision (MONITOR, {sample} decisions), "
           f"{evalsha / decisions:.3f} EVALSHA/decision (INFO commandstats)")
-    memory = MemoryLimiter(time.monotonic, Metrics())
+    memory = MemoryLimiter(time.monotonic)
     rate, allowed = await run(memory, rule, decisions, concurrency)
     print(f"memory: {rate:10.0f} decisions/s  ({allowed} allowed)")
 

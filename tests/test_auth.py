@@ -111,9 +111,11 @@ def attempts(metrics: Metrics, result: str, error_type: str) -> float:
 
 
 async def authenticate(auth: Authenticator, authorization: str | None, scopes: tuple[str, ...] = ()) -> Claims:
-    """Both steps, as the pipeline takes them (it asks for its rate limit step in between)."""
+    """Both steps, as the pipeline takes them (it asks for its rate limit step in between), and the
+    success count it adds once the response is out."""
     claims = auth.verify(authorization)
     await auth.admit(claims, scopes)
+    auth.count_success()
     return claims
 
 

@@ -29,6 +29,7 @@ from apigw.policy.ratelimit import (
     MemoryLimiter,
     RedisLimiter,
     build_limiter,
+    count,
     limit_key,
 )
 from apigw.redis.batch import BATCH_LUA, RedisBatch
@@ -73,8 +74,12 @@ class Harness:
         self.metrics = metrics
         self.advance = advance
 
-    async def burst(self, limit_rule: LimitRule, count: int, key: str = IP) -> list[Decision]:
-        return [await self.limiter.check(limit_rule, key) for _ in range(count)]
+    async def burst(self, limit_rule: LimitRule, times: int, key: str = IP) -> list[Decision]:
+        """`times` decisions, each counted as the pipeline counts it once the response is out."""
+        decisions = [await self.limiter.check(limit_rule, key) for _ in range(times)]
+        for decision in decisions:
+            count(self.metrics, decision)
+        return decisions
 
 
 @pytest.fixture
@@ -93,7 +98,7 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
             now[0] += seconds
 
         metrics = Metrics()
-        yield Harness(MemoryLimiter(lambda: now[0], metrics), metrics, tick)
+        yield Harness(MemoryLimiter(lambda: now[0]), metrics, tick)
         return
     with RedisServer() as server:
         r = client(server)
@@ -214,6 +219,8 @@ async def test_two_replicas_together_allow_the_limit(redis_server: RedisServer, 
     limiters = [RedisLimiter(make_batch(redis_server, 5.0), metrics, FailureMode.fail_closed) for _ in range(2)]
     limit_rule = rule(requests=300, period=3600)  # a refill every 12 s: none during the test
     decisions = await asyncio.gather(*[limiters[i % 2].check(limit_rule, IP) for i in range(800)])
+    for decision in decisions:
+        count(metrics, decision)
     allowed = sum(d.allowed for d in decisions)
     assert abs(allowed - 300) <= max(1, 300 // 100)
     assert sample(metrics, "gateway_ratelimit_requests_total", policy="p", decision="allowed") == allowed
@@ -256,7 +263,9 @@ async def checks_during(
     with caplog.at_level(logging.ERROR, logger="apigw.ratelimit"):
         for _ in range(3):
             try:
-                outcomes.append(await asyncio.wait_for(limiter.check(limit_rule, IP), 5))
+                decision = await asyncio.wait_for(limiter.check(limit_rule, IP), 5)
+                count(metrics, decision)  # as the pipeline does
+                outcomes.append(decision)
             except GatewayError as error:
                 outcomes.append(error)
     if fault == "pause":
@@ -290,6 +299,7 @@ async def test_fail_closed_answers_503(redis_server: RedisServer, fault: str, ca
         assert isinstance(error, GatewayError)
         assert (error.status, error.error_type) == (503, "ratelimit_unavailable")
     assert sample(metrics, "gateway_ratelimit_errors_total") == 3
+    assert sample(metrics, "gateway_ratelimit_requests_total", policy="p", decision="error") == 3
     assert len([r for r in caplog.records if r.name == "apigw.ratelimit"]) == 3
 
 
@@ -360,7 +370,7 @@ async def test_build_limiter_follows_the_config(redis: Redis, redis_server: Redi
 
 async def test_memory_limiter_forgets_full_buckets() -> None:
     now = [0.0]
-    limiter = MemoryLimiter(lambda: now[0], Metrics())
+    limiter = MemoryLimiter(lambda: now[0])
     limit_rule = rule(requests=1, period=1)
     for i in range(5000):
         await limiter.check(limit_rule, f"ip:10.0.{i // 256}.{i % 256}")

@@ -1,6 +1,11 @@
 """The request pipeline, top to bottom: match a route, authenticate, rate limit, check the breaker,
 proxy, then count and log. Every gateway-made error is a `GatewayError` turned into JSON here.
 
+A request is counted (every metric of its path: requests, auth success, its rate limit decision, the
+backend's answer) and logged after its response has gone out, at the loop's next turn: work done before
+the response goes out costs a loaded gateway about three times its own time (`bench/features.py`).
+Failures along the way are counted where they happen.
+
 The token's revocation check and the rate limit step are asked together, so that they share one Redis
 round trip: a request whose token turns out revoked (or short of scopes) has spent a rate limit slot.
 """
@@ -25,8 +30,9 @@ from apigw.observability.logs import Access
 from apigw.observability.metrics import Metrics
 from apigw.pipeline import proxy
 from apigw.pipeline.routing import Router
-from apigw.pipeline.state import CompiledRoute, Gateway
-from apigw.policy.ratelimit import limit_key
+from apigw.pipeline.state import CompiledRoute, Gateway, GatewayState
+from apigw.policy import ratelimit
+from apigw.policy.ratelimit import Decision, limit_key
 from apigw.policy.retry import CONNECT_FAILED, should_retry
 from apigw.upstream.client import Response
 from apigw.upstream.cluster import Cluster
@@ -60,6 +66,9 @@ class Exchange:
     """The path as the client sent it, for the log."""
     route: CompiledRoute | None = None
     auth_status: str = "none"
+    """none, failure, or success (counted by `_record`)."""
+    decision: Decision | None = None
+    """The rate limit decision, allowed or not (counted by `_record`)."""
     error_type: str | None = None
     body: proxy.BodyLimit | None = None
     forwarded: proxy.Forwarded = field(default_factory=proxy.Forwarded)
@@ -96,7 +105,7 @@ async def handle(request: web.BaseRequest, gateway: Gateway) -> web.StreamRespon
             ex.auth_status = "success"
         response_headers = {"X-Request-ID": ex.request_id}
         if limited is not None:
-            decision = await limited
+            decision = ex.decision = await limited
             if not decision.allowed:
                 raise decision.error()
             response_headers.update(decision.headers())
@@ -129,23 +138,32 @@ async def handle(request: web.BaseRequest, gateway: Gateway) -> web.StreamRespon
     finally:
         gateway.metrics.inflight.dec()
         state.usage.inflight -= 1
-        # counted at the loop's next turn, once aiohttp has written the response: work done before the
-        # response goes out costs a loaded gateway about three times its own time (bench/features.py)
-        request.task.get_loop().call_soon(_record, gateway, ex, response, time.perf_counter())
+        request.task.get_loop().call_soon(_record, gateway, state, ex, response, time.perf_counter())  # see the module
     return response
 
 
-def _record(gateway: Gateway, ex: Exchange, response: web.StreamResponse | None, ended: float) -> None:
-    """Count the request and write its access line; a request without a response (its handler was
-    cancelled) counts as 499, nginx's "client closed request". `ended`: when the handler was done."""
+def _record(
+    gateway: Gateway, state: GatewayState, ex: Exchange, response: web.StreamResponse | None, ended: float
+) -> None:
+    """Count the request and write its access line, once its response is out; a request without a
+    response (its handler was cancelled) counts as 499, nginx's "client closed request". `state`: the
+    one the request was handled with; `ended`: when the handler was done."""
     duration = ended - ex.started
     route_name = ex.route.name if ex.route else UNROUTED
     status = response.status if response is not None else 499
     metrics = gateway.metrics
+    if ex.auth_status == "success":
+        state.auth.count_success()
+    if ex.decision is not None:
+        ratelimit.count(metrics, ex.decision)
+    forwarded = ex.forwarded
+    if forwarded.answered is not None:
+        metrics.backend_requests.labels(forwarded.service, forwarded.answered).inc()
+        metrics.backend_duration.labels(forwarded.service).observe(forwarded.duration)
     metrics.http_duration.labels(route_name).observe(duration)
     method = ex.request.method
     metrics.http_requests.labels(route_name, method if method in KNOWN_METHODS else "OTHER", status).inc()
-    if logged(gateway.state.config.logging, status, ex.error_type):  # before building the line it decides on
+    if logged(state.config.logging, status, ex.error_type):  # before building the line it decides on
         gateway.access_log.write(Access(
             method, ex.raw_path, route_name, status, ex.client_ip, ex.request_id, auth_status=ex.auth_status,
             error_type=ex.error_type, duration=duration, backend_service=ex.forwarded.service,
@@ -201,13 +219,14 @@ async def _call_backend(
                     retries += 1
                     continue
                 raise
-            metrics.backend_requests.labels(service, backend.status).inc()
-            metrics.backend_duration.labels(service).observe(forwarded.duration)
             admission.record(backend.status not in BACKEND_FAILURE_STATUSES)
         if body is None and _may_retry(request, cluster, retries, backend.status, request_deadline):
+            metrics.backend_requests.labels(service, backend.status).inc()
+            metrics.backend_duration.labels(service).observe(forwarded.duration)
             backend.release()
             retries += 1
             continue
+        forwarded.answered = backend.status  # counted with the request, once its response is out
         return backend
 
 

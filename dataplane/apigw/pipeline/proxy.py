@@ -52,6 +52,8 @@ class Forwarded:
     before (no route, auth, rate limit, a bad request) names no backend."""
     duration: float = 0.0
     """Seconds until the backend's response headers (or its failure), of the last attempt."""
+    answered: int | None = None
+    """The status of the backend answer the client is given (attempts before it are counted at once)."""
 
 
 class BodyLimit:

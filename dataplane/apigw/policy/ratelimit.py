@@ -49,6 +49,14 @@ class Decision:
     """Seconds until a request would be allowed; 0 when allowed."""
     degraded: bool = False
     """The limiter failed and `fail_open` let the request through: nothing is known about the budget."""
+    policy: str = ""
+    elapsed: float = 0.0
+    """Seconds from asking to the decision: `gateway_ratelimit_duration_seconds`."""
+
+    @property
+    def outcome(self) -> str:
+        """The `decision` label: allowed, limited, or error (let through by `fail_open`)."""
+        return "error" if self.degraded else "allowed" if self.allowed else "limited"
 
     def headers(self) -> dict[str, str]:
         """`RateLimit-Limit/-Remaining/-Reset` (IETF draft, integer seconds), and `Retry-After` when denied."""
@@ -95,9 +103,9 @@ class LimitRule:
             return self.prefix + key
         return self.prefix + "#" + _digest(key)
 
-    def decision(self, allowed: bool, full_in: int, retry_in: int) -> Decision:
+    def decision(self, allowed: bool, full_in: int, retry_in: int, elapsed: float) -> Decision:
         remaining = max(0, (self.capacity - full_in) // self.interval)
-        return Decision(allowed, self.limit, remaining, full_in / _MICROS, retry_in / _MICROS)
+        return Decision(allowed, self.limit, remaining, full_in / _MICROS, retry_in / _MICROS, False, self.policy, elapsed)
 
 
 def gcra(rule: LimitRule, tat: int | None, now: int) -> tuple[bool, int, int]:
@@ -128,6 +136,13 @@ def limit_key(key: LimitKey, client_ip: str, headers: Mapping[str, str], claims:
     return f"ip:{client_ip}"
 
 
+def count(metrics: Metrics, decision: Decision) -> None:
+    """Count and time a decision the request was given. The pipeline calls this once the response has
+    gone out: work done before costs a loaded gateway about three times its own (`bench/features.py`)."""
+    metrics.ratelimit_duration.observe(decision.elapsed)
+    metrics.ratelimit_requests.labels(decision.policy, decision.outcome).inc()
+
+
 def _digest(value: str) -> str:
     return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
@@ -135,7 +150,8 @@ def _digest(value: str) -> str:
 class Limiter(Protocol):
     def check(self, rule: LimitRule, key: str) -> Awaitable[Decision]:
         """Asks at once (a Redis step joins the batch being gathered, with the request's revocation check);
-        the decision comes when awaited. Dropping it unawaited (the request failed meanwhile) is fine."""
+        the decision comes when awaited. Dropping it unawaited (the request failed meanwhile) is fine.
+        The caller counts the decision (`count`); a failure `fail_closed` turns into 503 is counted here."""
         ...
 
 
@@ -154,10 +170,8 @@ class _Pending:
         try:
             allowed, full_in, retry_in = yield from self._step.__await__()  # type: ignore[attr-defined]
         except (RedisError, OSError, TimeoutError) as error:
-            limiter.recorder.record(rule.policy, "error", self._started)
-            return limiter.failed(rule, error)
-        limiter.recorder.record(rule.policy, "allowed" if allowed else "limited", self._started)
-        return rule.decision(allowed == 1, full_in, retry_in)
+            return limiter.failed(rule, error, time.perf_counter() - self._started)
+        return rule.decision(allowed == 1, full_in, retry_in, time.perf_counter() - self._started)
 
 
 class _Deferred:
@@ -173,33 +187,21 @@ class _Deferred:
         return self._make(*self._args).__await__()
 
 
-class _Recorder:
-    """Counts and times decisions (`decision` label: allowed, limited or error). A slow Redis is logged
-    by the batch that waited for it (`apigw.redis.batch`), once per round trip, not once per decision."""
-
-    def __init__(self, metrics: Metrics):
-        self._metrics = metrics
-
-    def record(self, policy: str, outcome: str, started: float) -> None:
-        self._metrics.ratelimit_duration.observe(time.perf_counter() - started)
-        self._metrics.ratelimit_requests.labels(policy, outcome).inc()
-
-
 class RedisLimiter:
     """GCRA in Redis, as one step of the tick's batch script (`apigw.redis.batch`): decisions of concurrent
-    requests share a round trip."""
+    requests share a round trip. A slow Redis is logged by the batch that waited for it, once per round
+    trip, not once per decision."""
 
     def __init__(self, batch: RedisBatch, metrics: Metrics, failure_mode: FailureMode):
         self._batch = batch
         self._metrics = metrics
         self._failure_mode = failure_mode
-        self.recorder = _Recorder(metrics)
 
     def check(self, rule: LimitRule, key: str) -> Awaitable[Decision]:
         step = self._batch.limit(rule.bucket(key), rule.interval, rule.capacity)
         return _Pending(self, rule, step, time.perf_counter())
 
-    def failed(self, rule: LimitRule, error: Exception) -> Decision:
+    def failed(self, rule: LimitRule, error: Exception, elapsed: float) -> Decision:
         """Count and log the error, then let the request through or answer 503, as `failure_mode` says."""
         self._metrics.ratelimit_errors.inc()
         self._metrics.redis_errors.labels(operation="ratelimit").inc()
@@ -211,19 +213,20 @@ class RedisLimiter:
             "ratelimit error: %s; %s", reason, self._failure_mode.value,
             extra={"fields": {"policy": rule.policy, "error": reason, "failure_mode": self._failure_mode.value}},
         )
+        decision = Decision(True, rule.limit, 0, 0.0, 0.0, True, rule.policy, elapsed)
         if self._failure_mode is FailureMode.fail_closed:
+            count(self._metrics, decision)  # no decision reaches the caller to count
             raise GatewayError(503, "ratelimit_unavailable", "rate limiter unavailable") from error
-        return Decision(True, rule.limit, 0, 0.0, degraded=True)
+        return decision
 
 
 class MemoryLimiter:
     """The same GCRA with in-process state: per replica, for `gateway demo` and configs without Redis."""
 
-    def __init__(self, clock: Callable[[], float], metrics: Metrics):
+    def __init__(self, clock: Callable[[], float]):
         self._clock = clock
         self._tats: dict[str, int] = {}
         self._sweep_at = 1024
-        self._recorder = _Recorder(metrics)
 
     def check(self, rule: LimitRule, key: str) -> Awaitable[Decision]:
         return _Deferred(self._decide, rule, key)
@@ -236,9 +239,7 @@ class MemoryLimiter:
         self._tats[bucket] = tat
         if len(self._tats) >= self._sweep_at:
             self._sweep(now)
-        decision = rule.decision(allowed, tat - now, retry_in)
-        self._recorder.record(rule.policy, "allowed" if allowed else "limited", started)
-        return decision
+        return rule.decision(allowed, tat - now, retry_in, time.perf_counter() - started)
 
     def _sweep(self, now: int) -> None:
         """Forget full buckets (TAT passed), as Redis expires them; amortised over the inserts since the last sweep."""
@@ -252,7 +253,7 @@ def build_limiter(config: Config, metrics: Metrics, batch: RedisBatch | None) ->
     if not config.ratelimit.enabled:
         return None
     if config.redis is None:
-        return MemoryLimiter(time.monotonic, metrics)
+        return MemoryLimiter(time.monotonic)
     if batch is None:
         raise ValueError("config.redis is set: pass the RedisBatch built on its client")
     return RedisLimiter(batch, metrics, config.ratelimit.failure_mode)

@@ -11,7 +11,8 @@ verified-token cache misses; `warm`: one token, so it hits; `workers`: `warm` wi
 processes on the proxy's one core, so that its CPU per request compares with `warm`'s). The off, cold and
 warm gateways run side by side and are measured in `--rounds` interleaved rounds; the table has each row's
 median round, and the notes every round's figure. `latency` adds a
-second table: latency over direct at light load. `--profile FILE` samples the gateway with py-spy during an
+second table: latency over direct at light load, also in `--rounds` interleaved rounds (the run of
+median p99 of each side). `--profile FILE` samples the gateway with py-spy during an
 extra warm run (and a cold one, when `cold` is a row) and prints the functions with the most own time. See
 bench/README.md for how to read the output.
 """
@@ -364,7 +365,7 @@ def gateway_rows(
                 notes.append(f"{name}: CPU us/req in {len(measured)} rounds: "
                              + " / ".join(f"{row.cpu_us:.0f}" for row in measured))
             if "latency" in args.rows:
-                light = light_load(args, tmp, backend_url + "/", gateway.url + "/", warm, rows)  # type: ignore[union-attr]
+                light = light_load(args, tmp, backend_url + "/", gateway.url + "/", warm, rows, notes)  # type: ignore[union-attr]
             if args.profile and gateway is not None:
                 url, pid = gateway.url + "/", gateway.process.pid  # type: ignore[union-attr]
                 profile_notes("gateway on warm", pid, args, notes, lambda: wrk(url, 5, args.connections, headers=warm))
@@ -437,16 +438,28 @@ def measure_with_redis(
 
 def light_load(
     args: argparse.Namespace, tmp: Path, direct_url: str, gateway_url: str, warm: tuple[str, ...], rows: dict[str, Row],
+    notes: list[str],
 ) -> LightLoad:
     """Direct and gateway-on-warm at about half the gateway's maximum rate, with paced connections
     (wrk has no fixed-rate mode): enough connections that each, pausing PACE_MS between requests,
-    offers that rate together."""
+    offers that rate together. In `args.rounds` interleaved rounds; each side's round of median p99
+    goes in the table, so that a neighbour's burst moves one round, not the figure."""
     top = rows["warm"].load.rps if "warm" in rows else wrk(gateway_url, WARMUP_SECONDS, args.connections, headers=warm).rps
     connections = max(1, round(top / 2 * PACE_MS / 1000))
     (tmp / "pace.lua").write_text(PACE_LUA)
-    direct = wrk(direct_url, args.duration, connections, script=tmp / "pace.lua")
-    through = wrk(gateway_url, args.duration, connections, script=tmp / "pace.lua", headers=warm)
-    return LightLoad(direct, through, connections, top)
+    direct: list[WrkResult] = []
+    through: list[WrkResult] = []
+    for _ in range(args.rounds):
+        direct.append(wrk(direct_url, args.duration, connections, script=tmp / "pace.lua"))
+        through.append(wrk(gateway_url, args.duration, connections, script=tmp / "pace.lua", headers=warm))
+    notes.append("latency, p99 ms in {} rounds: direct {}; gateway {}".format(
+        len(direct), " / ".join(f"{run.p99:.2f}" for run in direct), " / ".join(f"{run.p99:.2f}" for run in through)))
+    return LightLoad(median_p99(direct), median_p99(through), connections, top)
+
+
+def median_p99(runs: list[WrkResult]) -> WrkResult:
+    """The run of median p99 (the lower middle one of an even count)."""
+    return sorted(runs, key=lambda run: run.p99)[(len(runs) - 1) // 2]
 
 
 def print_table(args: argparse.Namespace, rows: dict[str, Row], light: LightLoad | None) -> None:

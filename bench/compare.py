@@ -336,7 +336,9 @@ def gateway_rows(
 ) -> LightLoad | None:
     """The off, cold and warm rows in `args.rounds` interleaved rounds (each row's median round goes in
     the table, so that a neighbour's burst moves one round, not the ratio), Redis round trips, the latency
-    table and the profile: the off gateway (started by the caller), one all-on gateway, one Redis."""
+    table and the profile: the off gateway (started by the caller), an all-on gateway for each of the warm
+    and cold rows, one Redis. The warm row has a process of its own: right after a cold run the same
+    process serves the warm token 10-30% dearer for a while (the notes give that figure too)."""
     light = None
     key = SigningKey("rsa")
     key.write_public_pem(tmp / "jwt.pem")
@@ -349,33 +351,46 @@ def gateway_rows(
     with RedisServer() as server:
         pin(server.process.pid, LOAD_CORE)
         client = redis.Redis(port=server.port)
-        gateway = None
-        if on_rows or {"latency", "workers"} & set(args.rows):
-            gateway = start_gateway(tmp, "gateway-on", gateway_config(backend_url, server.url, tmp / "jwt.pem"))
+        gateways: dict[str, GatewayProcess] = {}
         try:
+            for name in ("warm", "cold"):
+                if name in on_rows or (name == "warm" and {"latency", "workers"} & set(args.rows)):
+                    config = gateway_config(backend_url, server.url, tmp / "jwt.pem")
+                    gateways[name] = start_gateway(tmp, f"gateway-{name}", config)
             rounds: dict[str, list[Row]] = {name: [] for name in (["off"] if off else []) + on_rows}
+            after_cold: list[Row] = []
             for last in [False] * (args.rounds - 1) + [True]:
                 if off is not None:
                     rounds["off"].append(measure(LABELS["off"], off.url + "/", args, off.process.pid))
                 for name in on_rows:
                     # the cold row warms up with the warm token too: a warm-up through the token file would
                     # fill the cache with the tokens the measured run starts with
-                    warm_up(gateway.url + "/", args, warm)  # type: ignore[union-attr]
+                    gateway = gateways[name]
+                    warm_up(gateway.url + "/", args, warm)
                     rounds[name].append(measure_with_redis(name, gateway, client, args, notes if last else None,
                                                            **loads[name]))
+                if "cold" in gateways and "warm" in on_rows:
+                    again = gateways["cold"]
+                    after_cold.append(measure(LABELS["warm"], again.url + "/", args, again.process.pid, headers=warm))
             for name, measured in rounds.items():
                 rows[name] = median(measured)
                 notes.append(f"{name}: CPU us/req in {len(measured)} rounds: "
                              + " / ".join(f"{row.cpu_us:.0f}" for row in measured))
+            if after_cold:
+                figure = median(after_cold).cpu_us
+                over = f", {figure / rows['off'].cpu_us:.2f}x off" if "off" in rows else ""  # type: ignore[operator]
+                notes.append("warm token on the cold row's gateway, right after each cold run: CPU us/req "
+                             + " / ".join(f"{row.cpu_us:.0f}" for row in after_cold) + f" (median {figure:.0f}{over})")
             if "latency" in args.rows:
-                light = light_load(args, tmp, backend_url + "/", gateway.url + "/", warm, rows, notes)  # type: ignore[union-attr]
-            if args.profile and gateway is not None:
-                url, pid = gateway.url + "/", gateway.process.pid  # type: ignore[union-attr]
+                light = light_load(args, tmp, backend_url + "/", gateways["warm"].url + "/", warm, rows, notes)
+            if args.profile and "warm" in gateways:
+                url, pid = gateways["warm"].url + "/", gateways["warm"].process.pid
                 profile_notes("gateway on warm", pid, args, notes, lambda: wrk(url, 5, args.connections, headers=warm))
-                if cold is not None:
-                    profile_notes("gateway on cold", pid, args, notes, lambda: wrk(url, 5, args.connections, script=cold))
+            if args.profile and cold is not None and "cold" in gateways:
+                url, pid = gateways["cold"].url + "/", gateways["cold"].process.pid
+                profile_notes("gateway on cold", pid, args, notes, lambda: wrk(url, 5, args.connections, script=cold))
         finally:
-            if gateway is not None:
+            for gateway in gateways.values():
                 gateway.stop()
         if "workers" in args.rows:
             rows["workers"] = measure_workers(args, tmp, backend_url, server.url, client, warm, notes)

@@ -338,7 +338,8 @@ def gateway_rows(
     the table, so that a neighbour's burst moves one round, not the ratio), Redis round trips, the latency
     table and the profile: the off gateway (started by the caller), an all-on gateway for each of the warm
     and cold rows, one Redis. The warm row has a process of its own: right after a cold run the same
-    process serves the warm token 10-30% dearer for a while (the notes give that figure too)."""
+    process often serves the warm token dearer for a while (0-34% in session 6; the notes give that
+    figure too)."""
     light = None
     key = SigningKey("rsa")
     key.write_public_pem(tmp / "jwt.pem")

@@ -39,6 +39,7 @@ from harness import (
     PROXY_CORE,
     Processes,
     WrkResult,
+    choices,
     cpu_seconds,
     env,
     nginx_backend,
@@ -527,10 +528,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=20_000, help="distinct tokens for the cold row")
     parser.add_argument("--profile", type=Path, help="py-spy the warm (and cold) gateway 5 s; raw samples to this file")
     args = parser.parse_args()
-    args.rows = args.rows.split(",")
-    unknown = set(args.rows) - set(ROWS)
-    if unknown:
-        parser.error(f"unknown rows {sorted(unknown)}; choose from {','.join(ROWS)}")
+    args.rows = choices(parser, args.rows, ROWS, "rows")
     require("wrk", "nginx", "redis-server", *(["py-spy"] if args.profile else []))
     run_bench(lambda tmp, procs: run(args, tmp, procs))
 

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from compare import gateway_config, start_gateway
-from harness import LOAD_CORE, Processes, cpu_seconds, nginx_backend, pin, require, run_bench, wrk
+from harness import LOAD_CORE, Processes, choices, cpu_seconds, nginx_backend, pin, require, run_bench, wrk
 
 from apigw.testkit.process import GatewayProcess
 from apigw.testkit.redis import RedisServer
@@ -102,8 +102,9 @@ def print_table(args: argparse.Namespace, rounds: dict[str, list[float]]) -> Non
         print(f"{name:<10} {''.join(f'{x:7.1f}' for x in each):<{7 * args.rounds}} {medians[name]:7.1f} "
               f"{min(each):7.1f} {extra}")
     for code in ("", "@base"):
-        if f"on{code}" in medians and f"off{code}" in medians:
-            print(f"on{code} / off{code}, medians: {medians[f'on{code}'] / medians[f'off{code}']:.2f}x  (issue 18: <= 1.3x)")
+        on, off = f"on{code}", f"off{code}"
+        if on in medians and off in medians:
+            print(f"{on} / {off}, medians: {medians[on] / medians[off]:.2f}x  (issue 18: <= 1.3x)")
     for variant in args.variants:
         if f"{variant}@base" in rounds:
             pairs = [new / old for new, old in zip(rounds[variant], rounds[f"{variant}@base"])]
@@ -119,10 +120,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {','.join(VARIANTS)}")
     parser.add_argument("--baseline", type=Path, help="another checkout's dataplane directory, run side by side")
     args = parser.parse_args()
-    args.variants = args.variants.split(",")
-    unknown = set(args.variants) - set(VARIANTS)
-    if unknown:
-        parser.error(f"unknown variants {sorted(unknown)}; choose from {','.join(VARIANTS)}")
+    args.variants = choices(parser, args.variants, VARIANTS, "variants")
     require("wrk", "nginx", "redis-server")
     run_bench(lambda tmp, procs: run(args, tmp, procs))
 

@@ -8,6 +8,7 @@ survives a noisy machine, where requests/s and latencies move with whatever else
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
@@ -213,6 +214,15 @@ def wrk(
 def _ms(text: str) -> float:
     value, unit = re.match(r"([\d.]+)(\w+)", text).groups()
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def choices(parser: argparse.ArgumentParser, text: str, allowed: Sequence[str], what: str) -> list[str]:
+    """A comma-separated list of names from `allowed` (`--rows`, `--variants`); a usage error names the others."""
+    names = text.split(",")
+    unknown = set(names) - set(allowed)
+    if unknown:
+        parser.error(f"unknown {what} {sorted(unknown)}; choose from {','.join(allowed)}")
+    return names
 
 
 def require(*binaries: str) -> None:

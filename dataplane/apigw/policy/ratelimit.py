@@ -105,7 +105,9 @@ class LimitRule:
 
     def decision(self, allowed: bool, full_in: int, retry_in: int, elapsed: float) -> Decision:
         remaining = max(0, (self.capacity - full_in) // self.interval)
-        return Decision(allowed, self.limit, remaining, full_in / _MICROS, retry_in / _MICROS, False, self.policy, elapsed)
+        return Decision(
+            allowed, self.limit, remaining, full_in / _MICROS, retry_in / _MICROS, False, self.policy, elapsed
+        )  # positional: this runs once per request
 
 
 def gcra(rule: LimitRule, tat: int | None, now: int) -> tuple[bool, int, int]:
@@ -213,7 +215,7 @@ class RedisLimiter:
             "ratelimit error: %s; %s", reason, self._failure_mode.value,
             extra={"fields": {"policy": rule.policy, "error": reason, "failure_mode": self._failure_mode.value}},
         )
-        decision = Decision(True, rule.limit, 0, 0.0, 0.0, True, rule.policy, elapsed)
+        decision = Decision(True, rule.limit, 0, 0.0, degraded=True, policy=rule.policy, elapsed=elapsed)
         if self._failure_mode is FailureMode.fail_closed:
             count(self._metrics, decision)  # no decision reaches the caller to count
             raise GatewayError(503, "ratelimit_unavailable", "rate limiter unavailable") from error

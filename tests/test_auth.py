@@ -26,7 +26,15 @@ from apigw.config.errors import ConfigError
 from apigw.config.model import AuthConfig, RedisConfig
 from apigw.http.errors import GatewayError
 from apigw.observability.metrics import Metrics
-from apigw.policy.auth import MAX_TOKEN_LENGTH, NO_EXP_CACHE_SECONDS, REFUSED_CACHE_SECONDS, Authenticator, Claims, plain_text
+from apigw.policy.auth import (
+    HEADER_MEMO_SIZE,
+    MAX_TOKEN_LENGTH,
+    NO_EXP_CACHE_SECONDS,
+    REFUSED_CACHE_SECONDS,
+    Authenticator,
+    Claims,
+    plain_text,
+)
 from apigw.redis.batch import RedisBatch
 from apigw.testkit.clock import FakeClock
 from apigw.testkit.redis import RedisServer
@@ -333,6 +341,71 @@ async def test_right_base64_padding_is_tolerated_where_the_signature_allows(make
     assert await authenticate(auth, f"Bearer {header}.{payload}.{signature}==", ())
     padded = payload + "=" * (-len(payload) % 4)
     assert (await rejected(auth, f"Bearer {header}.{padded}.{signature}")).error_type == "bad_signature"
+
+
+def canonical_b64url(segment: str) -> bool:
+    """The rule, spelled out: base64url characters, a length base64 can have, no bits set beyond the data in
+    the last character, and `=` padding, if any, exactly to a multiple of 4."""
+    body = segment.rstrip("=")
+    padding = len(segment) - len(body)
+    if (padding and padding != -len(body) % 4) or set(body) - set(B64URL) or len(body) % 4 == 1:
+        return False
+    return b64(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))) == body
+
+
+@given(segment=st.text(alphabet=B64URL[:3] + "QgwEMk" + B64URL[-4:] + "=+/ .", max_size=13))
+@example(segment="AAAA=")
+@example(segment="QQ=")
+@example(segment="QR")
+@example(segment="QQ===")
+@settings(max_examples=500, deadline=None)
+def test_a_payload_segment_decodes_only_if_canonical_base64url(claims_auth, segment):
+    """Segments are decoded before the signature is checked: a canonical one gets as far as the signature
+    (bad_signature, since the payload is not the signed one), any other spelling is malformed."""
+    auth, key = claims_auth
+    header, _, signature = key.signed({"sub": "alice", "exp": int(NOW) + 60}).split(".")
+    with pytest.raises(GatewayError) as caught:
+        auth.verify(f"Bearer {header}.{segment}.{signature}")
+    assert caught.value.error_type == ("bad_signature" if canonical_b64url(segment) else "malformed")
+
+
+@given(before=st.text(alphabet=" \t\n\r\x0b\x0c\xa0x", max_size=3), after=st.text(alphabet=" \t\n\r\x0b\x0c\xa0x{}", max_size=3))
+@settings(max_examples=200, deadline=None)
+def test_claims_are_one_json_object_with_only_json_whitespace_around(claims_auth, before, after):
+    """Signed claims with characters around the object verify exactly when those are JSON's whitespace
+    (space, tab, CR, LF), as `json.loads` reads them."""
+    auth, key = claims_auth
+    claims = {"sub": "alice", "exp": int(NOW) + 60}
+    token = raw_signed(key, b'{"alg":"EdDSA"}', f"{before}{json.dumps(claims)}{after}".encode())
+    if set(before + after) <= set(" \t\n\r"):
+        assert dict(auth.verify(f"Bearer {token}")) == claims
+    else:
+        with pytest.raises(GatewayError) as caught:
+            auth.verify(f"Bearer {token}")
+        assert caught.value.error_type == "malformed"
+
+
+async def test_a_remembered_header_is_one_that_verified_and_the_memo_is_bounded(make_auth, clock, rsa_key):
+    """A header segment is remembered with its verifiers only once a signature has verified with it: forged
+    tokens, each with a header of its own, leave the memo as it was. Issuer-signed headers beyond
+    HEADER_MEMO_SIZE start it afresh, and every token is still checked in full."""
+    auth = make_auth(rsa_key)
+    token = rsa_key.token(now=clock.now)
+    await authenticate(auth, f"Bearer {token}")
+    assert list(auth.header_memo) == [token.split(".")[0].encode()]
+    signature = token.split(".")[2]
+    for n in range(HEADER_MEMO_SIZE + 5):
+        header = b64(json.dumps({"alg": "RS256", "typ": "JWT", "n": n}).encode())
+        error = await rejected(auth, f"Bearer {header}.{token.split('.')[1]}.{signature}")
+        assert error.error_type == "bad_signature"
+    assert list(auth.header_memo) == [token.split(".")[0].encode()]
+    header, payload, _ = token.split(".")
+    assert (await rejected(auth, f"Bearer {header}.{payload}.{b64(bytes(256))}")).error_type == "bad_signature"
+    for n in range(HEADER_MEMO_SIZE + 5):
+        signed = raw_signed(rsa_key, json.dumps({"alg": "RS256", "n": n}).encode(),
+                            json.dumps({"sub": f"user-{n}", "exp": int(clock.now) + 60}).encode())
+        assert (await authenticate(auth, f"Bearer {signed}"))["sub"] == f"user-{n}"
+        assert 1 <= len(auth.header_memo) <= HEADER_MEMO_SIZE
 
 
 async def test_an_ecdsa_signature_must_be_r_and_s_of_the_curve_size(make_auth, clock, ec_key):

@@ -9,7 +9,9 @@ keys configured without a kid; a token without a `kid` with every key.
 Tokens are parsed and verified here with `cryptography`, on a path prepared at config load (each key's
 verifier per algorithm, by kid): the three base64url segments decoded strictly (the URL-safe alphabet,
 canonical, right `=` padding tolerated as PyJWT does), the header parsed, its `alg` and `kid` picking the
-verifiers, the signature checked, and only then the claims parsed, as a JSON object. A name given twice in
+verifiers, the signature checked, and only then the claims parsed, as a JSON object. A header segment that
+has verified a signature is remembered with its verifiers (an issuer's tokens mostly share one), so the next
+token with it skips the header's decoding and checks. A name given twice in
 a JSON object keeps its last value, as RFC 7515 4 and RFC 7519 4 allow (the signature covers the bytes, so
 only the issuer can write such a token). `iss` and `aud` are checked as PyJWT did (`bad_issuer`,
 `bad_audience`); time claims (`exp`, `nbf`, `iat`, with `auth.clock_skew`) with the clock passed in, so
@@ -91,6 +93,9 @@ REFUSED_CACHE_SECONDS = 300.0
 token in again after this long at most."""
 MIN_RSA_BITS = 2048
 REVOKED_PREFIX = "revoked:"
+HEADER_MEMO_SIZE = 64
+"""Header segments remembered with their verifiers. Only the headers of tokens whose signature verified get
+in, and the memo starts afresh when full."""
 
 ERROR_TYPES = (
     "missing_token", "malformed", "disallowed_alg", "unknown_kid", "bad_signature", "expired", "not_yet_valid",
@@ -367,6 +372,8 @@ class Authenticator:
     ):
         self.config = config
         self._keys = keys
+        self.header_memo: dict[bytes, tuple[Verifier, ...]] = {}
+        """The verifiers of each header segment that has verified a signature (HEADER_MEMO_SIZE)."""
         self.cache: TokenCache[dict[str, Any]] = TokenCache(config.cache_size)
         """The claims of verified tokens, as plain dicts (see TokenCache); handed out read-only."""
         self.refused: TokenCache[tuple[str, str]] = TokenCache(min(config.cache_size, REFUSED_CACHE_SIZE))
@@ -492,8 +499,34 @@ class Authenticator:
         return MappingProxyType(claims)
 
     def _verify(self, token: str, now: float) -> dict[str, Any]:
-        header_segment, payload_segment, signature_segment, signing_input = _segments(token)
-        header = _json_object(header_segment)
+        header_segment, payload, signature, signing_input = _segments(token)
+        verifiers = self.header_memo.get(header_segment)
+        remembered = verifiers is not None
+        if verifiers is None:
+            verifiers = self._header_verifiers(header_segment)
+        for verify in verifiers:
+            try:
+                verify(signature, signing_input)
+                break
+            except InvalidSignature:
+                continue
+        else:
+            raise _invalid("bad_signature", "the token's signature is invalid")
+        if not remembered:
+            if len(self.header_memo) >= HEADER_MEMO_SIZE:
+                self.header_memo.clear()
+            self.header_memo[header_segment] = verifiers
+        claims = _json_object(payload)
+        self._check_claims(claims)
+        _check_times(claims, now, self._skew)
+        return claims
+
+    def _header_verifiers(self, segment: bytes) -> tuple[Verifier, ...]:
+        """The verifiers that the header segment's `alg` and `kid` pick; 401 if it is malformed or picks none."""
+        try:
+            header = _json_object(_b64url(segment))
+        except ValueError:  # binascii.Error, not canonical
+            raise _invalid("malformed", "the token is not a well-formed JWT") from None
         alg, kid = header.get("alg"), header.get("kid")
         if not isinstance(alg, str) or not isinstance(kid, (str, type(None))):
             raise _invalid("malformed", "the token is not a well-formed JWT")
@@ -507,18 +540,7 @@ class Authenticator:
         verifiers = by_alg.get(alg)
         if not verifiers:
             raise _invalid("disallowed_alg", "the token's algorithm does not fit its key")
-        for verify in verifiers:
-            try:
-                verify(signature_segment, signing_input)
-                break
-            except InvalidSignature:
-                continue
-        else:
-            raise _invalid("bad_signature", "the token's signature is invalid")
-        claims = _json_object(payload_segment)
-        self._check_claims(claims)
-        _check_times(claims, now, self._skew)
-        return claims
+        return verifiers
 
     def _check_claims(self, claims: Mapping[str, Any]) -> None:
         """Issuer and audience as configured, required claims present, claims of their types, forwarded
@@ -542,19 +564,24 @@ class Authenticator:
 
 _URLSAFE_TO_STANDARD = bytes.maketrans(b"-_+/", b"+/!!")
 """base64url to the standard alphabet; `+` and `/`, not base64url, become a character no decoder accepts."""
-_JSON = json.JSONDecoder()
 
 
 def _segments(token: str) -> tuple[bytes, bytes, bytes, bytes]:
-    """The decoded header, payload and signature of a compact JWS, and the signing input; 401 malformed
-    unless there are three segments, each canonical base64url."""
+    """The header segment as sent, the decoded payload and signature of a compact JWS, and the signing input;
+    401 malformed unless there are three segments, the payload and signature canonical base64url (the header
+    is decoded by `_header_verifiers`, unless its segment is a remembered one)."""
     try:
         raw = token.encode("ascii")
         header, payload, signature = raw.split(b".")
-        decoded = _b64url(header), _b64url(payload), _b64url(signature)
+        decoded = _b64url(payload), _b64url(signature)
     except ValueError:  # UnicodeEncodeError, a count of segments other than 3, binascii.Error
         raise _invalid("malformed", "the token is not a well-formed JWT") from None
-    return *decoded, raw[: len(header) + 1 + len(payload)]
+    return header, *decoded, raw[: len(header) + 1 + len(payload)]
+
+
+_NO_STRAY_BITS = (b"", b"AQgw", b"AEIMQUYcgkosw048")
+"""By the bytes in the last quantum (1 or 2), the characters that may end the data: those whose bits beyond the
+bytes are zero (values that are multiples of 16, of 4). They are the same in both alphabets."""
 
 
 def _b64url(segment: bytes) -> bytes:
@@ -562,19 +589,28 @@ def _b64url(segment: bytes) -> bytes:
     (one spelling per segment, but for the padding; nothing is keyed on a token's spelling but the caches)."""
     if not segment.endswith(b"="):
         segment += b"=" * (-len(segment) % 4)
-    standard = segment.translate(_URLSAFE_TO_STANDARD)
-    decoded = binascii.a2b_base64(standard, strict_mode=True)
-    if binascii.b2a_base64(decoded, newline=False) != standard:
-        raise ValueError("not canonical base64")
+    decoded = binascii.a2b_base64(segment.translate(_URLSAFE_TO_STANDARD), strict_mode=True)
+    spare = len(decoded) % 3  # strict mode: the last quantum, XY== (1 byte) or XYZ= (2), ends the segment
+    if len(segment) != (len(decoded) + 2) // 3 * 4 or (spare and segment[spare - 4] not in _NO_STRAY_BITS[spare]):
+        raise ValueError("not canonical base64")  # padding beyond the last quantum, or stray bits
     return decoded
+
+
+_SCAN = json.JSONDecoder().scan_once
+_JSON_SPACE = re.compile(r"[ \t\n\r]*").match
+"""The whitespace JSON allows around a value."""
 
 
 def _json_object(data: bytes) -> dict[str, Any]:
     """A segment's JSON object (UTF-8); 401 malformed otherwise. NaN and Infinity are read as Python reads
-    them (a time claim holding one is refused by its type check, naming the claim)."""
+    them (a time claim holding one is refused by its type check, naming the claim). Read as `json.loads`
+    reads it, but with its scanner called directly: `loads` costs twice that for a token's few claims."""
     try:
-        value = _JSON.decode(data.decode("utf-8"))
-    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        text = data.decode("utf-8")
+        value, end = _SCAN(text, 0 if text.startswith("{") else _JSON_SPACE(text).end())
+        if end != len(text) and _JSON_SPACE(text, end).end() != len(text):
+            value = None
+    except (ValueError, RecursionError, StopIteration):  # StopIteration: no JSON value starts there
         value = None
     if not isinstance(value, dict):
         raise _invalid("malformed", "the token is not a well-formed JWT")

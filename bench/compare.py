@@ -80,12 +80,26 @@ PACE_LUA = f"function delay() return math.floor(-math.log(1 - math.random()) * {
 CYCLE_TOKENS_LUA = """
 local tokens = {}
 for line in io.lines("%s") do tokens[#tokens + 1] = "Bearer " .. line end
-local i = 0
+local state = "%s"
+i = 0
+init = function(args)
+  local file = io.open(state)
+  if file then i = (tonumber(file:read("*a")) or 0) %% #tokens; file:close() end
+end
 request = function()
   i = i %% #tokens + 1
   return wrk.format(nil, nil, {["Authorization"] = tokens[i]})
 end
+local threads = {}
+setup = function(thread) threads[#threads + 1] = thread end
+done = function()
+  local file = io.open(state, "w")
+  file:write(tostring(threads[1]:get("i")))
+  file:close()
+end
 """
+"""Each request the next token of the file; a run goes on where the one before it ended (in the state
+file), so that a token comes back only after all the others, whatever the length of the runs."""
 
 
 # --- the baseline: a bare aiohttp reverse proxy, run in its own process by `--serve-bare` -------
@@ -426,7 +440,7 @@ def cycling_tokens(key: SigningKey, count: int, tmp: Path, notes: list[str]) -> 
     started = time.monotonic()
     tokens = tmp / "tokens.txt"
     tokens.write_text("".join(key.token(ttl=3600, sub=f"user-{i}") + "\n" for i in range(count)))
-    (tmp / "cycle.lua").write_text(CYCLE_TOKENS_LUA % tokens)
+    (tmp / "cycle.lua").write_text(CYCLE_TOKENS_LUA % (tokens, tmp / "cycle.state"))
     cache = AuthConfig().cache_size
     misses = "every request misses" if count > cache else "NOT cold: tokens repeat within the cache"
     notes.append(f"cold: {count} distinct tokens cycled (minted in {time.monotonic() - started:.0f} s); "

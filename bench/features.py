@@ -1,7 +1,7 @@
 """What each feature costs on its own: CPU per request of the gateway with one feature at a time (issue 18).
 
     python bench/features.py [--rounds 5] [--duration 4] [--connections 50]
-                             [--variants off,token,log,auth,limit,on,cold] [--tokens 20000]
+                             [--variants off,token,log,auth,limit,on,cold] [--tokens 20000] [--baseline DIR] [--together]
 
 Variants, all behind the same nginx backend (`bench/harness.py`'s layout: wrk, nginx and Redis on core 0,
 the gateway alone on core 1): `off` (no feature), `token` (no feature, but the requests carry the
@@ -19,6 +19,13 @@ minimum, and the median's excess over `token` (over `off` for `token` itself, ov
 `name@base`, in the same rounds), to measure what a change saves or costs against the code before it:
 
     git worktree add /tmp/base HEAD~1 && python bench/features.py --variants on --baseline /tmp/base/dataplane
+
+`--together` loads all the gateways at once in each round, each with its share of the connections: a
+neighbour's burst then moves every variant of the round alike, so their ratios hold (the same code twice:
+0.97 to 1.02 round by round) where runs one after the other move by a third. The gateways share the core
+and switch between each other, which adds to every one's cost per request, the more so the more the code
+differs (cold: about +96 us over on together, +54 one at a time): the figures are not those of a gateway
+alone. For a change against its baseline, not for issue 18's goals.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +73,24 @@ def measure(gateway: GatewayProcess, args: argparse.Namespace, load: dict[str, A
     return (cpu_seconds(pid) - before) / max(result.requests, 1) * 1e6
 
 
+def measure_together(gateways: dict[str, GatewayProcess], args: argparse.Namespace, loads: dict[str, dict[str, Any]]
+                     ) -> dict[str, float]:
+    """`measure` for every gateway at once, each with its share of the connections (see `--together`)."""
+    before = {name: cpu_seconds(gateway.process.pid) for name, gateway in gateways.items()}  # type: ignore[union-attr]
+    connections = max(1, args.connections // len(gateways))
+    with ThreadPoolExecutor(len(gateways)) as pool:
+        runs = {name: pool.submit(wrk, gateway.url + "/", args.duration, connections, **loads[name])
+                for name, gateway in gateways.items()}
+    figures = {}
+    for name, gateway in gateways.items():
+        result = runs[name].result()
+        if result.non2xx or result.socket_errors:
+            sys.exit(f"{gateway.config.stem}: {result.non2xx} non-2xx answers, {result.socket_errors} socket errors")
+        cpu = cpu_seconds(gateway.process.pid) - before[name]  # type: ignore[union-attr]
+        figures[name] = cpu / max(result.requests, 1) * 1e6
+    return figures
+
+
 def run(args: argparse.Namespace, tmp: Path, procs: Processes) -> None:
     backend_url = nginx_backend(procs, tmp)
     key = SigningKey("rsa")
@@ -93,6 +119,10 @@ def run(args: argparse.Namespace, tmp: Path, procs: Processes) -> None:
             rounds: dict[str, list[float]] = {name: [] for name in gateways}
             order = list(gateways)
             for _ in range(args.rounds):
+                if args.together:
+                    for name, figure in measure_together(gateways, args, loads).items():
+                        rounds[name].append(figure)
+                    continue
                 for name in order:
                     rounds[name].append(measure(gateways[name], args, loads[name]))
                 order.reverse()  # each round in the other order: whoever runs first (or after whom) changes
@@ -105,7 +135,8 @@ def run(args: argparse.Namespace, tmp: Path, procs: Processes) -> None:
 
 
 def print_table(args: argparse.Namespace, rounds: dict[str, list[float]]) -> None:
-    print(f"\nCPU us per request, wrk -t1 -c{args.connections} -d{args.duration}s, {args.rounds} interleaved rounds")
+    how = "all gateways at once" if args.together else "interleaved"
+    print(f"\nCPU us per request, wrk -t1 -c{args.connections} -d{args.duration}s, {args.rounds} {how} rounds")
     print(f"{'variant':<10} {'rounds':<{7 * args.rounds}} {'median':>7} {'min':>7} {'+median':>8}")
     medians = {name: statistics.median(each) for name, each in rounds.items()}
     for name, each in rounds.items():
@@ -136,6 +167,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {','.join(VARIANTS)}")
     parser.add_argument("--baseline", type=Path, help="another checkout's dataplane directory, run side by side")
     parser.add_argument("--tokens", type=int, default=20_000, help="distinct tokens for the cold variant")
+    parser.add_argument("--together", action="store_true", help="load all gateways at once in each round")
     args = parser.parse_args()
     args.variants = choices(parser, args.variants, VARIANTS, "variants")
     require("wrk", "nginx", "redis-server")

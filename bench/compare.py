@@ -8,9 +8,11 @@ Rows: `direct` (wrk to the backend), `nginx` (nginx reverse proxy, keepalive ups
 auth, no rate limit, no access log), `cold` and `warm` (the gateway with RS256 JWT auth, a Redis rate
 limit that never denies, metrics and access log; `cold`: every request a different token, so the
 verified-token cache misses; `warm`: one token, so it hits; `workers`: `warm` with `--workers 2`, all its
-processes on the proxy's one core, so that its CPU per request compares with `warm`'s). The off, cold and
-warm gateways run side by side and are measured in `--rounds` interleaved rounds; the table has each row's
-median round, and the notes every round's figure. `latency` adds a
+processes on the proxy's one core, so that its CPU per request compares with `warm`'s). The off, cold,
+warm and workers gateways run side by side and are measured in `--rounds` interleaved rounds; the table
+has each row's median round, and the notes every round's figure and each goal's ratio round by round
+(the rows of one round run within a minute of each other, so the spread of those ratios shows how far the
+host's noise moves the goal's). `latency` adds a
 second table: latency over direct at light load, also in `--rounds` interleaved rounds (the run of
 median p99 of each side). `--profile FILE` samples the gateway with py-spy during an
 extra warm run (and a cold one, when `cold` is a row) and prints the functions with the most own time. See
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import subprocess
 import sys
 import threading
@@ -349,12 +352,12 @@ def gateway_rows(
     args: argparse.Namespace, tmp: Path, backend_url: str, rows: dict[str, Row], notes: list[str],
     off: GatewayProcess | None,
 ) -> LightLoad | None:
-    """The off, cold and warm rows in `args.rounds` interleaved rounds (each row's median round goes in
-    the table, so that a neighbour's burst moves one round, not the ratio), Redis round trips, the latency
-    table and the profile: the off gateway (started by the caller), an all-on gateway for each of the warm
-    and cold rows, one Redis. The warm row has a process of its own: right after a cold run the same
-    process often serves the warm token dearer for a while (0-34% in session 6; the notes give that
-    figure too)."""
+    """The off, cold, warm and workers rows in `args.rounds` interleaved rounds (each row's median round
+    goes in the table, so that a neighbour's burst moves one round, not the ratio), Redis round trips, the
+    latency table and the profile: the off gateway (started by the caller), an all-on gateway for each of
+    the other rows (`workers`: the supervisor and both workers on the proxy's core), one Redis. The warm
+    row has a process of its own: right after a cold run the same process often serves the warm token
+    dearer for a while (0-34% in session 6; the notes give that figure too)."""
     light = None
     key = SigningKey("rsa")
     key.write_public_pem(tmp / "jwt.pem")
@@ -363,16 +366,19 @@ def gateway_rows(
     cold = cycling_tokens(key, args.tokens, tmp, notes) if "cold" in args.rows else None
     if cold is not None:
         loads["cold"] = {"script": cold}
-    on_rows = [name for name in ("cold", "warm") if name in args.rows]
+    loads["workers"] = loads["warm"]
+    on_rows = [name for name in ("cold", "warm", "workers") if name in args.rows]
     with RedisServer() as server:
         pin(server.process.pid, LOAD_CORE)
         client = redis.Redis(port=server.port)
         gateways: dict[str, GatewayProcess] = {}
         try:
-            for name in ("warm", "cold"):
-                if name in on_rows or (name == "warm" and {"latency", "workers"} & set(args.rows)):
-                    config = gateway_config(backend_url, server.url, tmp / "jwt.pem")
+            for name in ("warm", "cold", "workers"):
+                if name in on_rows or (name == "warm" and "latency" in args.rows):
+                    config = gateway_config(backend_url, server.url, tmp / "jwt.pem", 2 if name == "workers" else 1)
                     gateways[name] = start_gateway(tmp, f"gateway-{name}", config)
+            if "workers" in gateways:
+                pin_workers(gateways["workers"], args, warm, notes)
             rounds: dict[str, list[Row]] = {name: [] for name in (["off"] if off else []) + on_rows}
             after_cold: list[Row] = []
             for last in [False] * (args.rounds - 1) + [True]:
@@ -392,6 +398,12 @@ def gateway_rows(
                 rows[name] = median(measured)
                 notes.append(f"{name}: CPU us/req in {len(measured)} rounds: "
                              + " / ".join(f"{row.cpu_us:.0f}" for row in measured))
+            for name, over, _ in GOALS:
+                if name in rounds and over in rounds:
+                    pairs = [row.cpu_us / base.cpu_us  # type: ignore[operator]
+                             for row, base in zip(rounds[name], rounds[over])]
+                    notes.append(f"{name} / {over} round by round: " + " / ".join(f"{x:.2f}" for x in pairs)
+                                 + f" (median {statistics.median(pairs):.2f})")
             if after_cold:
                 figure = median(after_cold).cpu_us
                 over = f", {figure / rows['off'].cpu_us:.2f}x off" if "off" in rows else ""  # type: ignore[operator]
@@ -408,8 +420,6 @@ def gateway_rows(
         finally:
             for gateway in gateways.values():
                 gateway.stop()
-        if "workers" in args.rows:
-            rows["workers"] = measure_workers(args, tmp, backend_url, server.url, client, warm, notes)
     return light
 
 
@@ -418,21 +428,14 @@ def median(rounds: list[Row]) -> Row:
     return sorted(rounds, key=lambda row: row.cpu_us or 0.0)[(len(rounds) - 1) // 2]
 
 
-def measure_workers(
-    args: argparse.Namespace, tmp: Path, backend_url: str, redis_url: str, client: redis.Redis, warm: tuple[str, ...],
-    notes: list[str],
-) -> Row:
-    """The warm row again with `--workers 2`: the supervisor and both workers on the proxy's core."""
-    gateway = start_gateway(tmp, "gateway-workers", gateway_config(backend_url, redis_url, tmp / "jwt.pem", workers=2))
-    try:
-        warm_up(gateway.url + "/", args, warm)
-        for each in process_tree(gateway.process.pid):  # type: ignore[union-attr]
-            pin(each, PROXY_CORE)  # workers inherit the supervisor's pin; made sure of
-        workers = len(process_tree(gateway.process.pid)) - 1  # type: ignore[union-attr]
-        notes.append(f"workers: {workers} worker processes under the supervisor, CPU summed over all of them")
-        return measure_with_redis("workers", gateway, client, args, notes, headers=warm)
-    finally:
-        gateway.stop()
+def pin_workers(gateway: GatewayProcess, args: argparse.Namespace, warm: tuple[str, ...], notes: list[str]) -> None:
+    """Make sure every process of the `--workers 2` gateway is on the proxy's core (workers inherit the
+    supervisor's pin), once they all run."""
+    warm_up(gateway.url + "/", args, warm)
+    for each in process_tree(gateway.process.pid):  # type: ignore[union-attr]
+        pin(each, PROXY_CORE)
+    workers = len(process_tree(gateway.process.pid)) - 1  # type: ignore[union-attr]
+    notes.append(f"workers: {workers} worker processes under the supervisor, CPU summed over all of them")
 
 
 def cycling_tokens(key: SigningKey, count: int, tmp: Path, notes: list[str]) -> Path:

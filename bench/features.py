@@ -1,7 +1,8 @@
 """What each feature costs on its own: CPU per request of the gateway with one feature at a time (issue 18).
 
     python bench/features.py [--rounds 5] [--duration 4] [--connections 50]
-                             [--variants off,token,log,auth,limit,on,cold] [--tokens 20000] [--baseline DIR] [--together]
+                             [--variants off,token,log,auth,limit,on,cold] [--tokens 20000]
+                             [--baseline DIR] [--together]
 
 Variants, all behind the same nginx backend (`bench/harness.py`'s layout: wrk, nginx and Redis on core 0,
 the gateway alone on core 1): `off` (no feature), `token` (no feature, but the requests carry the

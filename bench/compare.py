@@ -1,7 +1,7 @@
 """The gateway side by side with its peers, in one run and one table (issue 8).
 
     python bench/compare.py [--duration 10] [--connections 50] [--rows direct,nginx,bare,off,cold,warm,workers,latency]
-                            [--rounds 5] [--tokens 20000] [--profile /tmp/gateway-warm.txt]
+                            [--rounds 5] [--tokens 20000] [--profile /tmp/gateway-warm.txt] [--halt-poll NS]
 
 Rows: `direct` (wrk to the backend), `nginx` (nginx reverse proxy, keepalive upstream), `bare` (the
 ~60-line aiohttp proxy below: the baseline Python cannot beat), `off` (the gateway, a route with no
@@ -42,9 +42,12 @@ from harness import (
     PROXY_CORE,
     Processes,
     WrkResult,
+    add_halt_poll,
     choices,
     cpu_seconds,
     env,
+    halt_poll_line,
+    halt_polling,
     nginx_backend,
     pin,
     process_tree,
@@ -501,7 +504,8 @@ def median_p99(runs: list[WrkResult]) -> WrkResult:
 
 def print_table(args: argparse.Namespace, rows: dict[str, Row], light: LightLoad | None) -> None:
     print(f"\nwrk -t1 -c{args.connections} -d{args.duration}s after {WARMUP_SECONDS} s warm-up; backend: nginx "
-          f"(fixed JSON); wrk, backend, Redis on core {LOAD_CORE}; proxy alone on core {PROXY_CORE}")
+          f"(fixed JSON); wrk, backend, Redis on core {LOAD_CORE}; proxy alone on core {PROXY_CORE}; "
+          + halt_poll_line(args.halt_poll))
     print(f"{'':<18} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'CPU us/req':>10} {'RSS MB':>7} {'non-2xx':>8} "
           f"{'sock err':>8}")
     for name in ("direct", "nginx", "bare", "off", "cold", "warm", "workers"):
@@ -544,10 +548,12 @@ def main() -> None:
                         help="interleaved rounds of the off, cold and warm rows; the table has each one's median")
     parser.add_argument("--tokens", type=int, default=20_000, help="distinct tokens for the cold row")
     parser.add_argument("--profile", type=Path, help="py-spy the warm (and cold) gateway 5 s; raw samples to this file")
+    add_halt_poll(parser)
     args = parser.parse_args()
     args.rows = choices(parser, args.rows, ROWS, "rows")
     require("wrk", "nginx", "redis-server", *(["py-spy"] if args.profile else []))
-    run_bench(lambda tmp, procs: run(args, tmp, procs))
+    with halt_polling(args.halt_poll):
+        run_bench(lambda tmp, procs: run(args, tmp, procs))
 
 
 if __name__ == "__main__":

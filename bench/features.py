@@ -2,7 +2,7 @@
 
     python bench/features.py [--rounds 5] [--duration 4] [--connections 50]
                              [--variants off,token,log,auth,limit,on,cold] [--tokens 20000]
-                             [--baseline DIR] [--together]
+                             [--baseline DIR] [--together] [--halt-poll NS]
 
 Variants, all behind the same nginx backend (`bench/harness.py`'s layout: wrk, nginx and Redis on core 0,
 the gateway alone on core 1): `off` (no feature), `token` (no feature, but the requests carry the
@@ -39,7 +39,20 @@ from pathlib import Path
 from typing import Any
 
 from compare import cycling_tokens, gateway_config, start_gateway
-from harness import LOAD_CORE, Processes, choices, cpu_seconds, nginx_backend, pin, require, run_bench, wrk
+from harness import (
+    LOAD_CORE,
+    Processes,
+    add_halt_poll,
+    choices,
+    cpu_seconds,
+    halt_poll_line,
+    halt_polling,
+    nginx_backend,
+    pin,
+    require,
+    run_bench,
+    wrk,
+)
 
 from apigw.testkit.process import GatewayProcess
 from apigw.testkit.redis import RedisServer
@@ -137,7 +150,8 @@ def run(args: argparse.Namespace, tmp: Path, procs: Processes) -> None:
 
 def print_table(args: argparse.Namespace, rounds: dict[str, list[float]]) -> None:
     how = "all gateways at once" if args.together else "interleaved"
-    print(f"\nCPU us per request, wrk -t1 -c{args.connections} -d{args.duration}s, {args.rounds} {how} rounds")
+    print(f"\nCPU us per request, wrk -t1 -c{args.connections} -d{args.duration}s, {args.rounds} {how} rounds; "
+          + halt_poll_line(args.halt_poll))
     print(f"{'variant':<10} {'rounds':<{7 * args.rounds}} {'median':>7} {'min':>7} {'+median':>8}")
     medians = {name: statistics.median(each) for name, each in rounds.items()}
     for name, each in rounds.items():
@@ -169,10 +183,12 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, help="another checkout's dataplane directory, run side by side")
     parser.add_argument("--tokens", type=int, default=20_000, help="distinct tokens for the cold variant")
     parser.add_argument("--together", action="store_true", help="load all gateways at once in each round")
+    add_halt_poll(parser)
     args = parser.parse_args()
     args.variants = choices(parser, args.variants, VARIANTS, "variants")
     require("wrk", "nginx", "redis-server")
-    run_bench(lambda tmp, procs: run(args, tmp, procs))
+    with halt_polling(args.halt_poll):
+        run_bench(lambda tmp, procs: run(args, tmp, procs))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from apigw.testkit.redis import free_port  # noqa: E402
 
 LOAD_CORE = 0
 PROXY_CORE = 1
+HALT_POLL = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+"""How long an idle vCPU of this VM polls for work before it halts (cpuidle-haltpoll; 0 at boot here)."""
 
 NGINX_COMMON = """
 worker_processes 1;
@@ -229,3 +232,46 @@ def require(*binaries: str) -> None:
     missing = [name for name in binaries if not (shutil.which(name) or Path(f"/usr/sbin/{name}").exists())]
     if missing:
         sys.exit(f"not installed: {', '.join(missing)} (apt-get install {' '.join(missing)})")
+
+
+@contextmanager
+def halt_polling(ns: int | None) -> Iterator[None]:
+    """With `ns`: idle vCPUs poll that long for work before they halt, while the benchmark runs; then as before
+    (unless the script is killed with SIGKILL).
+
+    On this VM a halted vCPU is woken by an interrupt that exits to the hypervisor, and the waker pays for
+    it in system time: the proxy, each time it sends to wrk or the backend while the load core is idle
+    (session 7: the off gateway's system time 35 us a request, 23 with polling; nginx's 15 and 14). A proxy
+    serving other machines never pays it. See bench/README.md for what it does to each row."""
+    if ns is None:
+        yield
+        return
+    try:
+        before = HALT_POLL.read_text().strip()
+        HALT_POLL.write_text(str(ns))
+    except OSError as exc:
+        sys.exit(f"--halt-poll: cannot set {HALT_POLL} ({exc.strerror}): it needs root on a VM with cpuidle-haltpoll")
+    try:
+        yield
+    finally:
+        HALT_POLL.write_text(before)
+
+
+def add_halt_poll(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--halt-poll", type=int, metavar="NS",
+                        help=f"idle vCPUs poll NS nanoseconds before halting during the run ({HALT_POLL}); "
+                             "see bench/README.md")
+
+
+def halt_poll_line(ns: int | None) -> str:
+    """The table's note of the setting: every figure depends on it."""
+    if ns is None:
+        return f"idle vCPUs as the machine has them (guest_halt_poll_ns {_halt_poll_now()})"
+    return f"idle vCPUs poll {ns / 1000:.0f} us before halting (--halt-poll {ns})"
+
+
+def _halt_poll_now() -> str:
+    try:
+        return HALT_POLL.read_text().strip()
+    except OSError:
+        return "not on this machine"

@@ -77,19 +77,11 @@ def variant_config(name: str, backend_url: str, redis_url: str, key_file: Path) 
     return config
 
 
-def measure(gateway: GatewayProcess, args: argparse.Namespace, load: dict[str, Any]) -> float:
-    """CPU microseconds per request of one wrk run (`load`: its headers or script); every answer must be a 2xx."""
-    pid = gateway.process.pid  # type: ignore[union-attr]
-    before = cpu_seconds(pid)
-    result = wrk(gateway.url + "/", args.duration, args.connections, **load)
-    if result.non2xx or result.socket_errors:
-        sys.exit(f"{gateway.config.stem}: {result.non2xx} non-2xx answers, {result.socket_errors} socket errors")
-    return (cpu_seconds(pid) - before) / max(result.requests, 1) * 1e6
-
-
-def measure_together(gateways: dict[str, GatewayProcess], args: argparse.Namespace, loads: dict[str, dict[str, Any]]
-                     ) -> dict[str, float]:
-    """`measure` for every gateway at once, each with its share of the connections (see `--together`)."""
+def measure(gateways: dict[str, GatewayProcess], args: argparse.Namespace, loads: dict[str, dict[str, Any]]
+            ) -> dict[str, float]:
+    """CPU microseconds per request of each gateway over one wrk run each (`loads`: their headers or script),
+    all at once, sharing the connections (one gateway: a run of its own, see `--together`); every answer
+    must be a 2xx."""
     before = {name: cpu_seconds(gateway.process.pid) for name, gateway in gateways.items()}  # type: ignore[union-attr]
     connections = max(1, args.connections // len(gateways))
     with ThreadPoolExecutor(len(gateways)) as pool:
@@ -133,12 +125,10 @@ def run(args: argparse.Namespace, tmp: Path, procs: Processes) -> None:
             rounds: dict[str, list[float]] = {name: [] for name in gateways}
             order = list(gateways)
             for _ in range(args.rounds):
-                if args.together:
-                    for name, figure in measure_together(gateways, args, loads).items():
+                batches = [list(gateways)] if args.together else [[name] for name in order]
+                for names in batches:
+                    for name, figure in measure({name: gateways[name] for name in names}, args, loads).items():
                         rounds[name].append(figure)
-                    continue
-                for name in order:
-                    rounds[name].append(measure(gateways[name], args, loads[name]))
                 order.reverse()  # each round in the other order: whoever runs first (or after whom) changes
         finally:
             for gateway in gateways.values():

@@ -545,7 +545,8 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {','.join(ROWS)}")
     parser.add_argument("--rounds", type=int, default=5,
-                        help="interleaved rounds of the off, cold and warm rows; the table has each one's median")
+                        help="interleaved rounds of the off, cold, warm and workers rows and of the latency table; "
+                             "the tables have each one's median")
     parser.add_argument("--tokens", type=int, default=20_000, help="distinct tokens for the cold row")
     parser.add_argument("--profile", type=Path, help="py-spy the warm (and cold) gateway 5 s; raw samples to this file")
     add_halt_poll(parser)

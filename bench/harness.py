@@ -250,7 +250,8 @@ def halt_polling(ns: int | None) -> Iterator[None]:
         before = HALT_POLL.read_text().strip()
         HALT_POLL.write_text(str(ns))
     except OSError as exc:
-        sys.exit(f"--halt-poll: cannot set {HALT_POLL} ({exc.strerror}): it needs root on a VM with cpuidle-haltpoll")
+        sys.exit(f"--halt-poll {ns}: cannot set {HALT_POLL}: {exc.strerror} (it takes root, a VM with "
+                 "cpuidle-haltpoll, and nanoseconds from 0 up)")
     try:
         yield
     finally:

@@ -1,6 +1,7 @@
 """The gateway side by side with its peers, in one run and one table (issue 8).
 
-    python bench/compare.py [--duration 10] [--connections 50] [--rows direct,nginx,bare,off,cold,warm,workers,latency]
+    python bench/compare.py [--duration 10] [--connections 50]
+                            [--rows direct,nginx,bare,off,cold,warm,workers,pair,latency]
                             [--rounds 5] [--tokens 20000] [--profile /tmp/gateway-warm.txt] [--halt-poll NS]
 
 Rows: `direct` (wrk to the backend), `nginx` (nginx reverse proxy, keepalive upstream), `bare` (the
@@ -8,8 +9,11 @@ Rows: `direct` (wrk to the backend), `nginx` (nginx reverse proxy, keepalive ups
 auth, no rate limit, no access log), `cold` and `warm` (the gateway with RS256 JWT auth, a Redis rate
 limit that never denies, metrics and access log; `cold`: every request a different token, so the
 verified-token cache misses; `warm`: one token, so it hits; `workers`: `warm` with `--workers 2`, all its
-processes on the proxy's one core, so that its CPU per request compares with `warm`'s). The off, cold,
-warm and workers gateways run side by side and are measured in `--rounds` interleaved rounds; the table
+processes on the proxy's one core, so that its CPU per request compares with `warm`'s; `pair`: two
+`warm` gateways of one process each on that core, loaded at once with half the connections each, the
+workers row without the supervisor: so workers / pair is the tax of the workers' machinery alone, and
+pair / warm what two busy processes sharing one core cost here). The off, cold, warm, workers and pair
+gateways run side by side and are measured in `--rounds` interleaved rounds; the table
 has each row's median round, and the notes every round's figure and each goal's ratio round by round
 (the rows of one round run within a minute of each other, so the spread of those ratios shows how far the
 host's noise moves the goal's). `latency` adds a
@@ -30,6 +34,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -63,13 +68,16 @@ from apigw.testkit.process import GatewayProcess
 from apigw.testkit.redis import RedisServer, free_port
 from apigw.testkit.tokens import SigningKey
 
-ROWS = ("direct", "nginx", "bare", "off", "cold", "warm", "workers", "latency")
+ROWS = ("direct", "nginx", "bare", "off", "cold", "warm", "workers", "pair", "latency")
 LABELS = {
     "direct": "direct", "nginx": "nginx", "bare": "bare aiohttp", "off": "gateway off",
     "cold": "gateway on, cold", "warm": "gateway on, warm", "workers": "warm, --workers 2",
+    "pair": "2 x warm, 1 core",
 }
 GOALS = (("warm", "off", 1.3), ("cold", "warm", 1.5), ("off", "nginx", 6.0), ("workers", "warm", 1.1))
 """Issue 18's ratios of CPU per request: (row, over row, at most)."""
+SPLITS = (("workers", "pair", "the workers' machinery"), ("pair", "warm", "two processes on one core"))
+"""What the workers row's excess over warm is made of: (row, over row, what the ratio measures)."""
 WARMUP_SECONDS = 2
 MONITOR_SECONDS = 2
 PACE_MS = 10
@@ -186,6 +194,22 @@ def measure(label: str, url: str, args: argparse.Namespace, proxy_pid: int | Non
         return Row(label, result)
     cpu_us = (cpu_seconds(proxy_pid) - before) / max(result.requests, 1) * 1e6
     return Row(label, result, cpu_us, rss_mb(proxy_pid))
+
+
+def measure_pair(pair: tuple[GatewayProcess, GatewayProcess], args: argparse.Namespace, headers: tuple[str, ...]) -> Row:
+    """The pair row: both gateways loaded at once, each with half the connections; CPU and requests summed."""
+    pids = [gateway.process.pid for gateway in pair]  # type: ignore[union-attr]
+    before = sum(cpu_seconds(pid) for pid in pids)
+    with ThreadPoolExecutor(len(pair)) as pool:
+        runs = list(pool.map(
+            lambda gateway: wrk(gateway.url + "/", args.duration, args.connections // 2, headers=headers), pair))
+    cpu = sum(cpu_seconds(pid) for pid in pids) - before
+    load = WrkResult(
+        rps=sum(run.rps for run in runs), requests=sum(run.requests for run in runs),
+        non2xx=sum(run.non2xx for run in runs), socket_errors=sum(run.socket_errors for run in runs),
+        p50=max(run.p50 for run in runs), p99=max(run.p99 for run in runs),
+    )
+    return Row(LABELS["pair"], load, cpu / max(load.requests, 1) * 1e6, sum(rss_mb(pid) for pid in pids))
 
 
 def redis_reads(redis_client: redis.Redis) -> tuple[int, int]:
@@ -355,10 +379,11 @@ def gateway_rows(
     args: argparse.Namespace, tmp: Path, backend_url: str, rows: dict[str, Row], notes: list[str],
     off: GatewayProcess | None,
 ) -> LightLoad | None:
-    """The off, cold, warm and workers rows in `args.rounds` interleaved rounds (each row's median round
+    """The off, cold, warm, workers and pair rows in `args.rounds` interleaved rounds (each row's median round
     goes in the table, so that a neighbour's burst moves one round, not the ratio), Redis round trips, the
     latency table and the profile: the off gateway (started by the caller), an all-on gateway for each of
-    the other rows (`workers`: the supervisor and both workers on the proxy's core), one Redis. The warm
+    the other rows (`workers`: the supervisor and both workers on the proxy's core; `pair`: the warm row's
+    gateway and one more), one Redis. The warm
     row has a process of its own: right after a cold run the same process often serves the warm token
     dearer for a while (0-34% in session 6; the notes give that figure too)."""
     light = None
@@ -370,16 +395,19 @@ def gateway_rows(
     if cold is not None:
         loads["cold"] = {"script": cold}
     loads["workers"] = loads["warm"]
-    on_rows = [name for name in ("cold", "warm", "workers") if name in args.rows]
+    on_rows = [name for name in ("cold", "warm", "workers", "pair") if name in args.rows]
     with RedisServer() as server:
         pin(server.process.pid, LOAD_CORE)
         client = redis.Redis(port=server.port)
         gateways: dict[str, GatewayProcess] = {}
         try:
             for name in ("warm", "cold", "workers"):
-                if name in on_rows or (name == "warm" and "latency" in args.rows):
+                if name in on_rows or (name == "warm" and ("latency" in args.rows or "pair" in args.rows)):
                     config = gateway_config(backend_url, server.url, tmp / "jwt.pem", 2 if name == "workers" else 1)
                     gateways[name] = start_gateway(tmp, f"gateway-{name}", config)
+            if "pair" in on_rows:
+                config = gateway_config(backend_url, server.url, tmp / "jwt.pem")
+                gateways["pair"] = start_gateway(tmp, "gateway-pair", config)
             if "workers" in gateways:
                 pin_workers(gateways["workers"], args, warm, notes)
             rounds: dict[str, list[Row]] = {name: [] for name in (["off"] if off else []) + on_rows}
@@ -392,6 +420,10 @@ def gateway_rows(
                     # fill the cache with the tokens the measured run starts with
                     gateway = gateways[name]
                     warm_up(gateway.url + "/", args, warm)
+                    if name == "pair":
+                        warm_up(gateways["warm"].url + "/", args, warm)
+                        rounds[name].append(measure_pair((gateways["warm"], gateway), args, warm))
+                        continue
                     rounds[name].append(measure_with_redis(name, gateway, client, args, notes if last else None,
                                                            **loads[name]))
                 if "cold" in gateways and "warm" in on_rows:
@@ -401,7 +433,7 @@ def gateway_rows(
                 rows[name] = median(measured)
                 notes.append(f"{name}: CPU us/req in {len(measured)} rounds: "
                              + " / ".join(f"{row.cpu_us:.0f}" for row in measured))
-            for name, over, _ in GOALS:
+            for name, over, *_ in GOALS + SPLITS:
                 if name in rounds and over in rounds:
                     pairs = [row.cpu_us / base.cpu_us  # type: ignore[operator]
                              for row, base in zip(rounds[name], rounds[over])]
@@ -508,7 +540,7 @@ def print_table(args: argparse.Namespace, rows: dict[str, Row], light: LightLoad
           + halt_poll_line(args.halt_poll))
     print(f"{'':<18} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'CPU us/req':>10} {'RSS MB':>7} {'non-2xx':>8} "
           f"{'sock err':>8}")
-    for name in ("direct", "nginx", "bare", "off", "cold", "warm", "workers"):
+    for name in ("direct", "nginx", "bare", "off", "cold", "warm", "workers", "pair"):
         if name in rows:
             row = rows[name]
             cpu = f"{row.cpu_us:.0f}" if row.cpu_us is not None else "-"
@@ -525,6 +557,10 @@ def print_table(args: argparse.Namespace, rows: dict[str, Row], light: LightLoad
         if name in rows and over in rows:
             print(f"{rows[name].label} / {rows[over].label} CPU per request: "
                   f"{rows[name].cpu_us / rows[over].cpu_us:.2f}x  (issue 18: <= {most}x)")  # type: ignore[operator]
+    for name, over, what in SPLITS:
+        if name in rows and over in rows:
+            print(f"{rows[name].label} / {rows[over].label} CPU per request: "
+                  f"{rows[name].cpu_us / rows[over].cpu_us:.2f}x  ({what})")  # type: ignore[operator]
     if light is not None:
         direct, through = light.direct, light.gateway
         print(f"\nlatency at about half load: wrk -c{light.connections} -d{args.duration}s, each connection pausing "
@@ -545,8 +581,8 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {','.join(ROWS)}")
     parser.add_argument("--rounds", type=int, default=5,
-                        help="interleaved rounds of the off, cold, warm and workers rows and of the latency table; "
-                             "the tables have each one's median")
+                        help="interleaved rounds of the off, cold, warm, workers and pair rows and of the latency "
+                             "table; the tables have each one's median")
     parser.add_argument("--tokens", type=int, default=20_000, help="distinct tokens for the cold row")
     parser.add_argument("--profile", type=Path, help="py-spy the warm (and cold) gateway 5 s; raw samples to this file")
     add_halt_poll(parser)

@@ -208,6 +208,7 @@ def measure_pair(pair: tuple[GatewayProcess, GatewayProcess], args: argparse.Nam
         rps=sum(run.rps for run in runs), requests=sum(run.requests for run in runs),
         non2xx=sum(run.non2xx for run in runs), socket_errors=sum(run.socket_errors for run in runs),
         p50=max(run.p50 for run in runs), p99=max(run.p99 for run in runs),
+        mean=statistics.mean(run.mean for run in runs),
     )
     return Row(LABELS["pair"], load, cpu / max(load.requests, 1) * 1e6, sum(rss_mb(pid) for pid in pids))
 
@@ -445,7 +446,7 @@ def gateway_rows(
                 notes.append("warm token on the cold row's gateway, right after each cold run: CPU us/req "
                              + " / ".join(f"{row.cpu_us:.0f}" for row in after_cold) + f" (median {figure:.0f}{over})")
             if "latency" in args.rows:
-                light = light_load(args, tmp, backend_url + "/", gateways["warm"].url + "/", warm, rows, notes)
+                light = light_load(args, tmp, backend_url + "/", gateways["warm"], warm, rows, notes)
             if args.profile and "warm" in gateways:
                 url, pid = gateways["warm"].url + "/", gateways["warm"].process.pid
                 profile_notes("gateway on warm", pid, args, notes, lambda: wrk(url, 5, args.connections, headers=warm))
@@ -509,24 +510,54 @@ def measure_with_redis(
 
 
 def light_load(
-    args: argparse.Namespace, tmp: Path, direct_url: str, gateway_url: str, warm: tuple[str, ...], rows: dict[str, Row],
-    notes: list[str],
+    args: argparse.Namespace, tmp: Path, direct_url: str, gateway: GatewayProcess, warm: tuple[str, ...],
+    rows: dict[str, Row], notes: list[str],
 ) -> LightLoad:
     """Direct and gateway-on-warm at about half the gateway's maximum rate, with paced connections
     (wrk has no fixed-rate mode): enough connections that each, pausing PACE_MS on average between
     requests, offers that rate together. In `args.rounds` interleaved rounds; each side's round of median p99
-    goes in the table, so that a neighbour's burst moves one round, not the figure."""
+    goes in the table, so that a neighbour's burst moves one round, not the figure. The notes split the
+    gateway's time by its own duration histograms: what of its latency is spent inside the gateway's
+    handler (and there, waiting on Redis and on the backend) and what between wrk and the handler."""
+    gateway_url = gateway.url + "/"
     top = rows["warm"].load.rps if "warm" in rows else wrk(gateway_url, WARMUP_SECONDS, args.connections, headers=warm).rps
     connections = max(1, round(top / 2 * PACE_MS / 1000))
     (tmp / "pace.lua").write_text(PACE_LUA)
     direct: list[WrkResult] = []
     through: list[WrkResult] = []
+    before = durations(gateway.metrics())
     for _ in range(args.rounds):
         direct.append(wrk(direct_url, args.duration, connections, script=tmp / "pace.lua"))
         through.append(wrk(gateway_url, args.duration, connections, script=tmp / "pace.lua", headers=warm))
+    after = durations(gateway.metrics())
+    means = {name: (after[name][0] - before[name][0]) / max(after[name][1] - before[name][1], 1) * 1000
+             for name in DURATIONS}
+    mean_wrk = statistics.mean(run.mean for run in through)
+    notes.append(f"latency, means over all rounds, ms: wrk through the gateway {mean_wrk:.2f}, of it in the "
+                 f"gateway's handler {means['handler']:.2f} (waiting on the rate limit {means['rate limit']:.2f}, "
+                 f"on the backend {means['backend']:.2f}) and {mean_wrk - means['handler']:.2f} outside it; "
+                 f"wrk straight to the backend {statistics.mean(run.mean for run in direct):.2f}")
     notes.append("latency, p99 ms in {} rounds: direct {}; gateway {}".format(
         len(direct), " / ".join(f"{run.p99:.2f}" for run in direct), " / ".join(f"{run.p99:.2f}" for run in through)))
     return LightLoad(median_p99(direct), median_p99(through), connections, top)
+
+
+DURATIONS = {
+    "handler": "gateway_http_request_duration_seconds", "rate limit": "gateway_ratelimit_duration_seconds",
+    "backend": "gateway_backend_duration_seconds",
+}
+"""The histograms that split the latency table's gateway time."""
+
+
+def durations(metrics: str) -> dict[str, tuple[float, float]]:
+    """Each of `DURATIONS`' (sum, count), summed over its series, from a `/metrics` text."""
+    found = {name: [0.0, 0.0] for name in DURATIONS}
+    for line in metrics.splitlines():
+        for name, metric in DURATIONS.items():
+            for index, suffix in enumerate(("_sum", "_count")):
+                if line.startswith(metric + suffix):
+                    found[name][index] += float(line.rsplit(" ", 1)[1])
+    return {name: (total, count) for name, (total, count) in found.items()}
 
 
 def median_p99(runs: list[WrkResult]) -> WrkResult:

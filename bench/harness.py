@@ -190,6 +190,7 @@ class WrkResult:
     p50: float
     """Milliseconds."""
     p99: float
+    mean: float
 
 
 def wrk(
@@ -211,6 +212,7 @@ def wrk(
         socket_errors=sum(int(n) for n in socket.groups()) if socket else 0,
         p50=_ms(re.search(r"50%\s+([\d.]+\w+)", out).group(1)),
         p99=_ms(re.search(r"99%\s+([\d.]+\w+)", out).group(1)),
+        mean=_ms(re.search(r"Latency\s+([\d.]+\w+)", out).group(1)),
     )
 
 

@@ -9,6 +9,7 @@ import pytest
 import redis.asyncio
 
 from apigw.config.model import RedisConfig
+from apigw.redis import resp
 from apigw.redis.batch import BATCH_LUA, MAX_CHECKS, RedisBatch
 from apigw.testkit.redis import RedisServer
 
@@ -40,6 +41,44 @@ async def test_checks_of_one_tick_share_one_round_trip(client, redis_server: Red
     await batch.revoked("revoked:a")
     assert batch.round_trips == 2  # a later tick is another round trip
     await batch.aclose()
+
+
+async def test_a_check_is_answered_in_the_loop_turn_that_reads_its_reply(
+    client: redis.asyncio.Redis, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not a turn later, after the round trip's own task: at half load each turn a request waits is a queue
+    of other requests' work (`bench/compare.py`'s latency note)."""
+    loop = asyncio.get_running_loop()
+    turn = 0
+
+    def count() -> None:
+        nonlocal turn
+        turn += 1
+        ticking[0] = loop.call_soon(count)
+
+    ticking = [loop.call_soon(count)]
+    read_in: list[int] = []
+    answered_in: list[int] = []
+    data_received = resp.Connection.data_received
+
+    def reading(self: resp.Connection, data: bytes) -> None:
+        read_in.append(turn)
+        data_received(self, data)
+
+    monkeypatch.setattr(resp.Connection, "data_received", reading)
+    await client.script_load(BATCH_LUA)  # no NOSCRIPT and EVAL again: one reply
+    batch = RedisBatch(RedisConfig(url=redis_server.url, timeout=2.0, connect_timeout=2.0))
+    try:
+        for _ in ("a new connection", "a pooled one"):
+            read_in.clear()
+            answered_in.clear()
+            check = batch.revoked("revoked:a")
+            check.add_done_callback(lambda _: answered_in.append(turn))  # callbacks run a turn after the result
+            assert await check == 0
+            assert answered_in == [read_in[-1] + 1]
+    finally:
+        ticking[0].cancel()
+        await batch.aclose()
 
 
 async def test_a_failed_batch_fails_every_check_in_it(client, redis_server: RedisServer) -> None:

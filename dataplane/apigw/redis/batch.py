@@ -7,8 +7,11 @@ the checks that the handlers run in that turn ask join the batch: under load tha
 trips, each of which costs a send, a wake-up and a read (`bench/compare.py`: the all-on gateway's CPU per
 request fell by a tenth), for one loop turn of latency. A batch holds at most MAX_CHECKS checks: a
 turn that asks more sends each full batch at once and goes on with a new one, so its checks go out as
-several script calls in the same turn (in parallel, on as many connections). A failed or timed-out
-batch fails every future in it with the same error; each caller then applies its own failure mode.
+several script calls in the same turn (in parallel, on as many connections). The replies are handed to
+the checks as the socket's read parses them, a loop turn before the task that waits for the round trip
+runs (the turns between a request's steps are most of its wait at half load: `bench/compare.py`'s latency
+note). A failed or timed-out batch fails every future in it with the same error; each caller then applies
+its own failure mode.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +127,7 @@ class RedisBatch:
         # the script's key count, the keys, their arguments: what EVALSHA and EVAL (NOSCRIPT) both send after the script
         parts = (3 + len(keys) + count, _bulk(b"%d" % len(keys)), *keys, *args)
         try:
-            sent = self.link.send(_command(_EVALSHA, parts))  # written now if it can be
+            sent = self.link.send(_command(_EVALSHA, parts), partial(_hand_out, waiters))  # written now if it can be
         except Exception as error:  # a bug of ours: every check of the tick fails, none hangs
             _fail(waiters, error)
             return
@@ -155,11 +158,7 @@ class RedisBatch:
         if len(replies) != sum(width for _, width in waiters):
             _fail(waiters, ConnectionError(f"Redis answered {len(replies)} numbers for {len(waiters)} checks"))
             return
-        at = 0
-        for future, width in waiters:
-            if not future.done():
-                future.set_result(tuple(replies[at:at + width]) if width > 1 else replies[at])
-            at += width
+        _hand_out(waiters, replies)
 
     async def _replies(self, sent: Awaitable[Any], parts: tuple[Any, ...]) -> list[int]:
         try:
@@ -198,6 +197,18 @@ _REVOKED_ARGS = _bulk(b"R")
 def _limit_args(interval: int, capacity: int) -> bytes:
     """A limit check's arguments in RESP (`L`, interval, capacity), made once per policy, not per check."""
     return _bulk(b"L") + _bulk(b"%d" % interval) + _bulk(b"%d" % capacity)
+
+
+def _hand_out(waiters: list[tuple[asyncio.Future[Any], int]], replies: Any) -> None:
+    """Each check its share of the script's replies, if they are the numbers the batch asked for (an error
+    reply, a short list: left to `RedisBatch._settle`); a check already settled keeps its result."""
+    if type(replies) is not list or len(replies) != sum(width for _, width in waiters):
+        return
+    at = 0
+    for future, width in waiters:
+        if not future.done():
+            future.set_result(tuple(replies[at:at + width]) if width > 1 else replies[at])
+        at += width
 
 
 def _fail(waiters: list[tuple[asyncio.Future[Any], int]], error: Exception) -> None:

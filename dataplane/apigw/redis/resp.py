@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 import hiredis
@@ -43,6 +44,7 @@ class Connection(asyncio.Protocol):
         self.closed = False
         self._reader = hiredis.Reader()
         self._reply: asyncio.Future[Any] | None = None
+        self._on_reply: Callable[[Any], None] | None = None
         self.address: tuple[str, int] | None = None
         """The node's address as the sentinels named it (None without sentinels)."""
         self.generation = 0
@@ -51,15 +53,18 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def send(self, command: bytes, deadline: float) -> asyncio.Future[Any]:
+    def send(
+        self, command: bytes, deadline: float, on_reply: Callable[[Any], None] | None = None
+    ) -> asyncio.Future[Any]:
         """Write `command` now; the future of its reply fails at `deadline` (the caller is not cancelled:
-        see RedisLink)."""
+        see RedisLink). `on_reply(reply)`, when given, is called with the reply as soon as it is read, a
+        loop turn before whoever awaits the future runs; it must not raise."""
         loop = self.loop
         reply = loop.create_future()
         if self.closed or self.transport is None:
             reply.set_exception(ConnectionError("the Redis connection is closed"))
             return reply
-        self._reply = reply
+        self._reply, self._on_reply = reply, on_reply
         self.transport.write(command)
         timer = loop.call_at(deadline, self._overdue, reply, True)
         reply.add_done_callback(lambda _: timer.cancel())
@@ -86,8 +91,10 @@ class Connection(asyncio.Protocol):
             return
         if self._reply is None or self._reply.done():
             self._fail(ConnectionError("Redis sent a reply nobody asked for"))
-        else:
-            self._reply.set_result(reply)
+            return
+        if self._on_reply is not None:
+            self._on_reply(reply)
+        self._reply.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(ConnectionError("Redis closed the connection"))

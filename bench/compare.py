@@ -34,7 +34,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -61,7 +60,9 @@ from harness import (
     run_bench,
     wait_http,
     wrk,
+    wrk_together,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 from apigw.config.model import AuthConfig
 from apigw.testkit.process import GatewayProcess
@@ -196,13 +197,12 @@ def measure(label: str, url: str, args: argparse.Namespace, proxy_pid: int | Non
     return Row(label, result, cpu_us, rss_mb(proxy_pid))
 
 
-def measure_pair(pair: tuple[GatewayProcess, GatewayProcess], args: argparse.Namespace, headers: tuple[str, ...]) -> Row:
+def measure_pair(pair: tuple[GatewayProcess, ...], args: argparse.Namespace, headers: tuple[str, ...]) -> Row:
     """The pair row: both gateways loaded at once, each with half the connections; CPU and requests summed."""
     pids = [gateway.process.pid for gateway in pair]  # type: ignore[union-attr]
     before = sum(cpu_seconds(pid) for pid in pids)
-    with ThreadPoolExecutor(len(pair)) as pool:
-        runs = list(pool.map(
-            lambda gateway: wrk(gateway.url + "/", args.duration, args.connections // 2, headers=headers), pair))
+    runs = wrk_together([(gateway.url + "/", {"headers": headers}) for gateway in pair], args.duration,
+                        args.connections // len(pair))
     cpu = sum(cpu_seconds(pid) for pid in pids) - before
     load = WrkResult(
         rps=sum(run.rps for run in runs), requests=sum(run.requests for run in runs),
@@ -279,10 +279,16 @@ def start_gateway(tmp: Path, name: str, config: dict[str, object], dataplane: Pa
 
 
 def redis_errors(gateway: GatewayProcess) -> float:
-    return sum(
-        float(line.rsplit(" ", 1)[1]) for line in gateway.metrics().splitlines()
-        if line.startswith("gateway_redis_errors_total")
-    )
+    return sample_totals(gateway.metrics())["gateway_redis_errors_total"]
+
+
+def sample_totals(metrics: str) -> Counter[str]:
+    """Each sample name's value in a `/metrics` text, summed over its labels."""
+    totals: Counter[str] = Counter()
+    for family in text_string_to_metric_families(metrics):
+        for sample in family.samples:
+            totals[sample.name] += sample.value
+    return totals
 
 
 def profile(pid: int, out: Path, seconds: int, run: Callable[[], object]) -> dict[str, list[str]]:
@@ -520,7 +526,8 @@ def light_load(
     gateway's time by its own duration histograms: what of its latency is spent inside the gateway's
     handler (and there, waiting on Redis and on the backend) and what between wrk and the handler."""
     gateway_url = gateway.url + "/"
-    top = rows["warm"].load.rps if "warm" in rows else wrk(gateway_url, WARMUP_SECONDS, args.connections, headers=warm).rps
+    top = rows["warm"].load.rps if "warm" in rows else wrk(gateway_url, WARMUP_SECONDS, args.connections,
+                                                           headers=warm).rps
     connections = max(1, round(top / 2 * PACE_MS / 1000))
     (tmp / "pace.lua").write_text(PACE_LUA)
     direct: list[WrkResult] = []
@@ -551,13 +558,8 @@ DURATIONS = {
 
 def durations(metrics: str) -> dict[str, tuple[float, float]]:
     """Each of `DURATIONS`' (sum, count), summed over its series, from a `/metrics` text."""
-    found = {name: [0.0, 0.0] for name in DURATIONS}
-    for line in metrics.splitlines():
-        for name, metric in DURATIONS.items():
-            for index, suffix in enumerate(("_sum", "_count")):
-                if line.startswith(metric + suffix):
-                    found[name][index] += float(line.rsplit(" ", 1)[1])
-    return {name: (total, count) for name, (total, count) in found.items()}
+    totals = sample_totals(metrics)
+    return {name: (totals[metric + "_sum"], totals[metric + "_count"]) for name, metric in DURATIONS.items()}
 
 
 def median_p99(runs: list[WrkResult]) -> WrkResult:

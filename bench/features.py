@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +51,7 @@ from harness import (
     require,
     run_bench,
     wrk,
+    wrk_together,
 )
 
 from apigw.testkit.process import GatewayProcess
@@ -84,12 +84,10 @@ def measure(gateways: dict[str, GatewayProcess], args: argparse.Namespace, loads
     must be a 2xx."""
     before = {name: cpu_seconds(gateway.process.pid) for name, gateway in gateways.items()}  # type: ignore[union-attr]
     connections = max(1, args.connections // len(gateways))
-    with ThreadPoolExecutor(len(gateways)) as pool:
-        runs = {name: pool.submit(wrk, gateway.url + "/", args.duration, connections, **loads[name])
-                for name, gateway in gateways.items()}
+    runs = wrk_together([(gateway.url + "/", loads[name]) for name, gateway in gateways.items()], args.duration,
+                        connections)
     figures = {}
-    for name, gateway in gateways.items():
-        result = runs[name].result()
+    for (name, gateway), result in zip(gateways.items(), runs):
         if result.non2xx or result.socket_errors:
             sys.exit(f"{gateway.config.stem}: {result.non2xx} non-2xx answers, {result.socket_errors} socket errors")
         cpu = cpu_seconds(gateway.process.pid) - before[name]  # type: ignore[union-attr]

@@ -18,9 +18,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "dataplane"))
@@ -214,6 +216,12 @@ def wrk(
         p99=_ms(re.search(r"99%\s+([\d.]+\w+)", out).group(1)),
         mean=_ms(re.search(r"Latency\s+([\d.]+\w+)", out).group(1)),
     )
+
+
+def wrk_together(loads: Sequence[tuple[str, dict[str, Any]]], duration: float, connections: int) -> list[WrkResult]:
+    """One wrk run for each (url, its headers or script) in `loads`, all at once, each with `connections`."""
+    with ThreadPoolExecutor(len(loads)) as pool:
+        return list(pool.map(lambda each: wrk(each[0], duration, connections, **each[1]), loads))
 
 
 def _ms(text: str) -> float:

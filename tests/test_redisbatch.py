@@ -12,6 +12,7 @@ from apigw.config.model import RedisConfig
 from apigw.redis import resp
 from apigw.redis.batch import BATCH_LUA, MAX_CHECKS, RedisBatch
 from apigw.testkit.redis import RedisServer
+from tests.test_redislink import RawRedis
 
 
 @pytest.fixture
@@ -91,6 +92,21 @@ async def test_a_failed_batch_fails_every_check_in_it(client, redis_server: Redi
     redis_server.start()
     assert await batch.revoked("revoked:a") == 0
     await batch.aclose()
+
+
+@pytest.mark.parametrize("answer", [b":1\r\n", b"*1\r\n:0\r\n", b"$2\r\nno\r\n"], ids=["number", "short", "string"])
+async def test_an_answer_that_is_not_the_numbers_asked_for_fails_every_check(answer: bytes) -> None:
+    """A Redis (or a proxy before it) that answers the script with something else: each check fails with an
+    error that says so, none hangs."""
+    async with RawRedis([answer]) as raw:
+        batch = RedisBatch(RedisConfig(url=raw.url, timeout=2.0, connect_timeout=2.0))
+        results = await asyncio.wait_for(
+            asyncio.gather(batch.revoked("revoked:a"), batch.limit("k", 1, 1), return_exceptions=True), 5
+        )
+        assert [type(r) for r in results] == [ConnectionError, ConnectionError]
+        assert "not the numbers asked for" in str(results[0])
+        assert raw.connections[0][0][0] == b"EVALSHA"
+        await batch.aclose()
 
 
 async def test_keys_that_are_not_utf8_are_checked_not_dropped(redis_server: RedisServer) -> None:

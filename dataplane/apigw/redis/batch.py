@@ -155,10 +155,8 @@ class RedisBatch:
             duration_ms = round(elapsed * 1000, 1)
             log.warning("ratelimit slow Redis round trip: duration_ms=%s checks=%d", duration_ms, len(waiters),
                         extra={"fields": {"duration_ms": duration_ms, "checks": len(waiters)}})
-        if len(replies) != sum(width for _, width in waiters):
-            _fail(waiters, ConnectionError(f"Redis answered {len(replies)} numbers for {len(waiters)} checks"))
-            return
-        _hand_out(waiters, replies)
+        if not _hand_out(waiters, replies):
+            _fail(waiters, ConnectionError(f"Redis's answer to {len(waiters)} checks is not the numbers asked for"))
 
     async def _replies(self, sent: Awaitable[Any], parts: tuple[Any, ...]) -> list[int]:
         try:
@@ -199,16 +197,18 @@ def _limit_args(interval: int, capacity: int) -> bytes:
     return _bulk(b"L") + _bulk(b"%d" % interval) + _bulk(b"%d" % capacity)
 
 
-def _hand_out(waiters: list[tuple[asyncio.Future[Any], int]], replies: Any) -> None:
-    """Each check its share of the script's replies, if they are the numbers the batch asked for (an error
-    reply, a short list: left to `RedisBatch._settle`); a check already settled keeps its result."""
+def _hand_out(waiters: list[tuple[asyncio.Future[Any], int]], replies: Any) -> bool:
+    """Each check its share of the script's replies, if they are the numbers the batch asked for (else
+    False: an error reply or a list of another length is `RedisBatch._settle`'s to fail); a check already
+    settled keeps its result."""
     if type(replies) is not list or len(replies) != sum(width for _, width in waiters):
-        return
+        return False
     at = 0
     for future, width in waiters:
         if not future.done():
             future.set_result(tuple(replies[at:at + width]) if width > 1 else replies[at])
         at += width
+    return True
 
 
 def _fail(waiters: list[tuple[asyncio.Future[Any], int]], error: Exception) -> None:

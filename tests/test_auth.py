@@ -805,6 +805,16 @@ def test_an_unusable_jwks_file_is_a_located_config_error(tmp_path, metrics, docu
     assert error.startswith(message)
 
 
+@pytest.mark.parametrize("alg", ["none", ["RS256"], {"RS256": True}], ids=["none", "a list", "an object"])
+def test_a_jwks_key_whose_alg_is_none_or_not_a_string_is_a_located_config_error(tmp_path, metrics, rsa_key, alg):
+    """PyJWK raises NotImplementedError for `"alg": "none"` and TypeError for an alg that cannot be a dict key:
+    each such key is unusable like any other, never a traceback from `gateway -validate-config` or at start."""
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [{**rsa_key.public_jwk(), "alg": alg}]}))
+    with pytest.raises(ConfigError) as caught:
+        Authenticator.build(AuthConfig(jwks_file=tmp_path / "jwks.json"), metrics, None)
+    assert caught.value.errors == [f"auth.jwks_file: keys[0]: unusable key (kty 'RSA', crv None, alg {alg!r})"]
+
+
 def test_a_jwks_key_whose_kid_is_not_a_string_is_refused(tmp_path, metrics, rsa_key):
     """Read as a key without kid, it would verify tokens naming any kid."""
     (tmp_path / "jwks.json").write_text(json.dumps({"keys": [{**rsa_key.public_jwk(), "kid": 5}]}))

@@ -261,7 +261,8 @@ def _jwks_keys(data: bytes, allowed: frozenset[str], errors: list[str]) -> list[
             continue
         try:
             public = jwt.PyJWK(entry).key
-        except jwt.PyJWTError:  # its message repeats the key data: say what we know instead
+        except (jwt.PyJWTError, NotImplementedError, TypeError):  # the last two: alg none, alg a list or object
+            # the error's message repeats the key data: say what we know instead
             kty, crv, alg = entry.get("kty"), entry.get("crv"), entry.get("alg")
             errors.append(f"{here}: unusable key (kty {kty!r}, crv {crv!r}, alg {alg!r})")
             continue

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -11,6 +13,7 @@ from apigw.config.loader import parse_documents
 from apigw.observability.metrics import Metrics
 from apigw.pipeline.state import Gateway
 from apigw.testkit.backend import Backend
+from apigw.testkit.tokens import SigningKey
 
 
 @pytest.fixture
@@ -99,3 +102,53 @@ async def test_raw_bytes_that_are_not_utf8_are_400(gateway_port: int, backend: B
     response = await exchange(gateway_port, b"GET /caf\xff HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert status_of(response) == 400, response
     assert backend.seen == []
+
+
+# --- the Authorization header and the claims forwarded from it ----------------------------------------
+
+
+@pytest.fixture
+async def auth_port(traffic_server, backend: Backend, tmp_path: Path) -> int:
+    """A route that needs a token signed by KEY, forwarding its `sub` as X-User-Id."""
+    config = {"auth": {"keys": [{"file": str(KEY.write_public_pem(tmp_path / "key.pem"))}],
+                       "forward_claims": {"sub": "X-User-Id"}},
+              "routes": [{"name": "api", "backend": {"service": "echo", "url": backend.url}, "auth": {}}]}
+    gateway = Gateway.create(parse_documents({"config.yaml": yaml.safe_dump(config)}), Metrics())
+    server = await traffic_server(gateway)
+    return server.port
+
+
+KEY = SigningKey("ed25519")
+SMUGGLED = {  # {T}: alice's valid token; {F}: mallory's, its signature forged
+    "folded onto the next line": (b"Authorization: Bearer {T}\r\n {F}\r\n", 400),
+    "space before the colon": (b"Authorization : Bearer {T}\r\n", 400),
+    "NUL after the token": (b"Authorization: Bearer {T}\x00\r\n", 400),
+    "bare CR before a header": (b"Authorization: Bearer {T}\rX-User-Id: admin\r\n", 400),
+    "bare LF before a header": (b"Authorization: Bearer {T}\nX-User-Id: admin\r\n", 400),
+    "a second header in other case": (b"Authorization: Bearer {T}\r\nauthorization: Bearer {F}\r\n", 401),
+    "two tokens in one header": (b"Authorization: Bearer {T}, Bearer {F}\r\n", 401),
+}
+
+
+@pytest.mark.parametrize("name", SMUGGLED)
+async def test_a_valid_token_does_not_carry_a_smuggled_one_or_header_to_the_backend(
+    auth_port: int, backend: Backend, name: str
+) -> None:
+    lines, status = SMUGGLED[name]
+    forged = KEY.token(sub="mallory")[:-4] + "AAAA"
+    lines = lines.replace(b"{T}", KEY.token(sub="alice").encode()).replace(b"{F}", forged.encode())
+    response = await exchange(auth_port, b"GET /x HTTP/1.1\r\nHost: x\r\n" + lines + b"Connection: close\r\n\r\n")
+    assert status_of(response) == status, response
+    assert backend.seen == []
+
+
+async def test_client_copies_of_a_forwarded_claim_header_never_reach_the_backend(auth_port: int) -> None:
+    spoofed = b"x-user-id: admin\r\nX-USER-ID: root\r\nX_User_Id: admin\r\n"
+    token = KEY.token(sub="alice").encode()
+    response = await exchange(
+        auth_port, b"GET /x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token + b"\r\n" + spoofed
+        + b"Connection: close\r\n\r\n",
+    )
+    assert status_of(response) == 200, response
+    sent = json.loads(response.partition(b"\r\n\r\n")[2])["headers"]
+    assert [(name, value) for name, value in sent.items() if "user" in name.lower()] == [("X-User-Id", "alice")]

@@ -805,6 +805,16 @@ def test_an_unusable_jwks_file_is_a_located_config_error(tmp_path, metrics, docu
     assert error.startswith(message)
 
 
+async def test_a_jwks_key_for_an_algorithm_the_gateway_does_not_know_is_left_out(tmp_path, clock, metrics, rsa_key):
+    """An identity provider's JWKS may hold an ES256K (secp256k1) signing key beside the keys the gateway uses:
+    outside the allow-list, it is left out as it is without its `alg`, not an error that refuses the file."""
+    secp256k1 = ec.generate_private_key(ec.SECP256K1()).public_key()
+    es256k = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(secp256k1)) | {"kid": "k1", "alg": "ES256K", "use": "sig"}
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [rsa_key.public_jwk(), es256k]}))
+    auth = Authenticator.build(AuthConfig(jwks_file=tmp_path / "jwks.json"), metrics, None, clock=clock)
+    assert await authenticate(auth, f"Bearer {rsa_key.token(now=clock.now)}", ())
+
+
 @pytest.mark.parametrize("alg", ["none", ["RS256"], {"RS256": True}], ids=["none", "a list", "an object"])
 def test_a_jwks_key_whose_alg_is_none_or_not_a_string_is_a_located_config_error(tmp_path, metrics, rsa_key, alg):
     """PyJWK raises NotImplementedError for `"alg": "none"` and TypeError for an alg that cannot be a dict key:

@@ -813,6 +813,11 @@ async def test_a_jwks_key_for_an_algorithm_the_gateway_does_not_know_is_left_out
     (tmp_path / "jwks.json").write_text(json.dumps({"keys": [rsa_key.public_jwk(), es256k]}))
     auth = Authenticator.build(AuthConfig(jwks_file=tmp_path / "jwks.json"), metrics, None, clock=clock)
     assert await authenticate(auth, f"Bearer {rsa_key.token(now=clock.now)}", ())
+    p384 = SigningKey("ec", algorithm="ES384").public_jwk() | {"alg": "ES256"}
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [p384]}))
+    with pytest.raises(ConfigError) as caught:  # an allowed alg the key cannot verify stays an error
+        Authenticator.build(AuthConfig(jwks_file=tmp_path / "jwks.json"), metrics, None)
+    assert caught.value.errors == ["auth.jwks_file: keys[0]: alg 'ES256' does not fit EC secp384r1 key"]
 
 
 @pytest.mark.parametrize("alg", ["none", ["RS256"], {"RS256": True}], ids=["none", "a list", "an object"])

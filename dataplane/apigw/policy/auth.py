@@ -272,10 +272,10 @@ def _jwks_keys(data: bytes, allowed: frozenset[str], errors: list[str]) -> list[
             continue
         restrict = entry.get("alg")
         fits = _fitting_algorithms(public)
+        if not (allowed & ({restrict} if restrict else set(fits))):  # ES256K, say: outside the allow-list
+            continue
         if restrict is not None and restrict not in fits:
             errors.append(f"{here}: alg {restrict!r} does not fit {_describe(public)}")
-            continue
-        if not (allowed & ({restrict} if restrict else set(fits))):
             continue
         key = _verify_key(public, kid, allowed, restrict, here, errors)
         if key is not None:

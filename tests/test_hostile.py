@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -12,8 +14,10 @@ import yaml
 from apigw.config.loader import parse_documents
 from apigw.observability.metrics import Metrics
 from apigw.pipeline.state import Gateway
+from apigw.testkit import raw
 from apigw.testkit.backend import Backend
 from apigw.testkit.tokens import SigningKey
+from tests.conftest import access_lines
 
 
 @pytest.fixture
@@ -152,3 +156,67 @@ async def test_client_copies_of_a_forwarded_claim_header_never_reach_the_backend
     assert status_of(response) == 200, response
     sent = json.loads(response.partition(b"\r\n\r\n")[2])["headers"]
     assert [(name, value) for name, value in sent.items() if "user" in name.lower()] == [("X-User-Id", "alice")]
+# --- clients that hold a backend connection: the route's request_timeout bounds the whole request ------
+
+
+def closed_by_gateway(received: asyncio.Event, answer: bytes = b"") -> raw.Handler:
+    """A backend that reads a request head, sends `answer`, reads on, and sets `received` once the gateway
+    hangs up (the backend connection is closed, not held for the client)."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        try:
+            while await reader.read(65536):
+                pass
+        finally:  # a close or a reset (the gateway had left some of `answer` unread)
+            received.set()
+
+    return serve
+
+
+async def test_a_body_trickled_past_the_request_timeout_is_cut(gateway_client) -> None:
+    """One byte every 200 ms never leaves the body idle for `request_body_timeout`: without a bound on the
+    whole request, one client connection would hold a backend connection for as long as it trickles."""
+    hung_up = asyncio.Event()
+    async with raw.raw_server(closed_by_gateway(hung_up)) as url:
+        client = await gateway_client({"listen": {"request_body_timeout": "500ms"}, "routes": [
+            {"name": "up", "backend": {"service": "up", "url": url, "request_timeout": "1s"}}]})
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+        writer.write(b"POST /x HTTP/1.1\r\nHost: gw\r\nContent-Length: 100\r\n\r\n")
+        answer = b""
+        for _ in range(40):  # 8 s at most; 40 bytes of the 100 announced
+            writer.write(b"a")
+            with contextlib.suppress(TimeoutError):
+                answer = await asyncio.wait_for(reader.read(65536), 0.2)
+                break
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        await asyncio.wait_for(hung_up.wait(), 5)
+    assert access_lines(client)[-1]["error_type"] == "client_body_timeout"
+
+
+async def test_a_client_that_stops_reading_is_cut_at_the_request_timeout(gateway_client) -> None:
+    """A response too large for the buffers on the way, to a client that reads nothing: the gateway stops
+    reading the backend and waits for the client; at the route's request_timeout it cuts both."""
+    hung_up = asyncio.Event()
+    size = 16 * 1024 * 1024
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"x" * size
+    async with raw.raw_server(closed_by_gateway(hung_up, answer)) as url:
+        client = await gateway_client({"routes": [
+            {"name": "down", "backend": {"service": "down", "url": url, "request_timeout": "1s"}}]})
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", client.server.port))
+        _, writer = await asyncio.open_connection(sock=sock)  # its reader stops at its buffer limit
+        writer.write(b"GET /x HTTP/1.1\r\nHost: gw\r\n\r\n")
+        try:
+            await asyncio.wait_for(hung_up.wait(), 5)
+        finally:
+            writer.close()
+    for _ in range(50):
+        if access_lines(client):
+            break
+        await asyncio.sleep(0.05)
+    assert access_lines(client)[-1]["error_type"] == "client_timeout"

@@ -113,7 +113,9 @@ async def handle(request: web.BaseRequest, gateway: Gateway) -> web.StreamRespon
         headers = proxy.request_headers(
             request, route.cluster, ex.request_id, target, trusted, state.edge, forwarded_claims
         )
-        ex.body = proxy.request_body(request, route.max_body, state.config.listen.request_body_timeout)
+        ex.body = proxy.request_body(
+            request, route.max_body, state.config.listen.request_body_timeout, route.request_timeout
+        )
         backend_target = proxy.backend_target(route.cluster, route.backend_path(target.path), target.query)
         backend = await _call_backend(ex, route, backend_target, headers, gateway.metrics)
         response = await proxy.relay(request, backend, response_headers, route.cluster.service)

@@ -57,12 +57,14 @@ class Forwarded:
 
 
 class BodyLimit:
-    """Streams the request body through, stopping once it passes `limit` bytes or the client keeps the
-    next piece waiting longer than `idle_timeout`. A client that sent `Expect: 100-continue` is invited
-    to send the body only now, when the backend asks for it: every check before has passed."""
+    """Streams the request body through, stopping once it passes `limit` bytes, the client keeps the
+    next piece waiting longer than `idle_timeout`, or the body is still coming at `deadline` (event-loop
+    time): a client trickling its body holds a backend connection no longer than the request may last.
+    A client that sent `Expect: 100-continue` is invited to send the body only now, when the backend
+    asks for it: every check before has passed."""
 
-    def __init__(self, request: web.BaseRequest, limit: int, idle_timeout: float):
-        self.request, self.limit, self.idle_timeout = request, limit, idle_timeout
+    def __init__(self, request: web.BaseRequest, limit: int, idle_timeout: float, deadline: float):
+        self.request, self.limit, self.idle_timeout, self.deadline = request, limit, idle_timeout, deadline
         self.seen = 0
         self.failure: GatewayError | None = None
         """Why the body was cut short by the gateway (too large, too slow), once it was."""
@@ -74,12 +76,14 @@ class BodyLimit:
             await request.writer.write(CONTINUE)
         self.invited = True
         stream = request.content
+        loop = request.task.get_loop()
         while True:
             try:
-                async with asyncio.timeout(self.idle_timeout):
+                async with asyncio.timeout_at(min(loop.time() + self.idle_timeout, self.deadline)):
                     chunk = await stream.readany()
             except TimeoutError:
-                self.failure = GatewayError(408, "client_body_timeout", "the request body stopped arriving")
+                self.failure = GatewayError(408, "client_body_timeout", "the request body stopped arriving"
+                                            if loop.time() < self.deadline else "the request body came too slowly")
                 raise self.failure from None
             if not chunk:
                 return
@@ -176,14 +180,17 @@ def request_headers(
     return headers
 
 
-def request_body(request: web.BaseRequest, max_body: int, idle_timeout: float) -> BodyLimit | None:
-    """The body to stream to the backend, or None; 413 at once when the declared length is over the limit."""
+def request_body(
+    request: web.BaseRequest, max_body: int, idle_timeout: float, request_timeout: float
+) -> BodyLimit | None:
+    """The body to stream to the backend, or None; 413 at once when the declared length is over the limit.
+    It must be in whole within `request_timeout` from now."""
     if not request.body_exists:
         return None
     length = request.content_length
     if length is not None and length > max_body:
         raise too_large(max_body)
-    return BodyLimit(request, max_body, idle_timeout)
+    return BodyLimit(request, max_body, idle_timeout, request.task.get_loop().time() + request_timeout)
 
 
 def backend_target(cluster: Cluster, path: str, query: str) -> str:
@@ -272,10 +279,13 @@ async def _relay(
                 raise StreamAborted(response, "backend_timeout" if exc.kind == "timeout" else "backend_stream_aborted") from None
             if not chunk:
                 break
-            await response.write(chunk)
+            async with asyncio.timeout_at(backend.deadline):  # a client that stops reading holds the backend
+                await response.write(chunk)
         await response.write_eof()
     except ConnectionResetError:  # the client went away (aiohttp's ClientConnectionResetError is one)
         raise StreamAborted(response, "client_disconnected") from None
+    except TimeoutError:  # the client read too slowly for the request's deadline
+        raise StreamAborted(response, "client_timeout") from None
     return response
 
 

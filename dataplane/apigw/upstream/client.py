@@ -340,7 +340,8 @@ class Response:
         self._conn: _Connection | None = conn
         self._loop = conn.loop
         self._timeout = timeout
-        self._deadline = deadline
+        self.deadline = deadline
+        """Event-loop time by which the whole exchange, the response's body included, must be over (None: no bound)."""
         self._parser = httptools.HttpResponseParser(self)
         self._head_only = method == "HEAD"
         self._until_eof = False
@@ -398,8 +399,8 @@ class Response:
         timer = None
         if timed:
             delay, why = self._timeout, f"no answer within {self._timeout:g} s"
-            if self._deadline is not None and self._deadline - loop.time() < delay:
-                delay, why = max(0.0, self._deadline - loop.time()), "the response outlasted its deadline"
+            if self.deadline is not None and self.deadline - loop.time() < delay:
+                delay, why = max(0.0, self.deadline - loop.time()), "the response outlasted its deadline"
             timer = loop.call_later(delay, _expire, waiter, why)
         try:
             await waiter

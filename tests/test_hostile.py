@@ -156,6 +156,25 @@ async def test_client_copies_of_a_forwarded_claim_header_never_reach_the_backend
     assert status_of(response) == 200, response
     sent = json.loads(response.partition(b"\r\n\r\n")[2])["headers"]
     assert [(name, value) for name, value in sent.items() if "user" in name.lower()] == [("X-User-Id", "alice")]
+
+async def test_transfer_encoding_in_an_http_1_0_request_is_refused_and_the_connection_closed(
+    gateway_port: int, backend: Backend
+) -> None:
+    """HTTP/1.0 has no chunked coding: a proxy in front may frame this body otherwise (RFC 9112 6.1: faulty
+    framing, close the connection). Nothing after it on the connection may be read as a request."""
+    raw = (b"POST /x HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"3\r\nabc\r\n0\r\n\r\nGET /smuggled HTTP/1.0\r\nHost: x\r\n\r\n")
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway_port)
+    writer.write(raw)
+    try:
+        response = await asyncio.wait_for(reader.read(), 10)  # to the gateway's close
+    finally:
+        writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert status_of(response) == 400, response
+    assert b"Content-Length: %d\r\n" % len(body) in head, response  # the one answer, then the close
+    assert backend.seen == []
+
 # --- clients that hold a backend connection: the route's request_timeout bounds the whole request ------
 
 

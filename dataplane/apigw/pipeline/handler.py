@@ -122,8 +122,10 @@ async def handle(request: web.BaseRequest, gateway: Gateway) -> web.StreamRespon
     except GatewayError as exc:
         ex.error_type = exc.error_type
         response = error_response(exc, ex.request_id)
-        if exc.status == 408 or (proxy.awaits_continue(request) and (ex.body is None or not ex.body.invited)):
-            await _answer_and_close(request, response)  # a body stalled, or never invited: none is coming
+        if exc.status == 408 or isinstance(exc, FaultyFraming) or (
+            proxy.awaits_continue(request) and (ex.body is None or not ex.body.invited)
+        ):  # a body stalled, or never invited (none is coming), or framed in a way another party may not share
+            await _answer_and_close(request, response)
     except proxy.StreamAborted as exc:
         ex.error_type = exc.error_type
         response = exc.response
@@ -257,12 +259,23 @@ async def _answer_and_close(request: web.BaseRequest, response: web.StreamRespon
         request.transport.close()
 
 
+class FaultyFraming(GatewayError):
+    """A request body framed in a way not every HTTP/1.x party reads alike: answered, and nothing more is
+    read on that connection (RFC 9112 6.1)."""
+
+    def __init__(self, message: str):
+        super().__init__(400, "bad_request", message)
+
+
 def _check_head(request: web.BaseRequest, max_size: int) -> None:
-    """The request head within the size backends must accept, and no expectation but 100-continue (which
-    the body's first read answers, once the request has passed every check)."""
+    """The request head within the size backends must accept, its framing one that every HTTP/1.x party
+    reads alike, and no expectation but 100-continue (which the body's first read answers, once the
+    request has passed every check)."""
     size = len(request.method) + len(request.raw_path) + sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
     if size > max_size:
         raise GatewayError(431, "headers_too_large", f"request line and headers are larger than {max_size} bytes")
+    if request.version == HttpVersion10 and "Transfer-Encoding" in request.headers:
+        raise FaultyFraming("an HTTP/1.0 request cannot carry Transfer-Encoding (a proxy may frame its body otherwise)")
     expect = request.headers.get("Expect")
     if expect is not None and expect.lower() != "100-continue":
         raise GatewayError(417, "expectation_failed", "the only expectation the gateway meets is 100-continue")

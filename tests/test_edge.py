@@ -9,6 +9,7 @@ config trusts 127.0.0.2 as a proxy, so a test connects from there to play the pr
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -221,6 +222,32 @@ def test_http_0_9_is_refused(edge) -> None:
     assert raw.startswith(b"HTTP/") and b" 505 " in raw.split(b"\r\n")[0]
     assert backends.seen() == before
 
+
+
+# --- pipelining -------------------------------------------------------------------------------------
+
+
+SMUGGLED = b"GET /open/smuggled HTTP/1.1\r\nHost: gw.test\r\n\r\n"
+FRAMINGS = {
+    "content-length": b"Content-Length: %d\r\n\r\n%s" % (len(SMUGGLED), SMUGGLED),
+    "chunked": b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(SMUGGLED), SMUGGLED),
+    "chunked with an extension": b"Transfer-Encoding: chunked\r\n\r\n%x;a=b\r\n%s\r\n0\r\n\r\n" % (
+        len(SMUGGLED), SMUGGLED),
+}
+
+
+@pytest.mark.parametrize("framing", FRAMINGS.values(), ids=FRAMINGS.keys())
+def test_the_body_of_a_refused_request_is_never_read_as_a_request(edge, framing: bytes) -> None:
+    """A request refused before its body is read (401) with a request in its body, then a good one on
+    the same connection: the body is skipped by its framing, the next request is answered, and the one
+    in the body reaches no backend."""
+    gateway, backends = edge
+    data = (b"POST /secure/x HTTP/1.1\r\nHost: gw.test\r\n" + framing
+            + b"GET /open/after HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\n\r\n")
+    answers = raw.exchange(gateway.port, data)
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answers) == [b"401", b"200"], answers
+    paths = [path for server in backends.servers.values() for path in server.seen]
+    assert "/open/after" in paths and "/open/smuggled" not in paths
 
 # --- headers ----------------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import socket
 from pathlib import Path
 
@@ -174,6 +175,28 @@ async def test_transfer_encoding_in_an_http_1_0_request_is_refused_and_the_conne
     assert status_of(response) == 400, response
     assert b"Content-Length: %d\r\n" % len(body) in head, response  # the one answer, then the close
     assert backend.seen == []
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_a_body_refused_as_too_large_is_skipped_and_the_next_request_answered(
+    traffic_server, backend: Backend, chunked: bool
+) -> None:
+    """413 for a body over the route's limit (at once for a declared length, once the limit is passed for
+    chunks), with a request inside the body and a good one behind it on the same connection: the body is
+    skipped by its framing, never read as a request."""
+    config = {"routes": [{"name": "small", "backend": {"service": "echo", "url": backend.url}, "max_body_size": 16}]}
+    server = await traffic_server(Gateway.create(parse_documents({"config.yaml": yaml.safe_dump(config)}), Metrics()))
+    body = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n".ljust(100, b"x")
+    framed = (b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if chunked
+              else b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"POST /x HTTP/1.1\r\nHost: x\r\n" + framed + b"GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    try:
+        answers = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answers) == [b"413", b"200"], answers
+    assert "/after" in backend.seen and "/smuggled" not in backend.seen
 
 # --- clients that hold a backend connection: the route's request_timeout bounds the whole request ------
 

@@ -288,6 +288,22 @@ def test_a_trusted_proxys_forwarding_headers_are_believed(edge, key) -> None:
     assert logged(gateway, "from-the-proxy")["client_ip"] == "198.51.100.7"  # the rightmost hop that is not a trusted proxy
 
 
+
+def test_a_connection_header_cannot_remove_what_the_gateway_sets(edge, key) -> None:
+    """`Connection` may name any header as hop-by-hop: those the gateway sets itself (forwarding, request
+    id, forwarded claims, Host) still reach the backend with the gateway's values; the token, named
+    there, was checked all the same."""
+    gateway, _ = edge
+    named = b"Connection: close, X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host, X-Request-ID, X-User-Id, Host"
+    assert get(gateway, b"/secure/x", b"Connection: Authorization").status == 401
+    answer = get(gateway, b"/secure/x", bearer(key, sub="alice"), named, b"Connection: Authorization")
+    headers = answer.json()["headers"]
+    assert answer.backend == "secure"
+    assert (headers["X-Forwarded-For"], headers["X-Forwarded-Proto"], headers["X-Forwarded-Host"]) == (
+        UNTRUSTED, "http", "gw.test")
+    assert headers["X-Request-ID"] == answer.headers["x-request-id"] and headers["X-User-Id"] == "alice"
+    assert headers["Host"].startswith("127.0.0.1:") and "Authorization" not in headers
+
 def test_the_client_ip_of_an_untrusted_peer_is_the_peer(edge) -> None:
     gateway, _ = edge
     answer = get(gateway, b"/open/who", b"X-Forwarded-For: 198.51.100.7", b"X-Real-IP: 198.51.100.7")

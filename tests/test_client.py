@@ -862,6 +862,26 @@ async def test_bytes_after_a_response_in_the_same_read_are_not_trusted() -> None
     assert server.connections == 2
 
 
+
+async def test_bytes_an_idle_connection_receives_close_it_before_any_reuse() -> None:
+    """A second response no request asked for, arriving once the first was taken and its connection is
+    idle (a backend that read part of a body as another request): that connection is closed, so the
+    bytes can never be taken for the answer to another client's request sent on it."""
+
+    async def handler(peer: Peer) -> None:
+        if peer.number > 1:
+            return await answer_all(peer)
+        await peer.request()
+        await peer.send(ok(b"first"))
+        await asyncio.sleep(0.2)
+        await peer.send(ok(b"stray"))
+        await peer.until_closed()
+
+    async with RawServer(handler) as server, open_pool(server.url) as pool:
+        assert (await fetch(pool))[1] == b"first"
+        await until(lambda: server.closed_by_client == [1])
+        assert (await fetch(pool))[1] == b"conn 2"
+
 # Closing the pool
 
 

@@ -32,6 +32,7 @@ from pydantic import (
 )
 from redis.connection import parse_url
 
+from apigw.http.headers import set_by_gateway
 from apigw.http.target import BadTarget, normalize_host, normalize_path
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -263,6 +264,10 @@ class RevocationConfig(Strict):
     """What a Redis error during the revocation check does to the request."""
 
 
+_WORD = re.compile(r'[!#-\[\]-~]+').fullmatch
+"""Printable ASCII without spaces, quotes or backslashes: claim names and scopes (RFC 6749 3.3)."""
+
+
 class AuthConfig(Strict):
     keys: list[JWTKey] = []
     jwks_file: Path | None = None
@@ -287,9 +292,20 @@ class AuthConfig(Strict):
     def _claim_names(cls, names: list[str] | dict[str, str]) -> Any:
         """Names appear in the 401's WWW-Authenticate header: printable ASCII, no space, quote or backslash."""
         for name in names:
-            if not re.fullmatch(r'[!#-\[\]-~]+', name):
+            if not _WORD(name):
                 raise ValueError(f"{name!r} is not a claim name (printable ASCII without spaces, quotes or backslashes)")
         return names
+
+    @field_validator("forward_claims")
+    @classmethod
+    def _forward_headers_of_their_own(cls, headers: dict[str, str]) -> dict[str, str]:
+        taken = [f"{claim} -> {header}" for claim, header in headers.items() if set_by_gateway(header)]
+        if taken:
+            raise ValueError(
+                f"{', '.join(taken)}: the gateway strips or sets these headers itself (hop-by-hop, framing, Host, "
+                "X-Forwarded-*, X-Request-ID...); forward each claim in a header of its own, such as X-User-Id"
+            )
+        return headers
 
 
 class RateLimitSettings(Strict):
@@ -469,6 +485,17 @@ class RouteAuth(Strict):
     required: bool = True
     scopes: list[str] = []
     """Every one of these must be in the token's `scope`/`scp` claim (else 403)."""
+
+    @field_validator("scopes")
+    @classmethod
+    def _scope_names(cls, scopes: list[str]) -> list[str]:
+        """A scope as RFC 6749 3.3 spells one: `""` or `"read write"` no token could hold, and `""` would
+        be granted by a `scope` claim with a stray space."""
+        for scope in scopes:
+            if not _WORD(scope):
+                raise ValueError(f"{scope!r} is not a scope (printable ASCII without spaces, quotes or backslashes; "
+                                 "list each scope a route needs as an item of its own)")
+        return scopes
 
     @model_validator(mode="after")
     def _scopes_need_a_token(self) -> RouteAuth:

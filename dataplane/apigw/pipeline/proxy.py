@@ -20,19 +20,11 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from apigw.config.model import ListenConfig
 from apigw.http.errors import GatewayError
+from apigw.http.headers import HOP_BY_HOP, NOT_FORWARDED
 from apigw.http.target import Target
 from apigw.upstream.client import BackendError, Response
 from apigw.upstream.cluster import Cluster
 
-HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
-     "trailer", "transfer-encoding", "upgrade"}
-)
-NOT_FORWARDED = HOP_BY_HOP | {"content-length", "host", "expect", "x-forwarded-for", "x-request-id",
-                              "x-original-url", "x-rewrite-url"}
-"""Client headers never passed on: hop-by-hop ones, those the gateway sets or answers itself (Expect), and
-those that make IIS, Symfony or Zend backends serve another path than the one routed (X-Original-URL,
-X-Rewrite-URL)."""
 CALLER_IDENTITY = frozenset(
     {"forwarded", "x-real-ip", "true-client-ip", "x-client-ip", "x-cluster-client-ip", "x-original-forwarded-for"}
 )

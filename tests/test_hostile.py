@@ -262,3 +262,23 @@ async def test_a_client_that_stops_reading_is_cut_at_the_request_timeout(gateway
             break
         await asyncio.sleep(0.05)
     assert access_lines(client)[-1]["error_type"] == "client_timeout"
+
+
+@pytest.mark.parametrize("upgrade", [b"foo", b"h2c", b"websocket"])
+async def test_a_request_asking_to_upgrade_is_answered_and_its_connection_closed(
+    gateway_port: int, backend: Backend, upgrade: bytes
+) -> None:
+    """The gateway upgrades no connection (Upgrade is hop-by-hop, never passed on), but aiohttp's parser
+    reads whatever follows such a request as the upgraded stream: a request pipelined behind it would wait,
+    unanswered, for the idle timeout. Answered, then closed, so the client retries it at once."""
+    raw = (b"GET /first HTTP/1.1\r\nHost: x\r\nUpgrade: %s\r\nConnection: Upgrade\r\n\r\n"
+           b"GET /second HTTP/1.1\r\nHost: x\r\n\r\n" % upgrade)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway_port)
+    writer.write(raw)
+    try:
+        answers = await asyncio.wait_for(reader.read(), 5)  # to the gateway's close
+    finally:
+        writer.close()
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answers) == [b"200"], answers
+    assert b"\r\nConnection: close\r\n" in answers.partition(b"\r\n\r\n")[0] + b"\r\n", answers
+    assert backend.seen == ["/first"]

@@ -205,11 +205,17 @@ CLIENT_MAX_SIZE = 1024**2
 
 class _Request(web.BaseRequest):
     """A traffic port request: the Server header policy applied to each response as it is prepared (an
-    Application's `on_response_prepare`)."""
+    Application's `on_response_prepare`), and the connection closed after a request that asked to upgrade
+    it. The gateway upgrades none (Upgrade is hop-by-hop), but aiohttp's parser takes what follows such a
+    request for the upgraded stream: a request pipelined behind it would wait unanswered for the idle
+    timeout, where a close makes the client send it again at once."""
 
     async def _prepare_hook(self, response: web.StreamResponse) -> None:
         handler = cast(_Handler, self.protocol)
         no_banner(response.headers, handler.gateway.state.config.listen.server_header)
+        if "Upgrade" in self.headers:  # aiohttp wrote the Connection header before this hook: say it again
+            response.force_close()
+            response.headers["Connection"] = "close"
 
 
 class TrafficRunner(web.BaseRunner):

@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Self
 
 import hiredis
 import pytest
@@ -194,15 +195,24 @@ async def test_a_replica_cut_from_its_master_answering_masterdown_is_left(redis_
     await link.aclose()
 
 
-class RawRedis:
-    """A loopback server answering each command, whatever it is, with the next of `answers` (exact
-    bytes); it records the commands each connection sent and whether the client closed it."""
+CLOSE = object()
+"""A step of a RawRedis answer: hang up."""
 
-    def __init__(self, answers: list[bytes]):
+Answer = bytes | list[bytes | float | object]
+"""What RawRedis does for one command: exact bytes, or steps: bytes to write, seconds to wait, CLOSE."""
+
+
+class RawRedis:
+    """A loopback server answering each command, whatever it is, with the next of `answers`, or with what
+    `answers(connection index, command)` gives (see Answer); it records the commands each connection sent
+    and when each connection ended (`closed`)."""
+
+    def __init__(self, answers: list[Answer] | Callable[[int, list[bytes]], Answer]):
         self.answers = answers
         self.connections: list[list[list[bytes]]] = []
         self.closed: list[asyncio.Event] = []
         self._writers: list[asyncio.StreamWriter] = []
+        self._serving: set[asyncio.Task[None]] = set()
         self.server: asyncio.Server | None = None
 
     @property
@@ -210,31 +220,51 @@ class RawRedis:
         assert self.server is not None
         return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
 
-    async def __aenter__(self) -> RawRedis:
+    async def __aenter__(self) -> Self:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         assert self.server is not None
         self.server.close()
+        for task in self._serving:  # an answer still waiting out its steps
+            task.cancel()
+        await asyncio.gather(*self._serving)
         for writer in self._writers:
             writer.close()
             await writer.wait_closed()
         await self.server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._serving.add(task)
+        index = len(self.connections)
         commands: list[list[bytes]] = []
         self.connections.append(commands)
         self._writers.append(writer)
         closed = asyncio.Event()
         self.closed.append(closed)
         parser = hiredis.Reader()
-        while data := await reader.read(65536):
-            parser.feed(data)
-            while (command := parser.gets()) is not False:
-                commands.append(command)
-                writer.write(self.answers.pop(0))
-        closed.set()
+        try:
+            while data := await reader.read(65536):
+                parser.feed(data)
+                while (command := parser.gets()) is not False:
+                    commands.append(command)
+                    answer = self.answers(index, command) if callable(self.answers) else self.answers.pop(0)
+                    for step in [answer] if isinstance(answer, bytes) else answer:
+                        if step is CLOSE:
+                            writer.close()
+                            return
+                        if isinstance(step, float):
+                            await asyncio.sleep(step)
+                        else:
+                            writer.write(step)  # type: ignore[arg-type]
+        except (asyncio.CancelledError, ConnectionError):
+            return  # the test is over, or the client hung up while an answer waited
+        finally:
+            closed.set()
+            self._serving.discard(task)
 
 
 async def test_a_loading_node_is_left_for_a_fresh_connection() -> None:

@@ -294,6 +294,30 @@ async def test_an_invalid_reply_closes_the_connection_and_is_not_resent() -> Non
         await link.aclose()
 
 
+@pytest.mark.parametrize("extra", [
+    [b"$1\r\na\r\n$5\r\nstale\r\n"],  # two replies to one command, in one read
+    [b"$1\r\na\r\n$5\r\nst"],  # the start of a second one
+    [b"$1\r\na\r\n", 0.05, b"$5\r\nst"],  # the start of one nobody asked for, read while idle
+], ids=["coalesced", "coalesced-partial", "idle-partial"])
+async def test_bytes_beyond_the_reply_never_answer_the_next_command(extra: list[bytes | float]) -> None:
+    """A peer (a broken proxy) that sends more than the one reply asked for: what is left in the parser
+    would be taken as the next command's reply. The connection is left instead, and the command that heard
+    more than its reply fails, since which reply was its own cannot be known."""
+    def answer(connection: int, command: list[bytes]) -> Answer:
+        if connection > 0:
+            return b"$1\r\nc\r\n"
+        return extra if command == [b"ECHO", b"a"] else b"ale\r\n$1\r\nc\r\n"  # ends the extra, then answers
+
+    async with RawRedis(answer) as raw:
+        link = link_for(raw.url, pool_size=1)
+        first = (await asyncio.gather(link.send(pack(["ECHO", "a"])), return_exceptions=True))[0]
+        await asyncio.sleep(0.1)  # the idle bytes are read
+        assert await link.send(pack(["ECHO", "c"])) == b"c"
+        assert [len(commands) for commands in raw.connections] == [1, 1]
+        assert first == b"a" if len(extra) == 3 else isinstance(first, InvalidResponse)
+        await link.aclose()
+
+
 @pytest.fixture
 def certs(tmp_path: Path) -> dict[str, Path]:
     """A server certificate for 127.0.0.1 and a client certificate, each self-signed."""

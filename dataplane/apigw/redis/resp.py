@@ -81,6 +81,9 @@ class Connection(asyncio.Protocol):
         reply.set_exception(TimeoutError("no reply from Redis in time"))
 
     def data_received(self, data: bytes) -> None:
+        if self._reply is None or self._reply.done():  # even a part of one: the next command would take it
+            self._fail(ConnectionError("Redis sent a reply nobody asked for"))
+            return
         self._reader.feed(data)
         try:
             reply = self._reader.gets()
@@ -89,8 +92,8 @@ class Connection(asyncio.Protocol):
             return
         if reply is False:
             return
-        if self._reply is None or self._reply.done():
-            self._fail(ConnectionError("Redis sent a reply nobody asked for"))
+        if self._reader.has_data():  # more than one reply to one command: which is its own is unknown
+            self._fail(InvalidResponse("Redis sent more than the one reply asked for"))
             return
         if self._on_reply is not None:
             self._on_reply(reply)

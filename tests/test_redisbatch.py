@@ -94,7 +94,12 @@ async def test_a_failed_batch_fails_every_check_in_it(client, redis_server: Redi
     await batch.aclose()
 
 
-@pytest.mark.parametrize("answer", [b":1\r\n", b"*1\r\n:0\r\n", b"$2\r\nno\r\n"], ids=["number", "short", "string"])
+@pytest.mark.parametrize("answer", [
+    b":1\r\n", b"*1\r\n:0\r\n", b"$2\r\nno\r\n",
+    b"*4\r\n$-1\r\n:1\r\n:0\r\n:0\r\n",  # nil for the revocation check: it would read as "not revoked"
+    b"*4\r\n-ERR oops\r\n:1\r\n:0\r\n:0\r\n",  # an error inside the array: it would read as "revoked"
+    b"*4\r\n:0\r\n:1\r\n$-1\r\n:0\r\n",  # nil for a limit's wait: the limiter's arithmetic would raise (a 500)
+], ids=["number", "short", "string", "nil-inside", "error-inside", "nil-in-limit"])
 async def test_an_answer_that_is_not_the_numbers_asked_for_fails_every_check(answer: bytes) -> None:
     """A Redis (or a proxy before it) that answers the script with something else: each check fails with an
     error that says so, none hangs."""

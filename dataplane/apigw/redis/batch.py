@@ -203,6 +203,8 @@ def _hand_out(waiters: list[tuple[asyncio.Future[Any], int]], replies: Any) -> b
     settled keeps its result."""
     if type(replies) is not list or len(replies) != sum(width for _, width in waiters):
         return False
+    if not all(type(reply) is int for reply in replies):  # a nil would read as "not revoked"
+        return False
     at = 0
     for future, width in waiters:
         if not future.done():

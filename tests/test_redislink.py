@@ -294,6 +294,19 @@ async def test_an_invalid_reply_closes_the_connection_and_is_not_resent() -> Non
         await link.aclose()
 
 
+@pytest.mark.parametrize("cut", [b"*3\r\n:1\r\n", b"$4\r\nda"], ids=["array", "bulk"])
+async def test_a_reply_cut_short_is_not_resent(cut: bytes) -> None:
+    """A pooled connection lost in the middle of a reply: the command ran, so sending it again (as after
+    a connection that died while idle) would run it twice, a rate limit step counted twice."""
+    async with RawRedis([b"+PONG\r\n", [cut, 0.05, CLOSE], b"$4\r\ndone\r\n"]) as raw:
+        link = link_for(raw.url, pool_size=1)
+        assert await link.send(pack(["PING"])) == b"PONG"
+        with pytest.raises(InvalidResponse, match="middle of a reply"):
+            await link.send(pack(["INCR", "k"]))
+        assert raw.connections == [[[b"PING"], [b"INCR", b"k"]]]
+        await link.aclose()
+
+
 @pytest.mark.parametrize("extra", [
     [b"$1\r\na\r\n$5\r\nstale\r\n"],  # two replies to one command, in one read
     [b"$1\r\na\r\n$5\r\nst"],  # the start of a second one

@@ -81,7 +81,7 @@ class RedisLink:
 
     def send(self, command: bytes, on_reply: Callable[[Any], None] | None = None) -> Awaitable[Any]:
         """Send one packed command (see `pack`); await its reply. An error reply raises ResponseError (of
-        NOT_SERVING: its redis-py subclass), a lost connection ConnectionError, an invalid reply
+        NOT_SERVING: its redis-py subclass), a lost connection ConnectionError, an invalid reply (or one cut short)
         InvalidResponse, no reply in time TimeoutError.
 
         On an idle connection the command is written before this returns, not when a task first runs

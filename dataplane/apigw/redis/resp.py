@@ -45,6 +45,8 @@ class Connection(asyncio.Protocol):
         self._reader = hiredis.Reader()
         self._reply: asyncio.Future[Any] | None = None
         self._on_reply: Callable[[Any], None] | None = None
+        self._replying = False
+        """Part of the awaited reply came: the command ran, and must not be sent again."""
         self.address: tuple[str, int] | None = None
         """The node's address as the sentinels named it (None without sentinels)."""
         self.generation = 0
@@ -64,7 +66,7 @@ class Connection(asyncio.Protocol):
         if self.closed or self.transport is None:
             reply.set_exception(ConnectionError("the Redis connection is closed"))
             return reply
-        self._reply, self._on_reply = reply, on_reply
+        self._reply, self._on_reply, self._replying = reply, on_reply, False
         self.transport.write(command)
         timer = loop.call_at(deadline, self._overdue, reply, True)
         reply.add_done_callback(lambda _: timer.cancel())
@@ -91,6 +93,7 @@ class Connection(asyncio.Protocol):
             self._fail(InvalidResponse(f"Redis sent an invalid reply: {exc}"))  # never resent: it may have run
             return
         if reply is False:
+            self._replying = True
             return
         if self._reader.has_data():  # more than one reply to one command: which is its own is unknown
             self._fail(InvalidResponse("Redis sent more than the one reply asked for"))
@@ -100,7 +103,10 @@ class Connection(asyncio.Protocol):
         self._reply.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(ConnectionError("Redis closed the connection"))
+        if self._replying:  # not a ConnectionError: RedisLink would send the command again
+            self._fail(InvalidResponse("Redis closed the connection in the middle of a reply"))
+        else:
+            self._fail(ConnectionError("Redis closed the connection"))
 
     def _fail(self, error: Exception) -> None:
         if self._reply is not None and not self._reply.done():

@@ -12,7 +12,7 @@ from apigw.config.model import RedisConfig
 from apigw.redis import resp
 from apigw.redis.batch import BATCH_LUA, MAX_CHECKS, RedisBatch
 from apigw.testkit.redis import RedisServer
-from tests.test_redislink import RawRedis
+from tests.test_redislink import CLOSE, RawRedis
 
 
 @pytest.fixture
@@ -111,6 +111,26 @@ async def test_an_answer_that_is_not_the_numbers_asked_for_fails_every_check(ans
         assert [type(r) for r in results] == [ConnectionError, ConnectionError]
         assert "not the numbers asked for" in str(results[0])
         assert raw.connections[0][0][0] == b"EVALSHA"
+        await batch.aclose()
+
+
+async def test_a_resend_and_the_eval_after_noscript_keep_the_batch_deadline() -> None:
+    """A pooled connection that dies near the deadline is resent on a fresh one, which answers NOSCRIPT
+    late: each step would get a whole `redis.timeout` of its own, the checks almost three. They fail at the
+    batch's deadline instead, before EVAL is sent."""
+    timeout = 0.3
+    async with RawRedis([
+        b"+PONG\r\n",
+        [0.9 * timeout, CLOSE],  # hung, then gone
+        [0.9 * timeout, b"-NOSCRIPT No matching script. Please use EVAL.\r\n"],
+        b"*1\r\n:0\r\n",
+    ]) as raw:
+        batch = RedisBatch(RedisConfig(url=raw.url, timeout=timeout, connect_timeout=timeout, pool_size=1))
+        assert await batch.link.send(resp.pack(["PING"])) == b"PONG"  # pooled
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(batch.revoked("revoked:a"), 5)
+        sent = [command[0] for commands in raw.connections for command in commands]
+        assert sent == [b"PING", b"EVALSHA", b"EVALSHA"]  # the resend; no EVAL
         await batch.aclose()
 
 

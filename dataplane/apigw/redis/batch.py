@@ -126,22 +126,23 @@ class RedisBatch:
         self.round_trips += 1
         # the script's key count, the keys, their arguments: what EVALSHA and EVAL (NOSCRIPT) both send after the script
         parts = (3 + len(keys) + count, _bulk(b"%d" % len(keys)), *keys, *args)
-        try:
-            sent = self.link.send(_command(_EVALSHA, parts), partial(_hand_out, waiters))  # written now if it can be
+        deadline = self._loop.time() + self.link.timeout  # for the EVAL after NOSCRIPT too
+        try:  # written now if it can be
+            sent = self.link.send(_command(_EVALSHA, parts), partial(_hand_out, waiters), deadline)
         except Exception as error:  # a bug of ours: every check of the tick fails, none hangs
             _fail(waiters, error)
             return
-        task = self._loop.create_task(self._settle(sent, parts, waiters, time.perf_counter()))
+        task = self._loop.create_task(self._settle(sent, parts, waiters, time.perf_counter(), deadline))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
     async def _settle(
         self, sent: Awaitable[Any], parts: tuple[Any, ...], waiters: list[tuple[asyncio.Future[Any], int]],
-        started: float,
+        started: float, deadline: float,
     ) -> None:
         """Hand each waiter its share of the replies, or the error."""
         try:
-            replies = await self._replies(sent, parts)
+            replies = await self._replies(sent, parts, deadline)
         except BaseException as error:  # every waiter learns of it, cancellation included
             if isinstance(error, Exception):  # not a cancellation at shutdown
                 self.seen.round_trip(error)
@@ -158,13 +159,13 @@ class RedisBatch:
         if not _hand_out(waiters, replies):
             _fail(waiters, ConnectionError(f"Redis's answer to {len(waiters)} checks is not the numbers asked for"))
 
-    async def _replies(self, sent: Awaitable[Any], parts: tuple[Any, ...]) -> list[int]:
+    async def _replies(self, sent: Awaitable[Any], parts: tuple[Any, ...], deadline: float) -> list[int]:
         try:
             return await sent
         except ResponseError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
-            return await self.link.send(_command(_EVAL, parts))  # caches it again
+            return await self.link.send(_command(_EVAL, parts), None, deadline)  # caches it again
 
     async def aclose(self) -> None:
         await self.link.aclose()

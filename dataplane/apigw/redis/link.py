@@ -79,27 +79,34 @@ class RedisLink:
         elif on_master is not None:
             on_master(self._path or f"{self._address[0]}:{self._address[1]}", None)
 
-    def send(self, command: bytes, on_reply: Callable[[Any], None] | None = None) -> Awaitable[Any]:
+    def send(
+        self, command: bytes, on_reply: Callable[[Any], None] | None = None, deadline: float | None = None,
+    ) -> Awaitable[Any]:
         """Send one packed command (see `pack`); await its reply. An error reply raises ResponseError (of
         NOT_SERVING: its redis-py subclass), a lost connection ConnectionError, an invalid reply (or one cut short)
         InvalidResponse, no reply in time TimeoutError.
 
         On an idle connection the command is written before this returns, not when a task first runs
-        it: the caller's tick sends it, one event-loop turn earlier. `on_reply`: see `Connection.send`."""
+        it: the caller's tick sends it, one event-loop turn earlier. `on_reply`: see `Connection.send`.
+        `deadline` (event-loop time): `timeout` from now unless given, by a caller that sends again for the
+        same work (EVAL after NOSCRIPT) and keeps the first call's bound; a resend here keeps it too."""
         conn, reused = self._take_idle() if not self._waiting else (None, False)  # no cutting in line
         if conn is None:
-            return self._connect_and_send(command, asyncio.get_running_loop().time() + self.timeout, on_reply)
-        sent = conn.send(command, conn.loop.time() + self.timeout, on_reply)
-        return self._finish(conn, reused, command, sent, on_reply)
+            if deadline is None:
+                deadline = asyncio.get_running_loop().time() + self.timeout
+            return self._connect_and_send(command, deadline, on_reply)
+        if deadline is None:
+            deadline = conn.loop.time() + self.timeout
+        return self._finish(conn, reused, command, conn.send(command, deadline, on_reply), on_reply, deadline)
 
     async def _connect_and_send(self, command: bytes, deadline: float, on_reply: Callable[[Any], None] | None) -> Any:
         async with asyncio.timeout_at(deadline):
             conn, reused = await self._acquire()
-        return await self._finish(conn, reused, command, conn.send(command, deadline, on_reply), on_reply)
+        return await self._finish(conn, reused, command, conn.send(command, deadline, on_reply), on_reply, deadline)
 
     async def _finish(
         self, conn: Connection, reused: bool, command: bytes, sent: Awaitable[Any],
-        on_reply: Callable[[Any], None] | None,
+        on_reply: Callable[[Any], None] | None, deadline: float,
     ) -> Any:
         try:
             reply = await sent
@@ -108,7 +115,7 @@ class RedisLink:
             self._release(conn)
             if not reused:
                 raise
-            return await self.send(command, on_reply)  # a pooled connection died while idle (Redis restarted)
+            return await self.send(command, on_reply, deadline)  # a pooled connection died while idle (Redis restarted)
         except BaseException:
             conn.close()
             self._release(conn)

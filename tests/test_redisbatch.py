@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 import redis.asyncio
+from redis.exceptions import RedisError
 
 from apigw.config.model import RedisConfig
 from apigw.redis import resp
@@ -168,3 +169,86 @@ async def test_the_default_cap_splits_a_large_tick(redis_server: RedisServer) ->
     assert answers == [0] * (2 * MAX_CHECKS + 1)
     assert batch.round_trips == 3
     await batch.aclose()
+
+
+async def test_a_batch_answered_after_its_timeout_never_answers_the_next(
+    client: redis.asyncio.Redis, redis_server: RedisServer,
+) -> None:
+    """Redis hangs (SIGSTOP) with a script call in its socket, then wakes and runs it: the checks of that
+    call failed at their deadline, and the next tick's checks, on the same pool, get their own answers."""
+    await client.script_load(BATCH_LUA)
+    await client.set("revoked:a", 1)
+    batch = RedisBatch(RedisConfig(url=redis_server.url, timeout=0.2, connect_timeout=0.5, pool_size=1))
+    assert await batch.revoked("revoked:b") == 0  # a pooled connection
+    redis_server.pause()
+    try:
+        late = await asyncio.wait_for(asyncio.gather(
+            batch.revoked("revoked:a"), batch.limit("ratelimit:p:x", 1_000_000, 2_000_000), return_exceptions=True,
+        ), 5)
+    finally:
+        redis_server.resume()
+    assert [type(r) for r in late] == [TimeoutError, TimeoutError]
+    assert await asyncio.wait_for(asyncio.gather(batch.revoked("revoked:b"), batch.revoked("revoked:a")), 5) == [0, 1]
+    await batch.aclose()
+
+
+async def test_checks_in_flight_across_a_restart_get_their_answer_or_an_error(redis_server: RedisServer) -> None:
+    """Redis is stopped with a script call in its socket and started again on the same port, without the
+    keys or the cached script: the checks in flight get an answer or an error, and the checks after the
+    restart their own answers (NOSCRIPT, then EVAL, on fresh connections)."""
+    batch = RedisBatch(RedisConfig(url=redis_server.url, timeout=0.5, connect_timeout=0.5, pool_size=2))
+
+    async def revoke(key: str) -> None:
+        async with redis.asyncio.Redis.from_url(redis_server.url) as admin:
+            await admin.set(key, 1)
+
+    await revoke("revoked:a")
+    assert await asyncio.gather(batch.revoked("revoked:a"), batch.revoked("revoked:b")) == [1, 0]
+    redis_server.pause()
+    in_flight = asyncio.gather(batch.revoked("revoked:a"), batch.revoked("revoked:b"), return_exceptions=True)
+    await asyncio.sleep(0.05)  # written
+    redis_server.stop()
+    redis_server.start()
+    assert all(r == want or isinstance(r, OSError | RedisError | TimeoutError)
+               for r, want in zip(await asyncio.wait_for(in_flight, 5), [1, 0], strict=True))
+    await revoke("revoked:b")
+    answers = await asyncio.wait_for(asyncio.gather(batch.revoked("revoked:a"), batch.revoked("revoked:b")), 5)
+    assert answers == [0, 1]  # the restart lost revoked:a (no persistence here); revoked:b is new
+    await batch.aclose()
+
+
+async def test_more_batches_than_connections_wait_their_turn_within_the_timeout(
+    client: redis.asyncio.Redis, redis_server: RedisServer,
+) -> None:
+    """A tick of 9 checks, 4 a batch, on one connection: three script calls queue for it. Each check gets
+    its own answer; with Redis hung, each fails by its deadline, none waits for ever; after, all is well."""
+    await client.mset({f"revoked:{i}": 1 for i in range(0, 9, 3)})
+    batch = RedisBatch(RedisConfig(url=redis_server.url, timeout=0.3, connect_timeout=0.5, pool_size=1), max_checks=4)
+    want = [int(i % 3 == 0) for i in range(9)]
+    assert await asyncio.wait_for(asyncio.gather(*[batch.revoked(f"revoked:{i}") for i in range(9)]), 5) == want
+    redis_server.pause()
+    try:
+        hung = await asyncio.wait_for(
+            asyncio.gather(*[batch.revoked(f"revoked:{i}") for i in range(9)], return_exceptions=True), 5
+        )
+    finally:
+        redis_server.resume()
+    assert {type(r) for r in hung} == {TimeoutError}
+    assert await asyncio.wait_for(asyncio.gather(*[batch.revoked(f"revoked:{i}") for i in range(9)]), 5) == want
+    await batch.aclose()
+
+
+async def test_a_batch_retired_by_a_reload_answers_what_was_asked_then_leaves_no_connection(
+    client: redis.asyncio.Redis, redis_server: RedisServer,
+) -> None:
+    """A reload closes the old batch while checks asked of it are gathered, not yet sent: they are still
+    answered, and the connection it opened for them is closed once they are."""
+    await client.set("revoked:a", 1)
+    old = RedisBatch(RedisConfig(url=redis_server.url, timeout=1.0, connect_timeout=1.0))
+    asked = [old.revoked("revoked:a"), old.revoked("revoked:b"), old.limit("ratelimit:p:x", 1_000_000, 2_000_000)]
+    closing = asyncio.ensure_future(old.aclose())
+    answers = await asyncio.wait_for(asyncio.gather(*asked), 5)
+    assert answers[:2] == [1, 0] and answers[2][0] == 1
+    await closing
+    await asyncio.sleep(0.05)
+    assert len(await client.client_list()) == 1  # the test's own

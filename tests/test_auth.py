@@ -39,6 +39,7 @@ from apigw.redis.batch import RedisBatch
 from apigw.testkit.clock import FakeClock
 from apigw.testkit.redis import RedisServer
 from apigw.testkit.tokens import SigningKey, write_jwks
+from tests.test_redislink import RawRedis
 
 NOW = 1_800_000_000.0
 
@@ -1127,6 +1128,23 @@ async def test_redis_down_follows_the_failure_mode_and_is_counted(
     assert outcome == (status, error_type)
     assert metrics.registry.get_sample_value("gateway_redis_errors_total", {"operation": "revocation"}) == 1
     assert attempts(metrics, result, error_type) == 1
+
+
+@pytest.mark.parametrize(("mode", "error_type"), [("fail_open", "none"), ("fail_closed", "revocation_unavailable")])
+async def test_a_revocation_answer_that_is_not_a_number_follows_the_failure_mode(
+    make_auth, clock, metrics, rsa_key, mode, error_type
+):
+    """A Redis (or a proxy) that answers the check with a nil: never read as 'not revoked' (a revoked
+    token let in, nothing counted), but a counted Redis error and the configured failure mode."""
+    async with RawRedis([b"*1\r\n$-1\r\n"]) as raw:
+        auth = make_auth(rsa_key, redis=raw, revocation={"failure_mode": mode})
+        try:
+            await authenticate(auth, f"Bearer {rsa_key.token(now=clock.now, jti='t-1')}", ())
+            outcome = "none"
+        except GatewayError as exc:
+            outcome = exc.error_type
+    assert outcome == error_type
+    assert metrics.registry.get_sample_value("gateway_redis_errors_total", {"operation": "revocation"}) == 1
 
 
 async def test_revocation_works_again_after_redis_restarts(make_auth, clock, rsa_key, redis_server, redis_client):

@@ -34,6 +34,7 @@ from apigw.policy.ratelimit import (
 )
 from apigw.redis.batch import BATCH_LUA, RedisBatch
 from apigw.testkit.redis import RedisServer
+from tests.test_redislink import RawRedis
 
 IP = "ip:10.0.0.1"
 
@@ -378,3 +379,22 @@ async def test_memory_limiter_forgets_full_buckets() -> None:
     for i in range(5000):
         await limiter.check(limit_rule, f"claim:user{i}")
     assert len(limiter._tats) < 10_000  # the first 5000, full again, were swept
+
+
+@pytest.mark.parametrize("mode", [FailureMode.fail_open, FailureMode.fail_closed])
+async def test_an_answer_with_a_nil_inside_follows_the_failure_mode(mode: FailureMode) -> None:
+    """A Redis (or a proxy) that answers the script with a nil where a number is due: a counted error and
+    the configured failure mode, not a TypeError (a 500) out of the decision's arithmetic."""
+    async with RawRedis([b"*3\r\n:1\r\n$-1\r\n:0\r\n"]) as raw:
+        batch = RedisBatch(RedisConfig(url=raw.url, timeout=1.0, connect_timeout=1.0))
+        metrics = Metrics()
+        try:
+            outcome: Decision | GatewayError = await RedisLimiter(batch, metrics, mode).check(rule(5, 60), IP)
+        except GatewayError as error:
+            outcome = error
+        if mode is FailureMode.fail_open:
+            assert isinstance(outcome, Decision) and outcome.degraded
+        else:
+            assert isinstance(outcome, GatewayError) and outcome.error_type == "ratelimit_unavailable"
+        assert sample(metrics, "gateway_ratelimit_errors_total") == 1
+        await batch.aclose()

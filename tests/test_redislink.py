@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Self
 
@@ -15,9 +16,12 @@ import hiredis
 import pytest
 import redis.asyncio
 import uvloop
+from hypothesis import example, given
+from hypothesis import strategies as st
 from redis.exceptions import BusyLoadingError, InvalidResponse, MasterDownError, ReadOnlyError
 
 from apigw.redis.link import RedisLink, pack
+from apigw.redis.resp import Connection
 from apigw.testkit.certs import write_self_signed
 from apigw.testkit.redis import RedisServer, free_port
 
@@ -329,6 +333,60 @@ async def test_bytes_beyond_the_reply_never_answer_the_next_command(extra: list[
         assert [len(commands) for commands in raw.connections] == [1, 1]
         assert first == b"a" if len(extra) == 3 else isinstance(first, InvalidResponse)
         await link.aclose()
+
+
+class Wire:
+    """The transport under a Connection: whether it was closed."""
+
+    closed = False
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+BATCH_REPLY = b"*4\r\n:1\r\n:12345678901\r\n:0\r\n:-7\r\n"
+
+
+@contextmanager
+def script_call_sent() -> Iterator[tuple[Connection, Wire, asyncio.Future[object], list[object]]]:
+    """A Connection on a Wire that has sent a script call: the call's reply, and what `on_reply` heard."""
+    loop = asyncio.new_event_loop()
+    try:
+        conn, wire, heard = Connection(loop), Wire(), []
+        conn.connection_made(wire)  # type: ignore[arg-type]
+        yield conn, wire, conn.send(pack(["EVALSHA", "x", "0"]), loop.time() + 60, heard.append), heard
+    finally:
+        loop.close()
+
+
+@given(st.lists(st.integers(1, len(BATCH_REPLY) - 1), unique=True).map(sorted))
+@example(list(range(1, len(BATCH_REPLY))))  # a byte at a time
+def test_a_reply_split_anywhere_is_one_reply_handed_over_once(cuts: list[int]) -> None:
+    with script_call_sent() as (conn, wire, reply, heard):
+        for start, end in zip([0, *cuts], [*cuts, len(BATCH_REPLY)], strict=True):
+            assert not reply.done()
+            conn.data_received(BATCH_REPLY[start:end])
+        assert reply.result() == heard[0] == [1, 12345678901, 0, -7] and len(heard) == 1
+        assert not wire.closed  # ready for the next command
+
+
+@given(st.integers(1, 2 * len(BATCH_REPLY) - 1))
+def test_a_reply_coalesced_with_more_is_never_handed_over(cut: int) -> None:
+    """More than one reply to one command, in two reads cut anywhere: the connection is left. The first
+    reply reaches the caller only when a read held it alone (the bytes after it then came unasked)."""
+    stream = BATCH_REPLY + b"*1\r\n:0\r\n" + BATCH_REPLY
+    with script_call_sent() as (conn, wire, reply, heard):
+        conn.data_received(stream[:cut])
+        if not wire.closed:
+            conn.data_received(stream[cut:])
+        if cut == len(BATCH_REPLY):
+            assert heard == [reply.result()]
+        else:
+            assert isinstance(reply.exception(), InvalidResponse) and not heard
+        assert wire.closed
 
 
 @pytest.fixture

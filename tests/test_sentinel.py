@@ -20,6 +20,7 @@ from apigw.config.errors import ConfigError
 from apigw.config.loader import GLOBAL_FILE, parse_documents
 from apigw.config.model import RedisConfig
 from apigw.observability.metrics import Metrics
+from apigw.redis.batch import RedisBatch
 from apigw.redis.link import RedisLink, pack
 from apigw.testkit.certs import write_self_signed
 from apigw.testkit.redis import RedisServer, SentinelGroup, SentinelServer, free_port
@@ -150,6 +151,46 @@ async def test_a_killed_master_is_replaced_by_the_promoted_replica() -> None:
         assert redis.Redis(port=group.replica.port).get("k") == b"after"
         assert moves.seen[-1] == (f"127.0.0.1:{group.replica.port}", f"127.0.0.1:{group.master.port}")
         await link.aclose()
+
+
+@pytest.mark.parametrize("how", ["SENTINEL FAILOVER", "SIGKILL"])
+async def test_batches_asked_through_a_failover_get_their_own_answers_or_an_error(how: str) -> None:
+    """Ticks of checks go on while the master moves (a manual failover, or the master killed): each check
+    gets its own answer (the revocation list, replicated, says a is revoked and b is not; a fresh bucket
+    allows) or an error, every tick is over within its bound, and the ticks after the move are answered."""
+    with SentinelGroup() as group:
+        master = redis.Redis(port=group.master.port)
+        master.set("revoked:a", 1)
+        assert master.wait(1, 5000) == 1  # on the replica too
+        moves = Moves()
+        batch = RedisBatch(RedisConfig(url=group.url, timeout=0.3, connect_timeout=0.3, pool_size=4), max_checks=2,
+                           on_master=moves)
+        want = [1, 0]
+        answered_after_move = failed = 0
+        tick = 0
+        await asyncio.sleep(0.2)  # the subscription is up
+        if how == "SIGKILL":
+            group.master.process.send_signal(signal.SIGKILL)
+        else:
+            group.ask(group.sentinels[0], "SENTINEL", "FAILOVER", group.name)
+        started = time.monotonic()
+        while answered_after_move < 5:
+            assert time.monotonic() - started < 30, "no answers from the promoted replica within 30 s"
+            tick += 1
+            asked = [batch.revoked("revoked:a"), batch.revoked("revoked:b"), batch.limit(f"ratelimit:p:{tick}", 10, 20)]
+            answers = await asyncio.wait_for(asyncio.gather(*asked, return_exceptions=True), 2)
+            for answer, expected in zip(answers[:2], want, strict=True):
+                assert answer == expected or isinstance(answer, OSError | redis.exceptions.RedisError | TimeoutError)
+            assert answers[2][0] == 1 if isinstance(answers[2], tuple) else isinstance(answers[2], Exception)
+            if any(isinstance(answer, Exception) for answer in answers):
+                failed += 1
+            elif len(moves.seen) == 2:  # the move seen: the answers come from the new master
+                answered_after_move += 1
+            await asyncio.sleep(0.02)
+        assert moves.seen[1] == (f"127.0.0.1:{group.replica.port}", f"127.0.0.1:{group.master.port}")
+        if how == "SIGKILL":
+            assert failed > 0  # the outage was seen, and answered, not waited out
+        await batch.aclose()
 
 
 # --- the config side -----------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from apigw.redis.batch import RedisBatch
 from apigw.redis.link import RedisLink, pack
 from apigw.testkit.certs import write_self_signed
 from apigw.testkit.redis import RedisServer, SentinelGroup, SentinelServer, free_port
+from tests.test_redislink import RawRedis
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +192,29 @@ async def test_batches_asked_through_a_failover_get_their_own_answers_or_an_erro
         if how == "SIGKILL":
             assert failed > 0  # the outage was seen, and answered, not waited out
         await batch.aclose()
+
+
+@pytest.mark.parametrize("named", [
+    b"*2\r\n$9\r\n127.0.0.1\r\n$4\r\nport\r\n",  # a port that is not a number
+    b"*2\r\n*0\r\n$4\r\n6379\r\n",  # a host that is not a string
+], ids=["port", "host"])
+async def test_a_sentinel_naming_the_master_in_garbage_is_a_connection_error(named: bytes) -> None:
+    """A broken sentinel (or something else on its port): each call fails with an error its caller
+    handles (fail_open, fail_closed, counted), not a ValueError that the request path turns into a 500."""
+
+    def answer(connection: int, command: list[bytes]) -> bytes:
+        if command[0] == b"SUBSCRIBE":
+            return b"*3\r\n$9\r\nsubscribe\r\n$14\r\n+switch-master\r\n:1\r\n"
+        return named
+
+    async with RawRedis(answer) as raw:
+        port = int(raw.url.rsplit(":", 1)[1].partition("/")[0])
+        link = RedisLink("redis://127.0.0.1:6379/0", pool_size=2, timeout=0.5, connect_timeout=0.5,
+                         sentinels=[("127.0.0.1", port)], master_name="mymaster")
+        for _ in range(2):
+            with pytest.raises(ConnectionError, match=f"127.0.0.1:{port}"):
+                await asyncio.wait_for(link.send(pack(["PING"])), 5)
+        await link.aclose()
 
 
 # --- the config side -----------------------------------------------------------------------------

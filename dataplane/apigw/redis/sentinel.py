@@ -100,13 +100,16 @@ class Sentinel:
             except (OSError, TimeoutError, RedisError) as exc:
                 problems.append(f"{host}:{port}: {exc or type(exc).__name__}")
                 continue
-            if isinstance(reply, list) and len(reply) == 2:
+            if isinstance(reply, list) and len(reply) == 2 and all(type(part) is bytes for part in reply) \
+                    and reply[1].isdigit():
                 self._first = index
-                return reply[0].decode(), int(reply[1])
+                return reply[0].decode(errors="replace"), int(reply[1])
             if isinstance(reply, hiredis.ReplyError):
                 problems.append(f"{host}:{port}: {reply}")
-            else:
+            elif reply is None:
                 problems.append(f"{host}:{port}: knows no master named {self._name!r}")
+            else:  # a broken sentinel, or something else on its port
+                problems.append(f"{host}:{port}: answered {reply!r:.80}, not an address")
         raise ConnectionError(f"no sentinel named the Redis master: {'; '.join(problems)}")
 
     async def _watch(self) -> None:

@@ -24,7 +24,7 @@ from apigw.redis.batch import RedisBatch
 from apigw.redis.link import RedisLink, pack
 from apigw.testkit.certs import write_self_signed
 from apigw.testkit.redis import RedisServer, SentinelGroup, SentinelServer, free_port
-from tests.test_redislink import RawRedis
+from tests.test_redislink import Answer, RawRedis
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +214,30 @@ async def test_a_sentinel_naming_the_master_in_garbage_is_a_connection_error(nam
         for _ in range(2):
             with pytest.raises(ConnectionError, match=f"127.0.0.1:{port}"):
                 await asyncio.wait_for(link.send(pack(["PING"])), 5)
+        await link.aclose()
+
+
+async def test_a_switch_message_in_garbage_is_skipped_and_the_next_one_followed() -> None:
+    """A `+switch-master` message whose payload is not text (a broken sentinel): skipped, and the watch
+    goes on to follow the next switch."""
+    subscribed = b"*3\r\n$9\r\nsubscribe\r\n$14\r\n+switch-master\r\n:1\r\n"
+    garbage = b"*3\r\n$7\r\nmessage\r\n$14\r\n+switch-master\r\n:5\r\n"
+    switch = b"mymaster 127.0.0.1 1 127.0.0.2 2"
+    switched = b"*3\r\n$7\r\nmessage\r\n$14\r\n+switch-master\r\n$%d\r\n%s\r\n" % (len(switch), switch)
+
+    def answer(connection: int, command: list[bytes]) -> Answer:
+        if command[0] == b"SUBSCRIBE":
+            return [subscribed + garbage, 0.3, switched]  # the switch once the master was asked for
+        return b"*2\r\n$9\r\n127.0.0.1\r\n$1\r\n1\r\n"
+
+    async with RawRedis(answer) as raw:
+        moves = Moves()
+        port = int(raw.url.rsplit(":", 1)[1].partition("/")[0])
+        link = RedisLink("redis://127.0.0.1:6379/0", pool_size=2, timeout=0.5, connect_timeout=0.5,
+                         sentinels=[("127.0.0.1", port)], master_name="mymaster", on_master=moves)
+        with pytest.raises(OSError):
+            await link.send(pack(["PING"]))  # nothing listens at 127.0.0.1:1; the watch has begun
+        await eventually(lambda: ("127.0.0.2:2", "127.0.0.1:1") in moves.seen, timeout=5, what="the switch")
         await link.aclose()
 
 

@@ -137,7 +137,8 @@ class Sentinel:
 
     def _switched(self, message: Any) -> None:
         """`message +switch-master "<name> <old-ip> <old-port> <new-ip> <new-port>"`."""
-        if not (isinstance(message, list) and len(message) == 3 and message[0] == b"message"):
+        if not (isinstance(message, list) and len(message) == 3 and message[0] == b"message"
+                and type(message[2]) is bytes):  # anything else from a broken sentinel would end the watch
             return
         fields = message[2].decode(errors="replace").split()
         if len(fields) == 5 and fields[0] == self._name and fields[4].isdigit():

@@ -485,12 +485,20 @@ def cycling_tokens(key: SigningKey, count: int, tmp: Path, notes: list[str]) -> 
     started = time.monotonic()
     tokens = tmp / "tokens.txt"
     tokens.write_text("".join(key.token(ttl=3600, sub=f"user-{i}") + "\n" for i in range(count)))
-    (tmp / "cycle.lua").write_text(CYCLE_TOKENS_LUA % (tokens, tmp / "cycle.state"))
+    script = cycle_script(tokens, tmp / "cycle")
     cache = AuthConfig().cache_size
     misses = "every request misses" if count > cache else "NOT cold: tokens repeat within the cache"
     notes.append(f"cold: {count} distinct tokens cycled (minted in {time.monotonic() - started:.0f} s); "
                  f"the LRU cache holds {cache} (auth.cache_size default), so {misses}")
-    return tmp / "cycle.lua"
+    return script
+
+
+def cycle_script(tokens: Path, stem: Path) -> Path:
+    """The wrk script cycling through the tokens in `tokens` (`stem`.lua), with its own place in them
+    (`stem`.state): two gateways loaded through one place would each get tokens the other had just sent."""
+    script = stem.with_suffix(".lua")
+    script.write_text(CYCLE_TOKENS_LUA % (tokens, stem.with_suffix(".state")))
+    return script
 
 
 def measure_with_redis(

@@ -37,7 +37,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from compare import cycling_tokens, gateway_config, start_gateway
+from compare import cycle_script, cycling_tokens, gateway_config, start_gateway
 from harness import (
     LOAD_CORE,
     Processes,
@@ -117,7 +117,8 @@ def run(args: argparse.Namespace, tmp: Path, procs: Processes) -> None:
                 if args.baseline is not None:
                     config = variant_config(name, backend_url, server.url, tmp / "jwt.pem")
                     gateways[f"{name}@base"] = start_gateway(tmp, f"gateway-{name}-base", config, args.baseline)
-                    loads[f"{name}@base"] = loads[name]
+                    loads[f"{name}@base"] = (  # a place in the tokens of its own: see cycle_script
+                        {"script": cycle_script(tmp / "tokens.txt", tmp / "cycle-base")} if name == "cold" else loads[name])
             for name, gateway in gateways.items():
                 wrk(gateway.url + "/", 2, args.connections, **loads[name])  # warm-up: pools, caches
             rounds: dict[str, list[float]] = {name: [] for name in gateways}

@@ -246,3 +246,19 @@ def test_the_index_names_only_shard_files_in_its_directory(tmp_path: Path, name:
         load_config(tmp_path)
     assert not isinstance(caught.value, ConfigIncomplete)
     assert caught.value.errors[0].startswith(f"{tmp_path}/routes.yaml:2: shards.{name}: String should match pattern")
+
+
+@pytest.mark.parametrize("redis", [
+    {"url": "redis://:hunter2/Q9+x==@redis-master:6379/0"},  # a base64 password, its `/` not percent-encoded
+    {"url": "redis://app:hunter2#x@redis-master:6379/0"},
+    {"url": "redis://app:hunter2?x@redis-master:6379/0"},
+    {"url": "redis+sentinel://app:hunter2/x@s1:26379/mymaster"},
+    {"url": "redis:/:hunter2@redis-master:6379/0"},  # a scheme typo
+    {"url": "redis+sentinel://s1:26379/mymaster", "sentinel_password": 1234567},  # YAML reads it as a number
+])
+def test_a_redis_setting_error_never_shows_the_password(redis: dict[str, object]) -> None:
+    """Config errors are printed, logged, served in `/_health/ready` and copied into CR status."""
+    with pytest.raises(ConfigError) as caught:
+        parse_documents({"config.yaml": yaml.safe_dump({"redis": redis})})
+    assert caught.value.errors and all("config.yaml:" in error for error in caught.value.errors)
+    assert not any("hunter2" in error or "1234567" in error for error in caught.value.errors), caught.value.errors

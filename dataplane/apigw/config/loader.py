@@ -359,6 +359,8 @@ def _message(error: dict[str, Any]) -> str:
     if error["type"] == "missing":
         return "required setting is missing"
     value = error.get("input")
+    if str(error["loc"][-1] if error["loc"] else "").endswith("password"):
+        return msg  # a password is never shown, whatever its type
     if not isinstance(value, (dict, list)) and value is not None and repr(value) not in msg:
         msg += f" (got {_redacted(value)!r})"
     return msg
@@ -370,6 +372,9 @@ def _redacted(value: Any) -> Any:
         scheme, _, rest = value.partition("://")
         userinfo, _, host = rest.rpartition("@")
         return f"{scheme}://{userinfo.partition(':')[0]}:***@{host}" if userinfo else value
+    if isinstance(value, str) and "@" in value:  # a mistyped scheme (`redis:/:password@host`)
+        head, _, host = value.rpartition("@")
+        return f"{re.split('[:/]', head)[0]}:***@{host}"
     return value
 
 

@@ -183,9 +183,9 @@ class RedisConfig(Strict):
         if not url.startswith(("redis://", "rediss://", "unix://", *SENTINEL_SCHEMES)):
             raise ValueError("must start with redis://, rediss://, unix://, redis+sentinel:// or rediss+sentinel://")
         try:
-            params = parse_url(sentinel_target(url).url if url.startswith(SENTINEL_SCHEMES) else url)
+            params = _parse_redis_url(url)
         except ValueError as exc:
-            raise ValueError(f"not a valid Redis URL: {exc}") from None
+            raise ValueError(f"not a valid Redis URL: {_url_error(url, exc)}") from None
         unknown = sorted(set(params) - REDIS_URL_PARTS - REDIS_URL_OPTIONS)
         if unknown:
             supported = ", ".join(sorted(REDIS_URL_OPTIONS))
@@ -201,6 +201,24 @@ class RedisConfig(Strict):
     def sentinel(self) -> SentinelTarget | None:
         """The sentinels and master name of a `redis+sentinel://` URL; None for a plain Redis URL."""
         return sentinel_target(self.url) if self.url.startswith(SENTINEL_SCHEMES) else None
+
+
+def _parse_redis_url(url: str) -> dict[str, Any]:
+    return parse_url(sentinel_target(url).url if url.startswith(SENTINEL_SCHEMES) else url)
+
+
+def _url_error(url: str, exc: ValueError) -> str:
+    """What is wrong with `url`, without its credentials: the parsers quote what they took for a port or
+    a host, which is part of the password when the password holds an unencoded `/`, `?` or `#`."""
+    scheme, _, rest = url.partition("://")
+    _, at, address = rest.rpartition("@")
+    if not at:
+        return str(exc)
+    try:
+        _parse_redis_url(f"{scheme}://{address}")
+    except ValueError as without_credentials:
+        return str(without_credentials)
+    return "the user name or password is not URL-encoded (write '/', '?', '#' and '@' in it as %2F, %3F, %23, %40)"
 
 
 REDIS_URL_PARTS = frozenset({"host", "port", "path", "db", "username", "password", "connection_class"})

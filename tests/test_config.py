@@ -254,6 +254,8 @@ def test_the_index_names_only_shard_files_in_its_directory(tmp_path: Path, name:
     {"url": "redis://app:hunter2?x@redis-master:6379/0"},
     {"url": "redis+sentinel://app:hunter2/x@s1:26379/mymaster"},
     {"url": "redis:/:hunter2@redis-master:6379/0"},  # a scheme typo
+    {"url": "redis://:6380/hunter2@redis-master:6379/0"},  # would be 127.0.0.1:6380, db ignored
+    {"url": "redis+sentinel://app:6379/hunter2@s1:26379"},  # would be sentinel app:6379, master 'hunter2@s1:26379'
     {"url": "redis+sentinel://s1:26379/mymaster", "sentinel_password": 1234567},  # YAML reads it as a number
 ])
 def test_a_redis_setting_error_never_shows_the_password(redis: dict[str, object]) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -204,7 +205,17 @@ class RedisConfig(Strict):
 
 
 def _parse_redis_url(url: str) -> dict[str, Any]:
-    return parse_url(sentinel_target(url).url if url.startswith(SENTINEL_SCHEMES) else url)
+    """redis-py's reading of `url`, or ValueError also where it would pass over a path that is not a
+    database number (as `redis://:6380/pw@host` is: the port 6380 of no host, the rest of the password a
+    path), or a sentinel's master name holding `@` (the rest of a password holding `/`)."""
+    if url.startswith(SENTINEL_SCHEMES):
+        target = sentinel_target(url)
+        if "@" in target.master_name:
+            raise ValueError("the master name holds '@'")
+        return parse_url(target.url)
+    if not url.startswith("unix://") and not re.fullmatch(r"/?\d*", urlsplit(url).path):
+        raise ValueError("the path must be the database number (redis://host:6379/0)")
+    return parse_url(url)
 
 
 def _url_error(url: str, exc: ValueError) -> str:

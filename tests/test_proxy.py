@@ -242,6 +242,35 @@ async def test_client_leaving_mid_download_is_logged_as_such(gateway_client, bac
     assert access_lines(client)[-1]["error_type"] == "client_disconnected"
 
 
+async def test_client_leaving_while_not_reading_is_logged_and_counted_as_such(gateway_client, backend: Backend) -> None:
+    """A client that stops reading a download and leaves (its close with unread data is a reset) wakes the
+    gateway's paused write with aiohttp's plain ConnectionError("Connection lost"): still the client's doing,
+    not a 500 of the gateway's."""
+    import asyncio
+    import socket
+    import struct
+
+    from tests.conftest import access_lines
+
+    client = await gateway_client({"routes": [route("big", backend.url)]})
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(b"GET /bytes/50000000 HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+    writer.transport.pause_reading()  # the socket buffers fill and the gateway's writes wait
+    await asyncio.sleep(0.5)
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+    for _ in range(100):
+        if access_lines(client):
+            break
+        await asyncio.sleep(0.05)
+    line = access_lines(client)[-1]
+    assert (line["status_code"], line.get("error_type")) == (200, "client_disconnected"), line
+    value = gateway_of(client).metrics.registry.get_sample_value
+    assert value("gateway_http_requests_total", {"route": "big", "method": "GET", "status_code": "200"}) == 1
+    assert value("gateway_http_requests_total", {"route": "big", "method": "GET", "status_code": "500"}) is None
+
+
 async def test_decoded_paths_reach_the_backend_encoded_again(gateway_client, backend: Backend) -> None:
     client = await gateway_client({"routes": [route("all", backend.url)]})
     for sent, received in [("/files/a%20b%25c?q=%20", "/files/a%20b%25c?q=%20"), ("/%61dmin/x", "/admin/x"),

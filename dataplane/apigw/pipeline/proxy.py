@@ -274,7 +274,8 @@ async def _relay(
             async with asyncio.timeout_at(backend.deadline):  # a client that stops reading holds the backend
                 await response.write(chunk)
         await response.write_eof()
-    except ConnectionResetError:  # the client went away (aiohttp's ClientConnectionResetError is one)
+    except ConnectionError:  # the client went away: ConnectionResetError (aiohttp's ClientConnectionResetError),
+        # or the plain ConnectionError("Connection lost") that wakes a write paused for a client not reading
         raise StreamAborted(response, "client_disconnected") from None
     except TimeoutError:  # the client read too slowly for the request's deadline
         raise StreamAborted(response, "client_timeout") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import aiohttp
+import pytest
 import yarl
 
 from apigw.testkit import route
@@ -216,6 +217,26 @@ async def test_backend_dying_inside_a_small_body_is_json_502(gateway_client, bac
     resp = await client.get("/short")
     assert resp.status == 502
     assert (await resp.json())["error"] == "backend short closed the connection"
+
+
+async def test_a_backend_failing_inside_its_body_is_counted_as_failing_not_as_its_status(
+    gateway_client, backend: Backend
+) -> None:
+    """The backend's 200 headers came, then it closed: the client gets a 502 or a cut stream, and the
+    backend's count must say why (the dashboards' backend error ratio counts statuses outside 1xx-4xx)."""
+    import asyncio
+
+    client = await gateway_client({"routes": [route("cut", backend.url)]})
+    assert (await client.get("/short")).status == 502
+    resp = await client.get("/truncated")
+    assert resp.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()
+    await asyncio.sleep(0.1)  # counted at the loop's next turns, once the responses are out
+    value = gateway_of(client).metrics.registry.get_sample_value
+    counted = {status: value("gateway_backend_requests_total", {"backend_service": "cut", "status_code": status})
+               for status in ("200", "backend_reset", "backend_stream_aborted")}
+    assert counted == {"200": None, "backend_reset": 1, "backend_stream_aborted": 1}
 
 
 async def test_head_keeps_the_backends_content_length(gateway_client, backend: Backend) -> None:

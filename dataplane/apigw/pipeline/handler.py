@@ -121,6 +121,8 @@ async def handle(request: web.BaseRequest, gateway: Gateway) -> web.StreamRespon
         response = await proxy.relay(request, backend, response_headers, route.cluster.service)
     except GatewayError as exc:
         ex.error_type = exc.error_type
+        if ex.forwarded.answered is not None:  # the backend failed inside its body: counted as such, not as its status
+            ex.forwarded.answered = exc.error_type
         response = error_response(exc, ex.request_id)
         if exc.status == 408 or isinstance(exc, FaultyFraming) or (
             proxy.awaits_continue(request) and (ex.body is None or not ex.body.invited)
@@ -128,6 +130,8 @@ async def handle(request: web.BaseRequest, gateway: Gateway) -> web.StreamRespon
             await _answer_and_close(request, response)
     except proxy.StreamAborted as exc:
         ex.error_type = exc.error_type
+        if exc.error_type.startswith("backend_"):
+            ex.forwarded.answered = exc.error_type
         response = exc.response
         if request.transport is not None:
             request.transport.abort()

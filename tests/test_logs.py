@@ -205,3 +205,24 @@ async def test_the_count_of_a_flood_that_stops_is_written_when_its_interval_ends
     await asyncio.sleep(0.5)
     lines = lines_of(stream)
     assert [line.get("repeated") for line in lines] == [None, 49]
+
+
+@pytest.mark.parametrize(("target", "logged"), [
+    (b"http://alice:s3cr3t-pw@127.0.0.1/orders?api_key=k3y", "http://***@127.0.0.1/orders"),
+    (b"http://s3cr3t-token@127.0.0.1/orders", "http://***@127.0.0.1/orders"),
+    (b"https://alice:s3cr3t-pw@127.0.0.1", "https://***@127.0.0.1"),
+])
+async def test_the_credentials_of_an_absolute_form_target_are_not_logged(
+    gateway_client, backend: Backend, target: bytes, logged: str
+) -> None:
+    """The gateway refuses a target with user information (400 bad_target); its access line still says what
+    was asked for, without the client's credentials."""
+    client = await gateway_client({"routes": [{"name": "all", "backend": {"service": "all", "url": backend.url}}]})
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    [line] = access_lines(client)
+    assert (line["error_type"], line["path"]) == ("bad_target", logged)
+    assert not any(secret in json.dumps(line) for secret in ("s3cr3t", "k3y")), line

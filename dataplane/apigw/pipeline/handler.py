@@ -63,7 +63,7 @@ class Exchange:
     """The peer is one of `listen.trusted_proxies`."""
     request_id: str
     raw_path: str
-    """The path as the client sent it, for the log."""
+    """The path as the client sent it, for the log (`_logged_path`)."""
     route: CompiledRoute | None = None
     auth_status: str = "none"
     """none, failure, or success (counted by `_record`)."""
@@ -82,8 +82,7 @@ async def handle(request: web.BaseRequest, gateway: Gateway) -> web.StreamRespon
     trusted = state.edge.is_trusted(peer)
     ex = Exchange(
         request, time.perf_counter(), state.edge.client_ip(peer, request.headers) if trusted else peer, trusted,
-        _request_id(request, trusted or state.edge.keep_any_request_id),
-        request.raw_path.partition("#")[0].partition("?")[0],
+        _request_id(request, trusted or state.edge.keep_any_request_id), _logged_path(request.raw_path),
     )
     response = None
     gateway.metrics.inflight.inc()
@@ -311,6 +310,18 @@ def _route(router: Router[CompiledRoute], target: Target, method: str) -> Compil
     if route is None:
         raise GatewayError(404, "no_route", f"no route for {method} {target.path}")
     return route
+
+
+def _logged_path(raw_path: str) -> str:
+    """The target as the client sent it, for the log, without what may be a secret: the query (API keys
+    travel there) and, in an absolute-form target (refused, but sent all the same), the user information."""
+    path = raw_path.partition("#")[0].partition("?")[0]
+    if "@" in path and "://" in path:
+        scheme, _, rest = path.partition("://")
+        authority, slash, tail = rest.partition("/")
+        if "@" in authority:
+            path = f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{tail}"
+    return path
 
 
 def _request_id(request: web.BaseRequest, keep_given: bool) -> str:

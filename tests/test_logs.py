@@ -226,3 +226,25 @@ async def test_the_credentials_of_an_absolute_form_target_are_not_logged(
     [line] = access_lines(client)
     assert (line["error_type"], line["path"]) == ("bad_target", logged)
     assert not any(secret in json.dumps(line) for secret in ("s3cr3t", "k3y")), line
+
+
+CRI_LINE_LIMIT = 16 * 1024
+"""Bytes of a container's output line that containerd, CRI-O and Docker's json-file log keep in one record:
+a longer line is split into partial records, which a shipper that does not join them reads as two broken
+lines."""
+
+
+@pytest.mark.parametrize("path", [b"/" + b"a" * 8100, b"/" + b"a" * 16000, b"/" + b"=" * 16000, b"/" + b"oom" * 5300])
+async def test_an_access_line_fits_in_one_container_log_record_whatever_the_path(
+    gateway_client, backend: Backend, path: bytes
+) -> None:
+    client = await gateway_client({"routes": [{"name": "all", "backend": {"service": "all", "url": backend.url}}]})
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 ")  # the backend's answer: aiohttp's own refuses a line over 8190 bytes
+    [line] = access_lines(client)
+    text = gateway_of(client).access_log.stream.getvalue()
+    assert len(text.encode()) < CRI_LINE_LIMIT, len(text.encode())
+    assert path.decode().startswith(line["path"].removesuffix("...")) and len(line["path"]) >= 1024

@@ -204,7 +204,7 @@ class Access:
         head, middle, route, backend, client = parts(
             self.method, self.status, self.auth_status, self.error_type, self.route, self.backend_service
         )
-        path = grep_safe(self.path)
+        path = grep_safe(self.path if len(self.path) <= MAX_LOGGED_PATH else f"{self.path[:MAX_LOGGED_PATH]}...")
         duration = f',"duration_ms":{self.duration * 1000:.3f}' if self.duration is not None else ""
         backend_duration = (f',"backend_duration_ms":{self.backend_duration * 1000:.3f}'
                             if self.backend_duration else "")
@@ -212,6 +212,11 @@ class Access:
                 f'{grep_safe_name(self.client_ip)}","request_id":"{grep_safe(self.request_id)}","auth_status":"'
                 f'{self.auth_status}"}}')
 
+
+MAX_LOGGED_PATH = 1024
+"""Characters of a path an access line keeps (a longer one ends with `...`): the path is written twice, each
+character up to a 6-byte escape, and a line must fit in the 16 KiB that containerd, CRI-O and Docker keep in
+one log record (a longer line is split into partial records, which not every log shipper joins)."""
 
 CACHED_METHOD_LENGTH = 16
 """A longer method (only aiohttp's pure-Python parser lets one through) is escaped anew for each line,

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
+from kubernetes_asyncio import config
 
 from apigw.testkit.redis import free_port
-from apigw_operator.cluster import Target
+from apigw_operator.cluster import Cluster, Target
+from apigw_operator.reconciler import Reconciler
 from tests.operator.kube import CM, CONFIG_YAML, NS, GatewayPod, eventually, operator, route
 from tests.operator.test_operator_kmock import (
     API,
@@ -155,3 +158,30 @@ async def test_over_the_size_limit_keeps_the_last_good_config_and_says_so(cluste
     assert values['apigw_operator_reconcile_passes_total{result="ok"}'] >= 3 and values["apigw_operator_leader"] == 1
     assert values['apigw_operator_api_requests_total{result="ok",verb="patch"}'] >= 1
     assert values["apigw_operator_config_programmed"] == 0
+
+
+async def test_a_replica_that_loses_the_lease_mid_pass_writes_nothing(cluster: Any, pods: dict[str, GatewayPod]) -> None:
+    """The Lease can run out while a pass renders (thousands of CRs in a worker thread, a slow API server):
+    by then another replica leads and may have written a newer routes.yaml, which this pass's older one
+    must not overwrite (nor its shards, nor the ConfigMap's annotations)."""
+    body = cluster.objects[ROUTES, "shop", "orders"] = route("orders", "/orders")
+    lease = {"held": True}
+    api = await config.new_client_from_config()
+    try:
+        async with aiohttp.ClientSession() as session:
+            reconciler = Reconciler(
+                Cluster(api, Target()), session, lambda: datetime(2025, 1, 2, tzinfo=UTC), lambda: ([body], []),
+                options(pods).pod_url, leading=lambda: lease["held"],
+            )
+            render = reconciler.renderer.render
+
+            def render_and_lose_the_lease(*args: Any) -> Any:
+                lease["held"] = False
+                return render(*args)
+
+            reconciler.renderer.render = render_and_lose_the_lease  # type: ignore[method-assign]
+            await reconciler.run_once()
+    finally:
+        await api.close()
+    assert not lease["held"], "the pass rendered"
+    assert writes(cluster) == []

@@ -192,6 +192,9 @@ class Reconciler:
         config_yaml = (configmap.get("data") or {}).get(GLOBAL_FILE, "")
         judged = [self._with_own_status(ref_of(ROUTE, body), body) for body in routes]
         rendering = await asyncio.to_thread(self.renderer.render, judged, policies, config_yaml, self.namespaces())
+        if not self.leading():  # the Lease ran out while rendering: the new leader's routes.yaml may be newer
+            logger.info("lost the lease during the pass: writing nothing")
+            return
         blocked = await self._write_routes(configmap, rendering)
         blocked = await self._roll_out(configmap, rendering) or blocked
         reports = await self._probe(config_yaml)

@@ -284,6 +284,7 @@ def gatewayroute_crd() -> dict[str, Any]:
         },
     )
     spec["properties"]["ratelimit"]["pattern"] = _reference_pattern(spec["properties"]["ratelimit"]["pattern"])
+    spec["properties"]["match"]["properties"]["host"]["pattern"] = HOST_PATTERN
     columns = [
         {"name": "Host", "type": "string", "jsonPath": ".spec.match.host"},
         {"name": "Path", "type": "string", "jsonPath": ".spec.match['path_prefix','path']",
@@ -292,6 +293,12 @@ def gatewayroute_crd() -> dict[str, Any]:
         {"name": "Enabled", "type": "boolean", "jsonPath": ".spec.enabled"},
     ]
     return _crd("GatewayRoute", ROUTES, "gwr", spec, columns)
+
+
+_LABEL = "[A-Za-z0-9_][-A-Za-z0-9_]{0,62}"
+HOST_PATTERN = rf"^(\*\.)?{_LABEL}(\.{_LABEL})*\.?$"
+"""`match.host` as the model takes it (`apigw.http.target.normalize_host`, any case, one trailing dot): no
+port, no IPv6 literal, ASCII only."""
 
 
 def _reference_pattern(name: str) -> str:

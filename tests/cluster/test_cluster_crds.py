@@ -106,6 +106,8 @@ CEL_CASES = [
     (_route(backend={"service": "s", "url": "https://s:443", "tls": {"cert_file": "/c.pem"}}),
      "give backend.tls.cert_file and key_file together"),
     (_route(max_body_size="10MiB junk"), "spec.max_body_size"),
+    (_route(match={"host": "api.example.com:8443"}), "spec.match.host in body should match"),
+    (_route(match={"host": "api.example.com\n"}), "spec.match.host in body should match"),
     (_policy(key={"type": "client_ip", "name": "x"}), "key type client_ip takes no name"),
     (_policy(key={"type": "header"}), "header and claim keys need one"),
 ]

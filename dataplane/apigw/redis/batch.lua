@@ -18,8 +18,11 @@ for k = 1, #KEYS do
       out[#out + 1] = 0; out[#out + 1] = tat - now; out[#out + 1] = allow_at - now
     else
       tat = tat + interval
-      -- string.format: Redis would turn a number into text with 14 significant digits, too few
-      redis.call('SET', key, string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000))
+      -- string.format: Redis would turn a number into text with 14 significant digits, too few (and a
+      -- PX of 1e17 into '1e+17', which it refuses); the PX is capped below what Redis takes (a period of
+      -- ages), as an error here would fail every check of the batch, other tenants' included
+      local px = math.min(math.ceil((tat - now) / 1000), 1e15)
+      redis.call('SET', key, string.format('%.0f', tat), 'PX', string.format('%.0f', px))
       out[#out + 1] = 1; out[#out + 1] = tat - now; out[#out + 1] = 0
     end
   else

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -12,7 +13,7 @@ from kubernetes_asyncio import config
 
 from apigw.testkit.redis import free_port
 from apigw_operator.cluster import Cluster, Target
-from apigw_operator.reconciler import Reconciler
+from apigw_operator.reconciler import Reconciler, Worker
 from tests.operator.kube import CM, CONFIG_YAML, NS, GatewayPod, eventually, operator, route
 from tests.operator.test_operator_kmock import (
     API,
@@ -185,3 +186,38 @@ async def test_a_replica_that_loses_the_lease_mid_pass_writes_nothing(cluster: A
         await api.close()
     assert not lease["held"], "the pass rendered"
     assert writes(cluster) == []
+
+
+async def test_a_replica_that_leads_again_rewrites_what_the_other_wrote_meanwhile(cluster: Any, pods: dict[str, GatewayPod]) -> None:
+    """A replica remembers the statuses it wrote, as newer than its watch; while the other replica led, it
+    may have written others (a pod down: Programmed False). Leading again with the world as this replica
+    last saw it, the remembered statuses are not what the CRs hold: they are written again, not trusted."""
+    body = cluster.objects[ROUTES, "shop", "orders"] = route("orders", "/orders")
+    lease = {"held": True}
+    api = await config.new_client_from_config()
+    try:
+        async with aiohttp.ClientSession() as session:
+            reconciler = Reconciler(
+                Cluster(api, Target()), session, lambda: datetime(2025, 1, 2, tzinfo=UTC), lambda: ([body], []),
+                options(pods).pod_url, leading=lambda: lease["held"],
+            )
+            ready = asyncio.Event()
+            ready.set()
+            worker = Worker(reconciler, 0.05, lambda: lease["held"], ready)
+            task = asyncio.create_task(worker.run())
+            try:
+                await eventually(lambda: summary(cluster, "orders").get("Accepted") == ("True", "Accepted"))
+                mine = status(cluster, "orders")
+                lease["held"] = False
+                await asyncio.sleep(0.2)
+                other = {**mine["Accepted"], "status": "False", "reason": "Invalid", "message": "written by the other replica"}
+                await Cluster(api, Target()).patch_status("gatewayroutes", "shop", "orders", {"conditions": [other]})
+                body["status"] = {"conditions": [other]}  # as the watch shows it
+                lease["held"] = True
+                worker.nudge()
+                await eventually(lambda: summary(cluster, "orders").get("Accepted") == ("True", "Accepted"), 5)
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+    finally:
+        await api.close()

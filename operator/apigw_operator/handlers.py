@@ -116,7 +116,7 @@ def build_registry(options: Options) -> kopf.OperatorRegistry:
         leadership = None
         if options.leader_election:
             identity = f"{os.environ.get('POD_NAME') or socket.gethostname()}-{uuid.uuid4().hex[:6]}"
-            leadership = Leadership(api, options.target.namespace, options.lease_name, identity, lambda: worker.nudge())
+            leadership = Leadership(api, options.target.namespace, options.lease_name, identity, lambda: worker.lead())
         indexed = running["indexed"] = asyncio.Event()
         running["admission"] = Admission(
             cluster, snapshot, indexed, options.configmap_limit, options.namespaces, labels=namespaces

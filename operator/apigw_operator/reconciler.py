@@ -176,6 +176,10 @@ class Reconciler:
         """What this replica last wrote to each CR's status (by uid): conditions and lastAccepted, newer
         than the watch may show yet."""
 
+    def forget(self) -> None:
+        """Drop what this replica wrote: while the other replica leads, the watch is newer than it."""
+        self._written.clear()
+
     async def run_once(self) -> None:
         routes, policies = self.crs()
         configmap = await self.cluster.read_configmap()
@@ -505,6 +509,12 @@ class Worker:
 
     def nudge(self) -> None:
         self._wakeup.set()
+
+    def lead(self) -> None:
+        """The Lease was taken (again): what this replica wrote before may have been overwritten by the other
+        replica since, so it is forgotten; and a pass runs now."""
+        self.reconciler.forget()
+        self.nudge()
 
     async def _indexed(self) -> None:
         """kopf runs no event handler before its indices hold every CR, so the first event says the index

@@ -214,7 +214,7 @@ async def test_a_replica_that_leads_again_rewrites_what_the_other_wrote_meanwhil
                 await Cluster(api, Target()).patch_status("gatewayroutes", "shop", "orders", {"conditions": [other]})
                 body["status"] = {"conditions": [other]}  # as the watch shows it
                 lease["held"] = True
-                worker.nudge()
+                worker.lead()  # what Leadership calls when it takes the Lease
                 await eventually(lambda: summary(cluster, "orders").get("Accepted") == ("True", "Accepted"), 5)
             finally:
                 task.cancel()

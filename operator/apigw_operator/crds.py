@@ -128,14 +128,32 @@ _PATH_RULE = (
     "self.startsWith('/') && !self.contains('//') && !self.contains(';') && !self.contains('\\\\')"
     " && !self.matches('(^|/)[.][.]?(/|$)')"
 )
+_NORMAL_PATH = (
+    # apigw.http.target's normal form: raw only what a path may hold raw (no ;), an escape only for what
+    # must be escaped, in upper-case hex (never an unreserved character, / or \, a control or ;)
+    "^(?:/(?:[A-Za-z0-9._~!$&'()*+,=:@-]|%(?:2[0-9A-C]|3[ACDEF]|40|5[BDE]|60|7[BCD]|[89A-F][0-9A-F]))*)+$"
+)
+_NORMAL_RULES = [
+    (f'self.matches(r"{_NORMAL_PATH}")', ("must be in normal form: escape (%XX, upper-case hex) only what a path "
+                                           "may not hold raw, never a letter, digit, -._~, /, \\, ; or a control character")),
+    ("!self.matches('%25[0-9A-Fa-f]{2}')", "must not be percent-encoded twice (%25XX)"),
+]
+
+
+def _path_rules(field: str) -> list[tuple[str, str]]:
+    return [(_PATH_RULE, f"{field} must start with / and hold no //, no . or .. segment, no ; and no \\")] + [
+        (rule, f"{field} {message}") for rule, message in _NORMAL_RULES
+    ]
+
+
 RULES: dict[str, dict[str, list[tuple[str, str]]]] = {
     "GatewayRoute": {
         "": [("!has(self.rewrite_prefix) || (has(self.match) && (has(self.match.path) || has(self.match.path_prefix)))",
               "rewrite_prefix needs match.path or match.path_prefix")],
         "match": [("!(has(self.path) && has(self.path_prefix))", "give either match.path or match.path_prefix, not both")],
-        "match.path": [(_PATH_RULE, "match.path must start with / and hold no //, no . or .. segment, no ; and no \\")],
-        "match.path_prefix": [(_PATH_RULE, "match.path_prefix must start with / and hold no //, no . or .. segment, no ; and no \\")],
-        "rewrite_prefix": [(_PATH_RULE, "rewrite_prefix must start with / and hold no //, no . or .. segment, no ; and no \\")],
+        "match.path": _path_rules("match.path"),
+        "match.path_prefix": _path_rules("match.path_prefix"),
+        "rewrite_prefix": _path_rules("rewrite_prefix"),
         "backend": [("!has(self.tls) || self.url.startsWith('https://')", "backend.tls needs an https:// url")],
         "backend.tls": [("has(self.cert_file) == has(self.key_file)", "give backend.tls.cert_file and key_file together")],
     },

@@ -32,6 +32,17 @@ def gatewayroute(name: str, namespace: str, prefix: str, **spec: Any) -> dict[st
     }
 
 
+ZERO = f"0.{'0' * 400}1s"
+"""A duration with a non-zero digit for the CRD's schema, 0.0 s as a float for the model: a spec that only the
+model refuses (the CRD refuses every path, host or name the model does)."""
+
+
+def model_refused(route: dict[str, Any]) -> dict[str, Any]:
+    """`route` with a backend timeout only the model refuses (`spec.backend.timeout`)."""
+    route["spec"]["backend"]["timeout"] = ZERO
+    return route
+
+
 def ratelimitpolicy(name: str, namespace: str, requests: int = 100) -> dict[str, Any]:
     return {
         "apiVersion": "gateway.apigw.io/v1alpha1", "kind": "RateLimitPolicy",

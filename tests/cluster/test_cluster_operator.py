@@ -9,6 +9,7 @@ from tests.cluster.objects import (
     conditions,
     create,
     gatewayroute,
+    model_refused,
     namespace,
     path_of,
     ratelimitpolicy,
@@ -48,14 +49,14 @@ def test_create_update_invalid_dangling_delete(cluster: ControlPlane, operators)
     cluster.kubectl("label", "gatewayroute", "orders", "-n", ns, "team=shop")  # metadata only: no new generation
     assert generations(cluster, orders) == (2, {2})
 
-    # Passes the CRD schema and its CEL rules, fails the data plane's model (a path not in normal form):
+    # Passes the CRD schema and its CEL rules, fails the data plane's model (a timeout of 0.0 s):
     # excluded and told why; the others stay.
-    encoded = gatewayroute("encoded", ns, "/%62oth")
+    encoded = model_refused(gatewayroute("encoded", ns, "/encoded"))
     dangling = gatewayroute("dangling", ns, "/dangling", ratelimit="missing")
     create(cluster, encoded)
     create(cluster, dangling)
     wait_for(lambda: summary(cluster, encoded).get("Accepted") == ("False", "Invalid"), what="encoded rejected")
-    assert "spec.match.path_prefix" in conditions(cluster, encoded)["Accepted"]["message"]
+    assert "spec.backend.timeout" in conditions(cluster, encoded)["Accepted"]["message"]
     wait_for(lambda: summary(cluster, dangling).get("ResolvedRefs") == ("False", "PolicyNotFound"), what="dangling reference")
     assert "'missing' not found" in conditions(cluster, dangling)["ResolvedRefs"]["message"]
     assert route_names(cluster) == ["life.orders"]

@@ -5,7 +5,17 @@ from __future__ import annotations
 import json
 
 from tests.cluster.controlplane import ControlPlane
-from tests.cluster.objects import conditions, create, gatewayroute, namespace, path_of, route_names, routes_yaml, summary
+from tests.cluster.objects import (
+    ZERO,
+    conditions,
+    create,
+    gatewayroute,
+    namespace,
+    path_of,
+    route_names,
+    routes_yaml,
+    summary,
+)
 from tests.cluster.parts import CM_PATH, wait_for
 
 OWNERSHIP = """
@@ -46,7 +56,7 @@ def test_labels_decide_and_a_broken_route_keeps_its_last_accepted_version(cluste
     # The owner breaks it while no operator runs (a path the CRD lets through and the model refuses).
     operator.stop()
     cluster.kubectl("patch", "gatewayroute", "orders", "-n", orders_ns, "--type", "merge",
-                    "-p", '{"spec": {"match": {"path_prefix": "/%6Frders"}}}')
+                    "-p", json.dumps({"spec": {"backend": {"timeout": ZERO}}}))
     cluster.kubectl("label", "namespace", other_ns, "team=orders")  # now other-team may claim the host too
     operators("restarted")
     wait_for(lambda: summary(cluster, orders).get("Accepted") == ("False", "Invalid"), what="orders invalid")

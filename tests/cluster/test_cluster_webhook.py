@@ -25,7 +25,17 @@ from apigw_operator.reconciler import configmap_size
 from apigw_operator.render import render
 from tests.cluster.conftest import manifest
 from tests.cluster.controlplane import ApiError, ControlPlane
-from tests.cluster.objects import conditions, create, gatewayroute, namespace, path_of, ratelimitpolicy, summary
+from tests.cluster.objects import (
+    ZERO,
+    conditions,
+    create,
+    gatewayroute,
+    model_refused,
+    namespace,
+    path_of,
+    ratelimitpolicy,
+    summary,
+)
 from tests.cluster.parts import CM_PATH, OperatorProcess, holder, wait_for
 
 CONFIGURATIONS = "/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations"
@@ -77,11 +87,11 @@ class Webhooks:
             hook["clientConfig"] = {"url": url, "caBundle": ca}
         self.remove()
         self.plane.api.post(CONFIGURATIONS, configuration)
-        probe = gatewayroute("probe", namespace(self.plane, "probe"), "/%62oth")  # invalid for the model only
+        probe = model_refused(gatewayroute("probe", namespace(self.plane, "probe"), "/probe"))
 
         def answers() -> bool:
             assert replica.process is not None and replica.process.poll() is None, f"{replica.name} exited"
-            return "denied the request: spec.match.path_prefix" in apply(self.plane, probe, "--dry-run=server").stderr
+            return "denied the request: spec.backend.timeout" in apply(self.plane, probe, "--dry-run=server").stderr
 
         try:  # a slow first start on a fresh machine: alive first, then the webhook, each with its own wait
             wait_for(replica.alive, timeout=120, what=f"{replica.name} alive")
@@ -118,15 +128,15 @@ def test_what_the_operator_would_not_accept_is_refused_at_apply_and_nothing_else
     assert denied("gatewayroutes.gateway.apigw.io", conflict) in apply(cluster, late, "--dry-run=server").stderr
 
     # What only the config model (not the CRD's schema and CEL rules) refuses, for both kinds.
-    encoded = apply(cluster, gatewayroute("encoded", ns, "/%62oth"))
-    assert encoded.returncode == 1 and 'denied the request: spec.match.path_prefix: ' in encoded.stderr, encoded.stderr
+    encoded = apply(cluster, model_refused(gatewayroute("encoded", ns, "/encoded")))
+    assert encoded.returncode == 1 and 'denied the request: spec.backend.timeout: ' in encoded.stderr, encoded.stderr
     zero = ratelimitpolicy("zero", ns)
-    zero["spec"]["period"] = f"0.{'0' * 400}1s"  # a non-zero digit for the schema, 0.0 s as a float for the model
+    zero["spec"]["period"] = ZERO
     refused = apply(cluster, zero)
     assert refused.returncode == 1
     assert denied("ratelimitpolicies.gateway.apigw.io", "spec.period: ") in refused.stderr, refused.stderr
     # An edit the operator would not accept: refused; the served route keeps its spec.
-    moved = gatewayroute("orders", ns, "/orders", match={"path_prefix": "/%62oth"})
+    moved = model_refused(gatewayroute("orders", ns, "/orders"))
     assert apply(cluster, moved).returncode == 1
     assert cluster.api.get(path_of(orders))["spec"]["match"] == {"path_prefix": "/orders"}
 

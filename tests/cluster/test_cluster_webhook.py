@@ -26,7 +26,6 @@ from apigw_operator.render import render
 from tests.cluster.conftest import manifest
 from tests.cluster.controlplane import ApiError, ControlPlane
 from tests.cluster.objects import (
-    ZERO,
     conditions,
     create,
     gatewayroute,
@@ -131,7 +130,7 @@ def test_what_the_operator_would_not_accept_is_refused_at_apply_and_nothing_else
     encoded = apply(cluster, model_refused(gatewayroute("encoded", ns, "/encoded")))
     assert encoded.returncode == 1 and 'denied the request: spec.backend.timeout: ' in encoded.stderr, encoded.stderr
     zero = ratelimitpolicy("zero", ns)
-    zero["spec"]["period"] = ZERO
+    zero["spec"]["period"] = f"0.{'0' * 400}1s"  # a non-zero digit for the schema, 0.0 s as a float for the model
     refused = apply(cluster, zero)
     assert refused.returncode == 1
     assert denied("ratelimitpolicies.gateway.apigw.io", "spec.period: ") in refused.stderr, refused.stderr

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -161,29 +163,38 @@ async def test_over_the_size_limit_keeps_the_last_good_config_and_says_so(cluste
     assert values["apigw_operator_config_programmed"] == 0
 
 
+@contextlib.asynccontextmanager
+async def replica(
+    pods: dict[str, GatewayPod], routes: list[dict[str, Any]], lease: dict[str, bool]
+) -> AsyncIterator[tuple[Reconciler, Cluster]]:
+    """A replica's reconciler on KMock, leading while `lease["held"]`, over `routes` as its watch shows
+    them; and a Cluster to write as the other replica would."""
+    api = await config.new_client_from_config()
+    try:
+        async with aiohttp.ClientSession() as session:
+            yield Reconciler(
+                Cluster(api, Target()), session, lambda: datetime(2025, 1, 2, tzinfo=UTC), lambda: (routes, []),
+                options(pods).pod_url, leading=lambda: lease["held"],
+            ), Cluster(api, Target())
+    finally:
+        await api.close()
+
+
 async def test_a_replica_that_loses_the_lease_mid_pass_writes_nothing(cluster: Any, pods: dict[str, GatewayPod]) -> None:
     """The Lease can run out while a pass renders (thousands of CRs in a worker thread, a slow API server):
     by then another replica leads and may have written a newer routes.yaml, which this pass's older one
     must not overwrite (nor its shards, nor the ConfigMap's annotations)."""
     body = cluster.objects[ROUTES, "shop", "orders"] = route("orders", "/orders")
     lease = {"held": True}
-    api = await config.new_client_from_config()
-    try:
-        async with aiohttp.ClientSession() as session:
-            reconciler = Reconciler(
-                Cluster(api, Target()), session, lambda: datetime(2025, 1, 2, tzinfo=UTC), lambda: ([body], []),
-                options(pods).pod_url, leading=lambda: lease["held"],
-            )
-            render = reconciler.renderer.render
+    async with replica(pods, [body], lease) as (reconciler, _):
+        render = reconciler.renderer.render
 
-            def render_and_lose_the_lease(*args: Any) -> Any:
-                lease["held"] = False
-                return render(*args)
+        def render_and_lose_the_lease(*args: Any) -> Any:
+            lease["held"] = False
+            return render(*args)
 
-            reconciler.renderer.render = render_and_lose_the_lease  # type: ignore[method-assign]
-            await reconciler.run_once()
-    finally:
-        await api.close()
+        reconciler.renderer.render = render_and_lose_the_lease  # type: ignore[method-assign]
+        await reconciler.run_once()
     assert not lease["held"], "the pass rendered"
     assert writes(cluster) == []
 
@@ -194,30 +205,22 @@ async def test_a_replica_that_leads_again_rewrites_what_the_other_wrote_meanwhil
     last saw it, the remembered statuses are not what the CRs hold: they are written again, not trusted."""
     body = cluster.objects[ROUTES, "shop", "orders"] = route("orders", "/orders")
     lease = {"held": True}
-    api = await config.new_client_from_config()
-    try:
-        async with aiohttp.ClientSession() as session:
-            reconciler = Reconciler(
-                Cluster(api, Target()), session, lambda: datetime(2025, 1, 2, tzinfo=UTC), lambda: ([body], []),
-                options(pods).pod_url, leading=lambda: lease["held"],
-            )
-            ready = asyncio.Event()
-            ready.set()
-            worker = Worker(reconciler, 0.05, lambda: lease["held"], ready)
-            task = asyncio.create_task(worker.run())
-            try:
-                await eventually(lambda: summary(cluster, "orders").get("Accepted") == ("True", "Accepted"))
-                mine = status(cluster, "orders")
-                lease["held"] = False
-                await asyncio.sleep(0.2)
-                other = {**mine["Accepted"], "status": "False", "reason": "Invalid", "message": "written by the other replica"}
-                await Cluster(api, Target()).patch_status("gatewayroutes", "shop", "orders", {"conditions": [other]})
-                body["status"] = {"conditions": [other]}  # as the watch shows it
-                lease["held"] = True
-                worker.lead()  # what Leadership calls when it takes the Lease
-                await eventually(lambda: summary(cluster, "orders").get("Accepted") == ("True", "Accepted"), 5)
-            finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-    finally:
-        await api.close()
+    async with replica(pods, [body], lease) as (reconciler, other_replica):
+        ready = asyncio.Event()
+        ready.set()
+        worker = Worker(reconciler, 0.05, lambda: lease["held"], ready)
+        task = asyncio.create_task(worker.run())
+        try:
+            await eventually(lambda: summary(cluster, "orders").get("Accepted") == ("True", "Accepted"))
+            mine = status(cluster, "orders")
+            lease["held"] = False
+            await asyncio.sleep(0.2)
+            other = {**mine["Accepted"], "status": "False", "reason": "Invalid", "message": "written by the other replica"}
+            await other_replica.patch_status("gatewayroutes", "shop", "orders", {"conditions": [other]})
+            body["status"] = {"conditions": [other]}  # as the watch shows it
+            lease["held"] = True
+            worker.lead()  # what Leadership calls when it takes the Lease
+            await eventually(lambda: summary(cluster, "orders").get("Accepted") == ("True", "Accepted"), 5)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

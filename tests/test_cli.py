@@ -99,6 +99,27 @@ def test_validate_config_reports_certificate_files_with_config_errors(tmp_path: 
     ]
 
 
+def test_validate_config_reads_the_backends_tls_files_as_start_up_does(tmp_path: Path) -> None:
+    """A backend TLS file the gateway cannot use makes start-up and every reload refuse the config: the
+    check says so too, for each such backend, at its line, instead of OK."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        "routes:\n"
+        "  - name: a\n    match: {path_prefix: /a}\n"
+        "    backend: {service: a, url: 'https://a', tls: {ca_file: /nonexistent/a-ca.pem}}\n"
+        "  - name: b\n    match: {path_prefix: /b}\n    backend: {service: b, url: 'http://b'}\n"
+        "  - name: c\n    match: {path_prefix: /c}\n"
+        "    backend: {service: c, url: 'https://c', tls: {ca_file: /nonexistent/c-ca.pem}}\n"
+    )
+    result = run_cli("-validate-config", "--config", str(config))
+    assert result.returncode == 1, result.stdout
+    errors = result.stderr.splitlines()
+    assert errors[0] == f"{config}: 2 error(s)", errors
+    assert errors[1].startswith(f"  {config}:4: routes[0].backend.tls: cannot use the TLS files: "), errors
+    assert "/nonexistent/a-ca.pem" in errors[1], errors
+    assert errors[2].startswith(f"  {config}:10: routes[2].backend.tls: cannot use the TLS files: "), errors
+
+
 def test_validate_config_uses_env_default(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text("routes: []\n")
     env = {"GATEWAY_CONFIG": str(tmp_path)}

@@ -14,6 +14,7 @@ from apigw.config.errors import ConfigError
 from apigw.config.loader import Checked, check_config
 from apigw.policy.auth import load_keys
 from apigw.server.tls import check_tls
+from apigw.upstream.cluster import cluster_settings
 
 
 def check_config_and_files(path: Path) -> Checked:
@@ -26,6 +27,8 @@ def check_config_and_files(path: Path) -> Checked:
     tls = config.listen.tls
     if "listen" not in checked.unparsed and tls is not None:
         file_checks.append(lambda: check_tls(tls))
+    if "routes" not in checked.unparsed:
+        file_checks.append(lambda: cluster_settings(config))  # the backends' TLS files
     for check in file_checks:
         try:
             check()

@@ -70,18 +70,26 @@ class Cluster:
 def cluster_settings(config: Config) -> dict[str, ClusterSettings]:
     """The settings of each backend service of an enabled route (the loader made sure routes sharing a
     service agree on them); the breaker is the backend's own or the global one. TLS files are read here,
-    before anything changes, so that one that cannot be used fails the whole load (ConfigError)."""
+    before anything changes, so that one that cannot be used fails the whole load (ConfigError, naming
+    every such backend; `gateway -validate-config` reads them here too)."""
     found: dict[str, ClusterSettings] = {}
+    errors: list[str] = []
     for index, route in enumerate(config.routes):
         backend = route.backend
         if not route.enabled or backend.service in found:
             continue
-        context, digest = _tls(backend.tls, f"routes[{index}].backend.tls") if backend.tls else (None, "")
+        try:
+            context, digest = _tls(backend.tls, f"routes[{index}].backend.tls") if backend.tls else (None, "")
+        except ConfigError as exc:
+            errors.extend(exc.errors)
+            continue
         found[backend.service] = ClusterSettings(
             backend.service, str(backend.url), backend.connect_timeout, backend.max_connections,
             backend.max_pending, backend.retries, backend.circuit_breaker or config.circuit_breaker,
             backend.tls, digest, context,
         )
+    if errors:
+        raise ConfigError(errors)
     return found
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import shutil
@@ -193,6 +194,36 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path: Path, backend_p
     assert "stopped" in gateway.log_text()
     drained = [line for line in gateway.log_lines() if line.get("logger") == "apigw.access"]
     assert [(line["path"], line["status_code"]) for line in drained] == [("/slow", 200)]  # written before the exit
+
+
+def test_sigterm_cuts_a_request_still_running_at_the_end_of_drain_timeout(tmp_path: Path, backend_process: str) -> None:
+    """The drain is bounded by `drain_timeout`, as the Deployment's grace period counts on: a request the
+    backend answers well after it (here 2.7 s after, and before twice the timeout) is cut, and the gateway
+    still writes its access line (499) and exits 0 before that answer would have come."""
+    port, metrics_port = ports()
+    _write(tmp_path / "gw.yaml", port, metrics_port, backend_process, drain_timeout="4s")
+    gateway = GatewayProcess(tmp_path / "gw.yaml", port, metrics_port)
+    gateway.start()
+    results: dict[str, object] = {}
+
+    def slow_request() -> None:
+        try:
+            with urllib.request.urlopen(f"{gateway.url}/slow?s=7", timeout=20) as response:
+                results["status"] = response.status
+        except (OSError, http.client.HTTPException) as exc:
+            results["error"] = exc
+
+    thread = threading.Thread(target=slow_request)
+    thread.start()
+    wait_until(lambda: "gateway_inflight_requests 1.0" in gateway.metrics(), what="the request in flight")
+    gateway.signal(signal.SIGTERM)
+    assert gateway.process is not None
+    assert gateway.process.wait(20) == 0
+    thread.join(20)
+    gateway.stop()
+    assert "status" not in results, "the request outlived drain_timeout and was answered"
+    drained = [line for line in gateway.log_lines() if line.get("logger") == "apigw.access"]
+    assert [(line["path"], line["status_code"]) for line in drained] == [("/slow", 499)]
 
 
 def test_sighup_reloads_and_bad_config_keeps_the_old_one(tmp_path: Path, backend_process: str) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -43,6 +44,9 @@ MAX_HEADER_FIELD = 8190
 differ from MAX_REQUEST_LINE: aiohttp's LineTooLong says which line only by the limit it quotes."""
 MAX_HEADERS = 128
 """Header fields per request; more is 431 `headers_too_large`."""
+
+DRAIN_POLL = 0.05
+"""Seconds between two looks at the requests in flight while draining."""
 
 TOO_MANY_HEADERS = "Too many headers received"
 """aiohttp's message for more than MAX_HEADERS fields (a plain BadHttpMessage otherwise)."""
@@ -234,7 +238,16 @@ class TrafficRunner(web.BaseRunner):
         self.handler_cancellation = handler_cancellation
 
     async def shutdown(self) -> None:
-        """Nothing to tell before connections close (an Application's `on_shutdown`)."""
+        """The drain's wait (on SIGTERM, `gateway.draining`), once aiohttp has stopped accepting and closed
+        the idle connections: the requests in flight get `listen.drain_timeout` of the config in force.
+        aiohttp's shutdown that follows waits up to `shutdown_timeout` for each request left, then as long
+        again once it told the request to stop, then cancels it: short (`serve.DRAIN_CUT`), it cuts them
+        promptly: the drain ends within drain_timeout and a second, not twice drain_timeout."""
+        if not self.gateway.draining:
+            return
+        deadline = time.monotonic() + self.gateway.state.config.listen.drain_timeout
+        while self.gateway.metrics.inflight.labels().value > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL)
 
     async def _make_server(self) -> web.Server:
         loop = asyncio.get_running_loop()

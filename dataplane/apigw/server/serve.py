@@ -42,6 +42,10 @@ at 700 a pass ran every ~20 requests and examined those in flight. At 10,000 the
 request fell by about 4% with every feature on or off (`bench/compare.py`, two rounds each); the garbage
 a pass finds waits at most that many allocations longer."""
 
+DRAIN_CUT = 0.5
+"""Seconds a request still running at the end of the drain has to finish once told to stop, before it is
+cancelled (aiohttp's shutdown timeout; the drain's own wait is `listen.drain_timeout`: `TrafficRunner`)."""
+
 
 class Traffic:
     """The traffic port's one handler: the health answers at their paths, the pipeline for the rest."""
@@ -90,7 +94,7 @@ async def serve(config_path: Path, workers: int | None = None, debug_port: int |
         log.error("config %s is invalid: %d error(s)", config_path, len(exc.errors), extra={"fields": {"errors": exc.errors}})
         return 1
     listen = config.listen
-    runner = traffic_runner(gateway, listen.drain_timeout)
+    runner = traffic_runner(gateway, DRAIN_CUT)
     await runner.setup()
     runners: list[web.BaseRunner] = [runner]
     sites = [web.TCPSite(runner, listen.address, listen.port, backlog=BACKLOG, reuse_port=worker)]

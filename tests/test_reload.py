@@ -8,6 +8,7 @@ import gc
 import pickle
 import re
 import signal
+import time
 import weakref
 from pathlib import Path
 
@@ -259,3 +260,28 @@ def test_shards_are_loaded_only_when_each_matches_the_index(tmp_path) -> None:
     deferred = [line for line in gateway.log_lines() if "deferred" in line["msg"]]
     assert len(deferred) == 1 and deferred[0]["level"] == "warning", deferred
     assert "routes-001.yaml: holds content" in deferred[0]["msg"] and deferred[0]["config_hash"] == first
+
+
+def test_a_sighup_storm_makes_a_few_reloads_not_one_each(tmp_path) -> None:
+    """Signals that come while a reload is under way make one more reload after it, not one each: a storm
+    of SIGHUPs (a script in a loop, a sidecar gone wild) must not queue a reload, and a process, per signal."""
+    port, metrics_port = ports()
+    path = tmp_path / "gw.yaml"
+    signals = 50
+    with BackendProcess() as backend:
+        write_config(path, port, metrics_port, backend.url, ["a"])
+        with GatewayProcess(path, port, metrics_port) as gateway:
+            for _ in range(signals):  # each handled on its own (the kernel merges only those not yet handled)
+                gateway.signal(signal.SIGHUP)
+                time.sleep(0.02)
+
+            def reloads() -> int:
+                found = re.search(r'gateway_config_reloads_total\{result="success"\} (\S+)', gateway.metrics())
+                return int(float(found.group(1))) if found else 0
+
+            counts = [-1, reloads()]
+            while counts[-1] != counts[-2]:  # until a second passes without a reload (each takes well under)
+                time.sleep(1)
+                counts.append(reloads())
+            assert http_status(f"{gateway.url}/a") == 200
+    assert 0 < counts[-1] <= signals // 4, f"{counts[-1]} reloads for {signals} signals"

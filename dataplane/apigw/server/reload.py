@@ -131,6 +131,8 @@ class Reloader:
         self.files = StableFiles(self.watched_files)
         self._lock = asyncio.Lock()
         """One reload at a time: a SIGHUP during a reload runs after it."""
+        self._requested = False
+        """A reload requested by a signal waits for its turn."""
         self._tasks: set[asyncio.Task[Any]] = set()
         """Reloads started by a signal, and pools waiting to be retired."""
         self._pending: list[Any] = []
@@ -148,8 +150,17 @@ class Reloader:
         return files
 
     def request(self, reason: str) -> None:
-        """Start a reload from a signal handler (which cannot await)."""
-        self._spawn(self.reload(reason))
+        """Start a reload from a signal handler (which cannot await). Signals that come while a reload
+        waits for its turn add nothing to it: a storm of them makes a reload at a time, not one each."""
+        if self._requested:
+            return
+        self._requested = True
+        self._spawn(self._requested_reload(reason))
+
+    async def _requested_reload(self, reason: str) -> bool:
+        async with self._lock:
+            self._requested = False  # from here the files are read: a later signal needs a reload of its own
+            return await self._reload(reason)
 
     async def reload(self, reason: str) -> bool:
         """Build the new state from the files and swap it in; on any error keep the old one and say why.

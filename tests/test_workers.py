@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -143,3 +145,29 @@ def test_workers_flag_must_be_positive(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "--workers must be at least 1" in result.stderr
+
+
+def test_process_cpu_seconds_never_goes_down_when_a_worker_dies(tmp_path: Path) -> None:
+    """`process_cpu_seconds_total` is a counter: a worker's CPU time must stay in it after the worker exits,
+    or Prometheus takes the drop for a reset and `rate()` shows the whole pod's past CPU as a spike."""
+    port, metrics_port = ports()
+    config = tmp_path / "gw.yaml"
+    config.write_text(yaml.safe_dump({
+        "listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port, "workers": 2},
+        "routes": [{"name": "echo", "backend": {"service": "echo", "url": "http://127.0.0.1:9"}}],
+    }))
+    gateway = GatewayProcess(config, port, metrics_port)
+    gateway.start()
+    try:
+        wait_until(lambda: len(_worker_pids(gateway)) == 2, timeout=20, what="both workers ready")
+        victim = min(_worker_pids(gateway))
+        samples = [metric_value(gateway.metrics(), "process_cpu_seconds_total")]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 3  # past the restart delay: the gap between the death and the new worker
+        while time.monotonic() < deadline:
+            samples.append(metric_value(gateway.metrics(), "process_cpu_seconds_total"))
+            time.sleep(0.1)
+        assert all(later >= earlier for earlier, later in itertools.pairwise(samples)), samples
+        wait_until(lambda: len(_worker_pids(gateway) - {victim}) == 2, timeout=20, what="the worker restarted")
+    finally:
+        assert gateway.stop() == 0

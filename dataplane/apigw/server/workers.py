@@ -39,7 +39,9 @@ RESTART_DELAY = 1.0
 
 
 class _Workers(Collector):
-    """`process_*` for the pod: the supervisor and its workers added up."""
+    """`process_*` for the pod: the supervisor and its workers added up. CPU time counts each process's
+    waited-for children too (a worker's reload parsers; the supervisor's exited workers), so that a worker
+    that dies leaves its seconds in the counter instead of taking them out of it."""
 
     def __init__(self, pids: list[int]):
         self.pids = pids
@@ -51,7 +53,7 @@ class _Workers(Collector):
         for pid in [os.getpid(), *self.pids]:
             try:
                 stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                cpu += (int(stat[11]) + int(stat[12])) / self._ticks
+                cpu += sum(int(ticks) for ticks in stat[11:15]) / self._ticks  # utime stime cutime cstime
                 rss += int(stat[21]) * self._page
                 fds += len(os.listdir(f"/proc/{pid}/fd"))
             except (OSError, IndexError, ValueError):

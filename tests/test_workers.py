@@ -171,3 +171,26 @@ def test_process_cpu_seconds_never_goes_down_when_a_worker_dies(tmp_path: Path) 
         wait_until(lambda: len(_worker_pids(gateway) - {victim}) == 2, timeout=20, what="the worker restarted")
     finally:
         assert gateway.stop() == 0
+
+
+def test_sigterm_as_the_workers_start_stops_them_and_exits_0(tmp_path: Path) -> None:
+    """A pod may be deleted as soon as it starts (a rollout undone, a scale-down): a SIGTERM that comes while
+    the supervisor is still starting its workers stops them too, and the stop is a clean one (exit 0),
+    not a worker left serving with a supervisor waiting for it until the kubelet's SIGKILL."""
+    port, metrics_port = ports()
+    config = tmp_path / "gw.yaml"
+    config.write_text(yaml.safe_dump({
+        "listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port, "workers": 2},
+        "routes": [{"name": "echo", "backend": {"service": "echo", "url": "http://127.0.0.1:9"}}],
+    }))
+    gateway = GatewayProcess(config, port, metrics_port)
+    gateway.start(wait=False)
+    try:
+        while "supervising 2 workers" not in gateway.log_text():  # logged just before the workers are started
+            time.sleep(0.001)
+        gateway.signal(signal.SIGTERM)
+        assert gateway.process is not None
+        assert gateway.process.wait(20) == 0
+    finally:
+        gateway.stop(timeout=5)
+    assert "all workers stopped" in gateway.log_text()

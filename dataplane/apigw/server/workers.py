@@ -103,10 +103,13 @@ async def supervise(config_path: Path, config: Config, count: int) -> int:
         loop.add_signal_handler(signal.SIGHUP, broadcast, signal.SIGHUP)
 
         async def keep_running(slot: int) -> int:
-            while True:
+            code = 0
+            while not stopping.is_set():
                 process = await asyncio.create_subprocess_exec(*command, env=env)
                 processes[slot] = process
                 pids[:] = [p.pid for p in processes.values()]
+                if stopping.is_set():  # the stop came while it was being started: `broadcast` did not see it
+                    process.send_signal(signal.SIGTERM)
                 code = await process.wait()
                 multiprocess.mark_process_dead(process.pid, metrics_dir)
                 status_path(Path(metrics_dir), process.pid).unlink(missing_ok=True)
@@ -115,8 +118,7 @@ async def supervise(config_path: Path, config: Config, count: int) -> int:
                 log.error("worker %d (pid %d) exited with %d; starting it again", slot, process.pid, code,
                           extra={"fields": {"worker": slot, "pid": process.pid, "exit_code": code}})
                 await asyncio.sleep(RESTART_DELAY)
-                if stopping.is_set():
-                    return code
+            return code
 
         log.info("supervising %d workers on port %d (metrics :%d)", count, config.listen.port,
                  config.listen.metrics_port)

@@ -113,8 +113,8 @@ async def supervise(config_path: Path, config: Config, count: int) -> int:
                 code = await process.wait()
                 multiprocess.mark_process_dead(process.pid, metrics_dir)
                 status_path(Path(metrics_dir), process.pid).unlink(missing_ok=True)
-                if stopping.is_set():
-                    return code
+                if stopping.is_set():  # ended by the stop's SIGTERM while still starting: stopped as asked
+                    return 0 if code == -signal.SIGTERM else code
                 log.error("worker %d (pid %d) exited with %d; starting it again", slot, process.pid, code,
                           extra={"fields": {"worker": slot, "pid": process.pid, "exit_code": code}})
                 await asyncio.sleep(RESTART_DELAY)

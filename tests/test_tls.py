@@ -78,3 +78,30 @@ def _metric(text: str) -> float:
         if line.startswith("gateway_tls_certificate_expiry_timestamp_seconds "):
             return float(line.split()[1])
     raise AssertionError("expiry metric missing")
+
+
+def test_an_unusable_renewal_is_reported_by_health_and_the_old_certificate_served(tmp_path: Path) -> None:
+    """A renewed certificate that cannot be used (here a key that does not match it) is rejected: the
+    certificate in force is still served, and the metrics port's `/_health/ready` says why, as it does
+    for a rejected config, until a usable one comes."""
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    first = write_self_signed(cert, key, days=30)
+    port, metrics_port = ports()
+    tls_port = free_port()
+    config = tmp_path / "gw.yaml"
+    config.write_text(yaml.safe_dump({
+        "listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port, "tls_port": tls_port,
+                   "tls": {"cert_file": str(cert), "key_file": str(key)}},
+        "routes": [],
+    }))
+    with GatewayProcess(config, port, metrics_port) as gateway:
+        old_key = key.read_bytes()
+        write_self_signed(cert, tmp_path / "other.key", days=90)  # the certificate renewed, its key not
+        key.write_bytes(old_key)
+        deadline = time.monotonic() + 15
+        while 'gateway_config_reloads_total{result="failure"} 1.0' not in gateway.metrics():
+            assert time.monotonic() < deadline, "the unusable renewal was not rejected"
+            time.sleep(0.1)
+        assert served_certificate(tls_port).serial_number == first.serial_number
+        error = gateway.details()["last_reload_error"]
+        assert error is not None and error.startswith(f"listen.tls: cannot load {cert} with {key}: ")

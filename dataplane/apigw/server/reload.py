@@ -175,14 +175,14 @@ class Reloader:
         gateway = self.gateway
         old = gateway.state
         started = time.monotonic()
-        self._reload_certificate()
+        certificate_error = self._reload_certificate()
         before = self.files.snapshot()
         try:
             parsed = await self._parse_in_worker()
         except ConfigIncomplete as exc:
             return self._wait_for_shards(reason, old, before, exc)
         except Exception as exc:  # ConfigError, or anything else: a reload never takes the gateway down
-            return self._reject(reason, old, before, exc)
+            return self._reject(reason, old, before, exc, certificate_error)
         with collector_paused():
             try:
                 config, digest, held = await self._unpickle(*parsed)
@@ -196,11 +196,11 @@ class Reloader:
                 if tls_files is not None:
                     self.tls.load(tls_files)
             except Exception as exc:
-                return self._reject(reason, old, before, exc)
+                return self._reject(reason, old, before, exc, certificate_error)
             gateway.state = state
             keep_out_of_collections()
             await asyncio.sleep(0)  # traffic first, then the bookkeeping and the old state's release
-        gateway.last_reload_error = None
+        gateway.last_reload_error = certificate_error
         logging.getLogger().setLevel(config.logging.level)
         gateway.metrics.config_reloads.labels("success").inc()
         self.files.in_force = self.files.snapshot()  # the new state may watch other key files
@@ -224,10 +224,12 @@ class Reloader:
         self.files.in_force = before
         return False
 
-    def _reject(self, reason: str, old: GatewayState, before: Snapshot, exc: Exception) -> bool:
+    def _reject(
+        self, reason: str, old: GatewayState, before: Snapshot, exc: Exception, certificate_error: str | None
+    ) -> bool:
         errors = exc.errors if isinstance(exc, ConfigError) else [f"{type(exc).__name__}: {exc}"]
         self.gateway.metrics.config_reloads.labels("failure").inc()
-        self.gateway.last_reload_error = "; ".join(errors)
+        self.gateway.last_reload_error = "; ".join([certificate_error, *errors] if certificate_error else errors)
         log.error(
             "config reload (%s) rejected, keeping config %s: %s", reason, old.config_hash, errors[0],
             extra={"fields": {"errors": errors, "config_hash": old.config_hash}},
@@ -294,15 +296,19 @@ class Reloader:
             return True
         return False
 
-    def _reload_certificate(self) -> None:
+    def _reload_certificate(self) -> str | None:
+        """Load the certificate files in force again; the error when they are unusable (the old one stays)."""
         if self.tls is None:
-            return
+            return None
         try:
             self.tls.load(self.tls.files)
         except ConfigError as exc:
             self.gateway.metrics.config_reloads.labels("failure").inc()
             log.error("TLS certificate reload rejected, keeping the one in force: %s", exc.errors[0],
                       extra={"fields": {"errors": exc.errors}})
+            self.gateway.last_reload_error = "; ".join(exc.errors)
+            return self.gateway.last_reload_error
+        return None
 
     def _warn_dropped_routes(self, old: Config, new: Config) -> None:
         """A reload that removes more than half the routes is applied (it may be meant), and said loudly."""

@@ -223,7 +223,8 @@ def test_sigterm_cuts_a_request_still_running_at_the_end_of_drain_timeout(tmp_pa
     gateway.stop()
     assert "status" not in results, "the request outlived drain_timeout and was answered"
     drained = [line for line in gateway.log_lines() if line.get("logger") == "apigw.access"]
-    assert [(line["path"], line["status_code"]) for line in drained] == [("/slow", 499)]
+    assert [(line["path"], line["status_code"], line["error_type"]) for line in drained] == [
+        ("/slow", 499, "drain_timeout")]  # the gateway cut it: the client did not leave
 
 
 def test_sighup_reloads_and_bad_config_keeps_the_old_one(tmp_path: Path, backend_process: str) -> None:

@@ -134,8 +134,8 @@ async def handle(request: web.BaseRequest, gateway: Gateway) -> web.StreamRespon
         response = exc.response
         if request.transport is not None:
             request.transport.abort()
-    except asyncio.CancelledError:  # the client left (aiohttp's handler_cancellation) or shutdown gave up
-        ex.error_type = "client_disconnected"
+    except asyncio.CancelledError:  # the client left (aiohttp's handler_cancellation) or the drain ran out
+        ex.error_type = "drain_timeout" if gateway.draining else "client_disconnected"
         raise
     except Exception as exc:  # a bug of ours: still a JSON answer, a log line and a count, never a traceback
         ex.error_type = "internal_error"

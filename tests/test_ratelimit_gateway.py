@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 import aiohttp
+import redis.asyncio
 import yaml
 
 from apigw.testkit.backend import Backend
@@ -72,6 +73,32 @@ async def test_redis_down_fail_open_and_fail_closed(gateway_client, backend: Bac
     assert value("gateway_ratelimit_errors_total") == 1
     redis_server.start()
     assert (await closed_client.get("/a")).status == 200
+
+
+async def test_a_bucket_of_the_wrong_type_fails_only_its_own_requests(
+    gateway_client, backend: Backend, redis_server: RedisServer,
+) -> None:
+    """A hash where one policy's bucket lives (written by someone else) fails that bucket's checks, as its
+    failure mode says; the requests of other buckets, in the same script calls, are limited as usual."""
+    config = limited(backend.url, redis_server.url, requests=2, failure_mode="fail_closed")
+    config["policies"].append({"name": "broken", "requests": 2, "period": "1m"})
+    config["routes"].insert(0, {"name": "orders", "match": {"path_prefix": "/orders"},
+                                "backend": {"service": "orders", "url": backend.url}, "ratelimit": "broken"})
+    client = await gateway_client(config)
+    assert (await client.get("/orders")).status == 200
+    async with redis.asyncio.Redis.from_url(redis_server.url) as admin:
+        [bucket] = [key async for key in admin.scan_iter("ratelimit:*broken*")]
+        await admin.delete(bucket)
+        await admin.hset(bucket, "a", "b")
+    orders, users = await asyncio.gather(
+        asyncio.gather(*(client.get("/orders") for _ in range(2))), asyncio.gather(*(client.get("/users") for _ in range(3)))
+    )
+    assert [r.status for r in orders] == [503, 503]
+    assert sorted(r.status for r in users) == [200, 200, 429]  # the one over the limit: whichever came third
+    assert (await orders[0].json())["error"] == "rate limiter unavailable"
+    value = gateway_of(client).metrics.registry.get_sample_value
+    assert value("gateway_ratelimit_errors_total") == 2
+    assert value("gateway_redis_errors_total", {"operation": "ratelimit"}) == 2
 
 
 async def test_redis_paused_answers_within_the_timeout(gateway_client, backend: Backend, redis_server) -> None:

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 import redis.asyncio
-from redis.exceptions import RedisError
+from redis.exceptions import ReadOnlyError, RedisError, ResponseError
 
 from apigw.config.model import Policy, RedisConfig
 from apigw.policy.ratelimit import LimitRule
@@ -116,9 +116,9 @@ async def test_a_policy_with_a_period_of_ages_fails_no_other_check_of_its_tick(r
 @pytest.mark.parametrize("answer", [
     b":1\r\n", b"*1\r\n:0\r\n", b"$2\r\nno\r\n",
     b"*4\r\n$-1\r\n:1\r\n:0\r\n:0\r\n",  # nil for the revocation check: it would read as "not revoked"
-    b"*4\r\n-ERR oops\r\n:1\r\n:0\r\n:0\r\n",  # an error inside the array: it would read as "revoked"
+    b"*4\r\n:0\r\n:1\r\n-ERR oops\r\n:0\r\n",  # an error past a limit's first place: not a check's error
     b"*4\r\n:0\r\n:1\r\n$-1\r\n:0\r\n",  # nil for a limit's wait: the limiter's arithmetic would raise (a 500)
-], ids=["number", "short", "string", "nil-inside", "error-inside", "nil-in-limit"])
+], ids=["number", "short", "string", "nil-inside", "error-misplaced", "nil-in-limit"])
 async def test_an_answer_that_is_not_the_numbers_asked_for_fails_every_check(answer: bytes) -> None:
     """A Redis (or a proxy before it) that answers the script with something else: each check fails with an
     error that says so, none hangs."""
@@ -130,6 +130,75 @@ async def test_an_answer_that_is_not_the_numbers_asked_for_fails_every_check(ans
         assert [type(r) for r in results] == [ConnectionError, ConnectionError]
         assert "not the numbers asked for" in str(results[0])
         assert raw.connections[0][0][0] == b"EVALSHA"
+        await batch.aclose()
+
+
+async def test_an_error_in_a_checks_place_fails_that_check_alone() -> None:
+    """The script's marker for a check whose own command failed: the error in its (first) place."""
+    async with RawRedis([b"*4\r\n-WRONGTYPE bad key\r\n:1\r\n:7\r\n:0\r\n"]) as raw:
+        batch = RedisBatch(RedisConfig(url=raw.url, timeout=2.0, connect_timeout=2.0))
+        revoked, limit = await asyncio.wait_for(
+            asyncio.gather(batch.revoked("revoked:a"), batch.limit("k", 1, 1), return_exceptions=True), 5
+        )
+        assert isinstance(revoked, ResponseError) and str(revoked) == "WRONGTYPE bad key"
+        assert limit == (1, 7, 0)
+        await batch.aclose()
+
+
+async def test_a_bucket_of_the_wrong_type_fails_its_own_check_only(client, redis_server: RedisServer) -> None:
+    """Something wrote a hash where a bucket lives: its GET fails in the script. That used to fail the whole
+    script call, so every check of the tick, every tenant's (503 for all in fail_closed, no limit in fail_open)."""
+    await client.hset("ratelimit:p:ip:1.2.3.4", "a", "b")
+    await client.hset("revoked:h", "a", "b")  # EXISTS takes any type: revoked
+    await client.set("revoked:a", 1)
+    batch = RedisBatch(RedisConfig(url=redis_server.url, timeout=2.0, connect_timeout=2.0))
+    interval, capacity = 1_000_000, 1_000_000  # 1 per second, 1 at once
+    answers = await asyncio.gather(
+        batch.limit("ratelimit:p:ip:5.6.7.8", interval, capacity),
+        batch.limit("ratelimit:p:ip:1.2.3.4", interval, capacity),
+        batch.revoked("revoked:a"),
+        batch.revoked("revoked:h"),
+        batch.limit("ratelimit:p:ip:5.6.7.8", interval, capacity),
+        batch.revoked("revoked:b"),
+        return_exceptions=True,
+    )
+    assert batch.round_trips == 1
+    bad = answers.pop(1)
+    assert isinstance(bad, ResponseError) and str(bad).startswith("WRONGTYPE"), bad
+    assert [a if isinstance(a, int | Exception) else a[0] for a in answers] == [1, 1, 1, 0, 0]
+    assert await client.hgetall("ratelimit:p:ip:1.2.3.4") == {b"a": b"b"}  # left as it was
+
+    assert await batch.limit("ratelimit:p:ip:9.9.9.9", interval, capacity) == (1, interval, 0)  # the next batch
+    await batch.aclose()
+
+
+async def test_writes_refused_for_memory_fail_the_limits_not_the_revocation_checks(
+    client, redis_server: RedisServer,
+) -> None:
+    """Out of memory (maxmemory, no eviction) Redis refuses the buckets' writes; reads still work."""
+    await client.set("revoked:a", 1)
+    await client.config_set("maxmemory", "1")
+    batch = RedisBatch(RedisConfig(url=redis_server.url, timeout=2.0, connect_timeout=2.0))
+    answers = await asyncio.gather(
+        batch.revoked("revoked:a"), batch.limit("ratelimit:p:x", 1_000_000, 1_000_000), batch.revoked("revoked:b"),
+        return_exceptions=True,
+    )
+    await client.config_set("maxmemory", "0")
+    assert answers[0] == 1 and answers[2] == 0
+    assert isinstance(answers[1], RedisError) and "OOM" in str(answers[1]), answers[1]
+    await batch.aclose()
+
+
+async def test_a_replica_still_fails_the_whole_batch_so_the_link_leaves_it(redis_server: RedisServer) -> None:
+    """READONLY is about the node, not one key (an old master after a failover): the script call fails as
+    a whole, so `RedisLink` closes the connection and looks for the master again."""
+    with RedisServer(args=["--replicaof", "127.0.0.1", str(redis_server.port)]) as replica:
+        batch = RedisBatch(RedisConfig(url=replica.url, timeout=2.0, connect_timeout=2.0))
+        answers = await asyncio.gather(
+            batch.revoked("revoked:a"), batch.limit("ratelimit:p:x", 1_000_000, 1_000_000), return_exceptions=True
+        )
+        assert [type(a) for a in answers] == [ReadOnlyError, ReadOnlyError]
+        assert batch.link._open == 0  # closed, not pooled
         await batch.aclose()
 
 

@@ -11,7 +11,10 @@ several script calls in the same turn (in parallel, on as many connections). The
 the checks as the socket's read parses them, a loop turn before the task that waits for the round trip
 runs (the turns between a request's steps are most of its wait at half load: `bench/compare.py`'s latency
 note). A failed or timed-out batch fails every future in it with the same error; each caller then applies
-its own failure mode.
+its own failure mode. A check whose own command fails in the script (its key holds another type, a write
+refused for memory) fails alone, with Redis's error: one bad key must not fail every tenant's check of
+the tick. An error about the node (READONLY: an old master) still fails the whole call, for the link to
+leave the connection.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
+import hiredis
 from redis.exceptions import ResponseError
 
 from apigw.config.model import RedisConfig
@@ -205,12 +209,39 @@ def _hand_out(waiters: list[tuple[asyncio.Future[Any], int]], replies: Any) -> b
     if type(replies) is not list or len(replies) != sum(width for _, width in waiters):
         return False
     if not all(type(reply) is int for reply in replies):  # a nil would read as "not revoked"
-        return False
+        return _hand_out_errors(waiters, replies)
     at = 0
     for future, width in waiters:
         if not future.done():
             future.set_result(tuple(replies[at:at + width]) if width > 1 else replies[at])
         at += width
+    return True
+
+
+def _hand_out_errors(waiters: list[tuple[asyncio.Future[Any], int]], replies: list[Any]) -> bool:
+    """`_hand_out` for replies that are not all numbers: a check whose own command failed in the script (the
+    error in its first place, numbers in the others) fails with that error, the others get their numbers;
+    anything else (a nil, an error elsewhere) is not the answer asked for, and nothing is handed out."""
+    shares = []
+    at = 0
+    for _, width in waiters:
+        share = replies[at:at + width]
+        at += width
+        if not all(type(reply) is int for reply in share[1:]):
+            return False
+        if type(share[0]) is hiredis.ReplyError:
+            shares.append(ResponseError(str(share[0])))
+        elif type(share[0]) is int:
+            shares.append(tuple(share) if width > 1 else share[0])
+        else:
+            return False
+    for (future, width), share in zip(waiters, shares, strict=True):
+        if future.done():
+            continue
+        if isinstance(share, ResponseError):
+            _fail([(future, width)], share)
+        else:
+            future.set_result(share)
     return True
 
 

@@ -1,9 +1,10 @@
 """The per-tick batch against a hostile Redis (RawRedis), as properties: whatever the chunking of the
 replies (down to one byte a write), answers late past the timeout, NOSCRIPT, hang-ups before or in the
-middle of a reply, a second reply to one command, an answer with a nil inside, and requests cancelled
+middle of a reply, a second reply to one command, an answer with a nil inside, a check whose own command
+failed in the script (its error in its place), and requests cancelled
 while their check waits, on asyncio's loop and uvloop:
 - every check gets its own answer or an error its caller handles (RedisError, OSError, TimeoutError),
-  never another check's answer, and within its bound;
+  never another check's answer or error, and within its bound;
 - a script call whose reply began is never sent again (it ran: its GCRA steps would count twice);
 - afterwards the pool is whole (no connection counted busy for ever) and checks are answered again."""
 
@@ -27,7 +28,7 @@ BOUND = TIMEOUT + 2.0
 """No check waits longer (the flush's two loop turns and the overdue grace included, with ample room for
 a loaded machine): a hang, not a timing, is what this catches."""
 
-KINDS = ("ok", "bytewise", "late", "noscript", "close-before", "close-mid", "extra", "nil-inside")
+KINDS = ("ok", "bytewise", "late", "noscript", "close-before", "close-mid", "extra", "nil-inside", "check-failed")
 
 
 @dataclass(frozen=True)
@@ -44,32 +45,42 @@ def expected(kind: str, index: int) -> int | tuple[int, int, int]:
     return (index % 2, 1000 * index + 1, 1000 * index + 2) if kind == "L" else 1000 * index + 3
 
 
-def script_reply(command: list[bytes]) -> list[int]:
-    """What the batch script would answer, each check's numbers from its key (`...:<index>`)."""
+def script_reply(command: list[bytes]) -> list[tuple[bytes, list[int | bytes]]]:
+    """What the batch script would answer: each check's key and its numbers, from its key (`...:<index>`)."""
     count = int(command[2])
     keys, args = command[3:3 + count], iter(command[3 + count:])
-    out: list[int] = []
+    out: list[tuple[bytes, list[int | bytes]]] = []
     for key in keys:
         kind = next(args).decode()
         if kind == "L":
             next(args), next(args)
-        answer = expected(kind, int(key.rsplit(b":", 1)[1]))
-        out.extend(answer if isinstance(answer, tuple) else [answer])
+        answer = expected(kind, index_of(key))
+        out.append((key, list(answer) if isinstance(answer, tuple) else [answer]))
     return out
 
 
-def encode(values: list[int | None]) -> bytes:
-    return b"*%d\r\n" % len(values) + b"".join(b"$-1\r\n" if v is None else b":%d\r\n" % v for v in values)
+def index_of(key: bytes) -> int:
+    return int(key.rsplit(b":", 1)[1])
+
+
+WRONGTYPE = b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n"
+"""The script's answer in the place of a check whose own command failed (0 in its other places)."""
+
+
+def encode(values: list[int | bytes | None]) -> bytes:
+    return b"*%d\r\n" % len(values) + b"".join(
+        b"$-1\r\n" if v is None else v if isinstance(v, bytes) else b":%d\r\n" % v for v in values)
 
 
 class HostileScript:
     """RawRedis's answers: each script call gets the next behaviour (then `ok`); it records the calls
-    whose reply began, to catch one sent again."""
+    whose reply began, to catch one sent again, and the checks answered with their own error."""
 
     def __init__(self, behaviours: list[Behaviour]):
         self.behaviours = list(behaviours)
         self.began: set[tuple[bytes, ...]] = set()
         self.resent: list[list[bytes]] = []
+        self.failed: set[int] = set()
 
     def __call__(self, connection: int, command: list[bytes]) -> Answer:
         if tuple(command) in self.began:
@@ -79,7 +90,12 @@ class HostileScript:
             return b"-NOSCRIPT No matching script. Please use EVAL.\r\n"
         if behaviour.kind == "close-before":
             return [CLOSE]
-        values: list[int | None] = list(script_reply(command))
+        checks = script_reply(command)
+        if behaviour.kind == "check-failed":
+            key, numbers = checks[int(behaviour.cut * (len(checks) - 1))]
+            numbers[:] = [WRONGTYPE] + [0] * (len(numbers) - 1)
+            self.failed.add(index_of(key))
+        values: list[int | bytes | None] = [value for _, numbers in checks for value in numbers]
         if behaviour.kind == "nil-inside":
             values[int(behaviour.cut * (len(values) - 1))] = None
         reply = encode(values)
@@ -145,8 +161,10 @@ async def run(ticks: list[list[tuple[str, bool]]], behaviours: list[Behaviour], 
                 assert check.cancel
             elif isinstance(check.answer, BaseException):
                 assert isinstance(check.answer, RedisError | OSError | TimeoutError), repr(check.answer)
+                assert "WRONGTYPE" not in str(check.answer) or check.index in script.failed, check  # not another's
             else:
                 assert check.answer == expected(check.kind, check.index), check
+                assert check.index not in script.failed, check  # not numbers where its error was
             assert check.took < BOUND, check
         assert not script.resent, script.resent
 

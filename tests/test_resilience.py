@@ -7,6 +7,8 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import aiohttp
+import pytest
 import yaml
 
 from apigw.testkit.backend import Backend
@@ -18,7 +20,7 @@ from apigw.testkit.process import (
     wait_until,
 )
 from apigw.testkit.redis import free_port
-from tests.conftest import gateway_of
+from tests.conftest import access_lines, gateway_of
 
 
 def breaker_config(url: str, **backend: object) -> dict:
@@ -55,6 +57,63 @@ async def test_timeouts_count_as_failures(gateway_client, backend: Backend) -> N
         assert (await client.get("/hang")).status == 504
     assert state_of(client) == 1
     assert (await client.get("/fine")).status == 503
+
+
+async def test_a_backend_failing_inside_every_body_opens_the_breaker(gateway_client, backend: Backend) -> None:
+    """200 headers, then the backend dies: that answer is a failure of the backend's (its head is not its
+    outcome), and a half-open probe is judged by its whole answer too."""
+    client = await gateway_client(breaker_config(backend.url, retries={"max_retries": 0}))
+
+    async def cut_download() -> None:
+        resp = await client.get("/truncated")  # 200 streamed, then the backend closes: the client's connection is cut
+        assert resp.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+
+    assert (await client.get("/short")).status == 502  # a small body, read whole: a JSON 502
+    await cut_download()
+    assert state_of(client) == 0
+    await cut_download()
+    assert state_of(client) == 1
+    seen = len(backend.seen)
+    resp = await client.get("/anything")
+    assert resp.status == 503
+    assert (await resp.json())["error"] == "backend users is unavailable (circuit open)"
+    assert len(backend.seen) == seen  # failed fast: the backend never saw it
+    await asyncio.sleep(0.6)
+    await cut_download()  # the probe
+    assert state_of(client) == 1  # open again: its 200 head did not close it
+    assert (await client.get("/anything")).status == 503
+
+
+async def test_clients_leaving_mid_download_neither_open_the_breaker_nor_close_it(
+    gateway_client, backend: Backend
+) -> None:
+    """A client that goes away inside a body says nothing about the backend, closed or half-open."""
+    client = await gateway_client(breaker_config(backend.url, retries={"max_retries": 0}))
+
+    async def leave_mid_download(done: int) -> None:
+        resp = await client.get("/bytes/50000000")
+        assert resp.status == 200
+        await resp.content.read(65536)
+        resp.close()
+        for _ in range(100):
+            if len(access_lines(client)) == done:
+                break
+            await asyncio.sleep(0.05)
+        assert access_lines(client)[-1]["error_type"] == "client_disconnected"
+
+    for done in range(1, 5):  # more than consecutive_failures
+        await leave_mid_download(done)
+    assert state_of(client) == 0
+    for _ in range(3):
+        assert (await client.get("/status/503")).status == 503
+    assert state_of(client) == 1
+    await asyncio.sleep(0.6)
+    await leave_mid_download(8)  # the probe's client leaves: no verdict, the breaker waits for another probe
+    assert state_of(client) == 2
+    assert (await client.get("/fine")).status == 200
+    assert state_of(client) == 0
 
 
 async def test_retry_on_configured_status_hides_one_failure(gateway_client, backend: Backend) -> None:

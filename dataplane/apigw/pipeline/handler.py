@@ -32,6 +32,7 @@ from apigw.pipeline import proxy
 from apigw.pipeline.routing import Router
 from apigw.pipeline.state import CompiledRoute, Gateway, GatewayState
 from apigw.policy import ratelimit
+from apigw.policy.breaker import Admission
 from apigw.policy.ratelimit import Decision, limit_key
 from apigw.policy.retry import CONNECT_FAILED, should_retry
 from apigw.upstream.client import Response
@@ -48,7 +49,8 @@ UNROUTED = "-"
 """The `route` of a request that matched no route or was refused before routing (no route's name can be
 `-`: names start with a letter or digit)."""
 BACKEND_FAILURE_STATUSES = frozenset({502, 503, 504})
-"""Backend answers that count against its circuit breaker (with timeouts and refused connections)."""
+"""Backend answers that count against its circuit breaker (with timeouts, refused connections, and
+answers that fail inside their body)."""
 
 
 @dataclass(slots=True)
@@ -72,6 +74,17 @@ class Exchange:
     error_type: str | None = None
     body: proxy.BodyLimit | None = None
     forwarded: proxy.Forwarded = field(default_factory=proxy.Forwarded)
+    admission: Admission | None = None
+    """The circuit breaker's admission of the latest attempt. The answer the client is given is judged
+    once its body is through (a 200 head says nothing of a body cut short); if the client leaves or the
+    gateway fails first, it is released unjudged."""
+
+    def backend_failed(self, error_type: str) -> None:
+        """The backend failed inside the answer being relayed: counted as that failure, not as its status,
+        and against its breaker."""
+        self.forwarded.answered = error_type
+        if self.admission is not None:
+            self.admission.record(False)
 
 
 async def handle(request: web.BaseRequest, gateway: Gateway) -> web.StreamResponse:
@@ -116,12 +129,13 @@ async def handle(request: web.BaseRequest, gateway: Gateway) -> web.StreamRespon
             request, route.max_body, state.config.listen.request_body_timeout, route.request_timeout
         )
         backend_target = proxy.backend_target(route.cluster, route.backend_path(target.path), target.query)
-        backend = await _call_backend(ex, route, backend_target, headers, gateway.metrics)
+        backend, admission = await _call_backend(ex, route, backend_target, headers, gateway.metrics)
         response = await proxy.relay(request, backend, response_headers, route.cluster.service)
+        admission.record(True)  # the whole answer came through (a failure status was recorded at its head)
     except GatewayError as exc:
         ex.error_type = exc.error_type
-        if ex.forwarded.answered is not None:  # the backend failed inside its body: counted as such, not as its status
-            ex.forwarded.answered = exc.error_type
+        if ex.forwarded.answered is not None:  # from `relay`: the backend failed inside its body
+            ex.backend_failed(exc.error_type)
         response = error_response(exc, ex.request_id)
         if exc.status == 408 or isinstance(exc, FaultyFraming) or (
             proxy.awaits_continue(request) and (ex.body is None or not ex.body.invited)
@@ -130,7 +144,7 @@ async def handle(request: web.BaseRequest, gateway: Gateway) -> web.StreamRespon
     except proxy.StreamAborted as exc:
         ex.error_type = exc.error_type
         if exc.error_type.startswith("backend_"):
-            ex.forwarded.answered = exc.error_type
+            ex.backend_failed(exc.error_type)
         response = exc.response
         if request.transport is not None:
             request.transport.abort()
@@ -143,6 +157,8 @@ async def handle(request: web.BaseRequest, gateway: Gateway) -> web.StreamRespon
                   extra={"fields": {"request_id": ex.request_id, "error_type": ex.error_type}})
         response = error_response(GatewayError(500, ex.error_type, "internal gateway error"), ex.request_id)
     finally:
+        if ex.admission is not None:
+            ex.admission.release()  # harmless once judged
         gateway.metrics.inflight.dec()
         state.usage.inflight -= 1
         request.task.get_loop().call_soon(_record, gateway, state, ex, response, time.perf_counter())  # see the module
@@ -197,9 +213,10 @@ def logged(settings: LoggingConfig, status: int, error_type: str | None) -> bool
 
 async def _call_backend(
     ex: Exchange, route: CompiledRoute, target: str, headers: list[tuple[str, str]], metrics: Metrics
-) -> Response:
+) -> tuple[Response, Admission]:
     """Send through the cluster's circuit breaker, retrying what is safe to retry within its budget and
-    the route's `request_timeout`; each attempt also within `attempt_timeout`."""
+    the route's `request_timeout`; each attempt also within `attempt_timeout`. Returns the answer and its
+    breaker admission, not yet judged if its status is not a failure: `handle` judges it by its body."""
     request, body, forwarded = ex.request, ex.body, ex.forwarded
     cluster = route.cluster
     forwarded.service = cluster.service
@@ -212,29 +229,32 @@ async def _call_backend(
         deadline = request_deadline
         if route.attempt_timeout is not None:
             deadline = min(deadline, loop.time() + route.attempt_timeout)
-        with cluster.breaker.admit() as admission:
-            try:
-                backend = await proxy.send(request, cluster, target, headers, (route.timeout, deadline), body, forwarded)
-            except GatewayError as exc:
-                metrics.backend_requests.labels(service, exc.error_type).inc()
-                metrics.backend_duration.labels(service).observe(forwarded.duration)
-                if exc.status < 500 or exc.error_type == "upstream_overflow":  # not the backend's failure
-                    raise
-                admission.record(False)
-                outcome = CONNECT_FAILED if exc.error_type == "backend_unreachable" else exc.error_type
-                if _may_retry(request, cluster, retries, outcome, request_deadline):
-                    retries += 1
-                    continue
+        admission = ex.admission = cluster.breaker.admit()  # released by `handle` if nothing judges it
+        try:
+            backend = await proxy.send(request, cluster, target, headers, (route.timeout, deadline), body, forwarded)
+        except GatewayError as exc:
+            metrics.backend_requests.labels(service, exc.error_type).inc()
+            metrics.backend_duration.labels(service).observe(forwarded.duration)
+            if exc.status < 500 or exc.error_type == "upstream_overflow":  # not the backend's failure
                 raise
-            admission.record(backend.status not in BACKEND_FAILURE_STATUSES)
+            admission.record(False)
+            outcome = CONNECT_FAILED if exc.error_type == "backend_unreachable" else exc.error_type
+            if _may_retry(request, cluster, retries, outcome, request_deadline):
+                retries += 1
+                continue
+            raise
+        failed = backend.status in BACKEND_FAILURE_STATUSES
         if body is None and _may_retry(request, cluster, retries, backend.status, request_deadline):
+            admission.record(not failed)  # its body is dropped unread: the head is all there is to judge
             metrics.backend_requests.labels(service, backend.status).inc()
             metrics.backend_duration.labels(service).observe(forwarded.duration)
             backend.release()
             retries += 1
             continue
+        if failed:
+            admission.record(False)
         forwarded.answered = backend.status  # counted with the request, once its response is out
-        return backend
+        return backend, admission
 
 
 def _may_retry(request: web.BaseRequest, cluster: Cluster, retries: int, outcome: int | str, deadline: float) -> bool:

@@ -8,13 +8,16 @@ closes once that many probes have succeeded in a row, or opens again at the firs
 
 What counts as a failure is the caller's decision. How the pipeline calls a breaker:
 
-    with breaker.admit() as admission:      # raises GatewayError(503) while open
-        ... send the request ...
-        admission.record(success)            # once the backend's outcome is known
+    admission = breaker.admit()              # raises GatewayError(503) while open
+    try:
+        ... send the request, relay the answer ...
+        admission.record(success)            # once the backend's outcome is known: for an answer, once
+    finally:                                 # its body is through (a 200 head may end in a cut body)
+        admission.release()                  # or `with breaker.admit() as admission:`
 
-Leaving the `with` block without `record` (the request was cancelled, the client went away, the
-gateway itself failed) counts nothing and frees the probe slot, so a half-open breaker is never stuck
-waiting for a probe that will not report. An outcome is counted only if the breaker is still in the
+Releasing without `record` (the request was cancelled, the client went away, the gateway itself
+failed) counts nothing and frees the probe slot, so a half-open breaker is never stuck waiting for a
+probe that will not report. An outcome is counted only if the breaker is still in the
 state that admitted the request: a slow request admitted before the breaker opened cannot close it.
 """
 

@@ -179,6 +179,20 @@ async def test_keys_and_policies_have_their_own_budgets(harness: Harness) -> Non
     assert [d.allowed for d in await harness.burst(second, 3)] == [True, True, False]
 
 
+async def test_a_policy_loosened_by_a_reload_applies_to_buckets_spent_under_the_old_one(harness: Harness) -> None:
+    """The on-call engineer raises a policy (same name) from 1 an hour to 100 a minute: a client spent
+    under the old one must wait at most the new interval (0.6 s), not the rest of the old hour. Under one
+    policy a bucket's TAT never runs more than `capacity` ahead of now, so the new policy's bound holds."""
+    strict, loose = rule(requests=1, period=3600), rule(requests=100, period=60)
+    assert [d.allowed for d in await harness.burst(strict, 2)] == [True, False]
+    denied = (await harness.burst(loose, 1))[0]
+    assert not denied.allowed
+    assert denied.retry_after <= 0.6 and denied.reset_after <= 60
+    assert denied.headers()["Retry-After"] == "1"
+    await harness.advance(1)
+    assert (await harness.burst(loose, 1))[0].allowed
+
+
 async def test_buckets_live_under_ratelimit_and_expire_when_full(redis: Redis, redis_server: RedisServer, make_batch) -> None:
     limiter = RedisLimiter(make_batch(redis_server, 2.0), Metrics(), FailureMode.fail_open)
     limit_rule = rule(requests=5, period=3600)

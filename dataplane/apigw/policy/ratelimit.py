@@ -114,6 +114,8 @@ def gcra(rule: LimitRule, tat: int | None, now: int) -> tuple[bool, int, int]:
     """One decision, as the Lua script makes it: (allowed, the bucket's new TAT, microseconds to wait)."""
     if tat is None or tat < now:
         tat = now
+    elif tat > now + rule.capacity:  # spent under a stricter policy of the same name: the new one bounds it
+        tat = now + rule.capacity
     allow_at = tat + rule.interval - rule.capacity
     if now < allow_at:
         return False, tat, allow_at - now

@@ -23,21 +23,24 @@ for k = 1, #KEYS do
     else
       local tat = tonumber(got) or now
       if tat < now then tat = now end
+      -- a bucket spent under a stricter policy of the same name (a reload loosened it): the new one bounds
+      -- it, and the bound is stored, or the bucket would never refill under the new policy
+      local clamped = tat > now + capacity
+      if clamped then tat = now + capacity end
       local allow_at = tat + interval - capacity
-      if now < allow_at then
-        out[#out + 1] = 0; out[#out + 1] = tat - now; out[#out + 1] = allow_at - now
-      else
-        tat = tat + interval
+      local allowed = now >= allow_at
+      if allowed then tat = tat + interval end
+      if allowed or clamped then
         -- string.format: Redis would turn a number into text with 14 significant digits, too few (and a
         -- PX of 1e17 into '1e+17', which it refuses); the PX is capped below what Redis takes (a period of
         -- ages), as an error here would fail the check
         local px = math.min(math.ceil((tat - now) / 1000), 1e15)
         local set = redis.pcall('SET', key, string.format('%.0f', tat), 'PX', string.format('%.0f', px))
-        if set.err then
-          failed = set
-        else
-          out[#out + 1] = 1; out[#out + 1] = tat - now; out[#out + 1] = 0
-        end
+        if set.err then failed = set end
+      end
+      if not failed then
+        out[#out + 1] = allowed and 1 or 0; out[#out + 1] = tat - now
+        out[#out + 1] = allowed and 0 or allow_at - now
       end
     end
     if failed then

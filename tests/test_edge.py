@@ -17,7 +17,10 @@ from typing import Any
 
 import pytest
 import yaml
+from multidict import CIMultiDict, CIMultiDictProxy
 
+from apigw.config.model import ListenConfig
+from apigw.pipeline.proxy import Edge
 from apigw.testkit import raw, route
 from apigw.testkit.backend import Backend
 from apigw.testkit.process import GatewayProcess, ports, wait_until
@@ -353,3 +356,18 @@ async def test_a_transfer_coding_other_than_chunked_is_not_passed_on(gateway_cli
         resp = await client.get("/x")
         assert resp.status == 502
         assert access_lines(client)[-1]["error_type"] == "backend_invalid_response"
+
+
+@pytest.mark.parametrize("peer, forwarded_for, client", [
+    ("10.0.0.5", "198.51.100.7", "198.51.100.7"),
+    ("::ffff:10.0.0.5", "198.51.100.7", "198.51.100.7"),  # a dual-stack listener's IPv4 peer
+    ("10.0.0.5", "198.51.100.7, ::ffff:10.0.0.6", "198.51.100.7"),  # an inner proxy writes its peer mapped
+    ("10.0.0.5", "::ffff:198.51.100.7", "198.51.100.7"),  # one client, one bucket, however it is written
+])
+def test_an_ipv4_mapped_address_is_its_ipv4_address(peer: str, forwarded_for: str, client: str) -> None:
+    """`::ffff:a.b.c.d` is a.b.c.d (as nginx's realip and access modules read it): a trusted proxy seen
+    through a dual-stack socket or written so by another proxy is still trusted, else every client behind
+    it shares the proxy's rate limit bucket; and a client gets one bucket, not one per spelling."""
+    edge = Edge(ListenConfig(trusted_proxies=["10.0.0.0/8"]), ())
+    assert edge.is_trusted(peer)
+    assert edge.client_ip(peer, CIMultiDictProxy(CIMultiDict({"X-Forwarded-For": forwarded_for}))) == client

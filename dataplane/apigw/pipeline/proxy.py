@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from ipaddress import ip_address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -115,7 +115,7 @@ class Edge:
 
     def _is_trusted(self, address: str) -> bool:
         try:
-            ip = ip_address(address)
+            ip = _unmapped(address)
         except ValueError:
             return False
         return any(ip in network for network in self.trusted_networks)
@@ -128,12 +128,19 @@ class Edge:
         for hop in reversed(hops):
             hop = hop.strip()
             try:
-                client = str(ip_address(hop))
+                client = str(_unmapped(hop))
             except ValueError:
                 return client
             if not self.is_trusted(client):
                 return client
         return client
+
+
+def _unmapped(address: str) -> IPv4Address | IPv6Address:
+    """`address` as an IP address, an IPv4-mapped one (`::ffff:a.b.c.d`, a dual-stack socket's IPv4 peer) as
+    its IPv4 address: one client, one rate limit bucket, and `trusted_proxies` in IPv4 match it."""
+    ip = ip_address(address)
+    return getattr(ip, "ipv4_mapped", None) or ip
 
 
 def request_headers(

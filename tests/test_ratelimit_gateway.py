@@ -142,3 +142,17 @@ async def test_two_gateway_processes_share_one_limit(tmp_path: Path, backend: Ba
             await asyncio.to_thread(gateway.stop)
     assert counts[200] + counts[429] == 800
     assert abs(counts[200] - limit) <= max(1, limit // 100), counts
+
+
+async def test_a_second_copy_of_the_key_header_does_not_buy_a_fresh_budget(gateway_client, backend: Backend) -> None:
+    """A policy keyed by `X-Api-Key`: a client sending junk first and its real key second must not spend the
+    junk's fresh bucket while a backend reading the last copy serves the real key (as two Authorization
+    headers are refused: a backend reading another copy would see what the gateway never checked)."""
+    config = limited(backend.url, None, requests=1)
+    config["policies"][0]["key"] = {"type": "header", "name": "X-Api-Key"}
+    client = await gateway_client(config)
+    statuses = [
+        (await client.get("/a", headers=[("X-Api-Key", f"junk-{i}"), ("X-Api-Key", "real")])).status for i in range(3)
+    ]
+    assert statuses.count(200) <= 1, statuses
+    assert len(backend.seen) <= 1

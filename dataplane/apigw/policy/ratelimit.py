@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from multidict import CIMultiDict, CIMultiDictProxy
 from redis.exceptions import RedisError
 
 from apigw.config.model import Config, FailureMode, LimitKey, Policy
@@ -122,17 +123,22 @@ def gcra(rule: LimitRule, tat: int | None, now: int) -> tuple[bool, int, int]:
     return True, tat + rule.interval, 0
 
 
-def limit_key(key: LimitKey, client_ip: str, headers: Mapping[str, str], claims: Mapping[str, Any] | None) -> str:
+def limit_key(
+    key: LimitKey, client_ip: str, headers: CIMultiDictProxy[str] | CIMultiDict[str], claims: Mapping[str, Any] | None
+) -> str:
     """Whose budget a request spends: its client IP, a header's value, or a JWT claim.
 
     Without the header or claim a request spends its client IP's budget: one shared bucket for all such
     requests would let a single client starve the others. Header values are hashed because they may be
-    credentials (API keys) and Redis keys are read by people.
+    credentials (API keys) and Redis keys are read by people. More than one copy of the header is refused:
+    a backend reading another copy than the first would serve a key whose budget was never spent.
     """
     if key.type == "header":
-        value = headers.get(key.name)  # type: ignore[arg-type]
-        if value:
-            return "header:" + _digest(value)
+        values = headers.getall(key.name, ())  # type: ignore[arg-type]
+        if len(values) > 1:
+            raise GatewayError(400, "bad_header", f"more than one {key.name} header (the rate limit key)")
+        if values and values[0]:
+            return "header:" + _digest(values[0])
     elif key.type == "claim" and claims:
         value = claims.get(key.name)  # type: ignore[arg-type]
         if value is not None and value != "":

@@ -54,3 +54,25 @@ def test_the_script_and_the_in_process_limiter_decide_alike(
         tat = tat_after
         in_redis = script(keys=[key], args=["L", rule.interval, rule.capacity, now])
         assert in_redis == [int(allowed), tat_after - now, retry_in]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    policies=st.lists(st.tuples(st.integers(1, 20), st.integers(10, 7200), st.integers(0, 5)), min_size=2, max_size=3),
+    steps=st.lists(st.tuples(st.integers(0, 30_000_000), st.integers(0, 2)), min_size=1, max_size=25),
+)
+def test_they_decide_alike_when_a_reload_changes_the_policy(
+    script: redis.client.Script, policies: list[tuple[int, int, int]], steps: list[tuple[int, int]]
+) -> None:
+    """One bucket under policies of one name that reloads change back and forth (stricter, looser): the
+    TAT a stricter one left behind is bounded alike by both, and stored alike, denials included."""
+    rules = [LimitRule.from_policy(Policy(name="p", requests=r, period=p, burst=b)) for r, p, b in policies]
+    key = f"parity-reload:{policies}:{steps}"
+    script.registered_client.delete(key)
+    now, tat = START, None
+    for step, which in steps:
+        rule = rules[which % len(rules)]
+        now += step
+        allowed, tat, retry_in = gcra(rule, tat, now)
+        in_redis = script(keys=[key], args=["L", rule.interval, rule.capacity, now])
+        assert in_redis == [int(allowed), tat - now, retry_in]

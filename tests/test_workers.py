@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from apigw.testkit.process import (
@@ -138,6 +139,29 @@ def _listens(pid: int, port: int) -> bool:
         if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # 0A: LISTEN
             inodes.add(f"socket:[{fields[9]}]")
     return any(os.readlink(fd) in inodes for fd in Path(f"/proc/{pid}/fd").iterdir())
+
+
+@pytest.mark.xfail(strict=True, reason="known: each worker keeps its own in-process buckets; the lead decides the fix")
+def test_without_redis_a_replicas_workers_together_allow_the_limit(tmp_path: Path) -> None:
+    """The README: without `redis` limiter state is in-process, "per replica". With two workers and no
+    Redis each worker has a budget of its own, so a replica lets twice the policy through."""
+    port, metrics_port = ports()
+    with BackendProcess() as backend:
+        config = tmp_path / "gw.yaml"
+        config.write_text(yaml.safe_dump({
+            "listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port, "workers": 2},
+            "policies": [{"name": "p", "requests": 5, "period": "1h"}],
+            "routes": [{"name": "echo", "backend": {"service": "echo", "url": backend.url}, "ratelimit": "p"}],
+        }))
+        gateway = GatewayProcess(config, port, metrics_port)
+        gateway.start()
+        try:
+            wait_until(lambda: len(_worker_pids(gateway)) == 2, timeout=20, what="both workers ready")
+            statuses = [http_status(f"http://127.0.0.1:{port}/x") for _ in range(40)]
+        finally:
+            gateway.stop()
+    assert set(statuses) == {200, 429}
+    assert statuses.count(200) == 5
 
 
 def test_workers_flag_must_be_positive(tmp_path: Path) -> None:

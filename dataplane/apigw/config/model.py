@@ -377,6 +377,20 @@ class Policy(Strict):
     """Extra requests allowed at once on top of the steady rate."""
     key: LimitKey = Field(default_factory=LimitKey)
 
+    @model_validator(mode="after")
+    def _within_the_limiter(self) -> Policy:
+        """The limiter counts whole microseconds, in Redis in doubles (exact to 2^53) and 64-bit replies."""
+        if self.requests > self.period * 1_000_000:
+            raise ValueError("more than one request a microsecond (requests / period) is finer than the limiter counts")
+        if (self.requests + self.burst) * self.period / self.requests > MAX_REFILL:
+            raise ValueError("a bucket that takes more than 100 years to refill ((requests + burst) * period / "
+                             "requests) is more than the limiter keeps")
+        return self
+
+
+MAX_REFILL = 100 * 365 * 86400
+"""Seconds: a bucket's TAT stays exact in the script's doubles (2^53 microseconds from 1970) to the 2140s."""
+
 
 def _normal_path(value: str, what: str = "") -> str:
     """A path a route names must be in the normal form requests are matched in (see `apigw.http.target`)."""

@@ -105,3 +105,35 @@ def test_an_unusable_renewal_is_reported_by_health_and_the_old_certificate_serve
         assert served_certificate(tls_port).serial_number == first.serial_number
         error = gateway.details()["last_reload_error"]
         assert error is not None and error.startswith(f"listen.tls: cannot load {cert} with {key}: ")
+
+
+HANDSHAKE_BOUND = 10.0
+"""Seconds by which a stalled handshake must have been cut (the event loop's own default is 60)."""
+
+
+def test_a_client_that_never_finishes_its_handshake_is_cut_off(tmp_path: Path) -> None:
+    """A client that connects to the TLS port and sends nothing, or half a ClientHello, holds the connection
+    no longer than `listen.request_head_timeout`, as on the plain port: the handshake is part of the head."""
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    write_self_signed(cert, key)
+    port, metrics_port = ports()
+    tls_port = free_port()
+    config = tmp_path / "gw.yaml"
+    config.write_text(yaml.safe_dump({
+        "listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port, "tls_port": tls_port,
+                   "request_head_timeout": 1, "idle_timeout": 2,
+                   "tls": {"cert_file": str(cert), "key_file": str(key)}},
+        "routes": [],
+    }))
+    with GatewayProcess(config, port, metrics_port):
+        for first_bytes in (b"", b"\x16\x03\x01\x02\x00\x01"):  # nothing; the start of a ClientHello
+            with socket.create_connection(("127.0.0.1", tls_port), timeout=HANDSHAKE_BOUND) as raw:
+                raw.sendall(first_bytes)
+                started = time.monotonic()
+                try:
+                    closed = raw.recv(1) == b""
+                except TimeoutError:
+                    closed = False
+                except ConnectionResetError:
+                    closed = True
+                assert closed and time.monotonic() - started < HANDSHAKE_BOUND, first_bytes

@@ -26,7 +26,7 @@ from apigw.server.connection import GatewayRunner, TrafficRunner
 from apigw.server.debug import debug_app
 from apigw.server.health import TRAFFIC_HEALTH, StatusFile, with_details
 from apigw.server.reload import Reloader
-from apigw.server.tls import ServerTLS
+from apigw.server.tls import ServerTLS, TLSSite
 from apigw.server.workers import METRICS_DIR_ENV, WORKER_ENV, supervise
 
 log = logging.getLogger("apigw.server")
@@ -107,8 +107,9 @@ async def serve(config_path: Path, workers: int | None = None, debug_port: int |
         runners.append(side_runner)
         sites.append(web.TCPSite(side_runner, address, port))
     if tls is not None:
-        sites.append(web.TCPSite(
-            runner, listen.address, listen.tls_port, ssl_context=tls.context, backlog=BACKLOG, reuse_port=worker
+        sites.append(TLSSite(
+            runner, listen.address, listen.tls_port, ssl_context=tls.context, backlog=BACKLOG, reuse_port=worker,
+            handshake_timeout=listen.request_head_timeout,
         ))
     try:
         for site in sites:

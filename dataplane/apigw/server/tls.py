@@ -6,9 +6,12 @@ dropped connections. The certificate's notAfter is exported for the expiry alert
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from pathlib import Path
+from typing import Any
 
+from aiohttp import web
 from cryptography import x509
 
 from apigw.config.errors import ConfigError
@@ -52,3 +55,24 @@ def certificate_expiry(path: Path) -> float:
     except ValueError:
         raise ConfigError([f"listen.tls.cert_file: {path} is not a PEM certificate"]) from None
     return certificate.not_valid_after_utc.timestamp()
+
+
+class TLSSite(web.TCPSite):
+    """The TLS port's site, its handshakes bounded by `handshake_timeout` (the gateway passes
+    `listen.request_head_timeout`): the connection handler, and with it the head timer, only starts once a
+    handshake is done, and aiohttp's TCPSite leaves the bound at the event loop's default of 60s, for which a
+    client that connects and never finishes its handshake would hold the connection."""
+
+    def __init__(self, *args: Any, handshake_timeout: float, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._handshake_timeout = handshake_timeout
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with its runner; TCPSite.start would listen too
+        assert self._runner.server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            self._runner.server, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
+            reuse_address=self._reuse_address, reuse_port=self._reuse_port,
+            ssl_handshake_timeout=self._handshake_timeout,
+        )
+        self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port

@@ -169,6 +169,24 @@ async def test_an_https_backend_is_checked_by_ca_and_name_and_shown_a_client_cer
             assert resp.status == 502, path  # refused before any request went out
 
 
+async def test_a_backend_certificate_refused_is_logged_with_why(
+    gateway_client, pki: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A backend whose certificate is refused (expired here, or for another name) is a 502 like a backend
+    that is down, and the logs must say it was its certificate, and why: else on-call, finding the
+    backend's pods healthy and answering, has nothing to go on."""
+    write_self_signed(pki["server"], pki["server_key"], days=-1, name="users.internal")
+    async with https_backend(pki, require_client_cert=False) as url:
+        tls = {"ca_file": str(pki["server"]), "server_name": "users.internal"}
+        client = await gateway_client({"routes": [
+            {"name": "expired", "backend": {"service": "users", "url": url, "tls": tls}}]})
+        resp = await client.get("/x")
+    assert resp.status == 502 and access_lines(client)[-1]["error_type"] == "backend_unreachable"
+    refusals = [record for record in caplog.records if record.levelname == "WARNING" and "certificate" in record.getMessage()]
+    assert refusals, [record.getMessage() for record in caplog.records]
+    assert "users" in refusals[0].getMessage() and "certificate has expired" in refusals[0].getMessage()
+
+
 async def test_unusable_tls_files_are_a_located_config_error(tmp_path: Path, pki: dict[str, Path]) -> None:
     import yaml
 

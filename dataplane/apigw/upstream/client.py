@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 from collections import deque
 from collections.abc import AsyncIterable
@@ -34,6 +35,8 @@ REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 LENGTH_EXPECTED = frozenset({"POST", "PUT", "PATCH"})
 """Methods sent with `Content-Length: 0` when they carry no body (some servers answer 411 otherwise)."""
 
+log = logging.getLogger("apigw.upstream")
+
 
 class BackendError(Exception):
     """No usable response. `kind`: `unreachable` (no connection), `timeout`, `reset` (the backend
@@ -53,8 +56,10 @@ class Pool:
 
     def __init__(
         self, url: URL, *, max_connections: int = 1024, max_pending: int = 1024,
-        ssl_context: ssl.SSLContext | None = None, server_hostname: str | None = None,
+        ssl_context: ssl.SSLContext | None = None, server_hostname: str | None = None, service: str = "",
     ):
+        self.service = service
+        """The backend's service, for the logs."""
         self.host = url.raw_host or ""
         self.port = url.port
         self.ssl = ssl_context or (ssl.create_default_context() if url.scheme == "https" else None)
@@ -153,7 +158,10 @@ class Pool:
                 self._slot_freed()
             if isinstance(exc, TimeoutError):
                 raise BackendError("timeout", f"no connection within {timeout:g} s") from None
-            if isinstance(exc, OSError):  # ssl.SSLError (a certificate refused) is one
+            if isinstance(exc, ssl.SSLError):  # a certificate refused: only this line tells it from a backend down
+                log.warning("backend %s: TLS handshake with %s:%s failed: %s", self.service, self.host, self.port, exc,
+                            extra={"fields": {"backend_service": self.service}})
+            if isinstance(exc, OSError):  # ssl.SSLError is one
                 raise BackendError("unreachable", str(exc)) from None
             raise
         return conn

@@ -57,6 +57,7 @@ class Cluster:
         self.pool = Pool(
             url, max_connections=settings.max_connections, max_pending=settings.max_pending,
             ssl_context=settings.ssl, server_hostname=settings.tls.server_name if settings.tls else None,
+            service=settings.service,
         )
         self.connect_timeout = settings.connect_timeout
         self.retries = settings.retries

@@ -137,3 +137,24 @@ def test_a_client_that_never_finishes_its_handshake_is_cut_off(tmp_path: Path) -
                 except ConnectionResetError:
                     closed = True
                 assert closed and time.monotonic() - started < HANDSHAKE_BOUND, first_bytes
+
+
+def test_an_expired_certificate_is_served_and_said_so(tmp_path: Path) -> None:
+    """An expired certificate at start (or renewed into one) is still served, better than no TLS port at all,
+    but the log must say so, naming the file and the time it expired: every verifying client now fails its
+    handshake, and those failures are logged nowhere."""
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    expired = write_self_signed(cert, key, days=-2)
+    port, metrics_port = ports()
+    tls_port = free_port()
+    config = tmp_path / "gw.yaml"
+    config.write_text(yaml.safe_dump({
+        "listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port, "tls_port": tls_port,
+                   "tls": {"cert_file": str(cert), "key_file": str(key)}},
+        "routes": [],
+    }))
+    with GatewayProcess(config, port, metrics_port) as gateway:
+        assert served_certificate(tls_port).serial_number == expired.serial_number
+        warnings = [line for line in gateway.log_lines() if line["level"] == "warning" and str(cert) in line["msg"]]
+        assert warnings, gateway.log_text()
+        assert "expired" in warnings[0]["msg"] and expired.not_valid_after_utc.isoformat() in warnings[0]["msg"]

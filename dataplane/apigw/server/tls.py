@@ -7,7 +7,10 @@ dropped connections. The certificate's notAfter is exported for the expiry alert
 from __future__ import annotations
 
 import asyncio
+import datetime
+import logging
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,8 @@ from cryptography import x509
 from apigw.config.errors import ConfigError
 from apigw.config.model import TLSFiles
 from apigw.observability.metrics import Metrics
+
+log = logging.getLogger("apigw.server")
 
 
 class ServerTLS:
@@ -32,6 +37,9 @@ class ServerTLS:
         self.context.load_cert_chain(files.cert_file, files.key_file)
         self.files = files
         self.metrics.tls_expiry.set(expiry)
+        if expiry <= time.time():  # served all the same: better than no TLS port, and most clients refuse it
+            log.warning("listen.tls: the certificate %s expired at %s; serving it until a renewal comes", files.cert_file,
+                        datetime.datetime.fromtimestamp(expiry, datetime.UTC).isoformat())
 
     def watched_files(self) -> list[Path]:
         return [self.files.cert_file, self.files.key_file]

@@ -187,6 +187,41 @@ async def test_a_backend_certificate_refused_is_logged_with_why(
     assert "users" in refusals[0].getMessage() and "certificate has expired" in refusals[0].getMessage()
 
 
+async def test_renewed_backend_tls_files_are_loaded_without_a_config_change(
+    aiohttp_client, traffic_server, pki: dict[str, Path], tmp_path: Path
+) -> None:
+    """cert-manager renews a backend's CA bundle and the gateway's client certificate in their Secret volume,
+    and nothing else changes: the files are watched as the listener's are, or the gateway keeps the old ones
+    until some config change (an outage, once the old client certificate expires)."""
+    import yaml
+
+    from apigw.config.loader import load_config
+    from apigw.observability.metrics import Metrics
+    from apigw.pipeline.state import Gateway
+    from apigw.server.reload import Reloader
+
+    ca_file = tmp_path / "ca.pem"
+    write_self_signed(ca_file, tmp_path / "other.key", name="users.internal")  # not the backend's certificate
+    async with https_backend(pki, require_client_cert=False) as url:
+        path = tmp_path / "gw.yaml"
+        path.write_text(yaml.safe_dump({"routes": [{"name": "users", "backend": {
+            "service": "users", "url": url, "tls": {"ca_file": str(ca_file), "server_name": "users.internal"}}}]}))
+        gateway = Gateway.create(load_config(path), Metrics())
+        client = await aiohttp_client(await traffic_server(gateway))
+        reloader = Reloader(gateway, path, None, interval=0.1)
+        watch = asyncio.create_task(reloader.watch())
+        try:
+            assert (await client.get("/x")).status == 502
+            ca_file.write_bytes(pki["server"].read_bytes())  # the renewed bundle
+            deadline = time.monotonic() + 10  # the settle time of a file written in place, and then some
+            while (status := (await client.get("/x")).status) != 200 and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            assert status == 200
+        finally:
+            watch.cancel()
+            await reloader.close()
+
+
 async def test_unusable_tls_files_are_a_located_config_error(tmp_path: Path, pki: dict[str, Path]) -> None:
     import yaml
 

@@ -477,6 +477,10 @@ class BackendTLS(Strict):
     """The gateway's client certificate (PEM), for backends that ask for one; with `key_file`."""
     key_file: Path | None = None
 
+    def files(self) -> list[Path]:
+        """Those given: read into the backend's TLS context, and watched for renewals."""
+        return [file for file in (self.ca_file, self.cert_file, self.key_file) if file is not None]
+
     @model_validator(mode="after")
     def _cert_with_key(self) -> BackendTLS:
         if (self.cert_file is None) != (self.key_file is None):

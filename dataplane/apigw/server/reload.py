@@ -145,6 +145,7 @@ class Reloader:
             files = [self.path]
         files += shard_files(self.path)
         files += self.gateway.state.auth.watched_files()
+        files += self.gateway.shared.clusters.watched_files()
         if self.tls is not None:
             files += self.tls.watched_files()
         return files

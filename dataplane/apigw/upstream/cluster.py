@@ -15,6 +15,7 @@ import logging
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from yarl import URL
 
@@ -98,9 +99,8 @@ def _tls(settings: BackendTLS, where: str) -> tuple[ssl.SSLContext, str]:
     """The client context for an https backend, and a digest of the files it was made from."""
     digest = hashlib.sha256()
     try:
-        for file in (settings.ca_file, settings.cert_file, settings.key_file):
-            if file is not None:
-                digest.update(file.read_bytes())
+        for file in settings.files():
+            digest.update(file.read_bytes())
         context = ssl.create_default_context(cafile=settings.ca_file)
         if settings.cert_file is not None:
             context.load_cert_chain(settings.cert_file, settings.key_file)
@@ -122,6 +122,10 @@ class Clusters:
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self._clusters.values())
+
+    def watched_files(self) -> list[Path]:
+        """The backends' TLS files: a renewal makes a reload, which gives their clusters new contexts."""
+        return [file for cluster in self._clusters.values() if cluster.settings.tls for file in cluster.settings.tls.files()]
 
     def update(self, settings_by_service: Mapping[str, ClusterSettings]) -> list[Cluster]:
         """Keep the clusters whose settings are unchanged (same object, same state), make new ones for

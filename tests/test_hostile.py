@@ -44,6 +44,16 @@ async def exchange(port: int, raw: bytes) -> bytes:
         await writer.wait_closed()
 
 
+async def until_closed(port: int, raw: bytes, timeout: float = 10) -> bytes:
+    """Send `raw` on one connection; everything the gateway answers until it closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(raw)
+    try:
+        return await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+
+
 def status_of(response: bytes) -> int:
     return int(response.split(b" ", 2)[1])
 
@@ -165,12 +175,7 @@ async def test_transfer_encoding_in_an_http_1_0_request_is_refused_and_the_conne
     framing, close the connection). Nothing after it on the connection may be read as a request."""
     raw = (b"POST /x HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
            b"3\r\nabc\r\n0\r\n\r\nGET /smuggled HTTP/1.0\r\nHost: x\r\n\r\n")
-    reader, writer = await asyncio.open_connection("127.0.0.1", gateway_port)
-    writer.write(raw)
-    try:
-        response = await asyncio.wait_for(reader.read(), 10)  # to the gateway's close
-    finally:
-        writer.close()
+    response = await until_closed(gateway_port, raw)
     head, _, body = response.partition(b"\r\n\r\n")
     assert status_of(response) == 400, response
     assert b"Content-Length: %d\r\n" % len(body) in head, response  # the one answer, then the close
@@ -189,12 +194,9 @@ async def test_a_body_refused_as_too_large_is_skipped_and_the_next_request_answe
     body = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n".ljust(100, b"x")
     framed = (b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if chunked
               else b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    writer.write(b"POST /x HTTP/1.1\r\nHost: x\r\n" + framed + b"GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    try:
-        answers = await asyncio.wait_for(reader.read(), 10)
-    finally:
-        writer.close()
+    answers = await until_closed(
+        server.port, b"POST /x HTTP/1.1\r\nHost: x\r\n" + framed + b"GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
     assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answers) == [b"413", b"200"], answers
     assert "/after" in backend.seen and "/smuggled" not in backend.seen
 
@@ -273,12 +275,7 @@ async def test_a_request_asking_to_upgrade_is_answered_and_its_connection_closed
     unanswered, for the idle timeout. Answered, then closed, so the client retries it at once."""
     raw = (b"GET /first HTTP/1.1\r\nHost: x\r\nUpgrade: %s\r\nConnection: Upgrade\r\n\r\n"
            b"GET /second HTTP/1.1\r\nHost: x\r\n\r\n" % upgrade)
-    reader, writer = await asyncio.open_connection("127.0.0.1", gateway_port)
-    writer.write(raw)
-    try:
-        answers = await asyncio.wait_for(reader.read(), 5)  # to the gateway's close
-    finally:
-        writer.close()
+    answers = await until_closed(gateway_port, raw, timeout=5)  # well before the idle timeout
     assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answers) == [b"200"], answers
     assert b"\r\nConnection: close\r\n" in answers.partition(b"\r\n\r\n")[0] + b"\r\n", answers
     assert backend.seen == ["/first"]

@@ -25,18 +25,24 @@ def served_certificate(port: int) -> x509.Certificate:
     return x509.load_der_x509_certificate(der)
 
 
-def test_tls_served_and_renewed_without_restart(tmp_path: Path) -> None:
-    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
-    first = write_self_signed(cert, key, days=30)
+def tls_gateway(tmp_path: Path, cert: Path, key: Path, **listen: object) -> tuple[GatewayProcess, int]:
+    """A gateway (not started) serving `cert` and `key` on its TLS port, with no route; and that port."""
     port, metrics_port = ports()
     tls_port = free_port()
     config = tmp_path / "gw.yaml"
     config.write_text(yaml.safe_dump({
         "listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port, "tls_port": tls_port,
-                   "tls": {"cert_file": str(cert), "key_file": str(key)}},
+                   "tls": {"cert_file": str(cert), "key_file": str(key)}, **listen},
         "routes": [],
     }))
-    with GatewayProcess(config, port, metrics_port) as gateway:
+    return GatewayProcess(config, port, metrics_port), tls_port
+
+
+def test_tls_served_and_renewed_without_restart(tmp_path: Path) -> None:
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    first = write_self_signed(cert, key, days=30)
+    gateway_process, tls_port = tls_gateway(tmp_path, cert, key)
+    with gateway_process as gateway:
         assert served_certificate(tls_port).serial_number == first.serial_number
         assert _metric(gateway.metrics()) == first.not_valid_after_utc.timestamp()
 
@@ -49,8 +55,8 @@ def test_tls_served_and_renewed_without_restart(tmp_path: Path) -> None:
         assert gateway.process is not None and gateway.process.poll() is None
 
         # A renewal is served even while the config is broken (the config change itself is rejected).
-        good = config.read_text()
-        config.write_text(good + "routes: [{name: broken}]\n")
+        good = gateway.config.read_text()
+        gateway.config.write_text(good + "routes: [{name: broken}]\n")
         third = write_self_signed(cert, key, days=120)
         deadline = time.monotonic() + 10
         while served_certificate(tls_port).serial_number != third.serial_number:
@@ -86,15 +92,8 @@ def test_an_unusable_renewal_is_reported_by_health_and_the_old_certificate_serve
     for a rejected config, until a usable one comes."""
     cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
     first = write_self_signed(cert, key, days=30)
-    port, metrics_port = ports()
-    tls_port = free_port()
-    config = tmp_path / "gw.yaml"
-    config.write_text(yaml.safe_dump({
-        "listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port, "tls_port": tls_port,
-                   "tls": {"cert_file": str(cert), "key_file": str(key)}},
-        "routes": [],
-    }))
-    with GatewayProcess(config, port, metrics_port) as gateway:
+    gateway_process, tls_port = tls_gateway(tmp_path, cert, key)
+    with gateway_process as gateway:
         old_key = key.read_bytes()
         write_self_signed(cert, tmp_path / "other.key", days=90)  # the certificate renewed, its key not
         key.write_bytes(old_key)
@@ -116,16 +115,8 @@ def test_a_client_that_never_finishes_its_handshake_is_cut_off(tmp_path: Path) -
     no longer than `listen.request_head_timeout`, as on the plain port: the handshake is part of the head."""
     cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
     write_self_signed(cert, key)
-    port, metrics_port = ports()
-    tls_port = free_port()
-    config = tmp_path / "gw.yaml"
-    config.write_text(yaml.safe_dump({
-        "listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port, "tls_port": tls_port,
-                   "request_head_timeout": 1, "idle_timeout": 2,
-                   "tls": {"cert_file": str(cert), "key_file": str(key)}},
-        "routes": [],
-    }))
-    with GatewayProcess(config, port, metrics_port):
+    gateway_process, tls_port = tls_gateway(tmp_path, cert, key, request_head_timeout=1, idle_timeout=2)
+    with gateway_process:
         for first_bytes in (b"", b"\x16\x03\x01\x02\x00\x01"):  # nothing; the start of a ClientHello
             with socket.create_connection(("127.0.0.1", tls_port), timeout=HANDSHAKE_BOUND) as raw:
                 raw.sendall(first_bytes)
@@ -145,15 +136,8 @@ def test_an_expired_certificate_is_served_and_said_so(tmp_path: Path) -> None:
     handshake, and those failures are logged nowhere."""
     cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
     expired = write_self_signed(cert, key, days=-2)
-    port, metrics_port = ports()
-    tls_port = free_port()
-    config = tmp_path / "gw.yaml"
-    config.write_text(yaml.safe_dump({
-        "listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port, "tls_port": tls_port,
-                   "tls": {"cert_file": str(cert), "key_file": str(key)}},
-        "routes": [],
-    }))
-    with GatewayProcess(config, port, metrics_port) as gateway:
+    gateway_process, tls_port = tls_gateway(tmp_path, cert, key)
+    with gateway_process as gateway:
         assert served_certificate(tls_port).serial_number == expired.serial_number
         warnings = [line for line in gateway.log_lines() if line["level"] == "warning" and str(cert) in line["msg"]]
         assert warnings, gateway.log_text()

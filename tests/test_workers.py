@@ -26,6 +26,19 @@ def metric_value(text: str, line_start: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start))
 
 
+def two_workers(tmp_path: Path, **config: object) -> GatewayProcess:
+    """A gateway (not started) with `--workers 2` from its config, and `config`'s other settings (by
+    default one route to a backend nobody listens on)."""
+    port, metrics_port = ports()
+    path = tmp_path / "gw.yaml"
+    path.write_text(yaml.safe_dump({
+        "listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port, "workers": 2},
+        "routes": [{"name": "echo", "backend": {"service": "echo", "url": "http://127.0.0.1:9"}}],
+        **config,
+    }))
+    return GatewayProcess(path, port, metrics_port)
+
+
 def test_two_workers_share_the_port_and_the_metrics(tmp_path: Path) -> None:
     port, metrics_port = ports()
     with BackendProcess() as backend:
@@ -145,19 +158,15 @@ def _listens(pid: int, port: int) -> bool:
 def test_without_redis_a_replicas_workers_together_allow_the_limit(tmp_path: Path) -> None:
     """The README: without `redis` limiter state is in-process, "per replica". With two workers and no
     Redis each worker has a budget of its own, so a replica lets twice the policy through."""
-    port, metrics_port = ports()
     with BackendProcess() as backend:
-        config = tmp_path / "gw.yaml"
-        config.write_text(yaml.safe_dump({
-            "listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port, "workers": 2},
-            "policies": [{"name": "p", "requests": 5, "period": "1h"}],
-            "routes": [{"name": "echo", "backend": {"service": "echo", "url": backend.url}, "ratelimit": "p"}],
-        }))
-        gateway = GatewayProcess(config, port, metrics_port)
+        gateway = two_workers(
+            tmp_path, policies=[{"name": "p", "requests": 5, "period": "1h"}],
+            routes=[{"name": "echo", "backend": {"service": "echo", "url": backend.url}, "ratelimit": "p"}],
+        )
         gateway.start()
         try:
             wait_until(lambda: len(_worker_pids(gateway)) == 2, timeout=20, what="both workers ready")
-            statuses = [http_status(f"http://127.0.0.1:{port}/x") for _ in range(40)]
+            statuses = [http_status(f"{gateway.url}/x") for _ in range(40)]
         finally:
             gateway.stop()
     assert set(statuses) == {200, 429}
@@ -174,13 +183,7 @@ def test_workers_flag_must_be_positive(tmp_path: Path) -> None:
 def test_process_cpu_seconds_never_goes_down_when_a_worker_dies(tmp_path: Path) -> None:
     """`process_cpu_seconds_total` is a counter: a worker's CPU time must stay in it after the worker exits,
     or Prometheus takes the drop for a reset and `rate()` shows the whole pod's past CPU as a spike."""
-    port, metrics_port = ports()
-    config = tmp_path / "gw.yaml"
-    config.write_text(yaml.safe_dump({
-        "listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port, "workers": 2},
-        "routes": [{"name": "echo", "backend": {"service": "echo", "url": "http://127.0.0.1:9"}}],
-    }))
-    gateway = GatewayProcess(config, port, metrics_port)
+    gateway = two_workers(tmp_path)
     gateway.start()
     try:
         wait_until(lambda: len(_worker_pids(gateway)) == 2, timeout=20, what="both workers ready")
@@ -201,13 +204,7 @@ def test_sigterm_as_the_workers_start_stops_them_and_exits_0(tmp_path: Path) -> 
     """A pod may be deleted as soon as it starts (a rollout undone, a scale-down): a SIGTERM that comes while
     the supervisor is still starting its workers stops them too, and the stop is a clean one (exit 0),
     not a worker left serving with a supervisor waiting for it until the kubelet's SIGKILL."""
-    port, metrics_port = ports()
-    config = tmp_path / "gw.yaml"
-    config.write_text(yaml.safe_dump({
-        "listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port, "workers": 2},
-        "routes": [{"name": "echo", "backend": {"service": "echo", "url": "http://127.0.0.1:9"}}],
-    }))
-    gateway = GatewayProcess(config, port, metrics_port)
+    gateway = two_workers(tmp_path)
     gateway.start(wait=False)
     try:
         while "supervising 2 workers" not in gateway.log_text():  # logged just before the workers are started

@@ -372,8 +372,8 @@ def _redacted(value: Any) -> Any:
         scheme, _, rest = value.partition("://")
         userinfo, _, host = rest.rpartition("@")
         return f"{scheme}://{userinfo.partition(':')[0]}:***@{host}" if userinfo else value
-    if isinstance(value, str) and "@" in value:  # a mistyped scheme (`redis:/:password@host`)
-        head, _, host = value.rpartition("@")
+    head, at, host = value.rpartition("@") if isinstance(value, str) else ("", "", "")
+    if at and ":" in head:  # a mistyped scheme (`redis:/:password@host`); not an address such as ops@example.com
         return f"{re.split('[:/]', head)[0]}:***@{host}"
     return value
 

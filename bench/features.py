@@ -118,7 +118,8 @@ def run(args: argparse.Namespace, tmp: Path, procs: Processes) -> None:
                     config = variant_config(name, backend_url, server.url, tmp / "jwt.pem")
                     gateways[f"{name}@base"] = start_gateway(tmp, f"gateway-{name}-base", config, args.baseline)
                     loads[f"{name}@base"] = (  # a place in the tokens of its own: see cycle_script
-                        {"script": cycle_script(tmp / "tokens.txt", tmp / "cycle-base")} if name == "cold" else loads[name])
+                        {"script": cycle_script(tmp / "tokens.txt", tmp / "cycle-base")} if name == "cold"
+                        else loads[name])
             for name, gateway in gateways.items():
                 wrk(gateway.url + "/", 2, args.connections, **loads[name])  # warm-up: pools, caches
             rounds: dict[str, list[float]] = {name: [] for name in gateways}

@@ -38,8 +38,8 @@ class ServerTLS:
         self.files = files
         self.metrics.tls_expiry.set(expiry)
         if expiry <= time.time():  # served all the same: better than no TLS port, and most clients refuse it
-            log.warning("listen.tls: the certificate %s expired at %s; serving it until a renewal comes", files.cert_file,
-                        datetime.datetime.fromtimestamp(expiry, datetime.UTC).isoformat())
+            log.warning("listen.tls: the certificate %s expired at %s; serving it until a renewal comes",
+                        files.cert_file, datetime.datetime.fromtimestamp(expiry, datetime.UTC).isoformat())
 
     def watched_files(self) -> list[Path]:
         return [self.files.cert_file, self.files.key_file]

@@ -125,7 +125,8 @@ class Clusters:
 
     def watched_files(self) -> list[Path]:
         """The backends' TLS files: a renewal makes a reload, which gives their clusters new contexts."""
-        return [file for cluster in self._clusters.values() if cluster.settings.tls for file in cluster.settings.tls.files()]
+        return [file for cluster in self._clusters.values() if cluster.settings.tls
+                for file in cluster.settings.tls.files()]
 
     def update(self, settings_by_service: Mapping[str, ClusterSettings]) -> list[Cluster]:
         """Keep the clusters whose settings are unchanged (same object, same state), make new ones for

@@ -13,9 +13,12 @@ import hashlib
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
+from ipaddress import IPv6Address
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from multidict import CIMultiDict
 from redis.asyncio import Redis
 
@@ -373,7 +376,6 @@ def test_a_missing_header_or_claim_spends_the_client_ips_budget(claims: dict[str
     assert limit_key(LimitKey(type="claim", name="sub"), "10.0.0.9", CIMultiDict(), claims) == "ip:10.0.0.9"
 
 
-@pytest.mark.xfail(strict=True, reason="known: each IPv6 address is a bucket of its own; the lead decides the prefix")
 def test_an_ipv6_client_rotating_addresses_inside_its_64_spends_one_budget() -> None:
     """An IPv6 host is given a /64 (2^64 addresses it may use at will, SLAAC privacy addresses rotate by
     themselves): one bucket per address lets one host through any client_ip policy, and a million distinct
@@ -382,6 +384,15 @@ def test_an_ipv6_client_rotating_addresses_inside_its_64_spends_one_budget() -> 
     first = limit_key(by_ip, "2001:db8:1:2::1", CIMultiDict(), None)
     assert first == limit_key(by_ip, "2001:db8:1:2:a1b2:c3d4:e5f6:789", CIMultiDict(), None)
     assert first != limit_key(by_ip, "2001:db8:1:3::1", CIMultiDict(), None)
+    assert limit_key(by_ip, "::ffff:10.0.0.1", CIMultiDict(), None) == "ip:10.0.0.1"  # not every mapped IPv4's ::/64
+
+
+@given(st.ip_addresses(v=6), st.ip_addresses(v=6))
+def test_two_ipv6_clients_share_a_budget_exactly_when_they_share_a_64(a: IPv6Address, b: IPv6Address) -> None:
+    mapped = a.ipv4_mapped is not None or b.ipv4_mapped is not None
+    same_64 = int(a) >> 64 == int(b) >> 64
+    key_a, key_b = (limit_key(LimitKey(), str(ip), CIMultiDict(), None) for ip in (a, b))
+    assert (key_a == key_b) == (a == b if mapped else same_64)
 
 
 async def test_build_limiter_follows_the_config(redis: Redis, redis_server: RedisServer, make_batch) -> None:

@@ -14,6 +14,7 @@ limiter reads the Redis server's clock, so replicas with skewed clocks agree.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import math
 import re
@@ -129,7 +130,9 @@ def limit_key(
     """Whose budget a request spends: its client IP, a header's value, or a JWT claim.
 
     Without the header or claim a request spends its client IP's budget: one shared bucket for all such
-    requests would let a single client starve the others. Header values are hashed because they may be
+    requests would let a single client starve the others. An IPv6 client's budget is its /64's: a host is
+    given a whole /64 and may use any address in it (privacy addresses rotate by themselves), so one
+    bucket per address would let one host mint budgets and fill Redis with keys. Header values are hashed because they may be
     credentials (API keys) and Redis keys are read by people. More than one copy of the header is refused:
     a backend reading another copy than the first would serve a key whose budget was never spent.
     """
@@ -143,7 +146,18 @@ def limit_key(
         value = claims.get(key.name)  # type: ignore[arg-type]
         if value is not None and value != "":
             return f"claim:{value}"
-    return f"ip:{client_ip}"
+    return f"ip:{_client_network(client_ip) if ':' in client_ip else client_ip}"
+
+
+def _client_network(address: str) -> str:
+    """An IPv6 address's /64 (`2001:db8:1:2::/64`); an IPv4-mapped one is its IPv4 address."""
+    try:
+        ip = ipaddress.IPv6Address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return f"{ipaddress.IPv6Address(int(ip) >> 64 << 64)}/64"
 
 
 def count(metrics: Metrics, decision: Decision) -> None:

@@ -154,23 +154,53 @@ def _listens(pid: int, port: int) -> bool:
     return any(os.readlink(fd) in inodes for fd in Path(f"/proc/{pid}/fd").iterdir())
 
 
-@pytest.mark.xfail(strict=True, reason="known: each worker keeps its own in-process buckets; the lead decides the fix")
-def test_without_redis_a_replicas_workers_together_allow_the_limit(tmp_path: Path) -> None:
-    """The README: without `redis` limiter state is in-process, "per replica". With two workers and no
-    Redis each worker has a budget of its own, so a replica lets twice the policy through."""
+LIMITED = {"policies": [{"name": "p", "requests": 5, "period": "1h"}],
+           "routes": [{"name": "echo", "backend": {"service": "echo", "url": "http://127.0.0.1:9"}, "ratelimit": "p"}]}
+
+
+def test_without_redis_workers_refuse_a_rate_limit_they_could_not_share(tmp_path: Path) -> None:
+    """Without Redis a limiter's buckets live in its process: two workers would each let the policy through,
+    a replica twice its limit. The gateway says so at start and exits instead."""
+    gateway = two_workers(tmp_path, **LIMITED)
+    gateway.start(wait=False)
+    assert gateway.process is not None
+    gateway.process.wait(timeout=30)
+    assert gateway.stop() == 1
+    errors = [line for line in gateway.log_lines() if line["level"] == "error"]
+    assert len(errors) == 1 and "is invalid" in errors[0]["msg"]
+    assert errors[0]["errors"] == [
+        "routes: echo name a rate limit policy, but with --workers (listen.workers) above 1 and no redis each "
+        "worker would keep its own budget and let the policy through once per worker: configure redis, or run "
+        "one worker"]
+
+
+def test_without_redis_workers_keep_their_config_when_a_reload_adds_a_rate_limit(tmp_path: Path) -> None:
+    gateway = two_workers(tmp_path)
+    gateway.start()
+    try:
+        wait_until(lambda: len(_worker_pids(gateway)) == 2, timeout=20, what="both workers ready")
+        first = gateway.ready()["config_hash"]
+        config = yaml.safe_load(gateway.config.read_text())
+        gateway.config.write_text(yaml.safe_dump({**config, **LIMITED}))
+        wait_until(lambda: all(w["last_reload_error"] for w in gateway.details()["workers"]), what="both rejected")
+        assert "each worker would keep its own budget" in gateway.details()["last_reload_error"]
+        assert {w["config_hash"] for w in gateway.details()["workers"]} == {first}
+    finally:
+        assert gateway.stop() == 0
+
+
+def test_with_one_process_an_in_process_rate_limit_holds(tmp_path: Path) -> None:
     with BackendProcess() as backend:
-        gateway = two_workers(
-            tmp_path, policies=[{"name": "p", "requests": 5, "period": "1h"}],
-            routes=[{"name": "echo", "backend": {"service": "echo", "url": backend.url}, "ratelimit": "p"}],
-        )
-        gateway.start()
-        try:
-            wait_until(lambda: len(_worker_pids(gateway)) == 2, timeout=20, what="both workers ready")
-            statuses = [http_status(f"{gateway.url}/x") for _ in range(40)]
-        finally:
-            gateway.stop()
-    assert set(statuses) == {200, 429}
-    assert statuses.count(200) == 5
+        port, metrics_port = ports()
+        config = tmp_path / "gw.yaml"
+        config.write_text(yaml.safe_dump({
+            "listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port},
+            "policies": LIMITED["policies"],
+            "routes": [{"name": "echo", "backend": {"service": "echo", "url": backend.url}, "ratelimit": "p"}],
+        }))
+        with GatewayProcess(config, port, metrics_port) as gateway:
+            statuses = [http_status(f"{gateway.url}/x") for _ in range(12)]
+    assert statuses == [200] * 5 + [429] * 7
 
 
 def test_workers_flag_must_be_positive(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from apigw.observability.metrics import Metrics
 from apigw.pipeline.proxy import Edge
 from apigw.pipeline.routing import Router
 from apigw.policy.auth import Authenticator, KeyRing, load_keys
-from apigw.policy.ratelimit import Limiter, LimitRule, build_limiter
+from apigw.policy.ratelimit import Limiter, LimitRule, build_limiter, check_shared_limits
 from apigw.redis.batch import RedisBatch
 from apigw.upstream.cluster import Cluster, Clusters, cluster_settings
 
@@ -81,8 +81,10 @@ class GatewayState:
 class Shared:
     """What outlives a config: the clusters of unchanged backends, Redis, the authenticator and limiter."""
 
-    def __init__(self, metrics: Metrics, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, metrics: Metrics, clock: Callable[[], float] = time.monotonic, one_of_workers: bool = False):
         self.metrics = metrics
+        self.one_of_workers = one_of_workers
+        """This process shares the traffic port with sibling workers (`gateway --workers N`)."""
         self.clusters = Clusters(metrics, clock)
         self.redis: RedisBatch | None = None
         self._redis_settings: RedisConfig | None = None
@@ -147,6 +149,8 @@ def build_steps(config: Config, shared: Shared, digest: str | None = None) -> Ge
     """
     keys = load_keys(config.auth)
     clusters = cluster_settings(config)
+    if shared.one_of_workers:
+        check_shared_limits(config)
     enabled = [route for route in config.routes if route.enabled]
     shared.redis_for(config.redis)
     auth = shared.authenticator_for(config, keys)
@@ -194,8 +198,8 @@ class Gateway:
     last_reload_error: str | None = None
 
     @classmethod
-    def create(cls, config: Config, metrics: Metrics) -> Gateway:
-        shared = Shared(metrics)
+    def create(cls, config: Config, metrics: Metrics, one_of_workers: bool = False) -> Gateway:
+        shared = Shared(metrics, one_of_workers=one_of_workers)
         return cls(build_state(config, shared), shared)
 
     @property

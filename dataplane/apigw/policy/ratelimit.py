@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from multidict import CIMultiDict, CIMultiDictProxy
 from redis.exceptions import RedisError
 
+from apigw.config.errors import ConfigError
 from apigw.config.model import Config, FailureMode, LimitKey, Policy
 from apigw.http.errors import GatewayError
 from apigw.observability.metrics import Metrics
@@ -269,6 +270,19 @@ class MemoryLimiter:
         """Forget full buckets (TAT passed), as Redis expires them; amortised over the inserts since the last sweep."""
         self._tats = {bucket: tat for bucket, tat in self._tats.items() if tat > now}
         self._sweep_at = max(1024, 2 * len(self._tats))
+
+
+def check_shared_limits(config: Config) -> None:
+    """For one of several worker processes: refuse in-process limits, which each worker would keep for
+    itself, so that together they would let the policy through once per worker."""
+    if config.ratelimit.enabled and config.redis is None:
+        limited = [route.name for route in config.routes if route.ratelimit is not None]
+        if limited:
+            raise ConfigError([
+                f"routes: {', '.join(limited[:3])}{' ...' if len(limited) > 3 else ''} name a rate limit policy, "
+                "but with --workers (listen.workers) above 1 and no redis each worker would keep its own "
+                "budget and let the policy through once per worker: configure redis, or run one worker"
+            ])
 
 
 def build_limiter(config: Config, metrics: Metrics, batch: RedisBatch | None) -> Limiter | None:

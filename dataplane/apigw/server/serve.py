@@ -21,6 +21,7 @@ from apigw.config.errors import ConfigError
 from apigw.observability.metrics import Metrics, metrics_app
 from apigw.pipeline.handler import handle
 from apigw.pipeline.state import Gateway
+from apigw.policy.ratelimit import check_shared_limits
 from apigw.server.config_check import check_config_and_files
 from apigw.server.connection import GatewayRunner, TrafficRunner
 from apigw.server.debug import debug_app
@@ -85,10 +86,11 @@ async def serve(config_path: Path, workers: int | None = None, debug_port: int |
         config = check_config_and_files(config_path).result()
         count = workers or config.listen.workers
         if count > 1 and not worker:
+            check_shared_limits(config)
             return await supervise(config_path, config, count)
         logging.getLogger().setLevel(config.logging.level)
         metrics = Metrics()
-        gateway = Gateway.create(config, metrics)
+        gateway = Gateway.create(config, metrics, one_of_workers=worker)
         tls = ServerTLS(config.listen.tls, metrics) if config.listen.tls else None
     except ConfigError as exc:
         log.error("config %s is invalid: %d error(s)", config_path, len(exc.errors), extra={"fields": {"errors": exc.errors}})

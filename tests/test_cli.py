@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from apigw.testkit.certs import write_self_signed
 from apigw.testkit.process import (
     BackendProcess,
     GatewayProcess,
@@ -119,6 +120,22 @@ def test_validate_config_reads_the_backends_tls_files_as_start_up_does(tmp_path:
     assert errors[1].startswith(f"  {config}:4: routes[0].backend.tls: cannot use the TLS files: "), errors
     assert "/nonexistent/a-ca.pem" in errors[1], errors
     assert errors[2].startswith(f"  {config}:10: routes[2].backend.tls: cannot use the TLS files: "), errors
+
+
+def test_validate_config_passes_an_expired_listener_certificate_but_says_so(tmp_path: Path) -> None:
+    """The gateway serves an expired certificate until a renewal comes, so the config is valid; but every
+    verifying client now fails its handshake, and a bare OK would hide that."""
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    config = tmp_path / "gateway.yaml"
+    config.write_text(f"listen:\n  tls: {{cert_file: {cert}, key_file: {key}}}\nroutes: []\n")
+    write_self_signed(cert, key, days=30)
+    valid = run_cli("-validate-config", "--config", str(config))
+    assert (valid.returncode, valid.stderr) == (0, "")
+    expired = write_self_signed(cert, key, days=-2)
+    result = run_cli("-validate-config", "--config", str(config))
+    assert result.returncode == 0 and result.stdout.startswith(f"{config}: OK: 0 routes")
+    assert result.stderr == (f"warning: listen.tls.cert_file: the certificate {cert} expired at "
+                             f"{expired.not_valid_after_utc.isoformat()}; verifying clients refuse it\n")
 
 
 def test_validate_config_uses_env_default(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from apigw.config.errors import ConfigError
 from apigw.config.model import config_hash
 from apigw.observability.logs import setup_logging
 from apigw.server.config_check import check_config_and_files
+from apigw.server.tls import certificate_expiry, expired_note
 
 DEFAULT_CONFIG = "/etc/gateway/"
 
@@ -75,7 +76,17 @@ def validate(path: Path) -> int:
         f"{shown}: OK: {len(config.routes)} routes ({enabled} enabled), {len(config.policies)} rate limit policies, "
         f"config_hash {config_hash(config)}"
     )
+    if config.listen.tls is not None:
+        _warn_expired(config.listen.tls.cert_file)
     return 0
+
+
+def _warn_expired(cert_file: Path) -> None:
+    """An expired listener certificate is no config error (the gateway serves it until a renewal comes),
+    but every verifying client refuses it: the check says so rather than a bare OK."""
+    expired = expired_note(cert_file, certificate_expiry(cert_file))
+    if expired:
+        print(f"warning: listen.tls.cert_file: {expired}; verifying clients refuse it", file=sys.stderr)
 
 
 def _report_errors(shown: str, errors: list[str]) -> int:

@@ -37,9 +37,9 @@ class ServerTLS:
         self.context.load_cert_chain(files.cert_file, files.key_file)
         self.files = files
         self.metrics.tls_expiry.set(expiry)
-        if expiry <= time.time():  # served all the same: better than no TLS port, and most clients refuse it
-            log.warning("listen.tls: the certificate %s expired at %s; serving it until a renewal comes",
-                        files.cert_file, datetime.datetime.fromtimestamp(expiry, datetime.UTC).isoformat())
+        expired = expired_note(files.cert_file, expiry)
+        if expired:  # served all the same: better than no TLS port, and most clients refuse it
+            log.warning("listen.tls: %s; serving it until a renewal comes", expired)
 
     def watched_files(self) -> list[Path]:
         return [self.files.cert_file, self.files.key_file]
@@ -53,6 +53,13 @@ def check_tls(files: TLSFiles) -> float:
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError([f"listen.tls: cannot load {files.cert_file} with {files.key_file}: {exc}"]) from None
     return expiry
+
+
+def expired_note(cert_file: Path, expiry: float) -> str | None:
+    """What to tell about a certificate past its notAfter (`expiry`), or None while it is valid."""
+    if expiry > time.time():
+        return None
+    return f"the certificate {cert_file} expired at {datetime.datetime.fromtimestamp(expiry, datetime.UTC).isoformat()}"
 
 
 def certificate_expiry(path: Path) -> float:

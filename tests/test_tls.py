@@ -11,7 +11,7 @@ import yaml
 from cryptography import x509
 
 from apigw.testkit.certs import write_self_signed
-from apigw.testkit.process import GatewayProcess, ports
+from apigw.testkit.process import GatewayProcess, ports, wait_until
 from apigw.testkit.redis import free_port
 
 
@@ -128,6 +128,24 @@ def test_a_client_that_never_finishes_its_handshake_is_cut_off(tmp_path: Path) -
                 except ConnectionResetError:
                     closed = True
                 assert closed and time.monotonic() - started < HANDSHAKE_BOUND, first_bytes
+
+
+def test_a_reload_changing_the_head_timeout_says_the_handshake_bound_waits_for_a_restart(tmp_path: Path) -> None:
+    """The TLS port's handshake bound is fixed when the port opens (asyncio takes it once), while the head
+    timer follows the reload: on-call must be told, as for every setting that needs a restart."""
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    write_self_signed(cert, key)
+    gateway_process, _ = tls_gateway(tmp_path, cert, key, request_head_timeout=1)
+    with gateway_process as gateway:
+        first = gateway.ready()["config_hash"]
+        config = yaml.safe_load(gateway.config.read_text())
+        config["listen"]["request_head_timeout"] = 5
+        gateway.config.write_text(yaml.safe_dump(config))
+        wait_until(lambda: gateway.ready()["config_hash"] != first, what="the reload")
+        wait_until(lambda: any("restart_settings" in line for line in gateway.log_lines()), what="the warning")
+        warning = next(line for line in gateway.log_lines() if "restart_settings" in line)
+    assert warning["level"] == "warning"
+    assert warning["restart_settings"] == ["listen.request_head_timeout (the TLS handshake bound)"]
 
 
 def test_an_expired_certificate_is_served_and_said_so(tmp_path: Path) -> None:

@@ -130,7 +130,8 @@ class ListenConfig(Strict):
     """A client connection with no request under way (a new one that sends nothing too) is closed after
     this long; applies to connections opened after a reload."""
     request_head_timeout: PositiveDuration = 10.0
-    """From the first byte of a request's head to its last: a slower client is cut off (408)."""
+    """From the first byte of a request's head to its last: a slower client is cut off (408). Also the TLS
+    port's handshake bound, which keeps its value from start until a restart."""
     request_body_timeout: PositiveDuration = 30.0
     """The longest wait for the next piece of a request body (408 `client_body_timeout`)."""
     trusted_proxies: list[IPvAnyNetwork] = []

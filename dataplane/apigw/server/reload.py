@@ -326,6 +326,8 @@ class Reloader:
     def _warn_restart_settings(self, old: Config, new: Config) -> None:
         before, after = restart_settings(old), restart_settings(new)
         changed = sorted(k for k in after if before.get(k) != after[k])
+        if new.listen.tls is not None and old.listen.request_head_timeout != new.listen.request_head_timeout:
+            changed.append("listen.request_head_timeout (the TLS handshake bound)")  # asyncio takes it once
         if changed:
             log.warning(
                 "settings changed that apply only after a restart: %s", ", ".join(changed),

@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from cryptography import x509
 
+from apigw.config.errors import ConfigError
+from apigw.config.model import TLSFiles
+from apigw.observability.metrics import Metrics
+from apigw.server.tls import ServerTLS
 from apigw.testkit.certs import write_self_signed
 from apigw.testkit.process import GatewayProcess, ports, wait_until
 from apigw.testkit.redis import free_port
 
 
-def served_certificate(port: int) -> x509.Certificate:
+def served_certificate(port: int, server_name: str | None = "localhost") -> x509.Certificate:
+    """The certificate a handshake on `port` gets, asking for `server_name` (None: no SNI)."""
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+        with context.wrap_socket(raw, server_hostname=server_name) as tls:
             der = tls.getpeercert(binary_form=True)
     return x509.load_der_x509_certificate(der)
 
@@ -104,6 +111,32 @@ def test_an_unusable_renewal_is_reported_by_health_and_the_old_certificate_serve
         assert served_certificate(tls_port).serial_number == first.serial_number
         error = gateway.details()["last_reload_error"]
         assert error is not None and error.startswith(f"listen.tls: cannot load {cert} with {key}: ")
+
+
+async def test_a_renewal_is_put_in_force_whole_or_not_at_all(tmp_path: Path) -> None:
+    """The port keeps one context and hands each handshake the certificate in force: a renewal that does not
+    load (here a new certificate beside the old key, as a writer replacing one file at a time leaves them)
+    leaves the old one served, with or without SNI, and the port never without a certificate."""
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    first = write_self_signed(cert, key)
+    tls = ServerTLS(TLSFiles(cert_file=cert, key_file=key), Metrics())
+    server = await asyncio.start_server(lambda reader, writer: writer.close(), "127.0.0.1", 0, ssl=tls.context)
+    port = server.sockets[0].getsockname()[1]
+
+    async def serials() -> set[int]:
+        return {(await asyncio.to_thread(served_certificate, port, name)).serial_number for name in ("localhost", None)}
+
+    async with server:
+        assert await serials() == {first.serial_number}
+        old_key = key.read_bytes()
+        second = write_self_signed(cert, key)
+        key.write_bytes(old_key)
+        with pytest.raises(ConfigError, match="listen.tls: cannot load"):
+            tls.load(TLSFiles(cert_file=cert, key_file=key))
+        assert await serials() == {first.serial_number}
+        second = write_self_signed(cert, key)
+        tls.load(TLSFiles(cert_file=cert, key_file=key))
+        assert await serials() == {second.serial_number}
 
 
 HANDSHAKE_BOUND = 10.0

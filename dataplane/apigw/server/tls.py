@@ -1,7 +1,9 @@
-"""The TLS listener's certificate: loaded into one SSLContext that is refreshed in place on renewal.
+"""The TLS listener's certificate, replaced without a restart on renewal.
 
-Reloading the same context means new handshakes get the new certificate with no restart and no
-dropped connections. The certificate's notAfter is exported for the expiry alert.
+The port's SSLContext never changes: each handshake is handed the context of the certificate in force
+(`sni_callback`, called with or without SNI). A renewal is loaded into a new context and swapped in only
+once it loaded whole, so files written one at a time, or changed while they are read, never leave the
+port without a certificate. The certificate's notAfter is exported for the expiry alert.
 """
 
 from __future__ import annotations
@@ -27,14 +29,17 @@ log = logging.getLogger("apigw.server")
 class ServerTLS:
     def __init__(self, files: TLSFiles, metrics: Metrics):
         self.metrics = metrics
-        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self.context = _server_context()
+        """The port's context: it only hands each handshake to the one in force."""
+        self.context.sni_callback = self._in_force
         self.load(files)
 
+    def _in_force(self, connection: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
+        connection.context = self._current
+
     def load(self, files: TLSFiles) -> None:
-        """Load `files` into the live context; on error the old certificate stays and ConfigError says why."""
-        expiry = check_tls(files)
-        self.context.load_cert_chain(files.cert_file, files.key_file)
+        """Put `files` in force; on error the old certificate stays and ConfigError says why."""
+        self._current, expiry = load_tls(files)
         self.files = files
         self.metrics.tls_expiry.set(expiry)
         expired = expired_note(files.cert_file, expiry)
@@ -47,12 +52,24 @@ class ServerTLS:
 
 def check_tls(files: TLSFiles) -> float:
     """Load `files` into a scratch context (ConfigError if unusable); return the certificate's expiry."""
+    return load_tls(files)[1]
+
+
+def load_tls(files: TLSFiles) -> tuple[ssl.SSLContext, float]:
+    """A server context holding `files`, and the certificate's expiry; ConfigError if they are unusable."""
     expiry = certificate_expiry(files.cert_file)
+    context = _server_context()
     try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(files.cert_file, files.key_file)
+        context.load_cert_chain(files.cert_file, files.key_file)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError([f"listen.tls: cannot load {files.cert_file} with {files.key_file}: {exc}"]) from None
-    return expiry
+    return context, expiry
+
+
+def _server_context() -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 def expired_note(cert_file: Path, expiry: float) -> str | None:

@@ -417,6 +417,22 @@ async def test_memory_limiter_forgets_full_buckets() -> None:
     assert len(limiter._tats) < 10_000  # the first 5000, full again, were swept
 
 
+async def test_memory_limiter_keeps_at_most_its_cap_the_last_set_first(caplog: pytest.LogCaptureFixture) -> None:
+    """A client minting keys (header values, IPv6 networks) must not grow the in-process limiter without
+    bound: past its cap the buckets set longest ago are forgotten (they start full), the busy ones kept."""
+    limiter = MemoryLimiter(lambda: 0.0, most=2048)
+    one_an_hour = rule(requests=1, period=3600)
+    assert (await limiter.check(one_an_hour, "ip:busy")).allowed
+    for i in range(10_000):
+        await limiter.check(one_an_hour, f"header:minted{i}")
+        if i % 100 == 0:
+            assert not (await limiter.check(one_an_hour, "ip:busy")).allowed  # set again: among the last
+        assert len(limiter._tats) <= 2048
+    assert (await limiter.check(one_an_hour, "header:minted0")).allowed  # forgotten: full again
+    assert not (await limiter.check(one_an_hour, "header:minted9999")).allowed
+    assert "live buckets, keeping the 1024 last set" in caplog.text
+
+
 @pytest.mark.parametrize("mode", [FailureMode.fail_open, FailureMode.fail_closed])
 async def test_an_answer_with_a_nil_inside_follows_the_failure_mode(mode: FailureMode) -> None:
     """A Redis (or a proxy) that answers the script with a nil where a number is due: a counted error and

@@ -245,13 +245,19 @@ class RedisLimiter:
         return decision
 
 
+MEMORY_BUCKETS = 1_000_000
+"""The most buckets the in-process limiter keeps (about 150 MB): clients minting keys (header values,
+IPv6 networks) cannot grow it past that; the least recently set buckets go first, and start full again."""
+
+
 class MemoryLimiter:
     """The same GCRA with in-process state: per replica, for `gateway demo` and configs without Redis."""
 
-    def __init__(self, clock: Callable[[], float]):
+    def __init__(self, clock: Callable[[], float], most: int = MEMORY_BUCKETS):
         self._clock = clock
         self._tats: dict[str, int] = {}
         self._sweep_at = 1024
+        self._most = most
 
     def check(self, rule: LimitRule, key: str) -> Awaitable[Decision]:
         return _Deferred(self._decide, rule, key)
@@ -260,16 +266,22 @@ class MemoryLimiter:
         started = time.perf_counter()
         now = round(self._clock() * _MICROS)
         bucket = rule.bucket(key)
-        allowed, tat, retry_in = gcra(rule, self._tats.get(bucket), now)
-        self._tats[bucket] = tat
+        allowed, tat, retry_in = gcra(rule, self._tats.pop(bucket, None), now)
+        self._tats[bucket] = tat  # popped and set again: the dict's order is the order buckets were last set
         if len(self._tats) >= self._sweep_at:
             self._sweep(now)
         return rule.decision(allowed, tat - now, retry_in, time.perf_counter() - started)
 
     def _sweep(self, now: int) -> None:
-        """Forget full buckets (TAT passed), as Redis expires them; amortised over the inserts since the last sweep."""
-        self._tats = {bucket: tat for bucket, tat in self._tats.items() if tat > now}
-        self._sweep_at = max(1024, 2 * len(self._tats))
+        """Forget full buckets (TAT passed), as Redis expires them, then the least recently set beyond the
+        cap; amortised over the inserts since the last sweep."""
+        live = [(bucket, tat) for bucket, tat in self._tats.items() if tat > now]
+        if len(live) > self._most // 2:
+            log.warning("in-process rate limiter: %d live buckets, keeping the %d last set (the rest start full)",
+                        len(live), self._most // 2)
+            live = live[-(self._most // 2):]
+        self._tats = dict(live)
+        self._sweep_at = min(self._most, max(1024, 2 * len(self._tats)))
 
 
 def check_shared_limits(config: Config) -> None:

@@ -290,11 +290,12 @@ def check_shared_limits(config: Config) -> None:
     if config.ratelimit.enabled and config.redis is None:
         limited = [route.name for route in config.routes if route.ratelimit is not None]
         if limited:
-            raise ConfigError([
-                f"routes: {', '.join(limited[:3])}{' ...' if len(limited) > 3 else ''} name a rate limit policy, "
-                "but with --workers (listen.workers) above 1 and no redis each worker would keep its own "
-                "budget and let the policy through once per worker: configure redis, or run one worker"
-            ])
+            named = ", ".join(limited[:3]) + (" ..." if len(limited) > 3 else "")
+            raise ConfigError([(
+                f"routes: {named} name a rate limit policy, but with --workers (listen.workers) above 1 and no "
+                "redis each worker would keep its own budget and let the policy through once per worker: "
+                "configure redis, or run one worker"
+            )])
 
 
 def build_limiter(config: Config, metrics: Metrics, batch: RedisBatch | None) -> Limiter | None:

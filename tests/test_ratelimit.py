@@ -387,6 +387,16 @@ def test_an_ipv6_client_rotating_addresses_inside_its_64_spends_one_budget() -> 
     assert limit_key(by_ip, "::ffff:10.0.0.1", CIMultiDict(), None) == "ip:10.0.0.1"  # not every mapped IPv4's ::/64
 
 
+def test_bucket_keys_stay_readable_unless_long_or_odd() -> None:
+    """Redis keys are read by people (the runbook's `redis-cli KEYS "ratelimit:*"`); a hostile value is hashed."""
+    p = rule(1, 1)
+    assert p.bucket("ip:10.0.0.1") == p.prefix + "ip:10.0.0.1"
+    assert p.bucket("ip:2001:db8:1:2::/64") == p.prefix + "ip:2001:db8:1:2::/64"
+    for odd in ("claim:" + "a" * 80, "claim:a b", "claim:a\r\nb", "claim:ü"):
+        hashed = p.bucket(odd)
+        assert hashed.startswith(p.prefix + "#") and len(hashed) < len(p.prefix) + 70, odd
+
+
 @given(st.ip_addresses(v=6), st.ip_addresses(v=6))
 def test_two_ipv6_clients_share_a_budget_exactly_when_they_share_a_64(a: IPv6Address, b: IPv6Address) -> None:
     mapped = a.ipv4_mapped is not None or b.ipv4_mapped is not None

@@ -36,7 +36,8 @@ log = logging.getLogger("apigw.ratelimit")
 
 
 _MICROS = 1_000_000
-_READABLE_KEY = re.compile(r"[A-Za-z0-9._:@-]{1,80}").fullmatch
+_READABLE_KEY = re.compile(r"[A-Za-z0-9._:@/-]{1,80}").fullmatch
+"""Keys kept as they are in Redis, for people to read: IPv4, IPv6 networks, plain claim values."""
 
 @dataclass(slots=True)
 class Decision:

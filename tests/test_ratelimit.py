@@ -397,6 +397,16 @@ def test_bucket_keys_stay_readable_unless_long_or_odd() -> None:
         assert hashed.startswith(p.prefix + "#") and len(hashed) < len(p.prefix) + 70, odd
 
 
+@given(st.one_of(st.text(min_size=1), st.integers(), st.floats(allow_nan=False), st.booleans(),
+                 st.lists(st.text(), max_size=3)), st.one_of(st.text(min_size=1), st.integers(), st.booleans()))
+def test_two_claim_values_share_a_budget_only_when_equal_and_of_one_type(a: object, b: object) -> None:
+    """A claim key of `"1"` and `1`, or `true` and `"True"`, must not spend one budget: a token issuer may
+    use both for different subjects."""
+    by_claim = LimitKey(type="claim", name="sub")
+    key_a, key_b = (limit_key(by_claim, "10.0.0.1", CIMultiDict(), {"sub": v}) for v in (a, b))
+    assert (key_a == key_b) == (type(a) is type(b) and a == b)
+
+
 @given(st.ip_addresses(v=6), st.ip_addresses(v=6))
 def test_two_ipv6_clients_share_a_budget_exactly_when_they_share_a_64(a: IPv6Address, b: IPv6Address) -> None:
     mapped = a.ipv4_mapped is not None or b.ipv4_mapped is not None

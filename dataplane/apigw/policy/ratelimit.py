@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import logging
 import math
 import re
@@ -146,8 +147,11 @@ def limit_key(
             return "header:" + _digest(values[0])
     elif key.type == "claim" and claims:
         value = claims.get(key.name)  # type: ignore[arg-type]
-        if value is not None and value != "":
-            return f"claim:{value}"
+        if isinstance(value, str):
+            if value:
+                return f"claim:{value}"
+        elif value is not None:  # typed: the number 1 and the string "1" are two subjects, not one budget
+            return "claim=" + json.dumps(value, sort_keys=True, separators=(",", ":"))
     return f"ip:{_client_network(client_ip) if ':' in client_ip else client_ip}"
 
 

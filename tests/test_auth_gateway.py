@@ -7,8 +7,6 @@ import json
 import logging
 import signal
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from apigw.testkit.backend import Backend
-from apigw.testkit.process import BackendProcess, GatewayProcess, http_status, ports, wait_until
+from apigw.testkit.process import BackendProcess, GatewayProcess, http_status, json_answer, ports, wait_until
 from apigw.testkit.redis import RedisServer
 from apigw.testkit.tokens import SigningKey
 from tests.conftest import access_lines, gateway_of
@@ -397,13 +395,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Sign
 
 
 def _get(url: str, token: str) -> tuple[int, dict]:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, json.loads(error.read())
+    return json_answer(url, {"Authorization": f"Bearer {token}"})
 
 
 REGISTERED = ("iss", "sub", "jti", "exp", "nbf", "iat", "aud", "scope", "scp", "name")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -235,3 +236,93 @@ async def test_unusable_tls_files_are_a_located_config_error(tmp_path: Path, pki
     with pytest.raises(ConfigError) as caught:
         Gateway.create(parse_documents({"config.yaml": yaml.safe_dump(config)}), Metrics())
     assert caught.value.errors[0].startswith("routes[0].backend.tls: cannot use the TLS files:")
+
+
+def configmap_volume(directory: Path, people: list[dict], tenants: list[dict], shard: list[dict] | None = None) -> Path:
+    """The gateway's config directory: `people`'s routes in config.yaml, the operator's in routes.yaml, and
+    `shard` (if any) in the shard file routes.yaml names."""
+    import yaml
+
+    from apigw.config.model import shard_hash
+
+    directory.mkdir(exist_ok=True)
+    (directory / "config.yaml").write_text(yaml.safe_dump({"routes": people}))
+    routes: dict = {"routes": tenants}
+    if shard is not None:
+        text = yaml.safe_dump({"routes": shard})
+        (directory / "routes-001.yaml").write_text(text)
+        routes["shards"] = {"routes-001.yaml": shard_hash(text)}
+    (directory / "routes.yaml").write_text(yaml.safe_dump(routes))
+    return directory
+
+
+def tls_route(name: str, url: str, ca_file: Path) -> dict:
+    return {"name": name, "match": {"path_prefix": f"/{name}"},
+            "backend": {"service": name, "url": url, "tls": {"ca_file": str(ca_file), "server_name": "users.internal"}}}
+
+
+@pytest.mark.parametrize("where", ["routes.yaml", "routes-001.yaml"])
+async def test_an_operator_routes_backend_whose_tls_files_cannot_be_used_is_held_unavailable(
+    aiohttp_client, traffic_server, pki: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture, where: str
+) -> None:
+    """routes.yaml is rendered from tenants' CRs: one naming a CA file the pods do not have must not make the
+    pods refuse the whole config (every other tenant's change would wait for it). The rest loads; that backend
+    answers 503 `backend_tls_unusable`, logged at load with its route, file and why, and listed by health."""
+    from apigw.config.loader import load_config
+    from apigw.observability.logs import AccessLog
+    from apigw.observability.metrics import Metrics
+    from apigw.pipeline.state import Gateway
+    from apigw.server.health import details
+
+    missing = tmp_path / "missing-ca.pem"
+    async with https_backend(pki, require_client_cert=False) as url:
+        good, broken = tls_route("good", url, pki["server"]), tls_route("broken", url, missing)
+        tenants, shard = ([good, broken], None) if where == "routes.yaml" else ([good], [broken])
+        volume = configmap_volume(tmp_path / "volume", [], tenants, shard)
+        with caplog.at_level("ERROR"):
+            gateway = Gateway.create(load_config(volume), Metrics())
+        gateway.access_log = AccessLog(io.StringIO())
+        client = await aiohttp_client(await traffic_server(gateway))
+        ok = await client.get("/good/x")
+        assert ok.status == 200 and (await ok.json())["server"] == "tls-echo"
+        held = await client.get("/broken/x")
+        assert held.status == 503
+        body = await held.json()
+        assert body["error"] == "backend broken is unavailable: the gateway cannot use its TLS files"
+        assert str(missing) not in body["error"]  # the file's place is for the logs, not for clients
+        assert access_lines(client)[-1]["error_type"] == "backend_tls_unusable"
+    [listed] = details(gateway)["unavailable_backends"]
+    assert listed["backend_service"] == "broken" and listed["routes"] == ["broken"]
+    assert listed["error"] == f"cannot use the TLS files: ca_file {missing}: No such file or directory"
+    assert details(gateway)["status"] == "ready" and details(gateway)["last_reload_error"] is None
+    [logged] = [r for r in caplog.records if r.levelname == "ERROR" and "broken" in r.getMessage()]
+    assert str(missing) in logged.getMessage() and "No such file or directory" in logged.getMessage()
+    assert "backend_tls_unusable" in logged.getMessage()
+
+
+def test_a_backend_that_config_yaml_uses_still_fails_the_whole_load(tmp_path: Path, pki: dict[str, Path]) -> None:
+    """config.yaml is people's: its backends keep the all-or-nothing rule (a mistake there is caught at once,
+    as before), also when routes.yaml's routes share the backend."""
+    from apigw.config.errors import ConfigError
+    from apigw.config.loader import load_config
+    from apigw.upstream.cluster import cluster_settings
+
+    broken = tls_route("broken", "https://users.internal:8443", tmp_path / "missing-ca.pem")
+    sharing = {**broken, "name": "tenant", "match": {"path_prefix": "/tenant"}}
+    for people, tenants in (([broken], []), ([broken], [sharing])):
+        with pytest.raises(ConfigError) as caught:
+            cluster_settings(load_config(configmap_volume(tmp_path / f"v{len(tenants)}", people, tenants)))
+        assert "missing-ca.pem" in caught.value.errors[0]
+
+
+def test_validate_config_still_fails_on_an_operator_routes_unusable_tls_file(tmp_path: Path) -> None:
+    """`gateway -validate-config` is a check tool: whoever owns the file, an unusable one is an error."""
+    import subprocess
+    import sys
+
+    volume = configmap_volume(tmp_path / "volume", [], [tls_route("broken", "https://b:8443", tmp_path / "missing.pem")])
+    result = subprocess.run([sys.executable, "-m", "apigw", "-validate-config", "--config", str(volume)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1, result.stdout
+    assert "Traceback" not in result.stderr
+    assert "cannot use the TLS files: ca_file" in result.stderr and str(tmp_path / "missing.pem") in result.stderr

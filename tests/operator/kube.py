@@ -64,18 +64,24 @@ class GatewayPod:
         self.config_hash: str | None = None
         self.last_reload_error: str | None = None
         self.problem: str | None = None
+        self.unavailable_backends: list[dict[str, Any]] = []
+        """The backends of the config in force it holds unavailable (their TLS files cannot be used)."""
         self.url = ""
         self._runner: web.AppRunner | None = None
 
     def load(self, data: dict[str, str]) -> None:
         """What a pod does when its config volume changes: load it with the gateway's loader, or keep the
         old one and say why (files mid-update only wait)."""
+        from apigw.upstream.cluster import cluster_settings, held_backends  # the pod's own reading of TLS files
+
         with tempfile.TemporaryDirectory() as volume:
             for key, text in data.items():
                 (Path(volume) / key).write_text(text)
             try:
-                self.config_hash = config_hash(load_config(Path(volume)))
-                self.last_reload_error = None
+                config = load_config(Path(volume))
+                held = held_backends(config, cluster_settings(config))  # what the pod's load reads of the TLS files
+                self.config_hash, self.last_reload_error = config_hash(config), None
+                self.unavailable_backends = [backend.report() for backend in held]
             except ConfigIncomplete:
                 pass
             except ConfigError as exc:
@@ -83,7 +89,7 @@ class GatewayPod:
 
     async def _ready(self, request: web.Request) -> web.Response:
         body = {"status": "ready", "config_hash": self.config_hash, "last_reload_error": self.last_reload_error,
-                "pid": 1, "redis": None}
+                "pid": 1, "redis": None, "unavailable_backends": self.unavailable_backends}
         if self.problem is not None:
             body["problem"] = self.problem
         return web.json_response(body)

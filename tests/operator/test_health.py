@@ -41,3 +41,19 @@ async def test_a_supervisor_problem_is_reported_but_is_no_rejection() -> None:
     finally:
         await pod.stop()
     assert report == PodReport("a", None, "workers serve different configs: pid 7 aaaa, pid 8 bbbb", rejected=False)
+
+
+async def test_backends_a_pod_holds_unavailable_are_read_by_route() -> None:
+    """A pod that cannot use a backend's TLS files serves the config and lists that backend, with its routes."""
+    pod = GatewayPod()
+    await pod.start()
+    pod.config_hash = "aaaa"
+    why = "cannot use the TLS files: ca_file /certs/ca.pem: No such file or directory"
+    pod.unavailable_backends = [{"backend_service": "evil", "routes": ["other.evil", "other.evil2"], "error": why}]
+    try:
+        async with aiohttp.ClientSession() as session:
+            [report] = await probe_pods(session, {"a": pod.url})
+    finally:
+        await pod.stop()
+    assert report == PodReport("a", "aaaa", held={"other.evil": f"backend evil: {why}", "other.evil2": f"backend evil: {why}"})
+    assert not report.rejected and report.problem is None

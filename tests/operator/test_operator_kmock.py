@@ -251,6 +251,34 @@ async def test_broken_config_yaml_keeps_last_good_routes_and_pod_rejection_shows
         assert "api-gateway-b: config.yaml:2: listen.port" in status(cluster, "cart")["Programmed"]["message"]
 
 
+async def test_a_route_whose_backend_tls_files_the_pods_cannot_use_is_reported_and_blocks_no_other(
+    cluster: Any, pods: dict[str, GatewayPod], tmp_path: Any
+) -> None:
+    """The operator cannot see the pods' files: the CR is Accepted and written; the pods load the config, hold
+    that backend unavailable and say so on their health endpoint, and the CR's Programmed says it. Once the
+    file is there (the pods reload it), the CR is Programmed."""
+    from apigw.testkit.certs import write_self_signed
+
+    ca_file = tmp_path / "ca.pem"
+    evil = route("evil", "/evil")
+    evil["spec"]["backend"] = {"service": "evil", "url": "https://evil.shop:443", "tls": {"ca_file": str(ca_file)}}
+    cluster.objects[ROUTES, "shop", "orders"] = route("orders", "/orders")
+    cluster.objects[ROUTES, "shop", "evil"] = evil
+    async with operator(options(pods)):
+        await eventually(lambda: "shop.evil" in data(cluster).get("routes.yaml", ""))
+        sync_pods(cluster, pods)
+        await eventually(lambda: summary(cluster, "evil").get("Programmed") == ("False", "BackendTLSUnusable"))
+        message = status(cluster, "evil")["Programmed"]["message"]
+        assert message.startswith("2/2 pods serve its current spec; 2 hold its backend unavailable"), message
+        assert f"backend evil: cannot use the TLS files: ca_file {ca_file}: No such file or directory" in message
+        assert summary(cluster, "evil")["Accepted"] == ("True", "Accepted")
+        assert summary(cluster, "orders")["Programmed"] == ("True", "Programmed")
+
+        write_self_signed(ca_file, tmp_path / "ca.key", name="evil.shop")
+        sync_pods(cluster, pods)
+        await eventually(lambda: summary(cluster, "evil").get("Programmed") == ("True", "Programmed"))
+
+
 async def test_pods_are_asked_on_the_metrics_port_config_yaml_names(cluster: Any) -> None:
     """The operator's own pod URLs: the pod's IP and `listen.metrics_port`, whose `/_health/ready` carries
     `last_reload_error`. Nothing listens on the traffic port here: every answer comes from the metrics port."""

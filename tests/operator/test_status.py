@@ -95,3 +95,16 @@ def test_merge_patch_removes_what_the_new_value_lacks() -> None:
     new = {"generation": 2, "spec": {"match": {"path": "/a"}, "backend": {"url": "u"}}}
     assert merge_patch(old, new) == {"generation": 2, "spec": {"match": {"path_prefix": None, "path": "/a"}, "rewrite_prefix": None}}
     assert merge_patch(None, new) == new and merge_patch(old, None) is None
+
+
+def test_a_cr_whose_backend_the_pods_hold_unavailable_is_not_programmed_and_says_why() -> None:
+    """The pods serve the config, but answer the CR's requests 503 (its backend's TLS files cannot be used):
+    the CR says so, with the gateway's words; the other CRs are Programmed."""
+    served = history()
+    why = "backend a: cannot use the TLS files: ca_file /certs/ca.pem: No such file or directory"
+    reports = [PodReport("p", "c2", held={"shop.a": why}), PodReport("q", "c2", held={"shop.a": why})]
+    result = programmed(A, OK, "a1", reports, served)
+    assert result == Condition("Programmed", False, "BackendTLSUnusable",
+                               f"2/2 pods serve its current spec; 2 hold its backend unavailable (its requests get 503 "
+                               f"backend_tls_unusable): {why}")
+    assert programmed(B, OK, "b2", reports, served) == Condition("Programmed", True, "Programmed", "2/2 pods serve its current spec")

@@ -117,6 +117,17 @@ def http_status(url: str, headers: dict[str, str] | None = None) -> int:
         return 0
 
 
+def json_answer(url: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    """The status and JSON body of a GET, error statuses included."""
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, json.loads(error.read())
+
+
 def wait_until(predicate: Callable[[], object], timeout: float = 15, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

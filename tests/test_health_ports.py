@@ -42,6 +42,7 @@ def test_traffic_port_says_status_and_hash_and_the_metrics_port_says_why(tmp_pat
             assert details == {
                 "status": "ready", "config_hash": config_hash, "last_reload_error": None, "pid": gateway.process.pid,
                 "redis": {"state": "unknown", "error": None, "since": details["redis"]["since"]},
+                "unavailable_backends": [],
             }
             assert http_status(f"{gateway.url}/x") == 200  # a rate limit decision: a round trip to Redis
             assert gateway.details()["redis"]["state"] == "up"
@@ -69,7 +70,8 @@ def test_traffic_port_says_status_and_hash_and_the_metrics_port_says_why(tmp_pat
             gateway.signal(signal.SIGTERM)  # drain_delay 2s: both ports say draining meanwhile
             wait_until(lambda: http_status(f"{gateway.url}/_health/ready") == 503, what="draining")
             for read, keys in ((gateway.ready, {"status", "config_hash"}),
-                               (gateway.details, {"status", "config_hash", "last_reload_error", "pid", "redis"})):
+                               (gateway.details, {"status", "config_hash", "last_reload_error", "pid", "redis",
+                                                  "unavailable_backends"})):
                 with pytest.raises(urllib.error.HTTPError) as draining:
                     read()
                 assert draining.value.code == 503
@@ -95,3 +97,15 @@ def test_workers_health_counts_a_worker_without_a_status_file_as_starting(tmp_pa
     pids.clear()
     body, code = health.body()
     assert code == 503 and body["problem"] == "no worker is running"
+
+
+def test_workers_health_lists_each_backend_a_worker_holds_unavailable_once(tmp_path: Path) -> None:
+    """Every worker loads the same files: the supervisor's answer (what the operator reads) lists a held
+    backend once; one that a worker still holds (it has not reloaded yet) is listed too."""
+    held = {"backend_service": "evil", "routes": ["other.evil"], "error": "cannot use the TLS files: ca_file /x: gone"}
+    old = {**held, "error": "cannot use the TLS files: ca_file /x: No such file or directory"}
+    for pid, backends in ((101, [held]), (102, [held, old]), (103, [])):
+        status_path(tmp_path, pid).write_text(json.dumps({"status": "ready", "config_hash": "aa", "last_reload_error": None,
+                                                          "pid": pid, "redis": None, "unavailable_backends": backends}))
+    body, code = WorkersHealth(tmp_path, lambda: [101, 102, 103], lambda: False).body()
+    assert code == 200 and body["unavailable_backends"] == [held, old]

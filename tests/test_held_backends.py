@@ -84,7 +84,12 @@ def test_a_tenants_unusable_backend_tls_files_hold_that_backend_only(tmp_path: P
                 status, body = json_answer(f"{gateway.url}/{name}/x")
                 assert status == 503, body
                 assert body["error"] == f"backend {name} is unavailable: the gateway cannot use its TLS files"
-            access = [line for line in gateway.log_lines() if line.get("status_code") == 503]
+
+            def refused() -> list[dict]:
+                return [line for line in gateway.log_lines() if line.get("status_code") == 503]
+
+            wait_until(lambda: len(refused()) == 2, what="the two access lines")  # written once the answers are out
+            access = refused()
             assert {line["error_type"] for line in access} == {"backend_tls_unusable"}
             assert {line["backend_service"] for line in access} == {"later", "badkey"}
 

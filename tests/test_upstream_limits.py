@@ -316,13 +316,19 @@ def test_a_backend_that_config_yaml_uses_still_fails_the_whole_load(tmp_path: Pa
 
 
 def test_validate_config_still_fails_on_an_operator_routes_unusable_tls_file(tmp_path: Path) -> None:
-    """`gateway -validate-config` is a check tool: whoever owns the file, an unusable one is an error."""
+    """`gateway -validate-config` is a check tool: whoever owns the file, an unusable one is an error, each
+    at the line of its route's `backend.tls`, all in one run."""
     import subprocess
     import sys
 
-    volume = configmap_volume(tmp_path / "volume", [], [tls_route("broken", "https://b:8443", tmp_path / "missing.pem")])
+    people = [tls_route("mine", "https://m:8443", tmp_path / "mine.pem")]
+    volume = configmap_volume(tmp_path / "volume", people, [tls_route("broken", "https://b:8443", tmp_path / "missing.pem")])
     result = subprocess.run([sys.executable, "-m", "apigw", "-validate-config", "--config", str(volume)],
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 1, result.stdout
-    assert "Traceback" not in result.stderr
-    assert "cannot use the TLS files: ca_file" in result.stderr and str(tmp_path / "missing.pem") in result.stderr
+    unusable = "routes[0].backend.tls: cannot use the TLS files: ca_file"
+    assert result.stderr.splitlines() == [
+        f"{volume}/: 2 error(s)",
+        f"  {volume}/config.yaml:5: {unusable} {tmp_path}/mine.pem: No such file or directory",
+        f"  {volume}/routes.yaml:5: {unusable} {tmp_path}/missing.pem: No such file or directory",
+    ]

@@ -154,6 +154,8 @@ class Checked:
         """Global settings (`listen`, `auth`...) that did not parse: their defaults stand in for them."""
         self.nodes: dict[str, yaml.Node | None] = {}
         """Each file's YAML node tree, for the line of a setting."""
+        self.route_places: dict[str, tuple[str, int]] = {}
+        """Each route's file and index there, by name (the first, if defined twice)."""
         self._order = {name: i for i, name in enumerate(files)}
         self._found: dict[str, tuple[int, int]] = {}
 
@@ -245,9 +247,11 @@ def _check_whole(checked: Checked, parts: _Parts) -> Checked:
             if route.enabled and route.auth is not None:
                 checked.add_at(file, ("routes", i, "auth"), "the route checks tokens, but no key is configured "
                                "(auth.keys or auth.jwks_file in config.yaml)")
+    for file, i, route in parts.routes:
+        checked.route_places.setdefault(route.name, (file, i))
     checked.config = base.model_copy(
         update={"routes": [r for _, _, r in parts.routes], "policies": [p for _, _, p in parts.policies]}
-    )
+    ).with_operator_routes(frozenset(r.name for file, _, r in parts.routes if _model_of(Path(file).name) is not Config))
     return checked
 
 

@@ -28,6 +28,7 @@ from pydantic import (
     Field,
     IPvAnyNetwork,
     PositiveInt,
+    PrivateAttr,
     field_validator,
     model_validator,
 )
@@ -666,6 +667,21 @@ class Config(RoutesDocument):
     circuit_breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     ownership: Ownership = Field(default_factory=Ownership)
     """Read by the operator only: which namespaces' CRs may claim which hosts, paths and policies."""
+
+    _operator_routes: frozenset[str] = PrivateAttr(default=frozenset())
+    """Names of the routes read from routes.yaml or its shards: not a setting, where the loader found them."""
+
+    def with_operator_routes(self, names: frozenset[str]) -> Config:
+        """This config, knowing which of its routes came from the operator's files (`operator_owned`)."""
+        config = self.model_copy()
+        config._operator_routes = names
+        return config
+
+    def operator_owned(self, route: Route) -> bool:
+        """Whether `route` came from routes.yaml or a shard (rendered by the operator from tenants' CRs)
+        rather than from config.yaml (people's). A backend of tenants' routes only is held unavailable
+        when its TLS files cannot be used, where one of people's fails the whole load."""
+        return route.name in self._operator_routes
 
 
 def config_hash(config: Config) -> str:

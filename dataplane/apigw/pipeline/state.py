@@ -22,7 +22,7 @@ from apigw.pipeline.routing import Router
 from apigw.policy.auth import Authenticator, KeyRing, load_keys
 from apigw.policy.ratelimit import Limiter, LimitRule, build_limiter, check_shared_limits
 from apigw.redis.batch import RedisBatch
-from apigw.upstream.cluster import Cluster, Clusters, cluster_settings
+from apigw.upstream.cluster import Cluster, Clusters, HeldBackend, cluster_settings, held_backends, log_held
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +75,8 @@ class GatewayState:
     limiter: Limiter | None
     auth: Authenticator
     edge: Edge
+    held: tuple[HeldBackend, ...] = ()
+    """Backends held unavailable (their TLS files cannot be used), for `/_health/ready`."""
     usage: Usage = field(default_factory=Usage)
 
 
@@ -144,13 +146,16 @@ def build_steps(config: Config, shared: Shared, digest: str | None = None) -> Ge
     """`build_state` in steps, for a caller that serves traffic in between: yields after each `STEP` routes,
     returns the state.
 
-    Reading files (the only step that can fail) comes first, so a failure leaves `shared` untouched.
+    Reading files (the only step that can fail) comes first, so a failure leaves `shared` untouched. A backend
+    held unavailable is logged here, at each load (start-up and every reload).
     `digest` is `config_hash(config)` when the caller has it (a reload computes it off the event loop).
     """
     keys = load_keys(config.auth)
     clusters = cluster_settings(config)
     if shared.one_of_workers:
         check_shared_limits(config)
+    held = held_backends(config, clusters)
+    log_held(held)
     enabled = [route for route in config.routes if route.enabled]
     shared.redis_for(config.redis)
     auth = shared.authenticator_for(config, keys)
@@ -164,7 +169,8 @@ def build_steps(config: Config, shared: Shared, digest: str | None = None) -> Ge
                      for route in enabled[start:start + STEP]]
     yield
     return GatewayState(
-        config, digest or config_hash(config), Router(compiled), limiter, auth, Edge(config.listen, auth.stripped_headers)
+        config, digest or config_hash(config), Router(compiled), limiter, auth, Edge(config.listen, auth.stripped_headers),
+        held,
     )
 
 

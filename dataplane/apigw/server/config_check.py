@@ -14,11 +14,16 @@ from apigw.config.errors import ConfigError
 from apigw.config.loader import Checked, check_config
 from apigw.policy.auth import load_keys
 from apigw.server.tls import check_tls
-from apigw.upstream.cluster import cluster_settings
+from apigw.upstream.cluster import held_backends, read_backends
 
 
-def check_config_and_files(path: Path) -> Checked:
-    """Every problem in the config at `path` and in the files it names (ConfigError: a file unreadable)."""
+def check_config_and_files(path: Path, hold: bool = False) -> Checked:
+    """Every problem in the config at `path` and in the files it names (ConfigError: a file unreadable).
+
+    A backend of the operator's routes whose TLS files cannot be used is one too, at that route's
+    `backend.tls`, unless `hold` (start-up: the gateway holds it unavailable and serves the rest, as a
+    reload does); `gateway -validate-config` is a check, and refuses it.
+    """
     checked = check_config(path)
     config = checked.config
     file_checks: list[Callable[[], object]] = []
@@ -28,7 +33,7 @@ def check_config_and_files(path: Path) -> Checked:
     if "listen" not in checked.unparsed and tls is not None:
         file_checks.append(lambda: check_tls(tls))
     if "routes" not in checked.unparsed:
-        file_checks.append(lambda: cluster_settings(config))  # the backends' TLS files
+        file_checks.append(lambda: _backends_tls(checked, hold))
     for check in file_checks:
         try:
             check()
@@ -36,3 +41,14 @@ def check_config_and_files(path: Path) -> Checked:
             for error in exc.errors:
                 checked.add_setting_error(error)
     return checked
+
+
+def _backends_tls(checked: Checked, hold: bool) -> None:
+    """Read the backends' TLS files: ConfigError for those of config.yaml's backends; those of the
+    operator's routes are located at the first route using the backend."""
+    settings, errors = read_backends(checked.config)
+    for backend in () if hold else held_backends(checked.config, settings):
+        file, index = checked.route_places[backend.routes[0]]
+        checked.add_at(file, ("routes", index, "backend", "tls"), backend.error)
+    if errors:
+        raise ConfigError(errors)

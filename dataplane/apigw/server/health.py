@@ -3,12 +3,14 @@
 The traffic port is reachable by anyone who can send a request, so its `/_health/live` and
 `/_health/ready` say the status and the `config_hash` in force, nothing more. The metrics port's
 `/_health/ready` answers with the same status code (200 ready, 503 not ready or draining) and what
-on-call needs: the last reload's error, the pid, Redis as the latest round trip found it.
+on-call needs: the last reload's error, the pid, Redis as the latest round trip found it, and the
+backends held unavailable (`unavailable_backends`: their TLS files cannot be used; the pod stays ready,
+the operator reports them on their routes' CRs).
 
 With `--workers N`, the supervisor serves the metrics port and has no config of its own: each worker
 keeps its details in a small file in the shared metrics directory (`StatusFile`), and the supervisor
 answers for all of them (`WorkersHealth`): ready only when every live worker is, with each worker's
-pid, hash and error, and a `problem` when they disagree.
+pid, hash and error, the backends any of them holds unavailable, and a `problem` when they disagree.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def details(gateway: Gateway) -> dict[str, Any]:
         "last_reload_error": gateway.last_reload_error,
         "pid": os.getpid(),
         "redis": _redis(gateway.shared.redis),
+        "unavailable_backends": [backend.report() for backend in gateway.state.held],
     }
 
 
@@ -136,6 +139,7 @@ class WorkersHealth:
         if not workers:
             problems.append("no worker is running")
         errors = list(dict.fromkeys(w["last_reload_error"] for w in workers if w.get("last_reload_error")))
+        held = {json.dumps(b, sort_keys=True): b for w in workers for b in w.get("unavailable_backends") or []}
         if self.stopping():
             status, code = _status(True)
         elif workers and all(w["status"] == "ready" for w in workers):
@@ -147,6 +151,7 @@ class WorkersHealth:
             "config_hash": hashes.pop() if len(hashes) == 1 else None,
             "last_reload_error": "; ".join(errors) or None,
             "problem": "; ".join(problems) or None,
+            "unavailable_backends": list(held.values()),
             "pid": os.getpid(),
             "workers": workers,
         }, code

@@ -83,7 +83,7 @@ async def serve(config_path: Path, workers: int | None = None, debug_port: int |
     """
     worker = os.environ.get(WORKER_ENV) == "1"
     try:
-        config = check_config_and_files(config_path).result()
+        config = check_config_and_files(config_path, hold=True).result()
         count = workers or config.listen.workers
         if count > 1 and not worker:
             check_shared_limits(config)

@@ -6,23 +6,34 @@ an answer is the route's: one service may serve quick and slow paths.) A reload 
 whole, with its connections and breaker state, while the service's settings are unchanged, and
 replaces it whole when they change; a replaced or dropped cluster's pool closes once the requests
 begun on it are done.
+
+A backend whose TLS files cannot be used fails the whole load when people own it (a route of
+config.yaml uses it). When only routes of the operator's files use it (rendered from tenants' CRs, which
+may name any path), it is held unavailable instead, as Envoy Gateway leaves out a route whose references
+do not resolve: one tenant's mistake must not stop every pod from loading every other change. Its
+requests are refused at once (503 `backend_tls_unusable`), the load logs it, `/_health/ready` lists it,
+and the operator reports it on the CR; its files are watched, and once they can be used a reload
+brings it back.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from yarl import URL
 
 from apigw.config.errors import ConfigError
 from apigw.config.model import BackendTLS, BreakerSettings, Config, RetrySettings
+from apigw.http.errors import GatewayError
 from apigw.observability.metrics import Metrics
-from apigw.policy.breaker import CircuitBreaker, State
+from apigw.policy.breaker import Admission, CircuitBreaker, State
 from apigw.policy.retry import RetryBudget
 from apigw.upstream.client import Pool
 
@@ -45,6 +56,8 @@ class ClusterSettings:
     tls_digest: str = ""
     """A digest of the TLS files' contents: renewed files make a new cluster, with a new context."""
     ssl: ssl.SSLContext | None = field(default=None, compare=False)
+    unusable: str | None = None
+    """Why the backend is held unavailable (its TLS files cannot be used): then its requests are refused."""
 
 
 class Cluster:
@@ -63,50 +76,138 @@ class Cluster:
         self.connect_timeout = settings.connect_timeout
         self.retries = settings.retries
         self.retry_budget = RetryBudget(settings.retries.budget_ratio, settings.retries.min_retries_per_second, clock)
-        self.breaker = CircuitBreaker(settings.service, settings.breaker, clock, metrics.breaker_state)
+        self.breaker: CircuitBreaker | Held = (
+            Held(settings.service) if settings.unusable is not None
+            else CircuitBreaker(settings.service, settings.breaker, clock, metrics.breaker_state)
+        )
 
     async def aclose(self) -> None:
         await self.pool.aclose()
 
 
+class Held:
+    """In place of the circuit breaker of a backend held unavailable: it refuses every request at once, as
+    an open breaker does, so that nothing is ever sent without the TLS settings it was given (its pool has
+    no context of theirs). It exports no breaker state: the backend is not failing, its settings are."""
+
+    state = State.CLOSED
+    """No open breaker to announce closed when it is replaced (`_replaced`)."""
+
+    def __init__(self, service: str):
+        self.service = service
+
+    def admit(self) -> Admission:
+        raise GatewayError(503, "backend_tls_unusable", f"backend {self.service} is unavailable: the gateway cannot "
+                           "use its TLS files")
+
+    def retire(self) -> None:
+        pass
+
+
 def cluster_settings(config: Config) -> dict[str, ClusterSettings]:
     """The settings of each backend service of an enabled route (the loader made sure routes sharing a
     service agree on them); the breaker is the backend's own or the global one. TLS files are read here,
-    before anything changes, so that one that cannot be used fails the whole load (ConfigError, naming
-    every such backend; `gateway -validate-config` reads them here too)."""
+    before anything changes. One that cannot be used fails the whole load (ConfigError, naming every such
+    backend) when a route of config.yaml uses the backend; else the backend is held unavailable, its
+    settings saying why (`unusable`). `gateway -validate-config` refuses both (`config_check`)."""
+    found, errors = read_backends(config)
+    if errors:
+        raise ConfigError(errors)
+    return found
+
+
+def read_backends(config: Config) -> tuple[dict[str, ClusterSettings], list[str]]:
+    """`cluster_settings`, with the errors that fail the load returned rather than raised."""
+    people_owned = {r.backend.service for r in config.routes if r.enabled and not config.operator_owned(r)}
     found: dict[str, ClusterSettings] = {}
     errors: list[str] = []
     for index, route in enumerate(config.routes):
         backend = route.backend
         if not route.enabled or backend.service in found:
             continue
-        try:
-            context, digest = _tls(backend.tls, f"routes[{index}].backend.tls") if backend.tls else (None, "")
-        except ConfigError as exc:
-            errors.extend(exc.errors)
-            continue
+        context, digest, unusable = None, "", None
+        if backend.tls is not None:
+            try:
+                context, digest = _tls(backend.tls)
+            except _Unusable as exc:
+                if backend.service in people_owned:
+                    errors.append(f"routes[{index}].backend.tls: {exc}")
+                    continue
+                unusable = str(exc)
         found[backend.service] = ClusterSettings(
             backend.service, str(backend.url), backend.connect_timeout, backend.max_connections,
             backend.max_pending, backend.retries, backend.circuit_breaker or config.circuit_breaker,
-            backend.tls, digest, context,
+            backend.tls, digest, context, unusable,
         )
-    if errors:
-        raise ConfigError(errors)
-    return found
+    return found, errors
 
 
-def _tls(settings: BackendTLS, where: str) -> tuple[ssl.SSLContext, str]:
+class _Unusable(Exception):
+    """A backend's TLS file cannot be used: which, where, and why (never what it holds)."""
+
+
+def _tls(settings: BackendTLS) -> tuple[ssl.SSLContext, str]:
     """The client context for an https backend, and a digest of the files it was made from."""
     digest = hashlib.sha256()
+    for name in ("ca_file", "cert_file", "key_file"):
+        file = getattr(settings, name)
+        if file is not None:
+            try:
+                digest.update(file.read_bytes())
+            except (OSError, ValueError) as exc:
+                raise _Unusable(f"cannot use the TLS files: {name} {file}: {_reason(exc)}") from None
     try:
-        for file in settings.files():
-            digest.update(file.read_bytes())
         context = ssl.create_default_context(cafile=settings.ca_file)
-        if settings.cert_file is not None:
+    except (OSError, ValueError) as exc:
+        raise _Unusable(f"cannot use the TLS files: ca_file {settings.ca_file}: {_reason(exc)}") from None
+    if settings.cert_file is not None:
+        try:
             context.load_cert_chain(settings.cert_file, settings.key_file)
-    except (OSError, ssl.SSLError, ValueError) as exc:
-        raise ConfigError([f"{where}: cannot use the TLS files: {exc}"]) from None
+        except (OSError, ValueError) as exc:
+            raise _Unusable(f"cannot use the TLS files: cert_file {settings.cert_file} with key_file "
+                            f"{settings.key_file}: {_reason(exc)}") from None
     return context, digest.hexdigest()
+
+
+def _reason(exc: Exception) -> str:
+    """Why, in a few words: OpenSSL's reason (`NO_CERTIFICATE_OR_CRL_FOUND`, `KEY_VALUES_MISMATCH`) or the
+    system's (`No such file or directory`), without the C source line."""
+    if isinstance(exc, ssl.SSLError):
+        text = re.sub(r" \(_ssl\.c:\d+\)$", "", exc.strerror or str(exc))
+        return text if exc.reason else f"not PEM that OpenSSL can read ({text})"
+    return getattr(exc, "strerror", None) or str(exc)
+
+
+@dataclass(frozen=True)
+class HeldBackend:
+    """A backend held unavailable, as the logs and `/_health/ready` tell it."""
+
+    service: str
+    routes: tuple[str, ...]
+    error: str
+
+    def report(self) -> dict[str, Any]:
+        return {"backend_service": self.service, "routes": list(self.routes), "error": self.error}
+
+
+def held_backends(config: Config, settings: Mapping[str, ClusterSettings]) -> tuple[HeldBackend, ...]:
+    """The backends `cluster_settings` held unavailable, each with the enabled routes that use it."""
+    held = {service: s.unusable for service, s in settings.items() if s.unusable is not None}
+    routes: dict[str, list[str]] = {service: [] for service in held}
+    for route in config.routes:
+        if route.enabled and route.backend.service in routes:
+            routes[route.backend.service].append(route.name)
+    return tuple(HeldBackend(service, tuple(routes[service]), error) for service, error in held.items())
+
+
+def log_held(held: tuple[HeldBackend, ...]) -> None:
+    """At each load: what is held unavailable, for whom, and why (file and reason, never its contents)."""
+    for backend in held:
+        log.error(
+            "backend %s held unavailable, its routes (%s) answer 503 backend_tls_unusable until its TLS files "
+            "can be used: %s", backend.service, ", ".join(backend.routes), backend.error,
+            extra={"fields": {"backend_service": backend.service, "routes": list(backend.routes), "error": backend.error}},
+        )
 
 
 class Clusters:
@@ -144,8 +245,10 @@ class Clusters:
         for service, cluster in self._clusters.items():
             if service not in clusters:
                 cluster.breaker.retire()
-                self._metrics.breaker_state.remove(service)
                 retired.append(cluster)
+            exported = isinstance(cluster.breaker, CircuitBreaker)
+            if exported and (service not in clusters or isinstance(clusters[service].breaker, Held)):
+                self._metrics.breaker_state.remove(service)  # a backend gone or held has no breaker state
         self._clusters = clusters
         return retired
 

@@ -62,7 +62,9 @@ def programmed(
 ) -> Condition:
     """True only when every ready gateway pod serves a config holding this CR as routes.yaml has it now:
     its current spec, or its last accepted version (then the condition speaks of that generation). A
-    disabled route served as such is False, `Disabled`: it answers no requests.
+    disabled route served as such is False, `Disabled`: it answers no requests. A route whose backend a
+    pod serving it holds unavailable (its TLS files cannot be used there) is False, `BackendTLSUnusable`,
+    with the pod's words: its requests get 503.
 
     `blocked` says why the current config did not reach the ConfigMap: it stands on every CR the pods
     do not serve yet (those they serve are Programmed all the same).
@@ -73,6 +75,10 @@ def programmed(
     subject = f"its last accepted version (generation {generation})" if verdict.fallback else "its current spec"
     serving = [r for r in reports if served.holds(r.config_hash, ref, digest)]
     message = f"{len(serving)}/{len(reports)} pods serve {subject}"
+    held = [r.held[ref.config_name] for r in serving if ref.config_name in r.held]
+    if held:
+        return Condition("Programmed", False, "BackendTLSUnusable", f"{message}; {len(held)} hold its backend unavailable "
+                         f"(its requests get 503 backend_tls_unusable): {'; '.join(dict.fromkeys(held))}", generation)
     if reports and len(serving) == len(reports):
         if verdict.disabled:
             return Condition("Programmed", False, "Disabled", f"disabled by spec.enabled: false; {message}", generation)

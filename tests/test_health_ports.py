@@ -105,7 +105,8 @@ def test_workers_health_lists_each_backend_a_worker_holds_unavailable_once(tmp_p
     held = {"backend_service": "evil", "routes": ["other.evil"], "error": "cannot use the TLS files: ca_file /x: gone"}
     old = {**held, "error": "cannot use the TLS files: ca_file /x: No such file or directory"}
     for pid, backends in ((101, [held]), (102, [held, old]), (103, [])):
-        status_path(tmp_path, pid).write_text(json.dumps({"status": "ready", "config_hash": "aa", "last_reload_error": None,
-                                                          "pid": pid, "redis": None, "unavailable_backends": backends}))
+        status_path(tmp_path, pid).write_text(json.dumps({
+            "status": "ready", "config_hash": "aa", "last_reload_error": None, "pid": pid, "redis": None,
+            "unavailable_backends": backends}))
     body, code = WorkersHealth(tmp_path, lambda: [101, 102, 103], lambda: False).body()
     assert code == 200 and body["unavailable_backends"] == [held, old]

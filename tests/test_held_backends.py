@@ -95,7 +95,8 @@ def test_a_tenants_unusable_backend_tls_files_hold_that_backend_only(tmp_path: P
 
             held = {b["backend_service"]: b for b in gateway.details()["unavailable_backends"]}
             assert held["later"]["routes"] == ["shop.later"]
-            assert held["later"]["error"] == f"cannot use the TLS files: ca_file {missing_ca}: No such file or directory"
+            assert held["later"]["error"] == (
+                f"cannot use the TLS files: ca_file {missing_ca}: No such file or directory")
             assert held["badkey"]["routes"] == ["shop.badkey"] and str(broken_key) in held["badkey"]["error"]
             assert gateway.details()["status"] == "ready" and gateway.details()["last_reload_error"] is None
             errors = [line for line in gateway.log_lines() if line["level"] == "error" and "backend_service" in line
@@ -107,7 +108,8 @@ def test_a_tenants_unusable_backend_tls_files_hold_that_backend_only(tmp_path: P
 
             missing_ca.parent.mkdir()
             missing_ca.write_bytes(server_cert.read_bytes())  # the file appears: a watched file, so a reload
-            wait_until(lambda: json_answer(f"{gateway.url}/later/x")[0] == 200, timeout=20, what="the fixed backend serving")
+            wait_until(lambda: json_answer(f"{gateway.url}/later/x")[0] == 200, timeout=20,
+                       what="the fixed backend serving")
             assert [b["backend_service"] for b in gateway.details()["unavailable_backends"]] == ["badkey"]
             assert json_answer(f"{gateway.url}/good/x")[0] == 200
         assert SECRET not in gateway.log_text()

@@ -322,7 +322,8 @@ def test_validate_config_still_fails_on_an_operator_routes_unusable_tls_file(tmp
     import sys
 
     people = [tls_route("mine", "https://m:8443", tmp_path / "mine.pem")]
-    volume = configmap_volume(tmp_path / "volume", people, [tls_route("broken", "https://b:8443", tmp_path / "missing.pem")])
+    tenants = [tls_route("broken", "https://b:8443", tmp_path / "missing.pem")]
+    volume = configmap_volume(tmp_path / "volume", people, tenants)
     result = subprocess.run([sys.executable, "-m", "apigw", "-validate-config", "--config", str(volume)],
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 1, result.stdout

@@ -77,8 +77,9 @@ def programmed(
     message = f"{len(serving)}/{len(reports)} pods serve {subject}"
     held = [r.held[ref.config_name] for r in serving if ref.config_name in r.held]
     if held:
-        return Condition("Programmed", False, "BackendTLSUnusable", f"{message}; {len(held)} hold its backend unavailable "
-                         f"(its requests get 503 backend_tls_unusable): {'; '.join(dict.fromkeys(held))}", generation)
+        why = "; ".join(dict.fromkeys(held))
+        return Condition("Programmed", False, "BackendTLSUnusable", f"{message}; {len(held)} hold its backend "
+                         f"unavailable (its requests get 503 backend_tls_unusable): {why}", generation)
     if reports and len(serving) == len(reports):
         if verdict.disabled:
             return Condition("Programmed", False, "Disabled", f"disabled by spec.enabled: false; {message}", generation)

@@ -55,5 +55,6 @@ async def test_backends_a_pod_holds_unavailable_are_read_by_route() -> None:
             [report] = await probe_pods(session, {"a": pod.url})
     finally:
         await pod.stop()
-    assert report == PodReport("a", "aaaa", held={"other.evil": f"backend evil: {why}", "other.evil2": f"backend evil: {why}"})
+    held = {"other.evil": f"backend evil: {why}", "other.evil2": f"backend evil: {why}"}
+    assert report == PodReport("a", "aaaa", held=held)
     assert not report.rejected and report.problem is None

@@ -107,4 +107,5 @@ def test_a_cr_whose_backend_the_pods_hold_unavailable_is_not_programmed_and_says
     assert result == Condition("Programmed", False, "BackendTLSUnusable",
                                f"2/2 pods serve its current spec; 2 hold its backend unavailable (its requests get 503 "
                                f"backend_tls_unusable): {why}")
-    assert programmed(B, OK, "b2", reports, served) == Condition("Programmed", True, "Programmed", "2/2 pods serve its current spec")
+    assert programmed(B, OK, "b2", reports, served) == Condition(
+        "Programmed", True, "Programmed", "2/2 pods serve its current spec")

@@ -169,8 +169,8 @@ def build_steps(config: Config, shared: Shared, digest: str | None = None) -> Ge
                      for route in enabled[start:start + STEP]]
     yield
     return GatewayState(
-        config, digest or config_hash(config), Router(compiled), limiter, auth, Edge(config.listen, auth.stripped_headers),
-        held,
+        config, digest or config_hash(config), Router(compiled), limiter, auth,
+        Edge(config.listen, auth.stripped_headers), held,
     )
 
 

@@ -206,7 +206,8 @@ def log_held(held: tuple[HeldBackend, ...]) -> None:
         log.error(
             "backend %s held unavailable, its routes (%s) answer 503 backend_tls_unusable until its TLS files "
             "can be used: %s", backend.service, ", ".join(backend.routes), backend.error,
-            extra={"fields": {"backend_service": backend.service, "routes": list(backend.routes), "error": backend.error}},
+            extra={"fields": {"backend_service": backend.service, "routes": list(backend.routes),
+                              "error": backend.error}},
         )
 
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import http.client
 import itertools
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -20,6 +25,8 @@ from apigw.testkit.process import (
     ports,
     wait_until,
 )
+from apigw.testkit.tokens import SigningKey
+from apigw.testkit.volume import Projection
 
 
 def metric_value(text: str, line_start: str) -> float:
@@ -135,6 +142,133 @@ def test_metrics_port_health_answers_for_every_worker(tmp_path: Path) -> None:
         assert gateway.stop() == 0
 
 
+def test_a_worker_killed_while_the_files_are_invalid_comes_back_on_the_last_good_config(tmp_path: Path) -> None:
+    """A worker that dies while the ConfigMap holds an invalid config is started again on the config its
+    sibling serves (the last one that loaded), says so, serves traffic, and follows the next valid config."""
+    port, metrics_port = ports()
+    with BackendProcess() as backend:
+        volume = Projection(tmp_path / "config")
+        settings = yaml.safe_dump({"listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port,
+                                              "workers": 2}})
+
+        def routes(prefix: str) -> str:
+            return yaml.safe_dump({"routes": [{"name": "echo", "match": {"path_prefix": prefix},
+                                               "backend": {"service": "echo", "url": backend.url}}]})
+
+        volume.write({"config.yaml": settings, "routes.yaml": routes("/")})
+        gateway = GatewayProcess(volume.dir, port, metrics_port)
+        gateway.start()
+        try:
+            wait_until(lambda: len(_worker_pids(gateway)) == 2, timeout=20, what="both workers ready")
+            good = gateway.details()["config_hash"]
+            volume.write({"config.yaml": settings, "routes.yaml": "routes: [{name: broken}]\n"})
+            wait_until(lambda: all(w["last_reload_error"] for w in gateway.details()["workers"]), what="both rejected")
+            failures = 'gateway_config_reloads_total{result="failure"}'
+            wait_until(lambda: metric_value(gateway.metrics(), failures) == 2, timeout=5, what="both rejections counted")
+
+            victim, survivor = sorted(_worker_pids(gateway))
+            os.kill(victim, signal.SIGKILL)
+
+            def back() -> bool:
+                workers = _health(gateway)["workers"]
+                return len(workers) == 2 and victim not in {w["pid"] for w in workers} and all(
+                    w["status"] == "ready" for w in workers)
+
+            wait_until(back, timeout=20, what="the worker back")
+            details = gateway.details()
+            restarted = ({w["pid"] for w in details["workers"]} - {survivor}).pop()
+            assert details["status"] == "ready" and details["config_hash"] == good and details["problem"] is None
+            assert "routes[0].backend: required setting is missing" in details["last_reload_error"]
+            assert _served_by(gateway, 24) == {survivor, restarted}
+            started = [line for line in gateway.log_lines() if "last good config" in line["msg"]]
+            assert len(started) == 1 and started[0]["level"] == "error", started
+            assert started[0]["config_hash"] == good
+            assert any("routes.yaml:1: routes[0].backend: required setting is missing" in error
+                       for error in started[0]["errors"])
+            wait_until(lambda: metric_value(gateway.metrics(), failures) == 3, timeout=5,
+                       what="the start on the last good config counted as a rejected config")
+
+            volume.write({"config.yaml": settings, "routes.yaml": routes("/v2")})
+            wait_until(lambda: gateway.details()["config_hash"] not in (None, good), what="both on the new config")
+            assert {w["pid"] for w in gateway.details()["workers"]} == {survivor, restarted}
+            assert gateway.details()["last_reload_error"] is None
+            assert http_status(f"{gateway.url}/v2/x") == 200 and http_status(f"{gateway.url}/x") == 404
+        finally:
+            assert gateway.stop() == 0
+
+
+def test_a_worker_that_cannot_start_is_restarted_less_often_and_reported_down(tmp_path: Path) -> None:
+    """The last good config names a key file that is now broken: the restarted worker cannot serve the keys
+    its sibling holds, so it exits; the supervisor waits longer at each exit in a row, logs each, and its
+    health lists the worker as down (the pod stays ready: its other worker serves). Once the key file is
+    mended, the next start brings the worker back."""
+    key = SigningKey()
+    key_file = key.write_public_pem(tmp_path / "jwt.pem")
+    gateway = two_workers(tmp_path, auth={"keys": [{"file": str(key_file)}]})
+    gateway.start()
+    try:
+        wait_until(lambda: len(_worker_pids(gateway)) == 2, timeout=20, what="both workers ready")
+        key_file.write_text("not a key\n")
+        wait_until(lambda: all(w["last_reload_error"] for w in gateway.details()["workers"]), what="both rejected")
+        victim = min(_worker_pids(gateway))
+        os.kill(victim, signal.SIGKILL)
+
+        def down_twice() -> bool:
+            return any(w["status"] == "restarting" and w["exits_in_a_row"] == 2 for w in _health(gateway)["workers"])
+
+        wait_until(down_twice, timeout=20, what="the worker down after a failed start")
+        details = gateway.details()  # 200: the other worker serves
+        assert details["status"] == "ready" and gateway.ready()["status"] == "ready"
+        down = next(w for w in details["workers"] if w["status"] == "restarting")
+        assert down["last_exit"] == "exited with 1" and down["worker"] == 0
+        assert f"worker 0 is down (exited with 1, 2 time(s) in a row since {down['since']}), next start at " \
+            f"{down['next_start']}" in details["problem"]
+        lines = gateway.log_lines()
+        exits = [line for line in lines if line["logger"] == "apigw.workers" and "starting it again" in line["msg"]]
+        assert [(line["exits_in_a_row"], line["restart_in_s"]) for line in exits] == [(1, 1.0), (2, 2.0)]
+        assert exits[0]["msg"].startswith(f"worker 0 (pid {victim}) killed by SIGKILL after ")
+        assert "exited with 1 after " in exits[1]["msg"] and "2 times in a row since" in exits[1]["msg"]
+        assert exits[1]["msg"].endswith("; starting it again in 2 s")
+        cannot = [line for line in lines if line["msg"].startswith("cannot start on the last good config instead")]
+        assert cannot and all(line["msg"].endswith("auth.keys[0].file: not a PEM public key") for line in cannot), cannot
+
+        key.write_public_pem(key_file)
+        wait_until(lambda: len(_worker_pids(gateway)) == 2 and gateway.details()["problem"] is None, timeout=20,
+                   what="the worker back once the key file is mended")
+    finally:
+        assert gateway.stop() == 0
+
+
+def _health(gateway: GatewayProcess) -> dict[str, Any]:
+    """The metrics port's `/_health/ready`, ready (200) or not (503)."""
+    try:
+        return gateway.details()
+    except urllib.error.HTTPError as error:
+        with error:
+            return json.loads(error.read())
+
+
+def _served_by(gateway: GatewayProcess, connections: int) -> set[int]:
+    """The pids of the workers that answered `connections` requests, each on a connection of its own (the
+    kernel spreads connections over the sockets sharing the port); each answer must be a 200."""
+    opened = [http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=5) for _ in range(connections)]
+    try:
+        client_ports = set()
+        for connection in opened:
+            connection.request("GET", "/x")
+            response = connection.getresponse()
+            response.read()
+            assert response.status == 200
+            client_ports.add(connection.sock.getsockname()[1])
+        def answered(local: int, remote: int, state: str) -> bool:
+            return local == gateway.port and remote in client_ports and state == "01"  # 01: ESTABLISHED
+
+        return {pid for pid in _worker_pids(gateway) if _holds(pid, answered)}
+    finally:
+        for connection in opened:
+            connection.close()
+
+
 def _worker_pids(gateway: GatewayProcess) -> set[int]:
     """The workers the supervisor reports ready on the metrics port; none while it is not ready."""
     try:
@@ -145,11 +279,18 @@ def _worker_pids(gateway: GatewayProcess) -> set[int]:
 
 
 def _listens(pid: int, port: int) -> bool:
-    """Whether process `pid` holds a listening TCP socket on `port` (/proc/net/tcp's inode in its fds)."""
+    """Whether process `pid` holds a listening TCP socket on `port`."""
+    return _holds(pid, lambda local, remote, state: local == port and state == "0A")  # 0A: LISTEN
+
+
+def _holds(pid: int, wanted: Callable[[int, int, str], bool]) -> bool:
+    """Whether process `pid` holds a TCP socket whose (local port, remote port, state) is `wanted`
+    (/proc/net/tcp's inode among its fds)."""
     inodes = set()
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
-        if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # 0A: LISTEN
+        local, remote = (int(address.rsplit(":", 1)[1], 16) for address in fields[1:3])
+        if wanted(local, remote, fields[3]):
             inodes.add(f"socket:[{fields[9]}]")
     return any(os.readlink(fd) in inodes for fd in Path(f"/proc/{pid}/fd").iterdir())
 

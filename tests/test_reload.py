@@ -118,7 +118,8 @@ def test_the_worker_process_hands_back_the_same_config_or_its_errors(tmp_path) -
     routes = [{"name": f"r{i}", "match": {"path_prefix": f"/r{i}"}, "backend": {"service": "s", "url": "http://127.0.0.1:1"}}
               for i in range(120)]
     path.write_text(yaml.safe_dump({"routes": routes, "policies": [{"name": "p", "requests": 1, "period": "1s"}]}))
-    base, parts, digest = load_config_parts(path)
+    base, parts, digest, texts = load_config_parts(path)
+    assert texts == {str(path): path.read_text()}
     assert len(parts) == 3
     config = pickle.loads(base).model_copy(update={"routes": [r for part in parts for r in pickle.loads(part)]})
     assert config == load_config(path)
@@ -210,7 +211,7 @@ async def test_a_replaced_state_is_freed_by_reference_counting_alone(tmp_path) -
     path = tmp_path / "gw.yaml"
     path.write_text(every_feature(tmp_path, "5s"))
     gateway = Gateway.create(load_config(path), Metrics())
-    reloader = Reloader(gateway, path, None)
+    reloader = Reloader(gateway, path, None, None)
     try:
         for version in range(2):
             replaced = weakref.ref(gateway.state)

@@ -209,7 +209,7 @@ async def test_renewed_backend_tls_files_are_loaded_without_a_config_change(
             "service": "users", "url": url, "tls": {"ca_file": str(ca_file), "server_name": "users.internal"}}}]}))
         gateway = Gateway.create(load_config(path), Metrics())
         client = await aiohttp_client(await traffic_server(gateway))
-        reloader = Reloader(gateway, path, None, interval=0.1)
+        reloader = Reloader(gateway, path, None, None, interval=0.1)
         watch = asyncio.create_task(reloader.watch())
         try:
             assert (await client.get("/x")).status == 502

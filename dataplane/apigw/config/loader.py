@@ -124,14 +124,15 @@ def _read_shards(path: Path, index: Mapping[str, str]) -> dict[str, str]:
     return documents
 
 
-def load_config_parts(path: Path, chunk: int = 50) -> tuple[bytes, list[bytes], str]:
+def load_config_parts(path: Path, chunk: int = 50) -> tuple[bytes, list[bytes], str, dict[str, str]]:
     """`load_config` in a worker process, for a reload: the config without its routes, its routes
-    `chunk` at a time, each pickled, and its hash. The event loop unpickles a part at a time (a few ms
-    each for a 5,000-route config) and serves traffic in between."""
-    config = load_config(path)
+    `chunk` at a time, each pickled, its hash, and the texts it was read from. The event loop unpickles
+    a part at a time (a few ms each for a 5,000-route config) and serves traffic in between."""
+    checked = check_config(path)
+    config = checked.result()
     routes = config.routes
     parts = [pickle.dumps(routes[i:i + chunk]) for i in range(0, len(routes), chunk)]
-    return pickle.dumps(config.model_copy(update={"routes": []})), parts, config_hash(config)
+    return pickle.dumps(config.model_copy(update={"routes": []})), parts, config_hash(config), checked.texts
 
 
 def parse_documents(documents: Mapping[str, str]) -> Config:
@@ -156,6 +157,8 @@ class Checked:
         """Each file's YAML node tree, for the line of a setting."""
         self.route_places: dict[str, tuple[str, int]] = {}
         """Each route's file and index there, by name (the first, if defined twice)."""
+        self.texts: dict[str, str] = {}
+        """The files' texts by name, as read (none when the documents came as models)."""
         self._order = {name: i for i, name in enumerate(files)}
         self._found: dict[str, tuple[int, int]] = {}
 
@@ -200,6 +203,7 @@ def check_documents(documents: Mapping[str, str]) -> Checked:
     the items that parsed, and say nothing about names that may belong to an item that did not.
     """
     checked = Checked(list(documents))
+    checked.texts = dict(documents)
     parts = _Parts()
     for name, text in documents.items():
         model = _model_of(Path(name).name)

@@ -24,7 +24,12 @@ def check_config_and_files(path: Path, hold: bool = False) -> Checked:
     `backend.tls`, unless `hold` (start-up: the gateway holds it unavailable and serves the rest, as a
     reload does); `gateway -validate-config` is a check, and refuses it.
     """
-    checked = check_config(path)
+    return check_files(check_config(path), hold)
+
+
+def check_files(checked: Checked, hold: bool = False) -> Checked:
+    """`checked` with the problems of the key and certificate files its config names added (`hold`: as
+    for `check_config_and_files`)."""
     config = checked.config
     file_checks: list[Callable[[], object]] = []
     if "auth" not in checked.unparsed:

@@ -30,6 +30,7 @@ from apigw.config.errors import ConfigError, ConfigIncomplete
 from apigw.config.loader import config_files, load_config_parts, shard_files
 from apigw.config.model import Config, Route, restart_settings
 from apigw.pipeline.state import Gateway, GatewayState, build_steps
+from apigw.server.last_good import LastGood
 from apigw.server.tls import ServerTLS, check_tls
 
 log = logging.getLogger("apigw.reload")
@@ -126,8 +127,11 @@ def keep_out_of_collections() -> None:
 
 
 class Reloader:
-    def __init__(self, gateway: Gateway, path: Path, tls: ServerTLS | None, interval: float = POLL_INTERVAL):
+    def __init__(self, gateway: Gateway, path: Path, tls: ServerTLS | None, last_good: LastGood | None,
+                 interval: float = POLL_INTERVAL):
         self.gateway, self.path, self.tls, self.interval = gateway, path, tls, interval
+        self.last_good = last_good
+        """A worker's copy of the config in force, for a sibling started while the files are invalid."""
         self.files = StableFiles(self.watched_files)
         self._lock = asyncio.Lock()
         """One reload at a time: a SIGHUP during a reload runs after it."""
@@ -186,7 +190,8 @@ class Reloader:
             return self._reject(reason, old, before, exc, certificate_error)
         with collector_paused():
             try:
-                config, digest, held = await self._unpickle(*parsed)
+                base, parts, digest, texts = parsed
+                config, digest, held = await self._unpickle(base, parts, digest)
                 if self._incomplete(before, old.config, config, reason):
                     return False
                 tls_files = config.listen.tls if self.tls is not None and config.listen.tls != self.tls.files else None
@@ -208,6 +213,8 @@ class Reloader:
         self._warn_dropped_routes(old.config, config)
         self._warn_restart_settings(old.config, config)
         self._retire(old)
+        if self.last_good is not None:
+            await asyncio.to_thread(self.last_good.keep, texts)
         took = round((time.monotonic() - started) * 1000, 1)
         log.info(
             "config reloaded (%s) in %s ms: %s -> %s, %d routes", reason, took, old.config_hash, state.config_hash,
@@ -238,7 +245,7 @@ class Reloader:
         self.files.in_force = before
         return False
 
-    async def _parse_in_worker(self) -> tuple[bytes, list[bytes], str]:
+    async def _parse_in_worker(self) -> tuple[bytes, list[bytes], str, dict[str, str]]:
         """Read, parse, validate and hash the config in a worker process (`load_config_parts`).
 
         A thread is not enough: parsing holds the GIL, and every I/O callback of the event loop waits

@@ -17,15 +17,15 @@ from typing import Any
 
 from aiohttp import web
 
-from apigw.config.errors import ConfigError
+from apigw.config.errors import ConfigError, ConfigIncomplete
 from apigw.observability.metrics import Metrics, metrics_app
 from apigw.pipeline.handler import handle
 from apigw.pipeline.state import Gateway
 from apigw.policy.ratelimit import check_shared_limits
-from apigw.server.config_check import check_config_and_files
 from apigw.server.connection import GatewayRunner, TrafficRunner
 from apigw.server.debug import debug_app
 from apigw.server.health import TRAFFIC_HEALTH, StatusFile, with_details
+from apigw.server.last_good import LastGood, start_config
 from apigw.server.reload import Reloader
 from apigw.server.tls import ServerTLS, TLSSite
 from apigw.server.workers import METRICS_DIR_ENV, WORKER_ENV, supervise
@@ -82,8 +82,10 @@ async def serve(config_path: Path, workers: int | None = None, debug_port: int |
     `debug_port` serves the debug listener on 127.0.0.1 (single process only: with workers, use py-spy).
     """
     worker = os.environ.get(WORKER_ENV) == "1"
+    last_good = LastGood(Path(os.environ[METRICS_DIR_ENV])) if worker else None
     try:
-        config = check_config_and_files(config_path, hold=True).result()
+        checked, rejected = start_config(config_path, last_good)
+        config = checked.config
         count = workers or config.listen.workers
         if count > 1 and not worker:
             check_shared_limits(config)
@@ -95,6 +97,12 @@ async def serve(config_path: Path, workers: int | None = None, debug_port: int |
     except ConfigError as exc:
         log.error("config %s is invalid: %d error(s)", config_path, len(exc.errors), extra={"fields": {"errors": exc.errors}})
         return 1
+    if rejected is None:
+        if last_good is not None:
+            last_good.keep(checked.texts)
+    elif not isinstance(rejected, ConfigIncomplete):  # shards mid-update are no error: the reload waits for them
+        metrics.config_reloads.labels("failure").inc()
+        gateway.last_reload_error = "; ".join(rejected.errors)
     listen = config.listen
     runner = traffic_runner(gateway, DRAIN_CUT)
     await runner.setup()
@@ -122,7 +130,7 @@ async def serve(config_path: Path, workers: int | None = None, debug_port: int |
             await each.cleanup()
         return 1
 
-    reloader = Reloader(gateway, config_path, tls)
+    reloader = Reloader(gateway, config_path, tls, last_good)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

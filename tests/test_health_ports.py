@@ -86,7 +86,7 @@ def test_workers_health_counts_a_worker_without_a_status_file_as_starting(tmp_pa
     status_path(tmp_path, 101).write_text(json.dumps(
         {"status": "ready", "config_hash": "aa", "last_reload_error": None, "pid": 101, "redis": None}))
     pids = [101, 102]
-    health = WorkersHealth(tmp_path, lambda: pids, lambda: False)
+    health = WorkersHealth(tmp_path, lambda: pids, list, lambda: False)
     body, code = health.body()
     assert code == 503 and body["status"] == "not ready"
     assert body["config_hash"] == "aa" and body["problem"] == "worker pid 102 is starting"

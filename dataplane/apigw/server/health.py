@@ -10,7 +10,8 @@ the operator reports them on their routes' CRs).
 With `--workers N`, the supervisor serves the metrics port and has no config of its own: each worker
 keeps its details in a small file in the shared metrics directory (`StatusFile`), and the supervisor
 answers for all of them (`WorkersHealth`): ready only when every live worker is, with each worker's
-pid, hash and error, the backends any of them holds unavailable, and a `problem` when they disagree.
+pid, hash and error, the backends any of them holds unavailable, and a `problem` when they disagree or a
+worker is down waiting to be started again.
 """
 
 from __future__ import annotations
@@ -67,8 +68,12 @@ def _redis(redis: RedisBatch | None) -> dict[str, Any] | None:
     if redis is None:
         return None
     seen = redis.seen
-    since = datetime.fromtimestamp(seen.since, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-    return {"state": seen.state, "error": seen.error, "since": since}
+    return {"state": seen.state, "error": seen.error, "since": utc(seen.since)}
+
+
+def utc(timestamp: float) -> str:
+    """A wall-clock time as the health bodies show it: `2026-11-30T03:04:05Z`."""
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 async def ready_details(request: web.Request) -> web.Response:
@@ -124,14 +129,20 @@ def read_status(directory: Path, pid: int) -> dict[str, Any] | None:
 class WorkersHealth:
     """The supervisor's `/_health/ready`, from the status files of its live workers. Workers serving
     different configs (for a moment at each reload: each watches the files itself) are ready all the
-    same: `config_hash` is then null and `problem` says which worker serves which."""
+    same: `config_hash` is then null and `problem` says which worker serves which. A worker that died
+    and waits to be started again (`down`) is listed and named in `problem`; the live workers still
+    decide readiness, as they serve the pod's traffic meanwhile."""
 
-    def __init__(self, directory: Path, live_pids: Callable[[], list[int]], stopping: Callable[[], bool]):
-        self.directory, self.live_pids, self.stopping = directory, live_pids, stopping
+    def __init__(self, directory: Path, live_pids: Callable[[], list[int]], down: Callable[[], list[dict[str, Any]]],
+                 stopping: Callable[[], bool]):
+        self.directory, self.live_pids, self.down, self.stopping = directory, live_pids, down, stopping
 
     def body(self) -> tuple[dict[str, Any], int]:
         workers = [read_status(self.directory, pid) or {"pid": pid, "status": "starting"} for pid in self.live_pids()]
+        down = self.down()
         problems = [f"worker pid {w['pid']} is {w['status']}" for w in workers if w["status"] != "ready"]
+        problems += [f"worker {d['worker']} is down ({d['last_exit']}, {d['exits_in_a_row']} time(s) in a row since "
+                     f"{d['since']}), next start at {d['next_start']}" for d in down]
         hashes = {w["config_hash"] for w in workers if "config_hash" in w}
         if len(hashes) > 1:
             serving = ", ".join(f"pid {w['pid']} {w['config_hash']}" for w in workers if "config_hash" in w)
@@ -153,7 +164,7 @@ class WorkersHealth:
             "problem": "; ".join(problems) or None,
             "unavailable_backends": list(held.values()),
             "pid": os.getpid(),
-            "workers": workers,
+            "workers": workers + down,
         }, code
 
     async def handle(self, request: web.Request) -> web.Response:

@@ -108,5 +108,5 @@ def test_workers_health_lists_each_backend_a_worker_holds_unavailable_once(tmp_p
         status_path(tmp_path, pid).write_text(json.dumps({
             "status": "ready", "config_hash": "aa", "last_reload_error": None, "pid": pid, "redis": None,
             "unavailable_backends": backends}))
-    body, code = WorkersHealth(tmp_path, lambda: [101, 102, 103], lambda: False).body()
+    body, code = WorkersHealth(tmp_path, lambda: [101, 102, 103], list, lambda: False).body()
     assert code == 200 and body["unavailable_backends"] == [held, old]

@@ -34,7 +34,8 @@ class Metrics:
         )
         self.config_limit = Gauge(
             "apigw_operator_config_limit_bytes",
-            "The most the rendered routes may take: the API server's limit per ConfigMap times the route shards.",
+            "The most the rendered routes may take: the API server's limit per ConfigMap, or half of it (the other "
+            "half takes the next version of a shard) times the route shards.",
             registry=registry,
         )
         self.programmed = Gauge(

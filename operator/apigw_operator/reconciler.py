@@ -41,7 +41,7 @@ from apigw_operator.render import (
     ref_of,
     text_hash,
 )
-from apigw_operator.shards import shard_key, shard_number, split
+from apigw_operator.shards import shard_key, shard_slot, split
 from apigw_operator.status import NOT_ACCEPTED, Served, announcements, conditions, kept, merge_patch, programmed
 from apigw_operator.throttle import Once, Throttle
 
@@ -86,9 +86,12 @@ def _stored_bytes(configmap: Mapping[str, Any], files: Mapping[str, str]) -> int
 
 def route_files(configmap: Mapping[str, Any], rendering: Rendering, target: Target, limit: int) -> dict[str, str] | None:
     """The files to write for `rendering`: routes.yaml alone, or the index and its shards; None when the
-    routes fit in neither the ConfigMap nor its `route_shards` shards of `limit` bytes."""
+    routes fit in neither the ConfigMap nor its `route_shards` shards of half `limit` bytes (each shard's
+    ConfigMap holds the shard in force and the one written to replace it)."""
     room = limit - configmap_size(configmap, {ROUTES_FILE: ""})
-    return split(*rendering.items, room=room, shard_room=limit - len(shard_key(1)), shards=target.route_shards)
+    in_force = shard_index((configmap.get("data") or {}).get(ROUTES_FILE) or "")
+    return split(*rendering.items, room=room, shard_room=limit // 2 - len(shard_key(1)), shards=target.route_shards,
+                 in_force=in_force)
 
 
 def too_large(configmap: Mapping[str, Any], rendering: Rendering, target: Target, limit: int) -> str:
@@ -98,7 +101,8 @@ def too_large(configmap: Mapping[str, Any], rendering: Rendering, target: Target
     why = f"routes.yaml ({size} bytes) would make ConfigMap {target.namespace}/{target.configmap} {total} bytes, over its limit of {limit}"
     if target.route_shards:
         why += (f", and the routes do not fit in the {target.route_shards} shard ConfigMaps {target.shard(1)}.."
-                f"{target.route_shards} ({limit} bytes each) either")
+                f"{target.route_shards} ({limit // 2} bytes each, half their limit: the other half takes the next "
+                "version while the one in force stays) either")
     return why
 
 
@@ -162,7 +166,7 @@ class Reconciler:
         """Checked before every status write: a replica that lost the Lease mid-pass stops writing."""
         self.namespaces = namespaces
         """() -> each namespace's labels, for ownership rules that select namespaces by label."""
-        self.metrics.config_limit.set(limit * max(1, cluster.target.route_shards))
+        self.metrics.config_limit.set(max(limit, limit // 2 * cluster.target.route_shards))
         self.renderer = Renderer()
         self.served = Served()
         self._reported: list[str] = []
@@ -260,22 +264,20 @@ class Reconciler:
             return None
         self._shards_read = now
         self._read_for = config if doubted else self._read_for
-        t = self.cluster.target
         held = {}
         for key in files.keys() - {ROUTES_FILE}:
             try:
-                found = await self.cluster.read_configmap(t.shard(shard_number(key)))
+                found = await self.cluster.read_configmap(self._holder(key))
             except ApiException as exc:
-                logger.warning("could not read %s: %s", t.shard(shard_number(key)), api_message(exc))
+                logger.warning("could not read %s: %s", self._holder(key), api_message(exc))
                 found = None
             text = ((found or {}).get("data") or {}).get(key)
             held[key] = shard_hash(text) if text is not None else ""
         return held
 
     async def _write_shards(self, files: Mapping[str, str]) -> Blocked | None:
-        t = self.cluster.target
         for key, text in files.items():
-            name = t.shard(shard_number(key))
+            name = self._holder(key)
             try:
                 await self.cluster.patch_configmap({"data": {key: text}}, name)
             except ApiException as exc:
@@ -284,12 +286,11 @@ class Reconciler:
 
     async def _clear_shards(self, index: Mapping[str, str], files: Mapping[str, str]) -> None:
         """Empty the shards routes.yaml no longer names (the pods ignore them; this frees the space)."""
-        t = self.cluster.target
         for key in index.keys() - files.keys():
             try:
-                await self.cluster.patch_configmap({"data": {key: None}}, t.shard(shard_number(key)))
+                await self.cluster.patch_configmap({"data": {key: None}}, self._holder(key))
             except ApiException as exc:
-                logger.warning("could not empty %s, no longer used: %s", t.shard(shard_number(key)), api_message(exc))
+                logger.warning("could not empty %s, no longer used: %s", self._holder(key), api_message(exc))
 
     def _write_failed(self, exc: ApiException, name: str, key: str, size: int) -> Blocked:
         t = self.cluster.target
@@ -317,17 +318,21 @@ class Reconciler:
 
     async def _in_force(self, configmap: dict[str, Any]) -> dict[str, str]:
         """`entry_digests` of the routes.yaml in force and the shards it names."""
-        t = self.cluster.target
         current = (configmap.get("data") or {}).get(ROUTES_FILE) or ""
         texts = [current]
         for key in shard_index(current):
             try:
-                shard = await self.cluster.read_configmap(t.shard(shard_number(key)))
+                shard = await self.cluster.read_configmap(self._holder(key))
             except ApiException as exc:
-                logger.warning("could not read %s: %s", t.shard(shard_number(key)), api_message(exc))
+                logger.warning("could not read %s: %s", self._holder(key), api_message(exc))
                 continue
             texts.append(((shard or {}).get("data") or {}).get(key) or "")
         return await asyncio.to_thread(entry_digests, *texts)
+
+    def _holder(self, key: str) -> str:
+        """The shard ConfigMap that holds shard file `key`."""
+        t = self.cluster.target
+        return t.shard(shard_slot(key, t.route_shards))
 
     def _report(self, errors: list[str]) -> None:
         """Log why routes.yaml is not written, once per change of reason (passes repeat every resync)."""

@@ -3,14 +3,19 @@
 While everything fits, `routes.yaml` in `api-gateway-config` holds every route and policy, as it always
 did. Past that, `routes.yaml` holds the policies and an index, `shards`, naming each shard file
 (`routes-001.yaml`, in ConfigMap `api-gateway-routes-1`, ...) with the hash of its text; the routes go to
-the shards, in order, each filled up to the limit. The gateway's volume projects all of these
+the shards, in order, each filled up to half the limit. The gateway's volume projects all of these
 ConfigMaps into one directory, and the gateway loads them only when every shard matches the index
 (`apigw.config.loader`), so ConfigMaps that reach a pod at different times never load half-updated.
+
+A shard is never rewritten while the routes.yaml in force names it: shard N of `slots` has two keys in
+its ConfigMap, `routes-N` and `routes-(N+slots)`; a changed shard goes under the one the index in force
+does not name (hence half the limit each), and the other is removed once the new index is written. So a
+write refused or cut at any point leaves an index whose shards are all there (a pod starting then loads).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import yaml
 
@@ -28,20 +33,38 @@ def shard_number(key: str) -> int:
     return int(key.removeprefix("routes-").removesuffix(".yaml"))
 
 
-def split(routes: Sequence[str], policies: Sequence[str], room: int, shard_room: int, shards: int) -> dict[str, str] | None:
+def shard_slot(key: str, slots: int) -> int:
+    """The shard (from 1) whose ConfigMap holds `key`: `routes-N` and `routes-(N+slots)` are shard N's two keys."""
+    return (shard_number(key) - 1) % slots + 1
+
+
+def _beside(texts: Sequence[str], in_force: Mapping[str, str], slots: int) -> dict[str, str]:
+    """Shard texts by key: each under a key of its slot that the index in force does not name, unless
+    that index names it with this very text (then it stays where it is)."""
+    named = {shard_slot(key, slots): (key, digest) for key, digest in in_force.items()}
+    placed = {}
+    for slot, text in enumerate(texts, 1):
+        kept, digest = named.get(slot, (None, None))
+        if kept is None or digest != shard_hash(text):
+            kept = shard_key(slot + slots) if kept == shard_key(slot) else shard_key(slot)
+        placed[kept] = text
+    return placed
+
+
+def split(
+    routes: Sequence[str], policies: Sequence[str], room: int, shard_room: int, shards: int, in_force: Mapping[str, str]
+) -> dict[str, str] | None:
     """The files to write, routes.yaml first: routes.yaml alone when it fits in `room` bytes, else
     routes.yaml with the policies and the index, and the routes in as few shards of at most
-    `shard_room` bytes as they fill, in order. None when more than `shards` shards would be needed."""
+    `shard_room` bytes as they fill, in order, each under a key the index `in_force` does not name
+    (`_beside`). None when more than `shards` shards would be needed."""
     whole = document_text(routes, policies)
     if len(whole.encode()) <= room:
         return {ROUTES_FILE: whole}
-    files: dict[str, str] = {}
-    for group in _groups(routes, shard_room - len(document_text(["x"], []).encode()) + 1):
-        if len(files) == shards:
-            return None
-        files[shard_key(len(files) + 1)] = document_text(group, [])
-    if not files:  # one route alone is larger than a shard
+    texts = [document_text(group, []) for group in _groups(routes, shard_room - len(document_text(["x"], []).encode()) + 1)]
+    if not texts or len(texts) > shards:  # one route alone is larger than a shard, or too many shards
         return None
+    files = _beside(texts, in_force, shards)
     head = yaml.safe_dump({"shards": {key: shard_hash(text) for key, text in files.items()}}, sort_keys=False)
     index = document_text([], policies, head=head)
     if len(index.encode()) > room:

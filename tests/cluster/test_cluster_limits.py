@@ -54,7 +54,7 @@ def test_routes_over_1mib_are_split_over_the_shards_and_served(cluster: ControlP
         create(cluster, route)
     operator = operators()
     index = wait_for(lambda: routes_yaml(cluster).get("shards"), what="routes.yaml names its shards")
-    assert sorted(index) == ["routes-001.yaml", "routes-002.yaml"]
+    assert sorted(index) == ["routes-001.yaml", "routes-002.yaml", "routes-003.yaml"], "one per shard: half a ConfigMap each"
     for route in routes:
         wait_for(lambda route=route: summary(cluster, route).get("Programmed") == ("True", "Programmed"), timeout=60,
                  what=f"{route['metadata']['name']} served from the shards")
@@ -74,7 +74,7 @@ def test_configmap_over_1mib_is_not_written_and_reported(cluster: ControlPlane, 
     bulky_routes = [bulky(f"bulky-{i}", ns) for i in range(3)]
     for route in bulky_routes:
         create(cluster, route)
-    operator = operators("second", "--route-shards", "1")  # they need two
+    operator = operators("second", "--route-shards", "1")  # they need three
 
     def reported() -> dict:
         found = conditions(cluster, bulky_routes[-1]).get("Programmed", {})

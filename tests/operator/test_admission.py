@@ -126,18 +126,19 @@ def test_an_edit_that_pushes_out_a_served_route_is_refused_naming_it() -> None:
 def test_a_change_that_would_overflow_the_configmap_and_its_shards_is_refused_and_one_that_shrinks_is_not() -> None:
     orders = route("orders", "/orders")
     now = configmap_size(CONFIGMAP, {ROUTES_FILE: render([orders], [], CONFIG_YAML).routes_yaml})
-    limit = now + 50  # room for no second route in the ConfigMap
+    limit = 1000  # a shard (half of it) takes a route
+    padded = {**CONFIGMAP, "data": {**CONFIGMAP["data"], "notes.txt": "x" * (limit - now - 50)}}  # no second one here
     payments = new(route("payments", "/payments"))
-    assert decide(Renderer(), ROUTE, payments, [orders], [], CONFIGMAP, TARGET, limit).allowed  # a shard takes it
+    assert decide(Renderer(), ROUTE, payments, [orders], [], padded, TARGET, limit).allowed  # a shard takes it
     unsharded = dataclasses.replace(TARGET, route_shards=0)
-    decision = decide(Renderer(), ROUTE, payments, [orders], [], CONFIGMAP, unsharded, limit)
+    decision = decide(Renderer(), ROUTE, payments, [orders], [], padded, unsharded, limit)
     assert not decision.allowed and decision.code == INVALID
     assert f"over its limit of {limit}: remove or shrink routes first" in decision.message
     assert f"ConfigMap {TARGET.namespace}/{TARGET.configmap} " in decision.message
     shards = dataclasses.replace(TARGET, route_shards=2)
     too_small = decide(Renderer(), ROUTE, payments, [orders], [], CONFIGMAP, shards, 60)
     assert not too_small.allowed
-    assert "the routes do not fit in the 2 shard ConfigMaps api-gateway-routes-1..2 (60 bytes each) either" in too_small.message
+    assert "the routes do not fit in the 2 shard ConfigMaps api-gateway-routes-1..2 (30 bytes each, half their limit" in too_small.message
 
     # Already over the limit (it was lowered): a change that shrinks routes.yaml is not refused.
     long = route("orders", "/orders/with/a/long/prefix/that/takes/room")

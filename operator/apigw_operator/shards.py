@@ -34,8 +34,9 @@ def shard_number(key: str) -> int:
 
 
 def shard_slot(key: str, slots: int) -> int:
-    """The shard (from 1) whose ConfigMap holds `key`: `routes-N` and `routes-(N+slots)` are shard N's two keys."""
-    return (shard_number(key) - 1) % slots + 1
+    """The shard (from 1) whose ConfigMap holds `key`: `routes-N` and `routes-(N+slots)` are shard N's two keys
+    (with no slots, as with an operator restarted with `--route-shards 0`, the index in force names `routes-N`)."""
+    return (shard_number(key) - 1) % slots + 1 if slots else shard_number(key)
 
 
 def _beside(texts: Sequence[str], in_force: Mapping[str, str], slots: int) -> dict[str, str]:

@@ -65,3 +65,9 @@ def test_every_write_leaves_the_index_in_force_whole(configs: list[list[int]]) -
         assert [line for line in (cluster.routes_yaml + routes).splitlines() if line.startswith("- name:")] == [
             f"- name: r{i}" for i in range(len(sizes))
         ], "the routes in force are the last config's, each once, in order"
+
+
+def test_the_shards_of_an_index_written_with_shards_are_found_without() -> None:
+    """An operator restarted with `--route-shards 0` still finds (and empties) the shards in force."""
+    assert [shard_slot(shard_key(n), 0) for n in (1, 3)] == [1, 3]
+    assert [shard_slot(shard_key(n), 3) for n in (1, 3, 4, 6)] == [1, 3, 1, 3]

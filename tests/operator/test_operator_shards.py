@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from apigw.config.errors import ConfigError
-from apigw.config.loader import load_config
+from apigw.config.loader import load_config, shard_index
 from apigw.config.model import config_hash, shard_hash
 from apigw_operator.cluster import Target
 from tests.operator.kube import CM, NS, GatewayPod, configmap, eventually, operator, route
@@ -175,3 +175,22 @@ async def test_an_index_write_that_fails_leaves_the_config_in_force_loadable(
         assert starting == [serving], "a new pod loads the config in force"
         await eventually(lambda: "/v2" in "".join(volume(cluster).values()) and loaded(volume(cluster)) != serving)
         assert not loaded(volume(cluster)).startswith("Config"), "the next pass writes a loadable config"
+
+
+async def test_an_operator_restarted_with_other_route_shards_finds_the_shards_in_force(
+    cluster: Any, pods: dict[str, GatewayPod]
+) -> None:
+    """--route-shards changed across restarts (3, then 2, then 3): each shard the index in force names is read,
+    replaced and removed in the ConfigMap that holds it, and no shard is left behind that no index names."""
+    async with eight_routes_in_shards(cluster, pods):
+        await cluster.patch(f"{API}/gatewayroutes/{name(6)}", json={"spec": {"match": {"path_prefix": "/v2"}}})
+        await eventually(lambda: "/v2" in "".join(shard(cluster, 2).values()))
+        await settle(cluster, 2)
+    for shards, path in ((2, "/v3"), (3, "/v4")):
+        cluster.objects[ROUTES, "shop", name(6)] = route(name(6), path)
+        async with operator(replace(options(pods), configmap_limit=LIMIT, target=Target(route_shards=shards))):
+            await eventually(lambda: path in "".join(volume(cluster).values()))
+            await settle(cluster, 2)
+            held = [key for number in (1, 2, 3) for key in shard(cluster, number)]
+            assert sorted(held) == sorted(shard_index(data(cluster)["routes.yaml"])), f"--route-shards {shards}"
+            assert not loaded(volume(cluster)).startswith("Config")

@@ -11,6 +11,7 @@ from apigw_operator.admission import Webhook, server
 from apigw_operator.cluster import Target
 from apigw_operator.handlers import Options, build_registry
 from apigw_operator.reconciler import CONFIGMAP_LIMIT
+from apigw_operator.shards import MAX_SHARDS
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespace]:
@@ -35,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     parser.add_argument("--no-leader-election", action="store_true", help="write without holding the Lease (one replica only)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
+    if not 0 <= args.route_shards <= MAX_SHARDS:
+        parser.error(f"--route-shards must be 0 to {MAX_SHARDS}, got {args.route_shards}")
     webhook = None
     if args.webhook:
         if not (args.webhook_cert_file and args.webhook_key_file):

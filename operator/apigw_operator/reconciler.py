@@ -332,7 +332,7 @@ class Reconciler:
     def _holder(self, key: str) -> str:
         """The shard ConfigMap that holds shard file `key`."""
         t = self.cluster.target
-        return t.shard(shard_slot(key, t.route_shards))
+        return t.shard(shard_slot(key))
 
     def _report(self, errors: list[str]) -> None:
         """Log why routes.yaml is not written, once per change of reason (passes repeat every resync)."""

@@ -7,10 +7,12 @@ the shards, in order, each filled up to half the limit. The gateway's volume pro
 ConfigMaps into one directory, and the gateway loads them only when every shard matches the index
 (`apigw.config.loader`), so ConfigMaps that reach a pod at different times never load half-updated.
 
-A shard is never rewritten while the routes.yaml in force names it: shard N of `slots` has two keys in
-its ConfigMap, `routes-N` and `routes-(N+slots)`; a changed shard goes under the one the index in force
-does not name (hence half the limit each), and the other is removed once the new index is written. So a
-write refused or cut at any point leaves an index whose shards are all there (a pod starting then loads).
+A shard is never rewritten while the routes.yaml in force names it: shard N has two keys in its
+ConfigMap, `routes-N` and `routes-(500+N)` (`routes-001.yaml` and `routes-501.yaml`); a changed shard goes
+under the one the index in force does not name (hence half the limit each), and the other is removed once
+the new index is written. So a write refused or cut at any point leaves an index whose shards are all
+there (a pod starting then loads). Which ConfigMap holds a key follows from the key alone, so an operator
+restarted with another `--route-shards` finds the shards an older index names.
 """
 
 from __future__ import annotations
@@ -33,21 +35,25 @@ def shard_number(key: str) -> int:
     return int(key.removeprefix("routes-").removesuffix(".yaml"))
 
 
-def shard_slot(key: str, slots: int) -> int:
-    """The shard (from 1) whose ConfigMap holds `key`: `routes-N` and `routes-(N+slots)` are shard N's two keys
-    (with no slots, as with an operator restarted with `--route-shards 0`, the index in force names `routes-N`)."""
-    return (shard_number(key) - 1) % slots + 1 if slots else shard_number(key)
+MAX_SHARDS = 499
+"""Shard keys have three digits (the gateway's `SHARD_FILE`): shard N's are N and SECOND_KEY + N."""
+SECOND_KEY = 500
 
 
-def _beside(texts: Sequence[str], in_force: Mapping[str, str], slots: int) -> dict[str, str]:
+def shard_slot(key: str) -> int:
+    """The shard (from 1) whose ConfigMap holds `key`: `routes-N` and `routes-(500+N)` are shard N's two keys."""
+    return (shard_number(key) - 1) % SECOND_KEY + 1
+
+
+def _beside(texts: Sequence[str], in_force: Mapping[str, str]) -> dict[str, str]:
     """Shard texts by key: each under a key of its slot that the index in force does not name, unless
     that index names it with this very text (then it stays where it is)."""
-    named = {shard_slot(key, slots): (key, digest) for key, digest in in_force.items()}
+    named = {shard_slot(key): (key, digest) for key, digest in in_force.items()}
     placed = {}
     for slot, text in enumerate(texts, 1):
         kept, digest = named.get(slot, (None, None))
         if kept is None or digest != shard_hash(text):
-            kept = shard_key(slot + slots) if kept == shard_key(slot) else shard_key(slot)
+            kept = shard_key(slot + SECOND_KEY) if kept == shard_key(slot) else shard_key(slot)
         placed[kept] = text
     return placed
 
@@ -65,7 +71,7 @@ def split(
     texts = [document_text(group, []) for group in _groups(routes, shard_room - len(document_text(["x"], []).encode()) + 1)]
     if not texts or len(texts) > shards:  # one route alone is larger than a shard, or too many shards
         return None
-    files = _beside(texts, in_force, shards)
+    files = _beside(texts, in_force)
     head = yaml.safe_dump({"shards": {key: shard_hash(text) for key, text in files.items()}}, sort_keys=False)
     index = document_text([], policies, head=head)
     if len(index.encode()) > room:

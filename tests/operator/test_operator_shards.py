@@ -87,12 +87,12 @@ async def test_routes_outgrowing_the_configmap_go_to_shards_and_come_back(cluste
 
         before = len(configmap_writes(cluster))
         await cluster.patch(f"{API}/gatewayroutes/{name(6)}", json={"spec": {"match": {"path_prefix": "/v2"}}})
-        await eventually(lambda: "/v2" in shard(cluster, 2).get("routes-005.yaml", ""))
+        await eventually(lambda: "/v2" in shard(cluster, 2).get("routes-502.yaml", ""))
         await settle(cluster, 2)
         assert configmap_writes(cluster)[before:] == ["api-gateway-routes-2", "api-gateway-config", "api-gateway-routes-2"], \
             "one shard written beside the one in force, the index, then the old shard removed"
-        assert list(yaml.safe_load(data(cluster)["routes.yaml"])["shards"]) == ["routes-001.yaml", "routes-005.yaml"]
-        assert list(shard(cluster, 2)) == ["routes-005.yaml"]
+        assert list(yaml.safe_load(data(cluster)["routes.yaml"])["shards"]) == ["routes-001.yaml", "routes-502.yaml"]
+        assert list(shard(cluster, 2)) == ["routes-502.yaml"]
 
         for i in range(2, 8):
             await cluster.delete(f"{API}/gatewayroutes/{name(i)}")
@@ -144,7 +144,7 @@ async def test_a_shard_that_lost_its_routes_is_written_again(cluster: Any, pods:
 
         cluster.objects["v1/configmaps", NS, Target().shard(1)]["data"] = {}
         await cluster.patch(f"{API}/gatewayroutes/{name(6)}", json={"spec": {"match": {"path_prefix": "/v2"}}})
-        await eventually(lambda: "/v2" in shard(cluster, 2).get("routes-005.yaml", ""))
+        await eventually(lambda: "/v2" in shard(cluster, 2).get("routes-502.yaml", ""))
         sync_pods(cluster, pods)
         assert pods["api-gateway-a"].config_hash == before, "a shard missing: the pods keep their config"
         await eventually(lambda: "routes-001.yaml" in shard(cluster, 1))

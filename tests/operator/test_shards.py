@@ -3,12 +3,14 @@ names shards that hold what it says, and no shard ConfigMap is over its limit.""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apigw.config.loader import ROUTES_FILE, shard_index
 from apigw.config.model import shard_hash
-from apigw_operator.shards import shard_key, shard_slot, split
+from apigw_operator.cli import parse_args
+from apigw_operator.shards import MAX_SHARDS, shard_key, shard_slot, split
 
 LIMIT = 1200
 SLOTS = 3
@@ -30,15 +32,15 @@ class Cluster:
         if key == ROUTES_FILE:
             self.routes_yaml = text or ""
         elif text is None:
-            self.shards[shard_slot(key, SLOTS)].pop(key, None)
+            self.shards[shard_slot(key)].pop(key, None)
         else:
-            self.shards[shard_slot(key, SLOTS)][key] = text
+            self.shards[shard_slot(key)][key] = text
         self.check()
 
     def check(self) -> None:
         """What a pod starting now finds: every shard routes.yaml names, with that content."""
         for key, digest in shard_index(self.routes_yaml).items():
-            held = self.shards[shard_slot(key, SLOTS)].get(key)
+            held = self.shards[shard_slot(key)].get(key)
             assert held is not None and shard_hash(held) == digest, f"{key} named by routes.yaml is not there"
         for slot, data in self.shards.items():
             size = sum(len(k) + len(v.encode()) for k, v in data.items())
@@ -46,13 +48,15 @@ class Cluster:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.lists(st.integers(20, 200), min_size=1, max_size=14), min_size=1, max_size=6))
-def test_every_write_leaves_the_index_in_force_whole(configs: list[list[int]]) -> None:
+@given(st.lists(st.tuples(st.lists(st.integers(20, 200), min_size=1, max_size=14), st.integers(0, SLOTS)),
+                min_size=1, max_size=6))
+def test_every_write_leaves_the_index_in_force_whole(configs: list[tuple[list[int], int]]) -> None:
+    """Each config written by an operator with its own --route-shards (restarted with another in between)."""
     cluster = Cluster()
-    for sizes in configs:
+    for sizes, shards in configs:
         in_force = shard_index(cluster.routes_yaml)
         files = split([item(i, size) for i, size in enumerate(sizes)], [], room=LIMIT // 2,
-                      shard_room=LIMIT // 2 - len(shard_key(1)), shards=SLOTS, in_force=in_force)
+                      shard_room=LIMIT // 2 - len(shard_key(1)), shards=shards, in_force=in_force)
         if files is None:
             continue
         for key, text in files.items():
@@ -61,13 +65,19 @@ def test_every_write_leaves_the_index_in_force_whole(configs: list[list[int]]) -
         cluster.write(ROUTES_FILE, files[ROUTES_FILE])
         for key in in_force.keys() - files.keys():
             cluster.write(key, None)
-        routes = "".join(cluster.shards[shard_slot(k, SLOTS)][k] for k in shard_index(cluster.routes_yaml))
+        routes = "".join(cluster.shards[shard_slot(k)][k] for k in shard_index(cluster.routes_yaml))
         assert [line for line in (cluster.routes_yaml + routes).splitlines() if line.startswith("- name:")] == [
             f"- name: r{i}" for i in range(len(sizes))
         ], "the routes in force are the last config's, each once, in order"
 
 
-def test_the_shards_of_an_index_written_with_shards_are_found_without() -> None:
-    """An operator restarted with `--route-shards 0` still finds (and empties) the shards in force."""
-    assert [shard_slot(shard_key(n), 0) for n in (1, 3)] == [1, 3]
-    assert [shard_slot(shard_key(n), 3) for n in (1, 3, 4, 6)] == [1, 3, 1, 3]
+def test_a_shards_configmap_follows_from_its_key_alone() -> None:
+    """Whatever --route-shards the operator that wrote an index had, its keys are found where they were written."""
+    assert [shard_slot(shard_key(n)) for n in (1, 3, 499, 501, 503, 999)] == [1, 3, 499, 1, 3, 499]
+
+
+@pytest.mark.parametrize("shards", ["-1", str(MAX_SHARDS + 1)])
+def test_route_shards_past_the_keys_three_digits_are_refused(shards: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--route-shards", shards])
+    assert f"--route-shards must be 0 to {MAX_SHARDS}, got {shards}" in capsys.readouterr().err

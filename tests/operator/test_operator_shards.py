@@ -115,7 +115,10 @@ async def test_past_every_shard_nothing_is_written_and_the_routes_in_force_are_s
         assert re.fullmatch(
             r"routes.yaml \(\d+ bytes\) would make ConfigMap api-gateway/api-gateway-config \d+ bytes, over its limit of 1400, "
             r"and the routes do not fit in the 2 shard ConfigMaps api-gateway-routes-1..2 \(700 bytes each, half their limit: "
-            r"the other half takes the next version while the one in force stays\) either: .*", message)
+            r"the other half takes the next version while the one in force stays\) either: the last good routes.yaml "
+            r"stays in force; remove or shrink routes, or raise --route-shards \(each shard one more ConfigMap, "
+            r"api-gateway-routes-3 next, projected into the gateway's config volume and named in the operator's RBAC\)",
+            message)
         await settle(cluster, 3)
         assert (data(cluster)["routes.yaml"], shard(cluster, 1), shard(cluster, 2)) == in_force, "nothing partial written"
         assert summary(cluster, name(9))["Programmed"] == ("True", "Programmed"), "a route in a shard in force is spared"

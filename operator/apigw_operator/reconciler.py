@@ -106,6 +106,14 @@ def too_large(configmap: Mapping[str, Any], rendering: Rendering, target: Target
     return why
 
 
+def too_large_message(configmap: Mapping[str, Any], rendering: Rendering, target: Target, limit: int) -> str:
+    """What the CRs left out are told (Programmed=False ConfigTooLarge): why, and how to make room."""
+    more = target.shard(target.route_shards + 1)
+    return (f"{too_large(configmap, rendering, target, limit)}: the last good routes.yaml stays in force; remove or "
+            f"shrink routes, or raise --route-shards (each shard one more ConfigMap, {more} next, projected into the "
+            "gateway's config volume and named in the operator's RBAC)")
+
+
 async def wait_set(event: asyncio.Event, seconds: float) -> bool:
     """True once `event` is set, False after `seconds`. Not `asyncio.wait_for`: on Python 3.11 it swallows
     a cancellation that comes as the event is set, and the cancelled loop runs on (the operator's stop then
@@ -305,8 +313,7 @@ class Reconciler:
 
     async def _too_large(self, configmap: dict[str, Any], rendering: Rendering) -> Blocked:
         """Nothing is written: the CRs in the config in force as they are now are spared, the rest are told why."""
-        why = too_large(configmap, rendering, self.cluster.target, self.limit)
-        why += ": the last good routes.yaml stays in force; remove or shrink routes"
+        why = too_large_message(configmap, rendering, self.cluster.target, self.limit)
         self._report([why])
         await self._announce_config(configmap, "Warning", "ConfigTooLarge", why)
         kept = await self._in_force(configmap)

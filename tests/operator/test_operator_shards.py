@@ -180,6 +180,20 @@ async def test_an_index_write_that_fails_leaves_the_config_in_force_loadable(
         assert not loaded(volume(cluster)).startswith("Config"), "the next pass writes a loadable config"
 
 
+async def test_a_pod_whose_kubelet_still_has_the_previous_index_loads_its_config(
+    cluster: Any, pods: dict[str, GatewayPod]
+) -> None:
+    """The kubelet updates each ConfigMap of the volume on its own: a pod starting right after an edit may get
+    the shard ConfigMaps as they are now and routes.yaml as it was. The shards that routes.yaml named must
+    still be there (the replaced one goes only when its slot's next version takes its key)."""
+    async with eight_routes_in_shards(cluster, pods):
+        previous, serving = dict(data(cluster)), pods["api-gateway-a"].config_hash
+        await cluster.patch(f"{API}/gatewayroutes/{name(6)}", json={"spec": {"match": {"path_prefix": "/v2"}}})
+        await eventually(lambda: "/v2" in "".join(volume(cluster).values()))
+        await settle(cluster, 2)
+        assert loaded({**volume(cluster), **previous}) == serving
+
+
 async def test_an_operator_restarted_with_other_route_shards_finds_the_shards_in_force(
     cluster: Any, pods: dict[str, GatewayPod]
 ) -> None:

@@ -41,7 +41,7 @@ from apigw_operator.render import (
     ref_of,
     text_hash,
 )
-from apigw_operator.shards import shard_key, shard_slot, split
+from apigw_operator.shards import leftovers, shard_key, shard_slot, split
 from apigw_operator.status import NOT_ACCEPTED, Served, announcements, conditions, kept, merge_patch, programmed
 from apigw_operator.throttle import Once, Throttle
 
@@ -293,12 +293,15 @@ class Reconciler:
         return None
 
     async def _clear_shards(self, index: Mapping[str, str], files: Mapping[str, str]) -> None:
-        """Empty the shards routes.yaml no longer names (the pods ignore them; this frees the space)."""
-        for key in index.keys() - files.keys():
+        """Empty the shard ConfigMaps routes.yaml no longer uses (`leftovers`; the pods ignore them)."""
+        by_holder: dict[str, dict[str, None]] = {}
+        for key in leftovers(index, files):
+            by_holder.setdefault(self._holder(key), {})[key] = None
+        for name, removed in by_holder.items():
             try:
-                await self.cluster.patch_configmap({"data": {key: None}}, self._holder(key))
+                await self.cluster.patch_configmap({"data": removed}, name)
             except ApiException as exc:
-                logger.warning("could not empty %s, no longer used: %s", self._holder(key), api_message(exc))
+                logger.warning("could not empty %s, no longer used: %s", name, api_message(exc))
 
     def _write_failed(self, exc: ApiException, name: str, key: str, size: int) -> Blocked:
         t = self.cluster.target

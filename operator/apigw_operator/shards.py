@@ -9,9 +9,10 @@ ConfigMaps into one directory, and the gateway loads them only when every shard 
 
 A shard is never rewritten while the routes.yaml in force names it: shard N has two keys in its
 ConfigMap, `routes-N` and `routes-(500+N)` (`routes-001.yaml` and `routes-501.yaml`); a changed shard goes
-under the one the index in force does not name (hence half the limit each), and the other is removed once
-the new index is written. So a write refused or cut at any point leaves an index whose shards are all
-there (a pod starting then loads). Which ConfigMap holds a key follows from the key alone, so an operator
+under the one the index in force does not name (hence half the limit each). The replaced version stays
+until the slot's next version takes its key: a pod whose kubelet still has the previous routes.yaml finds
+its shards too. Only a slot no longer used is emptied, both keys. So a write refused or cut at any point
+leaves an index whose shards are all there (a pod starting then loads). Which ConfigMap holds a key follows from the key alone, so an operator
 restarted with another `--route-shards` finds the shards an older index names.
 """
 
@@ -43,6 +44,14 @@ SECOND_KEY = 500
 def shard_slot(key: str) -> int:
     """The shard (from 1) whose ConfigMap holds `key`: `routes-N` and `routes-(500+N)` are shard N's two keys."""
     return (shard_number(key) - 1) % SECOND_KEY + 1
+
+
+def leftovers(index: Mapping[str, str], files: Mapping[str, str]) -> list[str]:
+    """The keys to remove once routes.yaml naming `files` is written over one naming `index`: both keys of
+    each slot `index` used and `files` does not (a slot still used keeps the version it replaced)."""
+    used = {shard_slot(key) for key in files if key != ROUTES_FILE}
+    gone = sorted({shard_slot(key) for key in index} - used)
+    return [key for slot in gone for key in (shard_key(slot), shard_key(slot + SECOND_KEY))]
 
 
 def _beside(texts: Sequence[str], in_force: Mapping[str, str]) -> dict[str, str]:

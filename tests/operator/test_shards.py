@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from apigw.config.loader import ROUTES_FILE, shard_index
 from apigw.config.model import shard_hash
 from apigw_operator.cli import parse_args
-from apigw_operator.shards import MAX_SHARDS, shard_key, shard_slot, split
+from apigw_operator.shards import MAX_SHARDS, leftovers, shard_key, shard_slot, split
 
 LIMIT = 1200
 SLOTS = 3
@@ -26,11 +26,13 @@ class Cluster:
 
     def __init__(self) -> None:
         self.routes_yaml = ""
+        self.previous = ""
+        """The routes.yaml before: what a pod whose kubelet has not caught up with routes.yaml reads."""
         self.shards: dict[int, dict[str, str]] = {slot: {} for slot in range(1, SLOTS + 1)}
 
     def write(self, key: str, text: str | None) -> None:
         if key == ROUTES_FILE:
-            self.routes_yaml = text or ""
+            self.previous, self.routes_yaml = self.routes_yaml, text or ""
         elif text is None:
             self.shards[shard_slot(key)].pop(key, None)
         else:
@@ -42,6 +44,15 @@ class Cluster:
         for key, digest in shard_index(self.routes_yaml).items():
             held = self.shards[shard_slot(key)].get(key)
             assert held is not None and shard_hash(held) == digest, f"{key} named by routes.yaml is not there"
+
+    def check_previous(self) -> None:
+        """Once a config is written, what a pod finds whose kubelet still has the previous routes.yaml (and
+        the shard ConfigMaps as they are): every shard it named, in the slots still used."""
+        used = {shard_slot(key) for key in shard_index(self.routes_yaml)}
+        for key, digest in shard_index(self.previous).items():
+            held = self.shards[shard_slot(key)].get(key)
+            assert shard_slot(key) not in used or (held is not None and shard_hash(held) == digest), \
+                f"{key} named by the previous routes.yaml is not there"
         for slot, data in self.shards.items():
             size = sum(len(k) + len(v.encode()) for k, v in data.items())
             assert size <= LIMIT, f"shard ConfigMap {slot} holds {size} bytes"
@@ -63,8 +74,9 @@ def test_every_write_leaves_the_index_in_force_whole(configs: list[tuple[list[in
             if key != ROUTES_FILE and in_force.get(key) != shard_hash(text):
                 cluster.write(key, text)
         cluster.write(ROUTES_FILE, files[ROUTES_FILE])
-        for key in in_force.keys() - files.keys():
+        for key in leftovers(in_force, files):
             cluster.write(key, None)
+        cluster.check_previous()
         routes = "".join(cluster.shards[shard_slot(k)][k] for k in shard_index(cluster.routes_yaml))
         assert [line for line in (cluster.routes_yaml + routes).splitlines() if line.startswith("- name:")] == [
             f"- name: r{i}" for i in range(len(sizes))

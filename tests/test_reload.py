@@ -263,6 +263,28 @@ def test_shards_are_loaded_only_when_each_matches_the_index(tmp_path) -> None:
     assert "routes-001.yaml: holds content" in deferred[0]["msg"] and deferred[0]["config_hash"] == first
 
 
+def test_a_gateway_starting_before_its_shards_match_the_index_waits_for_them(tmp_path) -> None:
+    """A pod may start on routes.yaml newer than a shard's ConfigMap (the kubelet updates each on its own):
+    it waits for the next volume update, within the startup probe's minute, instead of exiting."""
+    port, metrics_port = ports()
+    volume = Projection(tmp_path / "config")
+    with BackendProcess() as backend:
+        volume.write(sharded(port, metrics_port, backend.url, ["a"], indexed=["a", "b"]))  # index ahead of its shard
+        gateway = GatewayProcess(volume.dir, port, metrics_port)
+        try:
+            gateway.start(wait=False)
+            wait_until(lambda: any("waiting" in line["msg"] for line in gateway.log_lines()) or gateway.process.poll())
+            assert gateway.process.poll() is None, gateway.log_text()
+            volume.write(sharded(port, metrics_port, backend.url, ["a", "b"]))
+            gateway.wait_ready()
+            assert http_status(f"{gateway.url}/b") == 200
+        finally:
+            gateway.stop()
+    waiting = [line for line in gateway.log_lines() if "waiting" in line["msg"]]
+    assert len(waiting) == 1 and waiting[0]["level"] == "warning", waiting
+    assert "routes-001.yaml: holds content" in waiting[0]["msg"]
+
+
 def test_a_sighup_storm_makes_a_few_reloads_not_one_each(tmp_path) -> None:
     """Signals that come while a reload is under way make one more reload after it, not one each: a storm
     of SIGHUPs (a script in a loop, a sidecar gone wild) must not queue a reload, and a process, per signal."""

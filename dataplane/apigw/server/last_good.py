@@ -8,13 +8,15 @@ shares with the supervisor, at start and at each reload; a worker whose files do
 copy instead: the config its siblings serve. The key and certificate files that config names are read as
 they are now (private keys are not copied out of their Secret): when they do not load either, the worker
 exits with both errors, and the supervisor's back-off and health say so. On the pod's first start there
-is no copy: the supervisor itself checks the files and exits with their errors.
+is no copy: the supervisor itself checks the files and exits with their errors (shards that do not match
+routes.yaml yet are waited for first, `SHARDS_WAIT`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,6 +30,11 @@ from apigw.server.config_check import check_config_and_files, check_files
 log = logging.getLogger("apigw.server")
 
 LAST_GOOD_FILE = "last-good-config.json"
+
+
+SHARDS_WAIT = 45.0
+"""Seconds a gateway starting with no config to fall back on waits for shards that do not match routes.yaml
+yet: the kubelet updates each ConfigMap of the volume on its own, and the pod's startup probe allows 60 s."""
 
 
 class LastGood:
@@ -58,9 +65,7 @@ def start_config(path: Path, last_good: LastGood | None) -> tuple[Checked, Confi
     """The config to start with: the files at `path`, checked with the files they name. For a worker whose
     files do not load, the last good config instead, with the files' error."""
     try:
-        checked = check_config_and_files(path, hold=True)
-        checked.result()
-        return checked, None
+        return _complete(path, SHARDS_WAIT if last_good is None else 0), None
     except ConfigError as exc:
         if last_good is None:
             raise
@@ -80,3 +85,23 @@ def start_config(path: Path, last_good: LastGood | None) -> tuple[Checked, Confi
         extra={"fields": {"errors": rejected.errors, "config_hash": config_hash(config), "pid": os.getpid()}},
     )
     return kept, rejected
+
+
+def _complete(path: Path, wait: float) -> Checked:
+    """The files at `path`, checked; while their shards do not match routes.yaml (ConfigIncomplete), read
+    again for up to `wait` seconds, the volume's next update being on its way."""
+    deadline = time.monotonic() + wait
+    warned = False
+    while True:
+        try:
+            checked = check_config_and_files(path, hold=True)
+            checked.result()
+            return checked
+        except ConfigIncomplete as exc:
+            if time.monotonic() >= deadline:
+                raise
+            if not warned:
+                log.warning("config %s is mid-update, waiting up to %.0f s for its shards: %s", path, wait,
+                            exc.errors[0], extra={"fields": {"errors": exc.errors}})
+                warned = True
+            time.sleep(0.5)

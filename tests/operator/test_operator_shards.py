@@ -17,6 +17,7 @@ from apigw.config.errors import ConfigError
 from apigw.config.loader import load_config, shard_index
 from apigw.config.model import config_hash, shard_hash
 from apigw_operator.cluster import Target
+from apigw_operator.reconciler import configmap_size
 from tests.operator.kube import CM, NS, GatewayPod, configmap, eventually, operator, route
 from tests.operator.test_operator_kmock import (
     API,
@@ -211,3 +212,24 @@ async def test_an_operator_restarted_with_other_route_shards_finds_the_shards_in
             held = {number: sorted(shard(cluster, number)) for number in (1, 2, 3)}
             assert all(len(keys) <= 2 for keys in held.values()), f"--route-shards {shards}: {held}"
             assert not loaded(volume(cluster)).startswith("Config")
+
+
+async def test_shards_filled_past_half_their_configmap_are_rewritten_in_place_once(
+    cluster: Any, pods: dict[str, GatewayPod]
+) -> None:
+    """Shards written before the two-key scheme filled whole ConfigMaps (here by an operator with a
+    --configmap-limit twice as large): no next version fits beside them, so each is rewritten in place,
+    once, rather than every shard ConfigMap write being refused as too large from then on."""
+    for i in range(18):
+        cluster.objects[ROUTES, "shop", name(i)] = route(name(i), f"/{name(i)}")
+    async with operator(replace(options(pods), configmap_limit=2 * LIMIT)):
+        await eventually(lambda: "routes-002.yaml" in data(cluster).get("routes.yaml", ""))
+    fourth = Target().shard(4)
+    cluster.objects["v1/configmaps", NS, fourth] = {"apiVersion": "v1", "kind": "ConfigMap",
+                                                    "metadata": {"name": fourth, "namespace": NS}}
+    async with operator(replace(options(pods), configmap_limit=LIMIT, target=Target(route_shards=4))):
+        await eventually(lambda: "routes-004.yaml" in data(cluster).get("routes.yaml", ""))
+        await settle(cluster, 2)
+        sizes = {n: configmap_size(cluster.objects["v1/configmaps", NS, Target().shard(n)], {}) for n in range(1, 5)}
+        assert all(size <= LIMIT for size in sizes.values()), sizes
+        assert not loaded({**volume(cluster), **shard(cluster, 4)}).startswith("Config")

@@ -13,7 +13,7 @@ import base64
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -84,14 +84,17 @@ def _stored_bytes(configmap: Mapping[str, Any], files: Mapping[str, str]) -> int
     return configmap_size(configmap, {ROUTES_FILE: files[ROUTES_FILE]}) + shards
 
 
-def route_files(configmap: Mapping[str, Any], rendering: Rendering, target: Target, limit: int) -> dict[str, str] | None:
+def route_files(
+    configmap: Mapping[str, Any], rendering: Rendering, target: Target, limit: int, in_place: Collection[str] = ()
+) -> dict[str, str] | None:
     """The files to write for `rendering`: routes.yaml alone, or the index and its shards; None when the
     routes fit in neither the ConfigMap nor its `route_shards` shards of half `limit` bytes (each shard's
-    ConfigMap holds the shard in force and the one written to replace it)."""
+    ConfigMap holds the shard in force and the one written to replace it; `in_place`: shards in force
+    with no room beside them, rewritten where they are)."""
     room = limit - configmap_size(configmap, {ROUTES_FILE: ""})
     in_force = shard_index((configmap.get("data") or {}).get(ROUTES_FILE) or "")
     return split(*rendering.items, room=room, shard_room=limit // 2 - len(shard_key(1)), shards=target.route_shards,
-                 in_force=in_force)
+                 in_force=in_force, in_place=in_place)
 
 
 def too_large(configmap: Mapping[str, Any], rendering: Rendering, target: Target, limit: int) -> str:
@@ -240,6 +243,9 @@ class Reconciler:
         if files is None:
             return await self._too_large(configmap, rendering)
         index = shard_index(current or "")
+        in_place = await self._no_room_beside(index, files)
+        if in_place:
+            files = route_files(configmap, rendering, t, self.limit, in_place) or files
         held = await self._shards_held(files, rendering.config_hash) or index
         stale = [key for key, text in files.items() if key != ROUTES_FILE and held.get(key) != shard_hash(text)]
         if not stale and current == files[ROUTES_FILE] and all(annotations.get(k) == v for k, v in wanted.items()):
@@ -282,6 +288,28 @@ class Reconciler:
             text = ((found or {}).get("data") or {}).get(key)
             held[key] = shard_hash(text) if text is not None else ""
         return held
+
+    async def _no_room_beside(self, index: Mapping[str, str], files: Mapping[str, str]) -> set[str]:
+        """The shards in force whose ConfigMap cannot hold the next version beside them: filled past half by
+        an operator before the two-key scheme (or with a larger --configmap-limit). Each is rewritten in
+        place, once: until routes.yaml follows, a pod starting waits for it (a running pod defers)."""
+        named = {shard_slot(key): key for key in index}
+        found = set()
+        for key, text in files.items():
+            if key == ROUTES_FILE or key in index or shard_slot(key) not in named:
+                continue
+            name = self._holder(key)
+            try:
+                holder = await self.cluster.read_configmap(name)
+            except ApiException as exc:
+                logger.warning("could not read %s: %s", name, api_message(exc))
+                continue
+            if holder is not None and configmap_size(holder, {key: text}) > self.limit:
+                logger.warning("%s has no room for %s beside %s, in force (written whole, before the two-key "
+                               "scheme): rewriting %s in place, once", name, key, named[shard_slot(key)],
+                               named[shard_slot(key)])
+                found.add(named[shard_slot(key)])
+        return found
 
     async def _write_shards(self, files: Mapping[str, str]) -> Blocked | None:
         for key, text in files.items():

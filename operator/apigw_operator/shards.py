@@ -18,7 +18,7 @@ restarted with another `--route-shards` finds the shards an older index names.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import yaml
 
@@ -54,33 +54,39 @@ def leftovers(index: Mapping[str, str], files: Mapping[str, str]) -> list[str]:
     return [key for slot in gone for key in (shard_key(slot), shard_key(slot + SECOND_KEY))]
 
 
-def _beside(texts: Sequence[str], in_force: Mapping[str, str]) -> dict[str, str]:
+def _beside(texts: Sequence[str], in_force: Mapping[str, str], in_place: Collection[str]) -> dict[str, str]:
     """Shard texts by key: each under a key of its slot that the index in force does not name, unless
-    that index names it with this very text (then it stays where it is)."""
+    that index names it with this very text (then it stays where it is) or it is `in_place` (no room beside it)."""
     named = {shard_slot(key): (key, digest) for key, digest in in_force.items()}
     placed = {}
     for slot, text in enumerate(texts, 1):
         kept, digest = named.get(slot, (None, None))
-        if kept is None or digest != shard_hash(text):
+        if kept not in in_place and (kept is None or digest != shard_hash(text)):
             kept = shard_key(slot + SECOND_KEY) if kept == shard_key(slot) else shard_key(slot)
         placed[kept] = text
     return placed
 
 
 def split(
-    routes: Sequence[str], policies: Sequence[str], room: int, shard_room: int, shards: int, in_force: Mapping[str, str]
+    routes: Sequence[str],
+    policies: Sequence[str],
+    room: int,
+    shard_room: int,
+    shards: int,
+    in_force: Mapping[str, str],
+    in_place: Collection[str] = (),
 ) -> dict[str, str] | None:
     """The files to write, routes.yaml first: routes.yaml alone when it fits in `room` bytes, else
     routes.yaml with the policies and the index, and the routes in as few shards of at most
     `shard_room` bytes as they fill, in order, each under a key the index `in_force` does not name
-    (`_beside`). None when more than `shards` shards would be needed."""
+    but for the keys `in_place` (`_beside`). None when more than `shards` shards would be needed."""
     whole = document_text(routes, policies)
     if len(whole.encode()) <= room:
         return {ROUTES_FILE: whole}
     texts = [document_text(group, []) for group in _groups(routes, shard_room - len(document_text(["x"], []).encode()) + 1)]
     if not texts or len(texts) > shards:  # one route alone is larger than a shard, or too many shards
         return None
-    files = _beside(texts, in_force)
+    files = _beside(texts, in_force, in_place)
     head = yaml.safe_dump({"shards": {key: shard_hash(text) for key, text in files.items()}}, sort_keys=False)
     index = document_text([], policies, head=head)
     if len(index.encode()) > room:

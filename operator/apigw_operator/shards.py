@@ -12,8 +12,10 @@ ConfigMap, `routes-N` and `routes-(500+N)` (`routes-001.yaml` and `routes-501.ya
 under the one the index in force does not name (hence half the limit each). The replaced version stays
 until the slot's next version takes its key: a pod whose kubelet still has the previous routes.yaml finds
 its shards too. Only a slot no longer used is emptied, both keys. So a write refused or cut at any point
-leaves an index whose shards are all there (a pod starting then loads). Which ConfigMap holds a key follows from the key alone, so an operator
-restarted with another `--route-shards` finds the shards an older index names.
+leaves an index whose shards are all there (a pod starting then loads). The one exception: a shard in
+force filled past half its ConfigMap (by an operator before this scheme) leaves no room beside it and is
+rewritten in place, once (`in_place`). Which ConfigMap holds a key follows from the key alone, so an
+operator restarted with another `--route-shards` finds the shards an older index names.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ class Target:
     configmap: str = "api-gateway-config"
     deployment: str = "api-gateway"
     pod_selector: str = "app=api-gateway"
-    route_shards: int = 3
+    route_shards: int = 6
     """ConfigMaps `<shard_configmap>-1`... for the routes that do not fit in `configmap` (the Deployment
     projects them into the gateway's config volume; the manifests ship them empty)."""
     shard_configmap: str = "api-gateway-routes"

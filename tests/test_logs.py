@@ -9,8 +9,10 @@ import json
 import logging
 import re
 import time
+from pathlib import Path
 
 import pytest
+import yaml
 from aiohttp.http_exceptions import BadHttpMessage
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -18,6 +20,8 @@ from hypothesis import strategies as st
 from apigw.observability.logs import GREPPED, Access, AccessLog, JSONFormatter, RepeatFilter, grep_safe
 from apigw.testkit.backend import Backend
 from apigw.testkit.clock import FakeClock
+from apigw.testkit.process import GatewayProcess, http_status, ports, wait_until
+from apigw.testkit.redis import free_port
 from tests.conftest import access_lines, gateway_of
 
 RUNBOOK_GREPS = [re.compile(p) for p in ("status_code=5", "auth_status=failure", "backend_service")] + [
@@ -248,3 +252,28 @@ async def test_an_access_line_fits_in_one_container_log_record_whatever_the_path
     text = gateway_of(client).access_log.stream.getvalue()
     assert len(text.encode()) < CRI_LINE_LIMIT, len(text.encode())
     assert path.decode().startswith(line["path"].removesuffix("...")) and len(line["path"]) >= 1024
+
+
+def test_each_backends_breaker_opening_is_logged_at_once(tmp_path: Path) -> None:
+    """A real gateway whose three backends all go down within the flood-control interval: on-call greps
+    for the breaker of each by name, so the repeat filter must not take the second and third for repeats
+    of the first (the message's text is the same, the backend differs)."""
+    port, metrics_port = ports()
+    routes = [{"name": name, "match": {"path_prefix": f"/{name}"},
+               "backend": {"service": name, "url": f"http://127.0.0.1:{free_port()}",  # nothing listens
+                           "retries": {"max_retries": 0}, "circuit_breaker": {"consecutive_failures": 2}}}
+              for name in ("payments", "orders", "users")]
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump({
+        "listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port}, "routes": routes,
+    }))
+    with GatewayProcess(config, port, metrics_port) as gateway:
+        for name in ("payments", "orders", "users"):
+            assert [http_status(f"{gateway.url}/{name}") for _ in range(3)] == [502, 502, 503]
+
+        def opened() -> set[str]:
+            return {line["backend_service"] for line in gateway.log_lines()
+                    if line["logger"] == "apigw.breaker" and line.get("state") == "open"}
+
+        wait_until(lambda: len(opened()) == 3, timeout=5, what="an 'opened' line for each backend")
+        assert opened() == {"payments", "orders", "users"}

@@ -68,10 +68,11 @@ class _Repeats:
 
 class RepeatFilter(logging.Filter):
     """Flood control: of warnings and errors of one kind (logger, message, and the `error` or
-    `error_type` field when there is one) the first is written, then at most one line per interval,
-    carrying `repeated: N`, the count suppressed since the last. A Redis outage at 800 requests a second
-    then writes one `ratelimit error` line per 10 s instead of 8,000. Metrics still count every event;
-    access lines do not pass through here."""
+    `error_type` field and the `backend_service` field when there are) the first is written, then at
+    most one line per interval, carrying `repeated: N`, the count suppressed since the last. A Redis
+    outage at 800 requests a second then writes one `ratelimit error` line per 10 s instead of 8,000,
+    and one backend's breaker opening never hides another's. Metrics still count every event; access
+    lines do not pass through here."""
 
     def __init__(self, handler: logging.Handler, interval: float = REPEAT_INTERVAL,
                  clock: Callable[[], float] = time.monotonic):
@@ -83,7 +84,7 @@ class RepeatFilter(logging.Filter):
         if record.levelno < logging.WARNING or getattr(record, "repeat_summary", False):
             return True
         fields = getattr(record, "fields", None) or {}
-        key = (record.name, record.msg, fields.get("error", fields.get("error_type")))
+        key = (record.name, record.msg, fields.get("error", fields.get("error_type")), fields.get("backend_service"))
         now = self.clock()
         seen = self._seen.get(key)
         if seen is None or now - seen.since >= self.interval:

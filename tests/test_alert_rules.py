@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import re
 import shutil
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import yaml
+
+from apigw.testkit import route
+from apigw.testkit.process import BackendProcess, GatewayProcess, http_status, ports, wait_until
+from apigw.testkit.raw import exchange
+from apigw.testkit.redis import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RULE_FILE = ROOT / "manifests" / "monitoring" / "prometheusrule.yaml"
@@ -143,3 +150,48 @@ def test_promtool_unit_tests_catch_a_wrong_threshold(rules_dir: Path) -> None:
     result = promtool("test", "rules", "traffic.test.yaml", cwd=rules_dir)
     assert result.returncode != 0
     assert "APIGatewayHighErrorRate" in result.stdout + result.stderr
+
+
+@needs_promtool
+def test_backend_errors_alert_blames_backends_not_their_clients(rules_dir: Path, tmp_path: Path) -> None:
+    """APIGatewayBackendErrors on what a real gateway exports: a backend that refuses connections is
+    blamed; a healthy one whose clients send bodies over the route's limit or hang up mid-body is not
+    (those requests reached it, so they are counted by backend, under the gateway's error type)."""
+    port, metrics_port = ports()
+    with BackendProcess() as echo:
+        config = tmp_path / "gateway.yaml"
+        config.write_text(yaml.safe_dump({
+            "listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port},
+            "routes": [route("uploads", echo.url, match={"path_prefix": "/uploads"}, max_body_size=100),
+                       {"name": "payments", "match": {"path_prefix": "/payments"},
+                        "backend": {"service": "payments", "url": f"http://127.0.0.1:{free_port()}",  # refused
+                                    "retries": {"max_retries": 0}}}],
+        }))
+        with GatewayProcess(config, port, metrics_port) as gateway:
+            assert [http_status(gateway.url + "/uploads/a") for _ in range(2)] == [200, 200]
+            assert [http_status(gateway.url + "/payments/a") for _ in range(2)] == [502, 502]
+            too_large = (b"POST /uploads/a HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"c8\r\n" + b"x" * 200)
+            for _ in range(2):
+                assert exchange(port, too_large + b"\r\n0\r\n\r\n").startswith(b"HTTP/1.1 413 ")
+            with socket.create_connection(("127.0.0.1", port)) as hung_up:  # 3 of the 50 bytes it announced
+                hung_up.sendall(b"POST /uploads/a HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\nabc")
+                time.sleep(0.2)
+            wait_until(lambda: "client_body_aborted" in gateway.metrics(), what="the hung-up upload counted")
+            scraped = [line.rsplit(" ", 1) for line in gateway.metrics().splitlines()
+                       if line.startswith("gateway_backend_requests_total{")]
+    # Each scraped count, as the increase of every minute for ten minutes.
+    (rules_dir / "scraped.test.yaml").write_text(yaml.safe_dump({
+        "rule_files": [EXTRACTED],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [{"series": name, "values": f"0+{float(value):g}x10"} for name, value in scraped],
+            "promql_expr_test": [{
+                "expr": rules()["APIGatewayBackendErrors"]["expr"], "eval_time": "10m",
+                "exp_samples": [{"labels": '{backend_service="payments"}', "value": 1}],
+            }],
+        }],
+    }))
+    result = promtool("test", "rules", "scraped.test.yaml", cwd=rules_dir)
+    assert result.returncode == 0, "\n".join(map(" ".join, scraped)) + "\n" + result.stdout + result.stderr

@@ -27,6 +27,8 @@ CONTAINER = f'{NS}, container="gateway"'
 WINDOW = "5m"  # the alerts' rate window: the alert series show exactly what the rule evaluates
 RATE = "$__rate_interval"
 FIVE_XX = 'status_code=~"5.."'
+BACKEND_FAILED = 'status_code=~"5..|backend_.+|upstream_overflow"'
+"""A backend's failures in `gateway_backend_requests_total`: not its clients' (body_too_large, client_*)."""
 
 STATES = [  # gateway_circuit_breaker_state
     {"type": "value", "options": {
@@ -194,9 +196,10 @@ def gateway() -> Dashboard:
 
     d.row("Backends")
     d.panel("timeseries", "Backend error ratio",
-            "Share of backend requests that failed: 5xx answers, and no answer at all (status_code "
-            "backend_unreachable, backend_reset, backend_timeout, ...).", "Backend Service Errors",
-            [(ratio("gateway_backend_requests_total", BACKEND, 'status_code!~"[1-4].."', by="backend_service"),
+            "Share of backend requests that failed: 5xx answers, no answer at all (status_code "
+            "backend_unreachable, backend_reset, backend_timeout, ...) and a full pool (upstream_overflow); "
+            "not the clients' failures (body_too_large, client_body_aborted, ...).", "Backend Service Errors",
+            [(ratio("gateway_backend_requests_total", BACKEND, BACKEND_FAILED, by="backend_service"),
               "{{backend_service}}")],
             unit="percentunit", alert="APIGatewayBackendErrors", steps=((0.1, "red"),))
     d.panel("timeseries", "Backend responses by status",

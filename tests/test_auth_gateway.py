@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -416,3 +417,38 @@ def test_any_claims_get_a_200_or_a_401_and_forward_only_printable_ascii(served, 
             assert value.isascii() and value.isprintable(), value
     else:
         assert set(body) == {"error", "request_id"}
+
+
+@pytest.mark.parametrize(("mode", "status"), [("fail_open", 200), ("fail_closed", 503)])
+def test_redis_down_for_revocation_checks_is_logged_once_per_kind(tmp_path: Path, key: SigningKey, mode: str,
+                                                                 status: int) -> None:
+    """A real gateway whose only use of Redis is the revocation check: when Redis goes down, on-call sees it
+    in the log ("Increased error logs about Redis"), not only in gateway_redis_errors_total: one error line
+    saying what failed and what `failure_mode` did, the repeats counted rather than written, no token."""
+    port, metrics_port = ports()
+    with RedisServer() as redis_server, BackendProcess() as backend:
+        config = auth_config(tmp_path, backend.url, revocation={"failure_mode": mode})
+        config.update(redis={"url": redis_server.url, "timeout": "500ms"},
+                      listen={"address": "127.0.0.1", "port": port, "metrics_port": metrics_port})
+        (tmp_path / "gw.yaml").write_text(yaml.safe_dump(config))
+        with GatewayProcess(tmp_path / "gw.yaml", port, metrics_port) as gateway:
+            token = key.token(scope="users:read", jti="jti-secret-1")
+            headers = {"Authorization": f"Bearer {token}"}
+            assert http_status(f"{gateway.url}/users/1", headers) == 200
+            redis_server.stop()
+            assert [http_status(f"{gateway.url}/users/1", headers) for _ in range(5)] == [status] * 5
+            wait_until(lambda: "gateway_redis_errors_total{operation=\"revocation\"} 5.0" in gateway.metrics(),
+                       what="five revocation errors counted")
+            def redis_errors() -> list[dict]:
+                return [line for line in gateway.log_lines() if line["level"] == "error" and "Redis" in line["msg"]]
+
+            wait_until(lambda: len([line for line in gateway.log_lines() if line["logger"] == "apigw.access"]) == 6,
+                       timeout=5, what="the six requests' access lines")
+            wait_until(redis_errors, timeout=5, what="an error line about Redis")
+            [error] = redis_errors()
+            assert "revocation" in error["msg"] and error["failure_mode"] == mode and error["error"], error
+            # The runbook's "Check auth error types" still counts the requests' error types only.
+            auth_errors = [line for line in gateway.log_text().splitlines() if re.search("auth.*error", line, re.IGNORECASE)]
+            assert [json.loads(line).get("error_type") for line in auth_errors] == (
+                ["revocation_unavailable"] * 5 if mode == "fail_closed" else [])
+            assert token not in gateway.log_text() and "jti-secret-1" not in gateway.log_text()

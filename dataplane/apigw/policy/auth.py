@@ -78,6 +78,9 @@ from apigw.observability.metrics import Metrics
 from apigw.redis.batch import RedisBatch
 
 log = logging.getLogger("apigw.auth")
+revocation_log = logging.getLogger("apigw.revocation")
+"""Redis trouble of the revocation check: not under `apigw.auth`, whose lines with `error` in them the
+runbook reads as token failures (`grep -i "auth.*error" | jq -r '.error_type'`)."""
 
 Claims = Mapping[str, Any]
 """The verified claims of a token (read-only: the same mapping may serve many requests)."""
@@ -450,8 +453,14 @@ class Authenticator:
             if self._redis is not None and jti is not None:
                 try:
                     revoked = await self._redis.revoked(REVOKED_PREFIX + jti)
-                except (RedisError, OSError, TimeoutError):
+                except (RedisError, OSError, TimeoutError) as error:
                     self._redis_errors.inc()
+                    reason = self._redis.describe(error)
+                    mode = self.config.revocation.failure_mode.value
+                    revocation_log.error(  # flood-controlled: one line per kind and 10 s (RepeatFilter)
+                        "revocation check error: Redis %s; %s", reason, mode,
+                        extra={"fields": {"error": reason, "failure_mode": mode}},
+                    )
                     if not self._fail_open:
                         raise GatewayError(
                             503, "revocation_unavailable", "the token's revocation status cannot be checked right now"

@@ -235,10 +235,7 @@ class RedisLimiter:
         """Count and log the error, then let the request through or answer 503, as `failure_mode` says."""
         self._metrics.ratelimit_errors.inc()
         self._metrics.redis_errors.labels(operation="ratelimit").inc()
-        if isinstance(error, TimeoutError):
-            reason = f"timeout after {self._batch.link.timeout:g} s"
-        else:
-            reason = f"{type(error).__name__}: {error}"
+        reason = self._batch.describe(error)
         log.error(
             "ratelimit error: %s; %s", reason, self._failure_mode.value,
             extra={"fields": {"policy": rule.policy, "error": reason, "failure_mode": self._failure_mode.value}},

@@ -103,6 +103,12 @@ class RedisBatch:
         """One GCRA step on bucket `key`: (allowed 1|0, µs until full, µs until a request may pass)."""
         return self._ask(key, 3, _limit_args(interval, capacity), 3)
 
+    def describe(self, error: Exception) -> str:
+        """A failed check's error as its log line says it (a timeout has no text of its own)."""
+        if isinstance(error, TimeoutError):
+            return f"timeout after {self.link.timeout:g} s"
+        return f"{type(error).__name__}: {error}"
+
     def revoked(self, key: str) -> asyncio.Future[int]:
         """Whether `key` exists: 1 or 0."""
         return self._ask(key, 1, _REVOKED_ARGS, 1)

@@ -7,7 +7,12 @@ import asyncio
 import io
 import json
 import logging
+import os
 import re
+import socket
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +25,7 @@ from hypothesis import strategies as st
 from apigw.observability.logs import GREPPED, Access, AccessLog, JSONFormatter, RepeatFilter, grep_safe
 from apigw.testkit.backend import Backend
 from apigw.testkit.clock import FakeClock
-from apigw.testkit.process import GatewayProcess, http_status, ports, wait_until
+from apigw.testkit.process import BackendProcess, GatewayProcess, http_status, ports, wait_until
 from apigw.testkit.redis import free_port
 from tests.conftest import access_lines, gateway_of
 
@@ -277,3 +282,68 @@ def test_each_backends_breaker_opening_is_logged_at_once(tmp_path: Path) -> None
 
         wait_until(lambda: len(opened()) == 3, timeout=5, what="an 'opened' line for each backend")
         assert opened() == {"payments", "orders", "users"}
+
+
+def test_workers_sharing_a_pipe_write_whole_lines(tmp_path: Path) -> None:
+    """`--workers 2` with stdout a pipe, as a container runtime gives it, drained slowly by its reader (a
+    busy log shipper): every line read is one whole JSON object, and every request answered has its line.
+    A write larger than PIPE_BUF (4 KiB: an access log batch, a long line) is not atomic on a full pipe:
+    the kernel may put another process's write in the middle of it."""
+    port, metrics_port = ports()
+    with BackendProcess() as backend:
+        config = tmp_path / "gateway.yaml"
+        config.write_text(yaml.safe_dump({
+            "listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port},
+            "routes": [{"name": "echo", "backend": {"service": "echo", "url": backend.url}}],
+        }))
+        gateway = subprocess.Popen([sys.executable, "-m", "apigw", "--config", str(config), "--workers", "2"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert gateway.stdout is not None
+        read: list[bytes] = []
+        draining = threading.Event()
+
+        def drain_slowly() -> None:
+            while data := os.read(gateway.stdout.fileno(), 4096):  # type: ignore[union-attr]
+                read.append(data)
+                if not draining.is_set():
+                    time.sleep(0.005)
+
+        reader = threading.Thread(target=drain_slowly)
+        reader.start()
+        try:
+            wait_until(lambda: http_status(f"http://127.0.0.1:{port}/_health/ready") == 200, timeout=30,
+                       what="both workers ready")
+            answered = []
+
+            def send(rounds: int = 20, pipelined: int = 50) -> None:
+                request = f"GET /{'x' * 900} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+                count = 0
+                for _ in range(rounds):
+                    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                        sock.sendall(request * pipelined)
+                        received = b""
+                        while received.count(b"HTTP/1.1 200 ") < pipelined and (data := sock.recv(65536)):
+                            received += data
+                        count += received.count(b"HTTP/1.1 200 ")
+                answered.append(count)
+
+            senders = [threading.Thread(target=send) for _ in range(4)]
+            for thread in senders:
+                thread.start()
+            for thread in senders:
+                thread.join()
+        finally:
+            draining.set()
+            gateway.terminate()
+            gateway.wait(30)
+            reader.join(10)
+            gateway.stdout.close()
+    lines = b"".join(read).decode().splitlines()
+    broken = []
+    for line in lines:
+        try:
+            json.loads(line)
+        except ValueError:
+            broken.append(line)
+    assert not broken, f"{len(broken)} of {len(lines)} lines are not JSON, such as {broken[0][:200]!r}...{broken[0][-200:]!r}"
+    assert sum(1 for line in lines if '"logger":"apigw.access"' in line) == sum(answered) == 4000

@@ -6,10 +6,14 @@ Structured fields go in `extra={"fields": {...}}`; they become top-level keys of
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
+import os
 import re
+import stat
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +53,45 @@ class JSONFormatter(logging.Formatter):
             # aiohttp's parser errors quote the raw request (a token, for a bad Authorization header)
             line["exception"] = type(exc).__name__ if isinstance(exc, HttpProcessingError) else f"{type(exc).__name__}: {exc}"
         return dumps(line)
+
+
+class OutputLock:
+    """Writes to a pipe or socket that other processes write to too (`--workers`: the supervisor and its
+    workers share the container's stdout), made one at a time. The kernel splits a write larger than
+    PIPE_BUF (4 KiB: an access log batch, a long line) on a full pipe and may put another process's write
+    in the middle: two lines spliced into one that jq stops at. Every process finds the same lock file
+    from the pipe's identity, so none needs telling. A file or a terminal needs no lock (a write to a
+    file lands whole), nor does a stream without a descriptor."""
+
+    def __init__(self, stream: TextIO):
+        self._fd: int | None = None
+        try:
+            status = os.fstat(stream.fileno())
+            if stat.S_ISFIFO(status.st_mode) or stat.S_ISSOCK(status.st_mode):
+                path = os.path.join(tempfile.gettempdir(), f"apigw-stdout-{status.st_dev}-{status.st_ino}.lock")
+                self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except (OSError, ValueError):  # no descriptor (io.StringIO), or no writable temporary directory
+            self._fd = None
+
+    def __enter__(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+
+class _LockedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes each record (and the buffered text before it) while holding the stream's `OutputLock`."""
+
+    def __init__(self, stream: TextIO):
+        super().__init__(stream)
+        self.output_lock = OutputLock(stream)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self.output_lock:
+            super().emit(record)
 
 
 REPEAT_INTERVAL = 10.0
@@ -123,7 +166,7 @@ class RepeatFilter(logging.Filter):
 
 
 def setup_logging(level: str = "INFO") -> None:
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _LockedStreamHandler(sys.stdout)
     handler.setFormatter(JSONFormatter())
     handler.addFilter(RepeatFilter(handler))
     root = logging.getLogger()
@@ -264,6 +307,7 @@ class AccessLog:
 
     def __init__(self, stream: TextIO | None = None, interval: float = FLUSH_INTERVAL):
         self.stream = stream or sys.stdout
+        self._output_lock = OutputLock(self.stream)
         self._interval = interval
         self._second = self._millisecond = -1
         self._second_text = self._text = ""
@@ -296,5 +340,7 @@ class AccessLog:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        self.stream.write("\n".join([access.line(ts) for access, ts in pending]) + "\n")
-        self.stream.flush()
+        text = "\n".join([access.line(ts) for access, ts in pending]) + "\n"
+        with self._output_lock:
+            self.stream.write(text)
+            self.stream.flush()

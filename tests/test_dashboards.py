@@ -31,7 +31,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from apigw.testkit.process import wait_until
+from apigw.testkit.process import BackendProcess, GatewayProcess, ports, wait_until
+from apigw.testkit.redis import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 MONITORING = ROOT / "manifests" / "monitoring"
@@ -307,6 +308,33 @@ def test_the_scrape_holds_every_gateway_family_with_samples(gateway_series: dict
                 "gateway_backend_duration_seconds_bucket"}
     for name in labelled:
         assert gateway_series.get(name), f"{name} has no labelled sample in the scrape"
+
+
+def test_the_first_failure_of_a_kind_is_counted_from_zero(tmp_path: Path) -> None:
+    """Prometheus takes a series' first sample for its start: `rate` and `increase` over a counter that
+    appears at 1 see no increase, so a single rejected reload (the usual bad edit) would never show on
+    the reloads panel, nor a short Redis outage on the Redis panel, nor the first 429s of a storm on the
+    decisions panel. A real gateway exports the outcomes it knows of at 0 before any happens."""
+    port, metrics_port = ports()
+    with RedisServer() as redis_server, BackendProcess() as backend:
+        config = tmp_path / "gateway.yaml"
+        config.write_text(yaml.safe_dump({
+            "listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port},
+            "redis": {"url": redis_server.url},
+            "policies": [{"name": "standard", "requests": 10, "period": "1m"}],
+            "routes": [{"name": "api", "backend": {"service": "api", "url": backend.url}, "ratelimit": "standard"}],
+        }))
+        with GatewayProcess(config, port, metrics_port) as gateway:
+            scraped = {family.name: {tuple(sorted(s.labels.items())): s.value for s in family.samples}
+                       for family in text_string_to_metric_families(gateway.metrics())}
+            assert scraped["gateway_config_reloads"] == {(("result", "failure"),): 0, (("result", "success"),): 0}
+            assert scraped["gateway_redis_errors"].get((("operation", "ratelimit"),)) == 0
+            assert scraped["gateway_ratelimit_requests"] == {
+                (("decision", decision), ("policy", "standard")): 0 for decision in ("allowed", "limited", "error")}
+            config.write_text(config.read_text() + "bogus: 1\n")
+            gateway.signal(signal.SIGHUP)
+            wait_until(lambda: 'gateway_config_reloads_total{result="failure"} 1.0' in gateway.metrics(),
+                       what="the rejected reload counted")
 
 
 def check_names(where: str, expr: str, known: dict[str, set[str]]) -> list[str]:

@@ -74,6 +74,8 @@ class Metrics:
             ["backend_service"], registry=r, multiprocess_mode="livemax",  # with workers: the highest value
         )
         self.config_reloads = t.add(CounterFamily("gateway_config_reloads", "Config reloads, by result", ("result",)))
+        for result in ("success", "failure"):  # at 0 before the first: rate() and increase() take a
+            self.config_reloads.labels(result)  # series' first sample as its start, so one reload would not show
         self.inflight = t.add(GaugeFamily("gateway_inflight_requests", "Requests being handled now"))
         self.tls_expiry = Gauge(
             "gateway_tls_certificate_expiry_timestamp_seconds", "Expiry (notAfter) of the served TLS certificate",

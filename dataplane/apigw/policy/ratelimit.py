@@ -226,6 +226,7 @@ class RedisLimiter:
         self._batch = batch
         self._metrics = metrics
         self._failure_mode = failure_mode
+        metrics.redis_errors.labels(operation="ratelimit")  # at 0 before the first error, as the revocation check's
 
     def check(self, rule: LimitRule, key: str) -> Awaitable[Decision]:
         step = self._batch.limit(rule.bucket(key), rule.interval, rule.capacity)
@@ -305,6 +306,9 @@ def build_limiter(config: Config, metrics: Metrics, batch: RedisBatch | None) ->
     configured (pass the batch built on its client), else in-process."""
     if not config.ratelimit.enabled:
         return None
+    for policy in config.policies:  # each decision at 0 before the first, so that rate() sees a storm's start
+        for outcome in ("allowed", "limited", "error") if config.redis else ("allowed", "limited"):
+            metrics.ratelimit_requests.labels(policy.name, outcome)
     if config.redis is None:
         return MemoryLimiter(time.monotonic)
     if batch is None:

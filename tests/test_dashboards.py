@@ -463,6 +463,27 @@ def test_alert_panel_plots_the_alert_and_draws_its_threshold(alert: str) -> None
         assert limit in steps, f"{alert}: threshold {limit} is not drawn ({steps})"
 
 
+def color(panel: dict[str, Any], value: float) -> str:
+    """The color Grafana gives `value` on `panel`: that of the last threshold step at or below it (the
+    first step, of value null, stands for minus infinity)."""
+    steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    return [step["color"] for step in steps if step["value"] is None or step["value"] <= value][-1]
+
+
+@pytest.mark.parametrize("alert", sorted(alert for alert, expr in alert_rules().items() if threshold(expr) is not None))
+def test_alert_panel_colors_every_firing_value(alert: str) -> None:
+    """A value on the alert's firing side is never green: just past the threshold, and far past it (an
+    error ratio of 100%, a certificate that expired a day ago; for `> 0`, one restart and a hundred)."""
+    expr = alert_rules()[alert]
+    limit = threshold(expr)
+    assert limit is not None
+    (panel,) = panel_alerts()[alert]
+    below = re.search(r"<\s*[\d.\s*]+$", expr.strip()) is not None
+    firing = [limit * 0.99, -86400.0] if below else [limit * 1.01 or 1.0, limit * 100 or 100.0]
+    assert [color(panel, value) for value in firing].count("green") == 0, (
+        f"{alert}: {[(value, color(panel, value)) for value in firing]}")
+
+
 def test_the_alert_check_catches_a_changed_threshold_or_expression() -> None:
     expr = alert_rules()["APIGatewayHighErrorRate"]
     assert threshold(expr) == 0.05 and threshold(expr.replace("> 0.05", "> 0.5")) == 0.5

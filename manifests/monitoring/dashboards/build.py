@@ -67,9 +67,10 @@ def ratio(metric: str, selector: str, bad: str, by: str = "") -> str:
             f"/ {group}(rate({metric}{{{selector}}}[{WINDOW}]))")
 
 
-def thresholds(*steps: tuple[float, str]) -> dict[str, Any]:
-    return {"mode": "absolute", "steps": [{"color": "green", "value": None}]
-            + [{"color": color, "value": value} for value, color in steps]}
+def thresholds(*steps: tuple[float | None, str]) -> dict[str, Any]:
+    """Green below the first step, unless the first step is `(None, color)`: the color from minus infinity."""
+    base = [] if steps and steps[0][0] is None else [{"color": "green", "value": None}]
+    return {"mode": "absolute", "steps": base + [{"color": color, "value": value} for value, color in steps]}
 
 
 class Dashboard:
@@ -107,7 +108,7 @@ class Dashboard:
 
     def panel(self, kind: str, title: str, description: str, runbook: str, targets: list[tuple[str, str]], *,
               unit: str = "short", width: int = 12, height: int = 8, alert: str | None = None,
-              steps: tuple[tuple[float, str], ...] = (), mappings: list[dict[str, Any]] | None = None,
+              steps: tuple[tuple[float | None, str], ...] = (), mappings: list[dict[str, Any]] | None = None,
               stack: bool = False, bars: bool = False) -> None:
         if self.x + width > 24:
             self._newline()
@@ -261,12 +262,13 @@ def gateway() -> Dashboard:
             [(f"sum by (pod, result) (increase(gateway_config_reloads_total{{{NS}}}[{RATE}]))", "{{pod}} {{result}}")],
             unit="short", bars=True)
     d.panel("stat", "TLS certificate expires in",
-            "Time left on the certificate each pod serves (pods without TLS are left out). cert-manager renews "
-            "30 days ahead: orange under 30 days means renewal is late, red under 14 fires the alert.",
+            "Time left on the certificate each pod serves (pods without TLS are left out; negative: expired). "
+            "cert-manager renews 30 days ahead: orange under 30 days means renewal is late, red under 14 fires "
+            "the alert.",
             "Certificate Expiration",
             [(f"(gateway_tls_certificate_expiry_timestamp_seconds{{{NS}}} > 0) - time()", "{{pod}}")],
             unit="dtdurations", alert="APIGatewayCertificateExpiringSoon",
-            steps=((0, "red"), (14 * 86400, "orange"), (30 * 86400, "green")))
+            steps=((None, "red"), (14 * 86400, "orange"), (30 * 86400, "green")))
 
     d.row("Pods")
     d.panel("state-timeline", "Gateway targets up",
@@ -287,7 +289,7 @@ def gateway() -> Dashboard:
             "Restarts of the gateway container per pod over 15 minutes (kube-state-metrics); the alert fires "
             "on any.", "Pod Restart Loop",
             [(f"increase(kube_pod_container_status_restarts_total{{{CONTAINER}}}[15m])", "{{pod}}")],
-            unit="short", alert="APIGatewayHighRestartRate", bars=True, width=8)
+            unit="short", alert="APIGatewayHighRestartRate", steps=((1, "red"),), bars=True, width=8)
     d.panel("timeseries", "CPU throttling per pod",
             "Share of CFS periods in which the gateway container was throttled (cAdvisor): what the "
             "runbook's `kubectl describe pod | grep -i throttl` cannot show.", "High Latency (Resource Contention)",

@@ -332,13 +332,16 @@ def test_workers_sharing_a_pipe_write_whole_lines(tmp_path: Path) -> None:
                 thread.start()
             for thread in senders:
                 thread.join()
+            wait_until(lambda: b"".join(read).count(b'"logger":"apigw.access"') >= sum(answered), timeout=60,
+                       what="the answered requests' lines read")
+            data = b"".join(read)  # before the stop (shutdown is not what this is about), whole lines only
+            lines = data[: data.rfind(b"\n") + 1].decode().splitlines()
         finally:
             draining.set()
             gateway.terminate()
             gateway.wait(30)
             reader.join(10)
             gateway.stdout.close()
-    lines = b"".join(read).decode().splitlines()
     broken = []
     for line in lines:
         try:

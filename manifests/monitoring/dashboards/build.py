@@ -219,8 +219,10 @@ def gateway() -> Dashboard:
 
     d.row("Auth")
     d.panel("timeseries", "Token check failure ratio",
-            "Share of token checks that failed, all routes of the namespace.", "High Authorization Failure Rate",
-            [(ratio("gateway_auth_attempts_total", NS, 'result="failure"'), "alert")],
+            "Share of token checks that failed, all routes of the namespace (not revocation_unavailable: Redis "
+            "down, the Redis panels).", "High Authorization Failure Rate",
+            [(ratio("gateway_auth_attempts_total", f'{NS}, error_type!="revocation_unavailable"', 'result="failure"'),
+              "alert")],
             unit="percentunit", alert="APIGatewayHighAuthFailureRate", steps=((0.2, "red"),))
     d.panel("timeseries", "Token checks by result and error type",
             "Token checks per second: successes, and failures by error_type (missing_token, expired, "

@@ -12,12 +12,15 @@ from tests.cluster.objects import conditions, config_annotation, create, gateway
 from tests.cluster.parts import CM_PATH, wait_for
 
 RESTART = "gateway.apigw.io/restart-hash"
+LOOPBACK_ALLOWED = ("ownership:\n  denied_backend_networks: [169.254.0.0/16, fe80::/10, 0.0.0.0/32, '::/128', "
+                    "fd00:ec2::254/128]\n")
+"""The default less loopback: the test's backends (the CRs') listen on 127.0.0.1."""
 
 
 def test_programmed_only_when_every_pod_serves_the_config(cluster: ControlPlane, operators, gateway_pods) -> None:
     ns = namespace(cluster, "serve")
     port = free_port()
-    config_yaml = f"listen:\n  port: {port}\n  metrics_port: {free_port()}\nratelimit:\n  enabled: false\n"
+    config_yaml = f"listen:\n  port: {port}\n  metrics_port: {free_port()}\nratelimit:\n  enabled: false\n" + LOOPBACK_ALLOWED
     cluster.api.merge(CM_PATH, {"data": {"config.yaml": config_yaml}})
     with BackendProcess() as backend:
         pods = gateway_pods(2, port)

@@ -277,3 +277,60 @@ def test_disabled_route_is_marked_disabled_and_its_snapshot_kept_by_a_rememberin
     assert verdict(again, "shop", "off").last_accepted is kept
     assert not verdict(again, "shop", "off").fallback
     assert Ref(POLICY, "shop", "off") not in again.verdicts
+
+
+# --- backends a route may not reach (ownership.denied_backend_networks) ----------------------------
+
+
+def to(namespace: str, name: str, url: str, **spec: Any) -> dict:
+    """A route of its own path, to `url`."""
+    return gwr(namespace, name, None, f"/{name}", backend={"service": f"{namespace}-{name}", "url": url}, **spec)
+
+
+SETTING = "ownership.denied_backend_networks in config.yaml"
+
+
+@pytest.mark.parametrize(("url", "address", "network"), [
+    ("http://169.254.169.254/latest/meta-data/iam/security-credentials/", "169.254.169.254", "169.254.0.0/16"),
+    ("http://2852039166/latest/", "169.254.169.254", "169.254.0.0/16"),  # the URL parser's spellings of it
+    ("http://0xa9.0376.43518/", "169.254.169.254", "169.254.0.0/16"),
+    ("http://[::ffff:169.254.169.254]/", "::ffff:a9fe:a9fe", "169.254.0.0/16"),
+    ("http://127.1:9090/metrics", "127.0.0.1", "127.0.0.0/8"),
+    ("http://[::1]:9090/", "::1", "::1/128"),
+    ("https://[fd00:ec2::254]/", "fd00:ec2::254", "fd00:ec2::254/128"),
+    ("http://0/", "0.0.0.0", "0.0.0.0/32"),
+])
+def test_a_backend_url_at_a_denied_address_is_not_allowed(url: str, address: str, network: str) -> None:
+    result = render([to("shop", "steal", url), to("shop", "fine", "http://orders.shop:8080")], [], CONFIG_YAML)
+    assert accepted(result, "shop", "steal") == (False, "NotAllowed")
+    assert verdict(result, "shop", "steal").accepted.message == (
+        f"spec.backend.url: the address {address} lies in {network}, a network backends of GatewayRoutes may not "
+        f"reach ({SETTING})")
+    assert served(result) == ["shop.fine"]
+
+
+def test_names_are_left_to_the_gateway_and_the_setting_decides_what_is_denied() -> None:
+    routes = [to("shop", "named", "http://metadata.attacker.example/"), to("shop", "loop", "http://127.0.0.1:9090/"),
+              to("shop", "meta", "http://169.254.169.254/")]
+    assert sorted(served(render(routes, [], CONFIG_YAML))) == ["shop.named"]
+    relaxed = CONFIG_YAML + "ownership:\n  denied_backend_networks: [169.254.0.0/16]\n"
+    assert sorted(served(render(routes, [], relaxed))) == ["shop.loop", "shop.named"]
+    off = CONFIG_YAML + "ownership:\n  denied_backend_networks: []\n"
+    assert sorted(served(render(routes, [], off))) == ["shop.loop", "shop.meta", "shop.named"]
+
+
+def test_config_yaml_s_own_routes_may_reach_any_address() -> None:
+    people = CONFIG_YAML + "routes:\n  - name: metrics\n    backend: {service: local, url: 'http://127.0.0.1:9090'}\n"
+    result = render([to("shop", "fine", "http://orders.shop:8080")], [], people)
+    assert result.errors == [] and served(result) == ["shop.fine"]
+
+
+def test_a_last_accepted_version_at_a_now_denied_address_is_not_kept() -> None:
+    """The setting tightened after the route was accepted: its fallback obeys today's rule too."""
+    old = to("shop", "steal", "http://127.0.0.1:9090/")
+    kept = {"generation": 1, "spec": old["spec"]}
+    broken = with_status(to("shop", "steal", "not a url"), kept)
+    result = render([broken], [], CONFIG_YAML)
+    assert not verdict(result, "shop", "steal").fallback and served(result) == []
+    relaxed = render([broken], [], CONFIG_YAML + "ownership:\n  denied_backend_networks: []\n")
+    assert verdict(relaxed, "shop", "steal").fallback and served(relaxed) == ["shop.steal"]

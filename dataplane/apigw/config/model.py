@@ -14,6 +14,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -619,14 +620,31 @@ class PolicyGrant(Strict):
     """Empty: every policy in `namespace`."""
 
 
+DEFAULT_DENIED_BACKEND_NETWORKS = [
+    ip_network(network) for network in (
+        "127.0.0.0/8", "::1/128",  # the gateway pod's own ports (metrics, health, sidecars)
+        "169.254.0.0/16", "fe80::/10",  # link-local: the AWS, GCP and Azure metadata endpoints (169.254.169.254)
+        "0.0.0.0/32", "::/128",  # unspecified: Linux connects them to loopback
+        "fd00:ec2::254/128",  # AWS's IPv6 metadata endpoint
+    )
+]
+
+
 class Ownership(Strict):
-    """Which namespaces' GatewayRoutes may claim which hosts and paths, and use which policies."""
+    """Which namespaces' GatewayRoutes may claim which hosts and paths, and use which policies; and
+    which networks their backends may not reach."""
 
     routes: list[RouteGrant] | None = None
     """Absent: every namespace may claim any host and path (as before ownership existed). A list, even
     empty: only the namespaces it selects may attach routes, each within its grants."""
     policy_references: list[PolicyGrant] = []
     """A route may always use the policies of its own namespace; another namespace's only if granted."""
+    denied_backend_networks: list[IPvAnyNetwork] = Field(default_factory=DEFAULT_DENIED_BACKEND_NETWORKS.copy)
+    """Networks (CIDRs) the backends of routes from routes.yaml (tenants' GatewayRoutes) may not reach: the
+    gateway resolves the backend's host for each new connection and connects only to an address outside
+    them (else 502 `backend_denied`); the operator refuses a URL whose host is such an address. An IPv4
+    network also holds the IPv4-mapped IPv6 addresses of its own (`::ffff:169.254.169.254`). `[]`: none.
+    config.yaml's own routes are trusted and not checked."""
 
 
 class RoutesDocument(Strict):
@@ -666,7 +684,8 @@ class Config(RoutesDocument):
     ratelimit: RateLimitSettings = Field(default_factory=RateLimitSettings)
     circuit_breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     ownership: Ownership = Field(default_factory=Ownership)
-    """Read by the operator only: which namespaces' CRs may claim which hosts, paths and policies."""
+    """Which namespaces' CRs may claim which hosts, paths and policies (read by the operator), and which
+    networks their backends may not reach (by the operator and the gateway)."""
 
     _operator_routes: frozenset[str] = PrivateAttr(default=frozenset())
     """Names of the routes read from routes.yaml or its shards: not a setting, where the loader found them."""
@@ -680,7 +699,8 @@ class Config(RoutesDocument):
     def operator_owned(self, route: Route) -> bool:
         """Whether `route` came from routes.yaml or a shard (rendered by the operator from tenants' CRs)
         rather than from config.yaml (people's). A backend of tenants' routes only is held unavailable
-        when its TLS files cannot be used, where one of people's fails the whole load."""
+        when its TLS files cannot be used, where one of people's fails the whole load; and it may not
+        reach `ownership.denied_backend_networks`."""
         return route.name in self._operator_routes
 
 

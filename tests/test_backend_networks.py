@@ -135,7 +135,7 @@ def test_a_bad_network_is_located_in_config_yaml_and_routes_yaml_cannot_set_it()
         parse_documents({"config.yaml": "ownership:\n  denied_backend_networks: [169.254.169.254/16]\n",
                          "routes.yaml": "ownership:\n  denied_backend_networks: []\n"})
     assert caught.value.errors[0].startswith("config.yaml:2: ownership.denied_backend_networks[0]: ")
-    assert caught.value.errors[1] == "routes.yaml:1: ownership: unknown setting (check its spelling and indentation)"
+    assert caught.value.errors[1] == "routes.yaml:2: ownership: unknown setting (check its spelling and indentation)"
 
 
 def documents(config: dict, routes: list[dict], shard: list[dict] | None = None) -> dict[str, str]:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from apigw.testkit import loopback_allowed
 from apigw.testkit.certs import write_self_signed
 from apigw.testkit.process import (
     BackendProcess,
@@ -286,7 +287,8 @@ def test_configmap_symlink_swap_is_picked_up_without_signal(tmp_path: Path, back
     def publish(version: str, prefix: str) -> None:
         data = volume / f"..{version}"
         data.mkdir()
-        config = {"listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port}}
+        config = {"listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port},
+                  "ownership": loopback_allowed()}
         (data / "config.yaml").write_text(yaml.safe_dump(config))
         routes = {"routes": [{"name": "echo", "match": {"path_prefix": prefix},
                               "backend": {"service": "echo", "url": backend_process}}]}

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from apigw.testkit import loopback_allowed
 from apigw.testkit.certs import write_self_signed
 from apigw.testkit.process import GatewayProcess, json_answer, ports, wait_until
 
@@ -63,8 +64,10 @@ def test_a_tenants_unusable_backend_tls_files_hold_that_backend_only(tmp_path: P
     port, metrics_port = ports()
     volume = tmp_path / "volume"
     volume.mkdir()
-    (volume / "config.yaml").write_text(yaml.safe_dump(
-        {"listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port}}))
+    (volume / "config.yaml").write_text(yaml.safe_dump({
+        "listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port},
+        "ownership": loopback_allowed(),  # the backend listens on 127.0.0.1
+    }))
     with https_backend(server_cert, server_key) as url:
 
         def route(name: str, **tls: Path) -> dict:

@@ -21,6 +21,7 @@ from apigw.config.model import config_hash, shard_hash
 from apigw.observability.metrics import Metrics
 from apigw.pipeline.state import Gateway
 from apigw.server.reload import SETTLE, Reloader, StableFiles
+from apigw.testkit import loopback_allowed
 from apigw.testkit.process import BackendProcess, GatewayProcess, http_status, ports, wait_until
 from apigw.testkit.tokens import SigningKey
 from apigw.testkit.volume import Projection
@@ -236,7 +237,8 @@ def sharded(port: int, metrics_port: int, backend_url: str, names: list[str], in
         return config_text(port, metrics_port, backend_url, routes).split("routes:", 1)[1].join(["routes:", ""])
     listen = {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port}
     index = {"shards": {"routes-001.yaml": shard_hash(shard(names if indexed is None else indexed))}, "policies": []}
-    return {"config.yaml": yaml.safe_dump({"listen": listen}), "routes.yaml": yaml.safe_dump(index),
+    return {"config.yaml": yaml.safe_dump({"listen": listen, "ownership": loopback_allowed()}),
+            "routes.yaml": yaml.safe_dump(index),
             "routes-001.yaml": shard(names)}
 
 

@@ -240,13 +240,15 @@ async def test_unusable_tls_files_are_a_located_config_error(tmp_path: Path, pki
 
 def configmap_volume(directory: Path, people: list[dict], tenants: list[dict], shard: list[dict] | None = None) -> Path:
     """The gateway's config directory: `people`'s routes in config.yaml, the operator's in routes.yaml, and
-    `shard` (if any) in the shard file routes.yaml names."""
+    `shard` (if any) in the shard file routes.yaml names. The backends listen on 127.0.0.1: config.yaml lets
+    the operator's routes reach loopback."""
     import yaml
 
     from apigw.config.model import shard_hash
+    from apigw.testkit import loopback_allowed
 
     directory.mkdir(exist_ok=True)
-    (directory / "config.yaml").write_text(yaml.safe_dump({"routes": people}))
+    (directory / "config.yaml").write_text(yaml.safe_dump({"routes": people}) + yaml.safe_dump({"ownership": loopback_allowed()}))
     routes: dict = {"routes": tenants}
     if shard is not None:
         text = yaml.safe_dump({"routes": shard})

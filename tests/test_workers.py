@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from apigw.testkit import loopback_allowed
 from apigw.testkit.process import (
     BackendProcess,
     GatewayProcess,
@@ -149,7 +150,7 @@ def test_a_worker_killed_while_the_files_are_invalid_comes_back_on_the_last_good
     with BackendProcess() as backend:
         volume = Projection(tmp_path / "config")
         settings = yaml.safe_dump({"listen": {"address": "127.0.0.1", "port": port, "metrics_port": metrics_port,
-                                              "workers": 2}})
+                                              "workers": 2}, "ownership": loopback_allowed()})
 
         def routes(prefix: str) -> str:
             return yaml.safe_dump({"routes": [{"name": "echo", "match": {"path_prefix": prefix},

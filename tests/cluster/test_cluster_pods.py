@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import urllib.request
 
+import yaml
+
+from apigw.testkit import loopback_allowed
 from apigw.testkit.process import BackendProcess
 from apigw.testkit.redis import free_port
 from tests.cluster.conftest import DEPLOYMENT_PATH
@@ -12,9 +15,8 @@ from tests.cluster.objects import conditions, config_annotation, create, gateway
 from tests.cluster.parts import CM_PATH, wait_for
 
 RESTART = "gateway.apigw.io/restart-hash"
-LOOPBACK_ALLOWED = ("ownership:\n  denied_backend_networks: [169.254.0.0/16, fe80::/10, 0.0.0.0/32, '::/128', "
-                    "fd00:ec2::254/128]\n")
-"""The default less loopback: the test's backends (the CRs') listen on 127.0.0.1."""
+LOOPBACK_ALLOWED = yaml.safe_dump({"ownership": loopback_allowed()})
+"""The test's backends (the CRs') listen on 127.0.0.1."""
 
 
 def test_programmed_only_when_every_pod_serves_the_config(cluster: ControlPlane, operators, gateway_pods) -> None:

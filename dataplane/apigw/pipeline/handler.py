@@ -51,6 +51,10 @@ UNROUTED = "-"
 BACKEND_FAILURE_STATUSES = frozenset({502, 503, 504})
 """Backend answers that count against its circuit breaker (with timeouts, refused connections, and
 answers that fail inside their body)."""
+NOT_THE_BACKENDS_FAILURE = frozenset({"upstream_overflow", "backend_denied"})
+"""Gateway errors of a request that reached no backend: the pool is full, or every address of the
+backend's host is in `ownership.denied_backend_networks`. Neither counts against the breaker nor is
+retried: an open breaker would answer 503 `circuit_open` and hide a configuration problem behind it."""
 
 
 @dataclass(slots=True)
@@ -235,7 +239,7 @@ async def _call_backend(
         except GatewayError as exc:
             metrics.backend_requests.labels(service, exc.error_type).inc()
             metrics.backend_duration.labels(service).observe(forwarded.duration)
-            if exc.status < 500 or exc.error_type == "upstream_overflow":  # not the backend's failure
+            if exc.status < 500 or exc.error_type in NOT_THE_BACKENDS_FAILURE:
                 raise
             admission.record(False)
             outcome = CONNECT_FAILED if exc.error_type == "backend_unreachable" else exc.error_type

@@ -308,6 +308,8 @@ _BACKEND_ERRORS = {
     "reset": (502, "backend_reset", "closed the connection"),
     "invalid": (502, "backend_invalid_response", "sent an invalid HTTP response"),
     "overflow": (503, "upstream_overflow", "has no connection free (max_connections and max_pending reached)"),
+    "denied": (502, "backend_denied", "is at an address routes from routes.yaml may not reach "
+               "(ownership.denied_backend_networks in config.yaml)"),
 }
 
 

@@ -12,12 +12,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 from collections import deque
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Sequence
+from ipaddress import ip_address
+from typing import Any
 
 import httptools
 from yarl import URL
+
+from apigw.http.networks import IPNetwork, denied_network
 
 MAX_HEAD = 64 * 1024
 """Largest response head (status line and headers) taken from a backend."""
@@ -40,8 +45,9 @@ log = logging.getLogger("apigw.upstream")
 
 class BackendError(Exception):
     """No usable response. `kind`: `unreachable` (no connection), `timeout`, `reset` (the backend
-    closed the connection), `invalid` (it sent something that is not HTTP/1.1, or over a bound) or
-    `overflow` (the pool's connection and waiting limits are reached: nothing was sent)."""
+    closed the connection), `invalid` (it sent something that is not HTTP/1.1, or over a bound),
+    `overflow` (the pool's connection and waiting limits are reached: nothing was sent) or `denied`
+    (every address of the backend's host lies in a denied network: nothing was sent)."""
 
     def __init__(self, kind: str, detail: str):
         super().__init__(detail)
@@ -57,6 +63,7 @@ class Pool:
     def __init__(
         self, url: URL, *, max_connections: int = 1024, max_pending: int = 1024,
         ssl_context: ssl.SSLContext | None = None, server_hostname: str | None = None, service: str = "",
+        denied_networks: Sequence[IPNetwork] = (),
     ):
         self.service = service
         """The backend's service, for the logs."""
@@ -65,6 +72,8 @@ class Pool:
         self.ssl = ssl_context or (ssl.create_default_context() if url.scheme == "https" else None)
         self.server_hostname = server_hostname if self.ssl is not None else None
         """The name the backend's certificate is checked against (and sent as SNI): the URL's host if None."""
+        self.denied_networks = tuple(denied_networks)
+        """Networks a new connection may not reach, the host resolved first (see `_open_allowed`)."""
         self.max_connections = max_connections
         self.max_pending = max_pending
         self.open = 0
@@ -150,9 +159,12 @@ class Pool:
         conn = _Connection(self, loop)
         try:
             async with asyncio.timeout(timeout):
-                await loop.create_connection(
-                    lambda: conn, self.host, self.port, ssl=self.ssl, server_hostname=self.server_hostname,
-                )
+                if self.denied_networks:
+                    await self._open_allowed(conn, loop)
+                else:
+                    await loop.create_connection(
+                        lambda: conn, self.host, self.port, ssl=self.ssl, server_hostname=self.server_hostname,
+                    )
         except BaseException as exc:
             if conn.transport is None:  # else it was made, and its connection_lost frees the slot
                 self._slot_freed()
@@ -165,6 +177,32 @@ class Pool:
                 raise BackendError("unreachable", str(exc)) from None
             raise
         return conn
+
+    async def _open_allowed(self, conn: _Connection, loop: asyncio.AbstractEventLoop) -> None:
+        """What `create_connection` does for a host name (resolve, try each address in turn, then TLS),
+        with the addresses in `denied_networks` dropped after resolving: what is checked is what is
+        connected to, whatever the DNS answers next. TLS still checks (and sends as SNI) the host's name."""
+        infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        allowed, refused = [], []
+        for info in infos:
+            address = ip_address(info[4][0])
+            network = denied_network(address, self.denied_networks)
+            if network is None:
+                allowed.append(info)
+            else:
+                refused.append(f"{address} in {network}")
+        if not allowed:
+            detail = f"{self.host} resolves only to addresses in denied networks ({', '.join(refused)})"
+            log.error("backend %s: %s, which ownership.denied_backend_networks in config.yaml keeps routes from "
+                      "routes.yaml from reaching", self.service, detail,
+                      extra={"fields": {"backend_service": self.service, "error_type": "backend_denied",
+                                        "error": detail}})
+            raise BackendError("denied", detail)
+        sock = await _connected_socket(loop, allowed)
+        await loop.create_connection(
+            lambda: conn, sock=sock, ssl=self.ssl,
+            server_hostname=(self.server_hostname or self.host) if self.ssl is not None else None,
+        )
 
     def _slot_freed(self) -> None:
         """A connection closed (or never opened): a waiting request may open one in its place."""
@@ -529,6 +567,26 @@ def _chunked_last(value: str) -> bool:
     """Whether `chunked` is the last coding of a Transfer-Encoding value, as llhttp decides (it allows
     spaces after it, not tabs)."""
     return value.rpartition(",")[2].lstrip(" \t").rstrip(" ").lower() == "chunked"
+
+
+async def _connected_socket(loop: asyncio.AbstractEventLoop, infos: list[tuple[Any, ...]]) -> socket.socket:
+    """A TCP connection to the first of `infos` (getaddrinfo's answers) that accepts one, tried in order."""
+    errors = []
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            errors.append(exc)
+        except BaseException:
+            sock.close()
+            raise
+    if len(errors) == 1:
+        raise errors[0]
+    raise OSError(f"Multiple exceptions: {', '.join(str(exc) for exc in errors)}")
 
 
 def _expire(waiter: asyncio.Future[None], detail: str) -> None:

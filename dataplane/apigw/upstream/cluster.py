@@ -32,6 +32,7 @@ from yarl import URL
 from apigw.config.errors import ConfigError
 from apigw.config.model import BackendTLS, BreakerSettings, Config, RetrySettings
 from apigw.http.errors import GatewayError
+from apigw.http.networks import IPNetwork
 from apigw.observability.metrics import Metrics
 from apigw.policy.breaker import Admission, CircuitBreaker, State
 from apigw.policy.retry import RetryBudget
@@ -58,6 +59,9 @@ class ClusterSettings:
     ssl: ssl.SSLContext | None = field(default=None, compare=False)
     unusable: str | None = None
     """Why the backend is held unavailable (its TLS files cannot be used): then its requests are refused."""
+    denied_networks: tuple[IPNetwork, ...] = ()
+    """The networks its connections may not reach: `ownership.denied_backend_networks` for a service of
+    routes.yaml only (config.yaml's are trusted)."""
 
 
 class Cluster:
@@ -71,7 +75,7 @@ class Cluster:
         self.pool = Pool(
             url, max_connections=settings.max_connections, max_pending=settings.max_pending,
             ssl_context=settings.ssl, server_hostname=settings.tls.server_name if settings.tls else None,
-            service=settings.service,
+            service=settings.service, denied_networks=settings.denied_networks,
         )
         self.connect_timeout = settings.connect_timeout
         self.retries = settings.retries
@@ -138,6 +142,7 @@ def read_backends(config: Config) -> tuple[dict[str, ClusterSettings], list[str]
             backend.service, str(backend.url), backend.connect_timeout, backend.max_connections,
             backend.max_pending, backend.retries, backend.circuit_breaker or config.circuit_breaker,
             backend.tls, digest, context, unusable,
+            denied_networks=() if backend.service in people_owned else tuple(config.ownership.denied_backend_networks),
         )
     return found, errors
 

@@ -1,6 +1,7 @@
 """The platform team's rules (`ownership` in config.yaml): which namespaces' routes may claim which hosts
-and paths, and which namespaces' policies they may use. Pure functions of the rules, a namespace and its
-labels; each answers None (allowed) or the rule broken, in words for the CR's status.
+and paths, which namespaces' policies they may use, and which addresses their backends may not be at.
+Pure functions of the rules, a namespace and its labels; each answers None (allowed) or the rule
+broken, in words for the CR's status.
 
 Hosts and paths are compared the way the data plane matches requests (`apigw.pipeline.routing`): a
 `*.example.com` host covers every subdomain at any depth, and a path prefix covers whole segments.
@@ -9,14 +10,17 @@ Hosts and paths are compared the way the data plane matches requests (`apigw.pip
 from __future__ import annotations
 
 from collections.abc import Mapping
+from ipaddress import ip_address
 
 from apigw.config.model import Ownership, Route, RouteGrant
+from apigw.http.networks import denied_network
 
 
 def route_refused(rules: Ownership, namespace: str, labels: Mapping[str, str], route: Route) -> str | None:
-    """Why `route` of `namespace` may not be served, or None. No `ownership.routes`: anything goes."""
-    if rules.routes is None:
-        return None
+    """Why `route` of `namespace` may not be served, or None. No `ownership.routes`: any host and path."""
+    denied = backend_refused(rules, route)
+    if denied is not None or rules.routes is None:
+        return denied
     grants = [(i, g) for i, g in enumerate(rules.routes) if g.namespaces.selects(namespace, labels)]
     if not grants:
         return f"namespace {namespace!r} may attach no routes: no entry of ownership.routes in config.yaml selects it"
@@ -31,6 +35,23 @@ def route_refused(rules: Ownership, namespace: str, labels: Mapping[str, str], r
     field = "spec.match.path" if route.match.path else "spec.match.path_prefix"
     on = f" on host {host!r}" if host else ""
     return f"{field} {path!r}{on} is outside the paths namespace {namespace!r} may claim there ({_listed(hosted, 'path_prefixes')})"
+
+
+def backend_refused(rules: Ownership, route: Route) -> str | None:
+    """Why the route's backend URL may not be used: its host is an address in a denied network. A host
+    name is the gateway's to check, when it connects (what it resolves to is known only then)."""
+    host = route.backend.url.host or ""
+    if not (host.startswith("[") or host[-1:].isdigit()):  # a name: the URL parser wrote every IP as a.b.c.d or [v6]
+        return None
+    try:
+        address = ip_address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return None
+    network = denied_network(address, rules.denied_backend_networks)
+    if network is None:
+        return None
+    return (f"spec.backend.url: the address {address} lies in {network}, a network backends of GatewayRoutes may "
+            "not reach (ownership.denied_backend_networks in config.yaml)")
 
 
 def reference_refused(rules: Ownership, namespace: str, labels: Mapping[str, str], policy_namespace: str, policy: str) -> str | None:

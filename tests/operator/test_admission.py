@@ -82,6 +82,16 @@ def test_a_route_outside_its_namespace_claims_is_forbidden_by_the_namespace_labe
     assert not unlabelled.allowed and unlabelled.code == FORBIDDEN
 
 
+def test_a_backend_at_the_metadata_endpoint_is_forbidden_at_apply() -> None:
+    steal = new(route("steal", "/steal"))
+    steal["spec"]["backend"]["url"] = "http://169.254.169.254/latest/meta-data/iam/security-credentials/"
+    decision = judge(ROUTE, steal, [])
+    assert not decision.allowed and decision.code == FORBIDDEN
+    assert decision.message == status_message(ROUTE, steal, []) == (
+        "spec.backend.url: the address 169.254.169.254 lies in 169.254.0.0/16, a network backends of GatewayRoutes "
+        "may not reach (ownership.denied_backend_networks in config.yaml)")
+
+
 def test_an_update_that_would_lose_a_conflict_is_refused_too() -> None:
     orders, other = route("orders", "/orders"), route("other", "/other", created="2025-03-01T00:00:00Z")
     moved = copy.deepcopy(other)

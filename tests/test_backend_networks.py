@@ -235,7 +235,8 @@ def resolving_to(monkeypatch: pytest.MonkeyPatch, *answer: str) -> None:
         for address in answer:
             ip = ip_address(address)
             kind = socket.AF_INET if ip.version == 4 else socket.AF_INET6
-            infos.append((kind, socket.SOCK_STREAM, 6, "", (address, port) if ip.version == 4 else (address, port, 0, 0)))
+            sockaddr = (address, port) if ip.version == 4 else (address, port, 0, 0)
+            infos.append((kind, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", sockaddr))
         return infos
 
     monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", getaddrinfo)
@@ -329,9 +330,21 @@ def test_a_gateway_refuses_a_tenant_backend_on_loopback_and_serves_config_yaml_s
             write_configmap(directory, port, metrics_port, backend.url, denied_backend_networks=["169.254.0.0/16"])
             wait_until(lambda: http_status(f"{gateway.url}/steal/x") == 200, what="served once loopback is allowed")
         lines = gateway.log_lines()
-    access = [line for line in lines if line.get("logger") == "apigw.access" and line["path"].startswith("/steal/latest")]
+    access = [line for line in lines if line["logger"] == "apigw.access" and line["path"].startswith("/steal/latest")]
     assert len(access) == 30 and {line["error_type"] for line in access} == {"backend_denied"}
-    refused = [line for line in lines if line.get("error_type") == "backend_denied" and line["logger"] == "apigw.upstream"]
+    refused = [line for line in lines
+               if line["logger"] == "apigw.upstream" and line.get("error_type") == "backend_denied"]
     assert refused and refused[0]["level"] == "error" and refused[0]["backend_service"] == "shop-steal"
     assert "localhost" in refused[0]["msg"] and "127.0.0.1 in 127.0.0.0/8" in refused[0]["msg"]
     assert len(refused) < 30, "repeats within the flood interval are counted, not written"
+
+
+async def test_an_address_in_the_url_is_checked_as_one_resolved(backend: Backend) -> None:
+    denied = Pool(URL(f"http://[::ffff:127.0.0.1]:{backend.port}/"), denied_networks=[ip_network("127.0.0.0/8")])
+    with pytest.raises(BackendError) as caught:
+        await get(denied)
+    assert caught.value.kind == "denied"
+    allowed = Pool(URL(f"http://127.0.0.1:{backend.port}/"), denied_networks=[ip_network("169.254.0.0/16")])
+    assert (await get(allowed))[0] == 200
+    await denied.aclose()
+    await allowed.aclose()

@@ -41,7 +41,7 @@ def backend_refused(rules: Ownership, route: Route) -> str | None:
     """Why the route's backend URL may not be used: its host is an address in a denied network. A host
     name is the gateway's to check, when it connects (what it resolves to is known only then)."""
     host = route.backend.url.host or ""
-    if not (host.startswith("[") or host[-1:].isdigit()):  # a name: the URL parser wrote every IP as a.b.c.d or [v6]
+    if not (host.startswith("[") or host[-1:].isdigit()):  # a name: the URL parser writes IPs as a.b.c.d, [v6]
         return None
     try:
         address = ip_address(host.removeprefix("[").removesuffix("]"))

@@ -182,7 +182,7 @@ class Pool:
         """What `create_connection` does for a host name (resolve, try each address in turn, then TLS),
         with the addresses in `denied_networks` dropped after resolving: what is checked is what is
         connected to, whatever the DNS answers next. TLS still checks (and sends as SNI) the host's name."""
-        infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        infos = _literal(self.host, self.port) or await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
         allowed, refused = [], []
         for info in infos:
             address = ip_address(info[4][0])
@@ -567,6 +567,16 @@ def _chunked_last(value: str) -> bool:
     """Whether `chunked` is the last coding of a Transfer-Encoding value, as llhttp decides (it allows
     spaces after it, not tabs)."""
     return value.rpartition(",")[2].lstrip(" \t").rstrip(" ").lower() == "chunked"
+
+
+def _literal(host: str, port: int | None) -> list[tuple[Any, ...]] | None:
+    """getaddrinfo's answer for a host that is an IP address, without its trip to a worker thread."""
+    try:
+        ip = ip_address(host)
+    except ValueError:
+        return None
+    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
 
 
 async def _connected_socket(loop: asyncio.AbstractEventLoop, infos: list[tuple[Any, ...]]) -> socket.socket:

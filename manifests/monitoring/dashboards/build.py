@@ -328,8 +328,10 @@ def operator() -> Dashboard:
               "share of limit")],
             unit="percentunit", alert="APIGatewayConfigNearSizeLimit", steps=((0.8, "red"),), width=8)
     d.panel("state-timeline", "Leader",
-            "Which operator replica holds the Lease and writes (the other waits).", readme,
-            [(f"apigw_operator_leader{{{NS}}}", "{{pod}}")], mappings=LEADER_STATES, width=8)
+            "Which operator replica holds the Lease and writes (the other waits); none for 10 minutes: "
+            "APIGatewayOperatorDown.", readme,
+            [(f"apigw_operator_leader{{{NS}}}", "{{pod}}")], mappings=LEADER_STATES, alert="APIGatewayOperatorDown",
+            width=8)
 
     d.row("CRs and passes")
     d.panel("timeseries", "CRs by condition",

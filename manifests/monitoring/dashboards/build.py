@@ -187,7 +187,7 @@ def gateway() -> Dashboard:
             "95th percentile of the time from request to response. `alert` is the alerts' own expression over "
             "every route of the namespace (warning above 500 ms for 10 minutes, critical above 1 s for 5).",
             "High Latency",
-            [(quantile(0.95, "gateway_http_request_duration_seconds", NS, window=WINDOW), "alert"),
+            [(quantile(0.95, "gateway_http_request_duration_seconds", f'{NS}, route!="-"', window=WINDOW), "alert"),
              (quantile(0.95, "gateway_http_request_duration_seconds", ROUTE, "route", WINDOW), "{{route}}")],
             unit="s", alert="APIGatewayHighLatency, APIGatewayVeryHighLatency", steps=((0.5, "orange"), (1, "red")))
     d.panel("timeseries", "Latency p50 / p95 / p99 by route",

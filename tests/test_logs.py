@@ -22,7 +22,7 @@ from aiohttp.http_exceptions import BadHttpMessage
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from apigw.observability.logs import GREPPED, Access, AccessLog, JSONFormatter, RepeatFilter, grep_safe
+from apigw.observability.logs import GREPPED, REPEAT_KEYS, Access, AccessLog, JSONFormatter, RepeatFilter, grep_safe
 from apigw.testkit.backend import Backend
 from apigw.testkit.clock import FakeClock
 from apigw.testkit.process import BackendProcess, GatewayProcess, http_status, ports, wait_until
@@ -214,6 +214,22 @@ async def test_the_count_of_a_flood_that_stops_is_written_when_its_interval_ends
     await asyncio.sleep(0.5)
     lines = lines_of(stream)
     assert [line.get("repeated") for line in lines] == [None, 49]
+
+
+def test_the_counts_held_back_are_written_at_shutdown_and_when_a_kind_is_forgotten(clock: FakeClock) -> None:
+    """A flood that stops within its interval, at shutdown, or with more kinds than are remembered: its
+    count still reaches the log, else on-call reads one error where there were thousands."""
+    logger, stream, repeats = repeat_filtered(clock)
+    for kind in range(REPEAT_KEYS + 1):  # the first kind, flooded, is the oldest when the last one comes
+        for _ in range(3 if kind == 0 else 1):
+            logger.error("backend error", extra={"fields": {"error": f"e{kind}"}})
+    assert [line.get("repeated") for line in lines_of(stream) if line["error"] == "e0"] == [None, 2]
+    for _ in range(5):
+        logger.error("backend error", extra={"fields": {"error": "late"}})
+    repeats.flush_all()  # what `flush_repeats` does at shutdown
+    assert [line.get("repeated") for line in lines_of(stream) if line["error"] == "late"] == [None, 4]
+    repeats.flush_all()
+    assert len([line for line in lines_of(stream) if line["error"] == "late"]) == 2  # nothing twice
 
 
 @pytest.mark.parametrize(("target", "logged"), [

@@ -145,7 +145,9 @@ class RepeatFilter(logging.Filter):
         self._seen.pop(key, None)
         self._seen[key] = repeats
         if len(self._seen) > REPEAT_KEYS:
-            del self._seen[next(iter(self._seen))]
+            oldest = next(iter(self._seen))
+            self.flush(oldest)  # its count, if any, before it is forgotten
+            self._seen.pop(oldest, None)
 
     def _flush_later(self, key: tuple[Any, ...], delay: float) -> None:
         try:
@@ -161,8 +163,22 @@ class RepeatFilter(logging.Filter):
         record = logging.makeLogRecord(seen.record.__dict__)
         record.fields = {**(getattr(record, "fields", None) or {}), "repeated": seen.count}
         record.repeat_summary = True
-        self._remember(key, _Repeats(self.clock()))
+        del self._seen[key]
+        self._seen[key] = _Repeats(self.clock())  # the summary is the kind's last line now
         self.handler.handle(record)
+
+    def flush_all(self) -> None:
+        """Every kind's pending count, at shutdown: the last interval's repeats are not lost."""
+        for key in list(self._seen):
+            self.flush(key)
+
+
+def flush_repeats() -> None:
+    """Write the counts the flood control still holds (see `RepeatFilter.flush_all`)."""
+    for handler in logging.getLogger().handlers:
+        for each in handler.filters:
+            if isinstance(each, RepeatFilter):
+                each.flush_all()
 
 
 def setup_logging(level: str = "INFO") -> None:

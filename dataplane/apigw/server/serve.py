@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from apigw.config.errors import ConfigError, ConfigIncomplete
+from apigw.observability.logs import flush_repeats
 from apigw.observability.metrics import Metrics, metrics_app
 from apigw.pipeline.handler import handle
 from apigw.pipeline.state import Gateway
@@ -155,6 +156,7 @@ async def serve(config_path: Path, workers: int | None = None, debug_port: int |
         await reloader.close()
     finally:
         gateway.access_log.flush()  # the drained requests' lines, even if a step of the stop failed
+        flush_repeats()  # and the counts of the warnings the flood control held back
     log.info("stopped")
     return 0
 

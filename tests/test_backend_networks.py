@@ -13,7 +13,6 @@ import asyncio
 import logging
 import socket
 import ssl
-import urllib.request
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from apigw.server.reload import Reloader
 from apigw.testkit import route
 from apigw.testkit.backend import Backend, echo_app
 from apigw.testkit.certs import write_self_signed
-from apigw.testkit.process import BackendProcess, GatewayProcess, http_status, ports, wait_until
+from apigw.testkit.process import BackendProcess, GatewayProcess, http_status, json_answer, ports, wait_until
 from apigw.upstream.client import BackendError, Pool
 from apigw.upstream.cluster import cluster_settings
 
@@ -302,15 +301,6 @@ def samples(text: str) -> dict[tuple[str, tuple[str, ...]], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-def get_json(url: str) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, yaml.safe_load(response.read())
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, yaml.safe_load(error.read())
-
-
 def test_a_gateway_refuses_a_tenant_backend_on_loopback_and_serves_config_yaml_s(tmp_path: Path) -> None:
     port, metrics_port = ports()
     directory = tmp_path / "configmap"
@@ -319,7 +309,7 @@ def test_a_gateway_refuses_a_tenant_backend_on_loopback_and_serves_config_yaml_s
         with GatewayProcess(directory, port, metrics_port) as gateway:
             assert http_status(f"{gateway.url}/people/1") == 200, "config.yaml's backend on 127.0.0.1 is trusted"
             for _ in range(30):  # more than the breaker's consecutive_failures (5)
-                status, body = get_json(f"{gateway.url}/steal/latest/meta-data/")
+                status, body = json_answer(f"{gateway.url}/steal/latest/meta-data/")
                 assert status == 502
             assert "ownership.denied_backend_networks" in body["error"] and "127.0.0.1" not in body["error"]
             metrics = samples(gateway.metrics())

@@ -69,8 +69,12 @@ class OutputLock:
             status = os.fstat(stream.fileno())
             if stat.S_ISFIFO(status.st_mode) or stat.S_ISSOCK(status.st_mode):
                 path = os.path.join(tempfile.gettempdir(), f"apigw-stdout-{status.st_dev}-{status.st_ino}.lock")
-                self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        except (OSError, ValueError):  # no descriptor (io.StringIO), or no writable temporary directory
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+                if os.fstat(fd).st_uid == os.geteuid():  # another user's file in a shared /tmp: not ours to wait on
+                    self._fd = fd
+                else:
+                    os.close(fd)
+        except (OSError, ValueError):  # no descriptor (io.StringIO), no writable temporary directory, a symlink
             self._fd = None
 
     def __enter__(self) -> None:
